@@ -1,0 +1,251 @@
+// Package render turns valid service definitions and the health view into
+// the desired state of each data plane. It is pure: no netlink, etcd or
+// socket imports, and the same input always gives the same output.
+package render
+
+import (
+	"cmp"
+	"net/netip"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/switchman-lb/switchman/spec"
+)
+
+// BackendRef names one backend of one service.
+type BackendRef struct {
+	Service string
+	Addr    netip.AddrPort
+}
+
+// Input is everything the desired state depends on.
+type Input struct {
+	// Services are valid, merged with their pool members, and free of
+	// vip:port/protocol conflicts.
+	Services []*spec.Service
+	// Healthy holds the health checker's view. A backend that is absent is
+	// taken as healthy, so a service without checks (or before the checker
+	// runs) gets its configured weights.
+	Healthy map[BackendRef]bool
+	// Draining lists backends removed from a definition that are kept at
+	// weight 0 until their connections end or the drain time is up.
+	Draining map[string][]spec.Backend
+}
+
+// State is the desired state of every data plane.
+type State struct {
+	IPVS    []IPVSService
+	HAProxy []HAProxyService
+	// VIPs are the addresses this host must own, sorted.
+	VIPs    []netip.Addr
+	Filters []Filter
+	// Services reports per service what was rendered, for status.
+	Services []ServiceReport
+}
+
+// IPVSService is one kernel virtual service with its destinations.
+type IPVSService struct {
+	Service     string // the owning service definition
+	Protocol    spec.Protocol
+	Address     netip.Addr
+	Port        uint16
+	Scheduler   spec.Scheduler
+	Flags       []string      // sorted scheduler flags, e.g. mh-fallback
+	Persistence time.Duration // 0: off
+	// Destinations are sorted by address and port.
+	Destinations []IPVSDestination
+}
+
+// IPVSDestination is one real server of an IPVS service.
+type IPVSDestination struct {
+	Address    netip.Addr
+	Port       uint16
+	Weight     int
+	Forwarding spec.Forwarding
+}
+
+// HAProxyService is one frontend and its backend in haproxy.cfg.
+type HAProxyService struct {
+	Name           string
+	Bind           netip.AddrPort
+	Certificate    string // PEM file path; empty for plain TCP
+	CertificateKey string // etcd key holding the PEM, for the driver to fetch
+	Scheduler      spec.Scheduler
+	Persistence    time.Duration
+	Servers        []HAProxyServer // sorted by address and port
+}
+
+// HAProxyServer is one server line of a HAProxy backend.
+type HAProxyServer struct {
+	Name    string // stable: derived from the address and port
+	Address netip.Addr
+	Port    uint16
+	Weight  int
+}
+
+// Filter is the netfilter treatment of one service.
+type Filter struct {
+	Service  string
+	Protocol spec.Protocol
+	VIP      netip.Addr
+	Port     uint16
+	// AllowCIDRs is nil when everyone may connect.
+	AllowCIDRs []netip.Prefix
+	// Masquerade source-NATs traffic forwarded to the backends (IPVS NAT
+	// with preserve_client_ip false).
+	Masquerade bool
+	// Backends are the destinations, for a masquerade rule per backend.
+	Backends []netip.AddrPort
+}
+
+// ServiceReport is what was rendered for one service.
+type ServiceReport struct {
+	Name        string
+	Driver      spec.Driver
+	Key         spec.Key
+	FailingOpen bool
+	Backends    []BackendReport
+}
+
+// BackendReport is one backend's health and effective weight.
+type BackendReport struct {
+	Address  netip.Addr
+	Port     uint16
+	Healthy  bool
+	Weight   int // effective weight programmed
+	Draining bool
+}
+
+// Render computes the desired state. Services are sorted by name, so the
+// output is deterministic.
+func Render(in Input) *State {
+	st := &State{}
+	services := slices.Clone(in.Services)
+	slices.SortFunc(services, func(a, b *spec.Service) int { return cmp.Compare(a.Name, b.Name) })
+	vips := map[netip.Addr]bool{}
+	for _, s := range services {
+		rep := weigh(s, in.Healthy, in.Draining[s.Name])
+		st.Services = append(st.Services, rep)
+		vips[s.VIP] = true
+		switch s.Driver {
+		case spec.DriverIPVS:
+			st.IPVS = append(st.IPVS, ipvsService(s, rep))
+		case spec.DriverHAProxy:
+			st.HAProxy = append(st.HAProxy, haproxyService(s, rep))
+		}
+		if f, ok := filter(s, rep); ok {
+			st.Filters = append(st.Filters, f)
+		}
+	}
+	for a := range vips {
+		st.VIPs = append(st.VIPs, a)
+	}
+	slices.SortFunc(st.VIPs, netip.Addr.Compare)
+	return st
+}
+
+// weigh decides every backend's effective weight: configured when healthy,
+// 0 when not, all configured when every backend is down and the service
+// fails open, and 0 while draining.
+func weigh(s *spec.Service, healthy map[BackendRef]bool, draining []spec.Backend) ServiceReport {
+	rep := ServiceReport{Name: s.Name, Driver: s.Driver, Key: s.Key()}
+	up := 0
+	for _, b := range s.Backends {
+		h, known := healthy[BackendRef{Service: s.Name, Addr: b.AddrPort()}]
+		ok := !known || h
+		if ok {
+			up++
+		}
+		rep.Backends = append(rep.Backends, BackendReport{Address: b.Address, Port: b.Port, Healthy: ok, Weight: b.Weight})
+	}
+	rep.FailingOpen = up == 0 && len(s.Backends) > 0 && s.FailOpen
+	for i := range rep.Backends {
+		if !rep.Backends[i].Healthy && !rep.FailingOpen {
+			rep.Backends[i].Weight = 0
+		}
+	}
+	present := map[netip.AddrPort]bool{}
+	for _, b := range s.Backends {
+		present[b.AddrPort()] = true
+	}
+	for _, b := range draining {
+		if present[b.AddrPort()] {
+			continue // it came back: restored, not drained
+		}
+		present[b.AddrPort()] = true
+		h, known := healthy[BackendRef{Service: s.Name, Addr: b.AddrPort()}]
+		rep.Backends = append(rep.Backends, BackendReport{Address: b.Address, Port: b.Port, Healthy: !known || h, Draining: true})
+	}
+	slices.SortFunc(rep.Backends, func(a, b BackendReport) int {
+		return netip.AddrPortFrom(a.Address, a.Port).Compare(netip.AddrPortFrom(b.Address, b.Port))
+	})
+	return rep
+}
+
+func ipvsService(s *spec.Service, rep ServiceReport) IPVSService {
+	v := IPVSService{
+		Service:     s.Name,
+		Protocol:    s.Protocol,
+		Address:     s.VIP,
+		Port:        s.Port,
+		Scheduler:   s.Scheduler,
+		Flags:       slices.Sorted(slices.Values(s.SchedulerFlags)),
+		Persistence: s.Persistence,
+	}
+	for _, b := range rep.Backends {
+		v.Destinations = append(v.Destinations, IPVSDestination{Address: b.Address, Port: b.Port, Weight: b.Weight, Forwarding: s.Forwarding})
+	}
+	return v
+}
+
+func haproxyService(s *spec.Service, rep ServiceReport) HAProxyService {
+	h := HAProxyService{
+		Name:        s.Name,
+		Bind:        netip.AddrPortFrom(s.VIP, s.Port),
+		Scheduler:   s.Scheduler,
+		Persistence: s.Persistence,
+	}
+	if s.TLS != nil {
+		h.Certificate = s.TLS.Certificate
+		h.CertificateKey = s.TLS.CertificateKey
+	}
+	for _, b := range rep.Backends {
+		h.Servers = append(h.Servers, HAProxyServer{Name: ServerName(b.Address, b.Port), Address: b.Address, Port: b.Port, Weight: b.Weight})
+	}
+	return h
+}
+
+// ServerName is the stable HAProxy server name of a backend: "s" followed by
+// the address and port with separators made safe, e.g. s10.1.1.2_8443 or
+// s2001-db8--1_443.
+func ServerName(a netip.Addr, port uint16) string {
+	b := []byte("s")
+	for _, c := range []byte(a.String()) {
+		if c == ':' {
+			c = '-'
+		}
+		b = append(b, c)
+	}
+	b = append(b, '_')
+	return string(b) + strconv.Itoa(int(port))
+}
+
+// filter returns the netfilter treatment of a service, if it needs any.
+func filter(s *spec.Service, rep ServiceReport) (Filter, bool) {
+	f := Filter{Service: s.Name, Protocol: s.Protocol, VIP: s.VIP, Port: s.Port}
+	for _, p := range s.AllowCIDRs {
+		if p.Bits() == 0 {
+			f.AllowCIDRs = nil // someone allows everyone: no filtering
+			break
+		}
+		f.AllowCIDRs = append(f.AllowCIDRs, p)
+	}
+	f.Masquerade = s.Driver == spec.DriverIPVS && s.Forwarding == spec.NAT && !s.PreserveClientIP
+	if f.Masquerade {
+		for _, b := range rep.Backends {
+			f.Backends = append(f.Backends, netip.AddrPortFrom(b.Address, b.Port))
+		}
+	}
+	return f, f.AllowCIDRs != nil || f.Masquerade
+}

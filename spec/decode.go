@@ -1,0 +1,160 @@
+package spec
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"reflect"
+	"sort"
+	"strings"
+
+	"sigs.k8s.io/yaml"
+)
+
+// maxDefinitionSize bounds one definition value; etcd's own default request
+// limit is 1.5 MiB, and no sane definition comes near this.
+const maxDefinitionSize = 1 << 20
+
+// decodeStrict turns a JSON or YAML document into out (a pointer to one of
+// the raw structs below), rejecting unknown fields and values of the wrong
+// type with errors that carry the full field path (backends[1].port).
+func decodeStrict(data []byte, out any) Errors {
+	if len(bytes.TrimSpace(data)) == 0 {
+		return Errors{fieldErr("", "the definition is empty")}
+	}
+	if len(data) > maxDefinitionSize {
+		return Errors{fieldErr("", "the definition is %d bytes, more than the limit of %d", len(data), maxDefinitionSize)}
+	}
+	js, err := yaml.YAMLToJSON(data)
+	if err != nil {
+		return Errors{fieldErr("", "not valid JSON or YAML: %v", err)}
+	}
+	dec := json.NewDecoder(bytes.NewReader(js))
+	dec.UseNumber()
+	var generic any
+	if err := dec.Decode(&generic); err != nil {
+		return Errors{fieldErr("", "not valid JSON or YAML: %v", err)}
+	}
+	if _, ok := generic.(map[string]any); !ok {
+		return Errors{fieldErr("", "%s is not a mapping of fields", describe(generic))}
+	}
+	var errs Errors
+	assign("", generic, reflect.ValueOf(out).Elem(), &errs)
+	return errs
+}
+
+// assign stores the generic JSON value v into dst, recording every problem.
+func assign(path string, v any, dst reflect.Value, errs *Errors) {
+	if v == nil {
+		return // an explicit null leaves the default
+	}
+	switch dst.Kind() {
+	case reflect.Pointer:
+		elem := reflect.New(dst.Type().Elem())
+		before := len(*errs)
+		assign(path, v, elem.Elem(), errs)
+		if len(*errs) == before {
+			dst.Set(elem)
+		}
+	case reflect.Struct:
+		m, ok := v.(map[string]any)
+		if !ok {
+			errs.add(path, "%s is not a mapping of fields", describe(v))
+			return
+		}
+		fields := structFields(dst.Type())
+		keys := make([]string, 0, len(m))
+		for k := range m {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			i, ok := fields[k]
+			if !ok {
+				errs.add(join(path, k), "unknown field (known: %s)", knownFields(fields))
+				continue
+			}
+			assign(join(path, k), m[k], dst.Field(i), errs)
+		}
+	case reflect.Slice:
+		list, ok := v.([]any)
+		if !ok {
+			errs.add(path, "%s is not a list", describe(v))
+			return
+		}
+		out := reflect.MakeSlice(dst.Type(), len(list), len(list))
+		for i, item := range list {
+			assign(fmt.Sprintf("%s[%d]", path, i), item, out.Index(i), errs)
+		}
+		dst.Set(out)
+	case reflect.String:
+		s, ok := v.(string)
+		if !ok {
+			errs.add(path, "%s is not a string", describe(v))
+			return
+		}
+		dst.SetString(s)
+	case reflect.Bool:
+		b, ok := v.(bool)
+		if !ok {
+			errs.add(path, "%s is not true or false", describe(v))
+			return
+		}
+		dst.SetBool(b)
+	case reflect.Int64:
+		n, ok := v.(json.Number)
+		if !ok {
+			errs.add(path, "%s is not a number", describe(v))
+			return
+		}
+		i, err := n.Int64()
+		if err != nil {
+			errs.add(path, "%s is not a whole number", n)
+			return
+		}
+		dst.SetInt(i)
+	default:
+		panic("spec: raw type has an unsupported field kind " + dst.Kind().String())
+	}
+}
+
+func structFields(t reflect.Type) map[string]int {
+	fields := make(map[string]int, t.NumField())
+	for i := 0; i < t.NumField(); i++ {
+		name, _, _ := strings.Cut(t.Field(i).Tag.Get("json"), ",")
+		fields[name] = i
+	}
+	return fields
+}
+
+func knownFields(fields map[string]int) string {
+	names := make([]string, 0, len(fields))
+	for n := range fields {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return strings.Join(names, ", ")
+}
+
+func join(path, field string) string {
+	if path == "" {
+		return field
+	}
+	return path + "." + field
+}
+
+// describe formats a generic JSON value for an error message.
+func describe(v any) string {
+	switch x := v.(type) {
+	case string:
+		return fmt.Sprintf("%q", x)
+	case json.Number:
+		return x.String()
+	case map[string]any:
+		return "a mapping"
+	case []any:
+		return "a list"
+	default:
+		return fmt.Sprint(x)
+	}
+}

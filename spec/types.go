@@ -1,0 +1,142 @@
+// Package spec defines switchman's service definitions (schema v1): the types,
+// parsing of JSON and YAML values with unknown fields rejected, defaults, and
+// validation whose every error names the field path and the offending value.
+package spec
+
+import (
+	"net/netip"
+	"time"
+)
+
+// Protocol is a transport protocol of a virtual service.
+type Protocol string
+
+// Protocols a service may use.
+const (
+	TCP Protocol = "tcp"
+	UDP Protocol = "udp"
+)
+
+// Scheduler is an IPVS scheduling algorithm.
+type Scheduler string
+
+// Schedulers switchman supports.
+const (
+	RoundRobin              Scheduler = "rr"
+	WeightedRoundRobin      Scheduler = "wrr"
+	LeastConnection         Scheduler = "lc"
+	WeightedLeastConnection Scheduler = "wlc"
+	SourceHashing           Scheduler = "sh"
+	MaglevHashing           Scheduler = "mh"
+)
+
+// Forwarding is the IPVS packet-forwarding method towards real servers.
+type Forwarding string
+
+// Forwarding methods.
+const (
+	NAT    Forwarding = "nat"
+	Direct Forwarding = "dr"
+	Tunnel Forwarding = "tun"
+)
+
+// Driver names the data plane that serves a service.
+type Driver string
+
+// Drivers.
+const (
+	DriverIPVS    Driver = "ipvs"
+	DriverHAProxy Driver = "haproxy"
+)
+
+// HealthProtocol is the kind of health check run against each backend.
+type HealthProtocol string
+
+// Health check kinds.
+const (
+	HealthTCP   HealthProtocol = "tcp"
+	HealthHTTP  HealthProtocol = "http"
+	HealthHTTPS HealthProtocol = "https"
+	HealthUDP   HealthProtocol = "udp"
+	HealthNone  HealthProtocol = "none"
+)
+
+// Scheduler flags understood by IPVS's sh and mh schedulers.
+const (
+	FlagSHFallback = "sh-fallback"
+	FlagSHPort     = "sh-port"
+	FlagMHFallback = "mh-fallback"
+	FlagMHPort     = "mh-port"
+)
+
+// Service is a validated service definition with every default applied.
+// Values of this type are only made by Parse and Merge, so the drivers may
+// trust every field.
+type Service struct {
+	Name             string
+	VIP              netip.Addr
+	Port             uint16
+	Protocol         Protocol
+	Scheduler        Scheduler
+	SchedulerFlags   []string
+	Forwarding       Forwarding
+	Persistence      time.Duration
+	Backends         []Backend
+	Health           Health
+	FailOpen         bool
+	Drain            time.Duration
+	TLS              *TLS
+	AllowCIDRs       []netip.Prefix
+	PreserveClientIP bool
+	Driver           Driver
+}
+
+// Backend is one real server of a service.
+type Backend struct {
+	Address netip.Addr
+	Port    uint16
+	Weight  int
+	// Source says where the backend came from: "backends[1]" for a static
+	// member, or "pool/<member>" for a member under backends/<name>/.
+	Source string
+}
+
+// AddrPort returns the backend's address and target port.
+func (b Backend) AddrPort() netip.AddrPort { return netip.AddrPortFrom(b.Address, b.Port) }
+
+// Health is a service's health-check settings.
+type Health struct {
+	Protocol HealthProtocol
+	Port     uint16 // 0: the backend's port
+	Path     string
+	SNI      string
+	Verify   bool // https: verify the backend's certificate
+	Payload  string
+	Interval time.Duration
+	Timeout  time.Duration
+	Rise     int
+	Fall     int
+}
+
+// TLS is the TLS-termination block of a HAProxy service. Exactly one of
+// Certificate (a PEM file path) and CertificateKey (an etcd key holding the
+// PEM) is set.
+type TLS struct {
+	Certificate    string
+	CertificateKey string
+}
+
+// Key identifies the vip:port/protocol a service claims.
+type Key struct {
+	VIP      netip.Addr
+	Port     uint16
+	Protocol Protocol
+}
+
+// String formats the key as vip:port/proto.
+func (k Key) String() string {
+	return netip.AddrPortFrom(k.VIP, k.Port).String() + "/" + string(k.Protocol)
+}
+
+// Key returns the vip:port/protocol the service claims.
+func (s *Service) Key() Key { return Key{VIP: s.VIP, Port: s.Port, Protocol: s.Protocol} }
