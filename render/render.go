@@ -31,6 +31,9 @@ type Input struct {
 	// Draining lists backends removed from a definition that are kept at
 	// weight 0 until their connections end or the drain time is up.
 	Draining map[string][]spec.Backend
+	// Secrets holds the values of etcd keys that definitions refer to
+	// (tls.certificate_key), by key.
+	Secrets map[string][]byte
 }
 
 // State is the desired state of every data plane.
@@ -70,7 +73,10 @@ type HAProxyService struct {
 	Name           string
 	Bind           netip.AddrPort
 	Certificate    string // PEM file path; empty for plain TCP
-	CertificateKey string // etcd key holding the PEM, for the driver to fetch
+	CertificateKey string // etcd key holding the PEM
+	// CertificatePEM is the PEM read from CertificateKey, for the driver to
+	// write to a 0600 file; nil when the key is missing or not used.
+	CertificatePEM []byte
 	Scheduler      spec.Scheduler
 	Persistence    time.Duration
 	Servers        []HAProxyServer // sorted by address and port
@@ -132,7 +138,11 @@ func Render(in Input) *State {
 		case spec.DriverIPVS:
 			st.IPVS = append(st.IPVS, ipvsService(s, rep))
 		case spec.DriverHAProxy:
-			st.HAProxy = append(st.HAProxy, haproxyService(s, rep))
+			h := haproxyService(s, rep)
+			if h.CertificateKey != "" {
+				h.CertificatePEM = in.Secrets[h.CertificateKey]
+			}
+			st.HAProxy = append(st.HAProxy, h)
 		}
 		if f, ok := filter(s, rep); ok {
 			st.Filters = append(st.Filters, f)
