@@ -24,12 +24,12 @@ var (
 	// pathRE is what a file path or etcd key may look like before it reaches
 	// haproxy.cfg or the runtime API: absolute, and no space, quote, newline,
 	// semicolon or other character HAProxy would read as syntax.
-	pathRE = regexp.MustCompile(`^/[A-Za-z0-9._/-]{1,4095}$`)
+	pathRE = regexp.MustCompile(`^/[A-Za-z0-9._/-]+$`)
 	// hostRE is a DNS name for SNI: labels of letters, digits and hyphens.
 	hostRE = regexp.MustCompile(`^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$`)
 	// httpPathRE is an absolute HTTP request path with an optional query,
 	// made of the characters RFC 3986 allows, so it cannot split a request.
-	httpPathRE = regexp.MustCompile(`^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}$`)
+	httpPathRE = regexp.MustCompile(`^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*$`)
 )
 
 // rawService mirrors the definition document; pointers tell "absent" from a
@@ -310,7 +310,7 @@ func (v *validator) health(r *rawHealth) Health {
 		switch {
 		case !web:
 			v.errs.add("health.path", "%q is set, but health.protocol is %q (path is for http and https)", *r.Path, h.Protocol)
-		case !httpPathRE.MatchString(*r.Path):
+		case len(*r.Path) > 1024 || !httpPathRE.MatchString(*r.Path):
 			v.errs.add("health.path", "%q is not an absolute request path (it must start with '/' and use URL characters only)", *r.Path)
 		default:
 			h.Path = *r.Path
@@ -466,7 +466,7 @@ func (v *validator) count(path string, n *int64, def int) int {
 }
 
 func (v *validator) path(field, s string) string {
-	if !pathRE.MatchString(s) || strings.Contains(s, "/../") || strings.HasSuffix(s, "/..") {
+	if len(s) > 4096 || !pathRE.MatchString(s) || strings.Contains(s, "/../") || strings.HasSuffix(s, "/..") {
 		v.errs.add(field, "%q is not an absolute path of letters, digits and . _ / - (no spaces, quotes or '..')", s)
 		return ""
 	}

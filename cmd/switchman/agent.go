@@ -1,0 +1,171 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/urfave/cli/v2"
+
+	"github.com/switchman-lb/switchman/agent"
+	"github.com/switchman-lb/switchman/watcher"
+	"github.com/switchman-lb/switchman/watcher/embedded"
+)
+
+func agentCommand() *cli.Command {
+	hostname, _ := os.Hostname()
+	flags := append(etcdFlags(),
+		&cli.StringFlag{Name: "node", Value: hostname, Usage: "this host's name in status keys", EnvVars: env("node")},
+		&cli.StringFlag{Name: "data-dir", Value: "/var/lib/switchman", Usage: "state files and the embedded etcd's data", EnvVars: env("data-dir")},
+		&cli.StringFlag{Name: "embedded-etcd-client-url", Value: "http://127.0.0.1:2379", Usage: "client URL of the embedded etcd (used when no --etcd-endpoints)", EnvVars: env("embedded-etcd-client-url")},
+		&cli.StringFlag{Name: "embedded-etcd-peer-url", Value: "http://127.0.0.1:2380", Usage: "peer URL of the embedded etcd", EnvVars: env("embedded-etcd-peer-url")},
+		&cli.StringFlag{Name: "metrics-addr", Value: "127.0.0.1:9469", Usage: "Prometheus /metrics listen address; empty disables", EnvVars: env("metrics-addr")},
+		&cli.StringSliceFlag{Name: "vip-cidrs", Usage: "ranges VIPs must fall in (default: any, with a warning)", EnvVars: env("vip-cidrs")},
+		&cli.StringSliceFlag{Name: "drivers", Value: cli.NewStringSlice("ipvs", "vip", "netfilter", "haproxy"), Usage: "data-plane drivers to run", EnvVars: env("drivers")},
+		&cli.DurationFlag{Name: "lease-ttl", Value: 15 * time.Second, Usage: "TTL of the lease under which status and node keys are written", EnvVars: env("lease-ttl")},
+	)
+	flags = append(flags, driverFlags()...)
+	return &cli.Command{
+		Name:   "agent",
+		Usage:  "run the agent: watch etcd, program IPVS/HAProxy, check health, write status",
+		Flags:  flags,
+		Action: runAgent,
+	}
+}
+
+func runAgent(c *cli.Context) error {
+	log, err := newLogger(c)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	vipCIDRs, err := parsePrefixes("--vip-cidrs", c.StringSlice("vip-cidrs"))
+	if err != nil {
+		return err
+	}
+	if len(vipCIDRs) == 0 {
+		log.Warn("any VIP is accepted: anyone who can write to etcd can make this host answer for any address; restrict with --vip-cidrs (e.g. --vip-cidrs 192.0.2.0/24)")
+	}
+	node := c.String("node")
+	if node == "" {
+		return errors.New("--node is empty and the hostname is unknown")
+	}
+	dataDir := c.String("data-dir")
+	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		return fmt.Errorf("--data-dir: %w", err)
+	}
+
+	conn := connOptions(c)
+	if len(conn.Endpoints) == 0 {
+		srv, err := embedded.Start(ctx, log, embedded.Options{
+			Dir:       filepath.Join(dataDir, "etcd"),
+			ClientURL: c.String("embedded-etcd-client-url"),
+			PeerURL:   c.String("embedded-etcd-peer-url"),
+			Name:      node,
+		})
+		if err != nil {
+			return err
+		}
+		defer srv.Close()
+		conn.Endpoints = []string{srv.Endpoint}
+	}
+	cli, err := watcher.Connect(conn, log)
+	if err != nil {
+		return err
+	}
+	defer cli.Close()
+	prefix := strings.TrimSuffix(c.String("prefix"), "/")
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	if err := watcher.Check(cctx, cli, prefix); err != nil {
+		log.Error("etcd check failed; the agent keeps retrying", "error", err)
+	}
+	cancel()
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics := agent.NewMetrics(reg)
+
+	set, err := buildDrivers(ctx, c, log, reg, dataDir)
+	if err != nil {
+		return err
+	}
+	defer set.close()
+
+	w := watcher.New(cli, log, watcher.Options{Prefix: prefix, OnRestart: metrics.WatchRestarted})
+	pub, err := watcher.NewPublisher(cli, log, prefix, node, watcher.Node{Version: version, Drivers: set.names(), Started: time.Now().UTC()}, c.Duration("lease-ttl"))
+	if err != nil {
+		return err
+	}
+	loop := agent.New(log, w, set.drivers, pub, set.health, metrics, agent.Options{Prefix: prefix, VIPCIDRs: vipCIDRs})
+
+	var wg sync.WaitGroup
+	run := func(name string, f func(context.Context) error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := f(ctx); err != nil && !errors.Is(err, context.Canceled) {
+				log.Error("component stopped", "component", name, "error", err)
+				stop()
+			}
+		}()
+	}
+	run("watcher", w.Run)
+	run("status", pub.Run)
+	run("loop", loop.Run)
+	for name, f := range set.runners {
+		run(name, f)
+	}
+	if addr := c.String("metrics-addr"); addr != "" {
+		ln, err := net.Listen("tcp", addr)
+		if err != nil {
+			stop()
+			wg.Wait()
+			return fmt.Errorf("--metrics-addr %s: %w", addr, err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+		hs := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = hs.Serve(ln) }()
+		defer hs.Close()
+		log.Info("serving metrics", "addr", ln.Addr().String())
+	}
+	log.Info("agent running", "node", node, "prefix", prefix, "etcd", conn.Endpoints, "drivers", set.names())
+	<-ctx.Done()
+	log.Info("shutting down; the data plane keeps its state")
+	wg.Wait()
+	return nil
+}
+
+func parsePrefixes(flag string, list []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range list {
+		for _, part := range strings.Split(s, ",") {
+			part = strings.TrimSpace(part)
+			if part == "" {
+				continue
+			}
+			p, err := netip.ParsePrefix(part)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %q is not a CIDR: %w", flag, part, err)
+			}
+			out = append(out, p.Masked())
+		}
+	}
+	return out, nil
+}
+

@@ -1,0 +1,77 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/switchman-lb/switchman/watcher"
+)
+
+func statusCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "status",
+		Usage: "read every agent's status keys from etcd: one row per service and node",
+		Flags: etcdFlags(),
+		Action: func(c *cli.Context) error {
+			eps := c.StringSlice("etcd-endpoints")
+			if len(eps) == 0 {
+				eps = []string{"http://127.0.0.1:2379"} // the agent's embedded etcd
+			}
+			o := connOptions(c)
+			o.Endpoints = eps
+			cli, err := watcher.Connect(o, nil)
+			if err != nil {
+				return err
+			}
+			defer cli.Close()
+			ctx, cancel := context.WithTimeout(c.Context, 15*time.Second)
+			defer cancel()
+			all, err := watcher.ReadStatuses(ctx, cli, c.String("prefix"))
+			if err != nil {
+				return watcher.Explain(err, eps)
+			}
+			tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "SERVICE\tNODE\tVIP\tDRIVER\tSTATE\tHEALTHY\tERROR")
+			for _, row := range statusRows(all) {
+				fmt.Fprintln(tw, row)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+// statusRows formats one tab-separated row per service and node, sorted.
+func statusRows(all map[string]map[string]watcher.Status) []string {
+	var rows []string
+	for node, services := range all {
+		for name, st := range services {
+			healthy := 0
+			for _, b := range st.Backends {
+				if b.Healthy {
+					healthy++
+				}
+			}
+			state := st.State
+			if st.FailingOpen {
+				state += " (failing open)"
+			}
+			errText := strings.ReplaceAll(st.Error, "\n", " ")
+			if errText == "" {
+				errText = "-"
+			}
+			vip := st.VIP
+			if vip == "" {
+				vip = "-"
+			}
+			rows = append(rows, fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%d/%d\t%s", name, node, vip, st.Driver, state, healthy, len(st.Backends), errText))
+		}
+	}
+	sort.Strings(rows)
+	return rows
+}
