@@ -244,3 +244,12 @@ func (w *Watcher) Snapshot() Snapshot {
 	}
 	return s
 }
+
+// ReadOnce lists the prefix once and returns it as a snapshot.
+func ReadOnce(ctx context.Context, cli *clientv3.Client, prefix string) (Snapshot, error) {
+	w := New(cli, slog.New(slog.DiscardHandler), Options{Prefix: prefix})
+	if _, err := w.list(ctx); err != nil {
+		return Snapshot{}, err
+	}
+	return w.Snapshot(), nil
+}
