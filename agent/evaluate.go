@@ -198,3 +198,21 @@ func prefixes(ps []netip.Prefix) string {
 	}
 	return strings.Join(s, ",")
 }
+
+// Evaluate decides every service in snap the way the agent does, but with
+// no history: it returns the services that would be programmed, sorted by
+// name, and why each of the others was refused. `switchman plan` uses it.
+func Evaluate(prefix string, vipCIDRs []netip.Prefix, snap watcher.Snapshot) ([]*spec.Service, map[string]error) {
+	verdicts := newEvaluator(prefix, vipCIDRs).evaluate(snap)
+	var out []*spec.Service
+	rejected := map[string]error{}
+	for name, v := range verdicts {
+		if v.rejected != nil {
+			rejected[name] = v.rejected
+			continue
+		}
+		out = append(out, v.inForce)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, rejected
+}

@@ -168,4 +168,3 @@ func parsePrefixes(flag string, list []string) ([]netip.Prefix, error) {
 	}
 	return out, nil
 }
-
