@@ -1,0 +1,52 @@
+# switchman: build, test and lab targets. `make test` is what CI runs.
+GO      ?= go
+BIN     := bin/switchman
+PKGS    := ./...
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+
+.PHONY: all build test unit lint e2e vagrant-validate bench bench-health bench-haproxy fuzz demo clean
+
+all: build
+
+build:
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/switchman
+
+## test: everything CI runs: lint, unit and integration tests (real etcd,
+## HAProxy, iptables in namespaces), the CLI checks, and the QEMU IPVS lab.
+test: lint unit cli-check e2e vagrant-validate
+
+unit:
+	$(GO) test -count=1 -timeout 20m $(PKGS)
+
+lint:
+	@fmt=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$fmt" ]; then echo "gofmt needed:"; echo "$$fmt"; exit 1; fi
+	$(GO) vet $(PKGS)
+	$(GO) vet -tags e2e ./e2e/...
+
+## cli-check: the operator-facing promises of the CLI on the examples.
+cli-check: build
+	$(BIN) validate examples/*.yaml examples/*.json
+	@if $(BIN) validate examples/broken/* >/dev/null 2>&1; then echo "validate accepted broken examples"; exit 1; fi
+	$(BIN) plan examples/*.yaml examples/*.json >/dev/null
+
+## e2e: boot a Debian kernel with IPVS under QEMU and run the e2e suite in it.
+e2e:
+	bash e2e/lab/run.sh
+
+vagrant-validate:
+	bash e2e/lab/validate-vagrant.sh
+
+## demo: the agent on its embedded etcd (etcdctl works against 127.0.0.1:2379).
+demo: build
+	mkdir -p /tmp/switchman-demo
+	$(BIN) agent --data-dir /tmp/switchman-demo --node demo
+
+bench: bench-health bench-haproxy
+	@echo "figures: docs/BENCHMARKS.md"
+
+fuzz:
+	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 60s ./spec/
+
+clean:
+	rm -rf bin .lab
