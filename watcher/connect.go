@@ -59,7 +59,7 @@ func Connect(o ConnOptions, log *slog.Logger) (*clientv3.Client, error) {
 	}
 	cli, err := clientv3.New(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("etcd client for %v: %w", o.Endpoints, err)
+		return nil, Explain(err, o.Endpoints)
 	}
 	return cli, nil
 }
