@@ -40,7 +40,8 @@ type Input struct {
 type State struct {
 	IPVS    []IPVSService
 	HAProxy []HAProxyService
-	// VIPs are the addresses this host must own, sorted.
+	// VIPs are the addresses this host must own, sorted; loopback VIPs
+	// are left out, the kernel owns them already.
 	VIPs    []netip.Addr
 	Filters []Filter
 	// Services reports per service what was rendered, for status.
@@ -133,7 +134,9 @@ func Render(in Input) *State {
 	for _, s := range services {
 		rep := weigh(s, in.Healthy, in.Draining[s.Name])
 		st.Services = append(st.Services, rep)
-		vips[s.VIP] = true
+		if !s.VIP.IsLoopback() { // loopback addresses are local already
+			vips[s.VIP] = true
+		}
 		switch s.Driver {
 		case spec.DriverIPVS:
 			st.IPVS = append(st.IPVS, ipvsService(s, rep))
