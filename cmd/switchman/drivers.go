@@ -40,10 +40,11 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 	set := &driverSet{runners: map[string]func(context.Context) error{}}
 	for _, name := range c.StringSlice("drivers") {
 		switch name {
+		case "none":
 		case "ipvs", "vip", "netfilter", "haproxy":
 			log.Warn("driver not built yet", "driver", name)
 		default:
-			return nil, fmt.Errorf("--drivers: %q is not one of ipvs, vip, netfilter, haproxy", name)
+			return nil, fmt.Errorf("--drivers: %q is not one of ipvs, vip, netfilter, haproxy, none", name)
 		}
 	}
 	return set, nil

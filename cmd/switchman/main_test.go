@@ -1,0 +1,147 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/switchman-lb/switchman/watcher"
+)
+
+// run runs the CLI in-process and returns its output and error.
+func run(t *testing.T, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	app := newApp()
+	app.Writer, app.ErrWriter = &out, &errOut
+	app.ExitErrHandler = func(*cli.Context, error) {} // no os.Exit in tests
+	err = app.Run(append([]string{"switchman"}, args...))
+	return out.String(), errOut.String(), err
+}
+
+func writeDefs(t *testing.T, files map[string]string) []string {
+	t.Helper()
+	dir := t.TempDir()
+	var paths []string
+	for name, body := range files {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		paths = append(paths, p)
+	}
+	return paths
+}
+
+func TestValidate(t *testing.T) {
+	tests := []struct {
+		name    string
+		files   map[string]string
+		wantErr bool
+		want    []string // lines that must appear in stderr
+	}{
+		{
+			name:  "valid",
+			files: map[string]string{"web.yaml": "vip: 192.0.2.10\nport: 80\nbackends:\n  - address: 10.1.1.2\n"},
+		},
+		{
+			name:    "every error named with file, field and value",
+			files:   map[string]string{"web.yaml": "vip: 192.0.2.300\nport: 80\nscheduler: fastest\nbackends:\n  - address: 10.1.1.2\n    port: 70000\n"},
+			wantErr: true,
+			want: []string{
+				`web.yaml: vip: "192.0.2.300" is not an IPv4 or IPv6 address`,
+				`web.yaml: scheduler: "fastest" is not one of rr, wrr, lc, wlc, sh, mh`,
+				`web.yaml: backends[0].port: 70000 is out of range 1-65535`,
+			},
+		},
+		{
+			name: "conflict across files names the winner",
+			files: map[string]string{
+				"a.yaml": "vip: 192.0.2.10\nport: 80\nbackends: [{address: 10.1.1.2}]\n",
+				"b.yaml": "vip: 192.0.2.10\nport: 80\nbackends: [{address: 10.1.1.3}]\n",
+			},
+			wantErr: true,
+			want:    []string{`already claimed by service "a"`},
+		},
+		{
+			name:    "bad file name is a bad service name",
+			files:   map[string]string{"Web_1.yaml": "vip: 192.0.2.10\nport: 80\nbackends: [{address: 10.1.1.2}]\n"},
+			wantErr: true,
+			want:    []string{`name: "Web_1" is not a DNS label`},
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			paths := writeDefs(t, tc.files)
+			// Sort so "a" comes before "b" (file order decides conflicts).
+			if len(paths) > 1 && filepath.Base(paths[0]) > filepath.Base(paths[1]) {
+				paths[0], paths[1] = paths[1], paths[0]
+			}
+			_, stderr, err := run(t, append([]string{"validate"}, paths...)...)
+			if (err != nil) != tc.wantErr {
+				t.Fatalf("err = %v, want error %v; stderr:\n%s", err, tc.wantErr, stderr)
+			}
+			if tc.wantErr {
+				if ec, ok := err.(cli.ExitCoder); !ok || ec.ExitCode() != 1 {
+					t.Fatalf("exit code: %v, want 1", err)
+				}
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(stderr, w) {
+					t.Errorf("stderr lacks %q:\n%s", w, stderr)
+				}
+			}
+		})
+	}
+}
+
+func TestPlanPrintsIPVSLines(t *testing.T) {
+	paths := writeDefs(t, map[string]string{
+		"web.yaml": "vip: 192.0.2.10\nport: 80\nscheduler: mh\nscheduler_flags: [mh-port, mh-fallback]\npersistence: 300s\nbackends:\n  - {address: 10.1.1.2, port: 8080, weight: 3}\n  - {address: 10.1.1.3, port: 8080}\n",
+	})
+	stdout, stderr, err := run(t, append([]string{"plan"}, paths...)...)
+	if err != nil {
+		t.Fatalf("plan: %v\n%s", err, stderr)
+	}
+	want := "-A -t 192.0.2.10:80 -s mh -b mh-fallback,mh-port -p 300\n" +
+		"-a -t 192.0.2.10:80 -r 10.1.1.2:8080 -m -w 3\n" +
+		"-a -t 192.0.2.10:80 -r 10.1.1.3:8080 -m -w 1\n"
+	if !strings.Contains(stdout, want) {
+		t.Fatalf("plan output lacks\n%s\ngot:\n%s", want, stdout)
+	}
+}
+
+func TestStatusRows(t *testing.T) {
+	rows := statusRows(map[string]map[string]watcher.Status{
+		"lb2": {"web": {State: "applied", Driver: "ipvs", VIP: "192.0.2.10:80/tcp", FailingOpen: true,
+			Backends: []watcher.BackendStatus{{Healthy: false}, {Healthy: false}}}},
+		"lb1": {
+			"web": {State: "applied", Driver: "ipvs", VIP: "192.0.2.10:80/tcp", Backends: []watcher.BackendStatus{{Healthy: true}, {Healthy: false}}},
+			"bad": {State: "rejected", Error: "port: 70000 is out of range 1-65535", Backends: []watcher.BackendStatus{}},
+		},
+	})
+	want := []string{
+		"bad\tlb1\t-\t\trejected\t0/0\tport: 70000 is out of range 1-65535",
+		"web\tlb1\t192.0.2.10:80/tcp\tipvs\tapplied\t1/2\t-",
+		"web\tlb2\t192.0.2.10:80/tcp\tipvs\tapplied (failing open)\t0/2\t-",
+	}
+	if strings.Join(rows, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("rows:\n%s\nwant:\n%s", strings.Join(rows, "\n"), strings.Join(want, "\n"))
+	}
+}
+
+func TestEnvVarsNameEveryFlag(t *testing.T) {
+	for _, cmd := range newApp().Commands {
+		for _, f := range cmd.Flags {
+			name := f.Names()[0]
+			ev, ok := f.(interface{ GetEnvVars() []string })
+			if !ok || len(ev.GetEnvVars()) != 1 || ev.GetEnvVars()[0] != "SWITCHMAN_"+strings.ToUpper(strings.ReplaceAll(name, "-", "_")) {
+				t.Errorf("%s --%s does not read SWITCHMAN_%s", cmd.Name, name, strings.ToUpper(strings.ReplaceAll(name, "-", "_")))
+			}
+		}
+	}
+}
