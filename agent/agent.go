@@ -119,7 +119,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.health != nil {
 		// Tell the checker what to check and let its first round finish, so
 		// a restart does not program weight 0 for healthy backends.
-		a.health.SetServices(a.inForce(a.eval.evaluate(a.src.Snapshot())))
+		a.health.SetServices(inForce(a.eval.evaluate(a.src.Snapshot())))
 		sctx, cancel := context.WithTimeout(ctx, a.opts.SettleTimeout)
 		if err := a.health.WaitSettled(sctx); err != nil && ctx.Err() == nil {
 			a.log.Warn("health checks did not all finish their first round; unchecked backends start at weight 0", "waited", a.opts.SettleTimeout)
@@ -178,7 +178,7 @@ func (a *Agent) reconcile(ctx context.Context) passResult {
 	start := a.opts.Now()
 	snap := a.src.Snapshot()
 	verdicts := a.eval.evaluate(snap)
-	services := a.inForce(verdicts)
+	services := inForce(verdicts)
 	if a.health != nil {
 		a.health.SetServices(services)
 	}
@@ -256,18 +256,6 @@ func (a *Agent) reconcile(ctx context.Context) passResult {
 	a.metrics.observe(a.opts.Now().Sub(start), counts, maxRev)
 	a.log.Debug("reconciled", "services", len(verdicts), "revision", snap.Revision, "took", a.opts.Now().Sub(start))
 	return passResult{failed: len(failures) > 0, wakeIn: wake}
-}
-
-// inForce lists the services to program, sorted by name.
-func (a *Agent) inForce(verdicts map[string]verdict) []*spec.Service {
-	out := make([]*spec.Service, 0, len(verdicts))
-	for _, v := range verdicts {
-		if v.inForce != nil {
-			out = append(out, v.inForce)
-		}
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	return out
 }
 
 // finishDrains ends the drains whose backends have no connections left or

@@ -204,15 +204,24 @@ func prefixes(ps []netip.Prefix) string {
 // name, and why each of the others was refused. `switchman plan` uses it.
 func Evaluate(prefix string, vipCIDRs []netip.Prefix, snap watcher.Snapshot) ([]*spec.Service, map[string]error) {
 	verdicts := newEvaluator(prefix, vipCIDRs).evaluate(snap)
-	var out []*spec.Service
 	rejected := map[string]error{}
 	for name, v := range verdicts {
 		if v.rejected != nil {
 			rejected[name] = v.rejected
-			continue
+			delete(verdicts, name)
 		}
-		out = append(out, v.inForce)
+	}
+	return inForce(verdicts), rejected
+}
+
+// inForce lists the services to program, sorted by name.
+func inForce(verdicts map[string]verdict) []*spec.Service {
+	out := make([]*spec.Service, 0, len(verdicts))
+	for _, v := range verdicts {
+		if v.inForce != nil {
+			out = append(out, v.inForce)
+		}
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	return out, rejected
+	return out
 }
