@@ -25,7 +25,8 @@ func decodeStrict(data []byte, out any) Errors {
 	if len(data) > maxDefinitionSize {
 		return Errors{fieldErr("", "the definition is %d bytes, more than the limit of %d", len(data), maxDefinitionSize)}
 	}
-	js, err := yaml.YAMLToJSON(data)
+	// Strict: a key given twice is an error, not a silent choice of one.
+	js, err := yaml.YAMLToJSONStrict(data)
 	if err != nil {
 		return Errors{fieldErr("", "not valid JSON or YAML: %v", err)}
 	}
