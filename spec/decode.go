@@ -147,6 +147,8 @@ func join(path, field string) string {
 // describe formats a generic JSON value for an error message.
 func describe(v any) string {
 	switch x := v.(type) {
+	case nil:
+		return "null"
 	case string:
 		return fmt.Sprintf("%q", x)
 	case json.Number:
