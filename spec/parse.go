@@ -17,6 +17,10 @@ const (
 	DefaultDrain    = 30 * time.Second
 	DefaultWeight   = 1
 	MaxWeight       = 65535
+	// MaxPersistence bounds persistence so every data plane can hold it:
+	// HAProxy timers are 31-bit milliseconds (about 24.8 days) and IPVS
+	// keeps the timeout as 32-bit jiffies.
+	MaxPersistence = 24 * 24 * time.Hour
 )
 
 var (
@@ -191,6 +195,10 @@ func (v *validator) service(r *rawService, s *Service) {
 	s.Persistence = v.duration("persistence", r.Persistence, 0)
 	if s.Persistence%time.Second != 0 {
 		v.errs.add("persistence", "%q is not a whole number of seconds", *r.Persistence)
+	}
+	if s.Persistence > MaxPersistence {
+		v.errs.add("persistence", "%q is more than the limit of %s", *r.Persistence, MaxPersistence)
+		s.Persistence = 0
 	}
 	s.Drain = v.duration("drain", r.Drain, DefaultDrain)
 	s.FailOpen = boolOr(r.FailOpen, true)
