@@ -1,0 +1,416 @@
+package ipvs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"math"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/switchman-lb/switchman/render"
+	"github.com/switchman-lb/switchman/spec"
+)
+
+// Kernel is what the driver needs from the kernel's IPVS. Reads return the
+// kernel's state; writes fail with the kernel's errno (wrapped): EEXIST when
+// adding what exists, ESRCH when the service is missing, ENOENT when the
+// destination is missing. An implementation whose kernel has no IPVS wraps
+// ErrUnavailable. Every call honours its context's deadline.
+type Kernel interface {
+	Services(ctx context.Context) ([]Service, error)
+	Destinations(ctx context.Context, s Service) ([]Destination, error)
+	AddService(ctx context.Context, s Service) error
+	UpdateService(ctx context.Context, s Service) error
+	DeleteService(ctx context.Context, s Service) error
+	AddDestination(ctx context.Context, s Service, d Destination) error
+	UpdateDestination(ctx context.Context, s Service, d Destination) error
+	DeleteDestination(ctx context.Context, s Service, d Destination) error
+}
+
+// DefaultCallTimeout bounds one kernel call when Config leaves it zero.
+const DefaultCallTimeout = 10 * time.Second
+
+// Config configures a Driver.
+type Config struct {
+	Kernel Kernel
+	// DataDir holds the ownership record (StateFile); it is created (0700)
+	// when missing.
+	DataDir string
+	Logger  *slog.Logger
+	// CallTimeout bounds each kernel call; 0 means DefaultCallTimeout.
+	CallTimeout time.Duration
+}
+
+// Driver programs IPVS virtual services. It implements the agent's Driver
+// and ConnectionCounter.
+type Driver struct {
+	kernel  Kernel
+	path    string
+	log     *slog.Logger
+	timeout time.Duration
+	writes  atomic.Uint64
+	turn    chan struct{} // one Apply at a time; waiting honours ctx
+
+	mu    sync.Mutex
+	owned map[Key]string // key -> switchman service, as last recorded
+}
+
+// New returns a Driver, reading the ownership record from cfg.DataDir.
+func New(cfg Config) (*Driver, error) {
+	if cfg.Kernel == nil {
+		return nil, errors.New("ipvs driver: no kernel")
+	}
+	if cfg.DataDir == "" {
+		return nil, errors.New("ipvs driver: no data directory for the ownership record")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.CallTimeout <= 0 {
+		cfg.CallTimeout = DefaultCallTimeout
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("ipvs driver: %w", err)
+	}
+	path := filepath.Join(cfg.DataDir, StateFile)
+	owned, err := loadOwned(path)
+	if err != nil {
+		return nil, err
+	}
+	d := &Driver{kernel: cfg.Kernel, path: path, log: cfg.Logger, timeout: cfg.CallTimeout, owned: owned, turn: make(chan struct{}, 1)}
+	return d, nil
+}
+
+// Name is "ipvs".
+func (d *Driver) Name() string { return "ipvs" }
+
+// Writes returns how many kernel writes the driver has made (attempted).
+func (d *Driver) Writes() uint64 { return d.writes.Load() }
+
+// Owned returns a copy of the ownership record: key -> switchman service.
+func (d *Driver) Owned() map[Key]string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return maps.Clone(d.owned)
+}
+
+// Apply makes the kernel's IPVS match desired.IPVS for the services this
+// driver owns, and returns the switchman services it could not program.
+func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]error {
+	errs := map[string]error{}
+	want, bad := DesiredFrom(desired.IPVS)
+	maps.Copy(errs, bad)
+	select {
+	case d.turn <- struct{}{}:
+		defer func() { <-d.turn }()
+	case <-ctx.Done():
+		failAll(errs, want, ctx.Err())
+		return errs
+	}
+	owned := d.Owned()
+	if len(want) == 0 && len(owned) == 0 {
+		return errs // nothing to do: do not even ask the kernel
+	}
+	list, err := call(ctx, d.timeout, d.kernel.Services)
+	if err != nil {
+		failAll(errs, want, err)
+		return errs
+	}
+	actual := make(map[Key]Observed, len(list))
+	listed := make(map[Key]bool, len(list))
+	for _, s := range list {
+		actual[s.Key()] = Observed{Service: s}
+		listed[s.Key()] = true
+	}
+	wantKeys := make(map[Key]bool, len(want)+len(bad))
+	for _, w := range want {
+		wantKeys[w.Service.Key()] = true
+	}
+	for _, s := range desired.IPVS {
+		if _, failed := bad[s.Service]; failed {
+			// Not convertible this time: keep whatever the kernel has.
+			k := Key{Protocol: protocolOf(s.Protocol), Address: s.Address.Unmap(), Port: s.Port}
+			wantKeys[k] = true
+			delete(actual, k)
+		}
+	}
+	// Read destinations only where a diff needs them: desired services
+	// this driver owns. A cold start reads none.
+	var ready []Desired
+	for _, w := range want {
+		k := w.Service.Key()
+		obs, present := actual[k]
+		if _, mine := owned[k]; present && mine {
+			dsts, err := call(ctx, d.timeout, func(c context.Context) ([]Destination, error) { return d.kernel.Destinations(c, obs.Service) })
+			if err != nil {
+				errs[w.Name] = err
+				delete(actual, k) // neither add nor delete what we could not read
+				continue
+			}
+			obs.Destinations = dsts
+			actual[k] = obs
+		}
+		ready = append(ready, w)
+	}
+	ops, refused := Diff(ready, actual, owned)
+	maps.Copy(errs, refused)
+
+	// Forget services that are gone from the kernel and not wanted; record
+	// the owner of each service about to be created before creating it, so
+	// a crash in between leaves a record of a missing service (harmless)
+	// rather than an unrecorded service (which would be refused as foreign).
+	next := maps.Clone(owned)
+	for k := range next {
+		if !listed[k] && !wantKeys[k] {
+			delete(next, k)
+		}
+	}
+	for _, w := range ready {
+		k := w.Service.Key()
+		if name, mine := next[k]; mine && name != w.Name {
+			next[k] = w.Name // the vip:port changed hands between definitions
+		}
+	}
+	for _, op := range ops {
+		if op.Kind == AddService {
+			next[op.Service.Key()] = op.Owner
+		}
+	}
+	if err := d.record(next); err != nil {
+		for _, op := range ops {
+			if op.Kind == AddService {
+				errs[op.Owner] = err
+			}
+		}
+		ops = dropOwners(ops, errs)
+		next = d.Owned()
+	}
+
+	changed := d.apply(ctx, ops, next, errs)
+	if changed {
+		if err := d.record(next); err != nil {
+			d.log.Error("record IPVS ownership", "error", err)
+		}
+	}
+	return errs
+}
+
+// apply runs ops in order. A failed write fails its owner: the owner's
+// later writes are skipped. After a call times out, the rest of the pass is
+// given up (the kernel is not answering) and retried on the next Apply.
+// It updates next for created and deleted services and reports whether it
+// did.
+func (d *Driver) apply(ctx context.Context, ops []Op, next map[Key]string, errs map[string]error) bool {
+	changed := false
+	var stop error
+	for _, op := range ops {
+		if _, failed := errs[op.Owner]; failed && op.Owner != "" {
+			continue
+		}
+		if stop != nil {
+			if op.Owner != "" {
+				errs[op.Owner] = stop
+			}
+			continue
+		}
+		d.writes.Add(1)
+		err := d.write(ctx, op)
+		switch {
+		case err == nil:
+			if op.Kind == DeleteService {
+				delete(next, op.Service.Key())
+				changed = true
+			}
+			continue
+		case op.Kind == DeleteService && errors.Is(err, syscall.ESRCH):
+			delete(next, op.Service.Key()) // already gone
+			changed = true
+			continue
+		case op.Kind == AddService && errors.Is(err, syscall.EEXIST):
+			// Someone else created it since we listed: not ours.
+			delete(next, op.Service.Key())
+			changed = true
+			err = &ForeignServiceError{Key: op.Service.Key()}
+		case op.Kind == AddService && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled):
+			// The kernel refused it, so it does not exist. (After a
+			// time-out it may: the record stays, and the next pass sees.)
+			delete(next, op.Service.Key())
+			changed = true
+		}
+		d.log.Warn("IPVS write failed", "op", op.String(), "service", op.Owner, "error", err)
+		if op.Owner != "" {
+			errs[op.Owner] = err
+		}
+		if ctx.Err() != nil {
+			stop = fmt.Errorf("not applied: %w", ctx.Err())
+		} else if errors.Is(err, context.DeadlineExceeded) {
+			stop = fmt.Errorf("not applied: an earlier IPVS call timed out (%w); retried on the next apply", err)
+		}
+	}
+	return changed
+}
+
+func (d *Driver) write(ctx context.Context, op Op) error {
+	c, cancel := context.WithTimeout(ctx, d.timeout)
+	defer cancel()
+	switch op.Kind {
+	case AddService:
+		return d.kernel.AddService(c, op.Service)
+	case UpdateService:
+		return d.kernel.UpdateService(c, op.Service)
+	case DeleteService:
+		return d.kernel.DeleteService(c, op.Service)
+	case AddDestination:
+		return d.kernel.AddDestination(c, op.Service, op.Destination)
+	case UpdateDestination:
+		return d.kernel.UpdateDestination(c, op.Service, op.Destination)
+	case DeleteDestination:
+		return d.kernel.DeleteDestination(c, op.Service, op.Destination)
+	}
+	return fmt.Errorf("unknown IPVS write %v", op.Kind)
+}
+
+// record saves next as the ownership record when it differs from the
+// current one, then makes it current.
+func (d *Driver) record(next map[Key]string) error {
+	d.mu.Lock()
+	same := maps.Equal(d.owned, next)
+	d.mu.Unlock()
+	if same {
+		return nil
+	}
+	if err := saveOwned(d.path, next); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	d.owned = maps.Clone(next)
+	d.mu.Unlock()
+	return nil
+}
+
+// Connections returns the active plus inactive connection count of every
+// destination of the services this driver owns, keyed by switchman service
+// and backend address.
+func (d *Driver) Connections(ctx context.Context) (map[render.BackendRef]int, error) {
+	owned := d.Owned()
+	out := map[render.BackendRef]int{}
+	for k, name := range owned {
+		s := Service{Protocol: k.Protocol, Address: k.Address, Port: k.Port}
+		dsts, err := call(ctx, d.timeout, func(c context.Context) ([]Destination, error) { return d.kernel.Destinations(c, s) })
+		if errors.Is(err, syscall.ESRCH) {
+			continue // not created yet, or already removed
+		}
+		if err != nil {
+			return nil, err
+		}
+		for _, dst := range dsts {
+			out[render.BackendRef{Service: name, Addr: dst.AddrPort()}] += dst.ActiveConn + dst.InActConn
+		}
+	}
+	return out, nil
+}
+
+// DesiredFrom converts render's IPVS services to the kernel's terms, and
+// reports the ones that cannot be converted.
+func DesiredFrom(services []render.IPVSService) ([]Desired, map[string]error) {
+	out := make([]Desired, 0, len(services))
+	bad := map[string]error{}
+	for _, s := range services {
+		w, err := desiredService(s)
+		if err != nil {
+			bad[s.Service] = err
+			continue
+		}
+		out = append(out, w)
+	}
+	return out, bad
+}
+
+func desiredService(s render.IPVSService) (Desired, error) {
+	addr := s.Address.Unmap()
+	svc := Service{Address: addr, Port: s.Port, Scheduler: string(s.Scheduler)}
+	if svc.Protocol = protocolOf(s.Protocol); svc.Protocol == 0 {
+		return Desired{}, fmt.Errorf("protocol %q is not tcp or udp", s.Protocol)
+	}
+	// ipvsadm's defaults: one client address is the persistence unit.
+	if addr.Is4() {
+		svc.Netmask = math.MaxUint32
+	} else {
+		svc.Netmask = 128
+	}
+	for _, f := range s.Flags {
+		switch f {
+		case spec.FlagSHFallback:
+			svc.Flags |= FlagSHFallback
+		case spec.FlagSHPort:
+			svc.Flags |= FlagSHPort
+		case spec.FlagMHFallback:
+			svc.Flags |= FlagMHFallback
+		case spec.FlagMHPort:
+			svc.Flags |= FlagMHPort
+		default:
+			return Desired{}, fmt.Errorf("scheduler flag %q is not known to IPVS", f)
+		}
+	}
+	if s.Persistence > 0 {
+		svc.Flags |= FlagPersistent
+		svc.Timeout = uint32((s.Persistence + time.Second - 1) / time.Second)
+	}
+	w := Desired{Name: s.Service, Service: svc, Destinations: make([]Destination, 0, len(s.Destinations))}
+	for _, dst := range s.Destinations {
+		var fwd Forwarding
+		switch dst.Forwarding {
+		case spec.NAT, "":
+			fwd = Masq
+		case spec.Direct:
+			fwd = Route
+		case spec.Tunnel:
+			fwd = Tunnel
+		default:
+			return Desired{}, fmt.Errorf("forwarding %q is not nat, dr or tun", dst.Forwarding)
+		}
+		w.Destinations = append(w.Destinations, Destination{Address: dst.Address.Unmap(), Port: dst.Port, Weight: dst.Weight, Forwarding: fwd})
+	}
+	return w, nil
+}
+
+// call runs one kernel read bounded by timeout.
+func call[T any](ctx context.Context, timeout time.Duration, f func(context.Context) (T, error)) (T, error) {
+	c, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	return f(c)
+}
+
+func failAll(errs map[string]error, want []Desired, err error) {
+	for _, w := range want {
+		errs[w.Name] = err
+	}
+}
+
+func dropOwners(ops []Op, errs map[string]error) []Op {
+	out := ops[:0]
+	for _, op := range ops {
+		if _, failed := errs[op.Owner]; failed && op.Owner != "" {
+			continue
+		}
+		out = append(out, op)
+	}
+	return out
+}
+
+func protocolOf(p spec.Protocol) Protocol {
+	switch p {
+	case spec.TCP:
+		return TCP
+	case spec.UDP:
+		return UDP
+	}
+	return 0
+}
