@@ -81,9 +81,21 @@ func TestApplyProgramsEveryKind(t *testing.T) {
 		svc  render.IPVSService
 	}{
 		{"rr", webService("s", vip4, 80, rdst(be1, 80, 1), rdst(be2, 80, 2))},
-		{"wrr", func() render.IPVSService { s := webService("s", vip4, 80, rdst(be1, 80, 1)); s.Scheduler = spec.WeightedRoundRobin; return s }()},
-		{"lc", func() render.IPVSService { s := webService("s", vip4, 80, rdst(be1, 80, 1)); s.Scheduler = spec.LeastConnection; return s }()},
-		{"wlc", func() render.IPVSService { s := webService("s", vip4, 80, rdst(be1, 80, 1)); s.Scheduler = spec.WeightedLeastConnection; return s }()},
+		{"wrr", func() render.IPVSService {
+			s := webService("s", vip4, 80, rdst(be1, 80, 1))
+			s.Scheduler = spec.WeightedRoundRobin
+			return s
+		}()},
+		{"lc", func() render.IPVSService {
+			s := webService("s", vip4, 80, rdst(be1, 80, 1))
+			s.Scheduler = spec.LeastConnection
+			return s
+		}()},
+		{"wlc", func() render.IPVSService {
+			s := webService("s", vip4, 80, rdst(be1, 80, 1))
+			s.Scheduler = spec.WeightedLeastConnection
+			return s
+		}()},
 		{"sh sh-fallback sh-port", func() render.IPVSService {
 			s := webService("s", vip4, 80, rdst(be1, 80, 1))
 			s.Scheduler, s.Flags = spec.SourceHashing, []string{"sh-fallback", "sh-port"}
@@ -104,9 +116,17 @@ func TestApplyProgramsEveryKind(t *testing.T) {
 			s.Destinations[0].Forwarding = spec.Tunnel
 			return s
 		}()},
-		{"udp", func() render.IPVSService { s := webService("s", vip4, 53, rdst(be1, 53, 1)); s.Protocol = spec.UDP; return s }()},
+		{"udp", func() render.IPVSService {
+			s := webService("s", vip4, 53, rdst(be1, 53, 1))
+			s.Protocol = spec.UDP
+			return s
+		}()},
 		{"ipv6", webService("s", vip6, 443, rdst(v6be, 8443, 1))},
-		{"persistence", func() render.IPVSService { s := webService("s", vip4, 80, rdst(be1, 80, 1)); s.Persistence = time.Hour; return s }()},
+		{"persistence", func() render.IPVSService {
+			s := webService("s", vip4, 80, rdst(be1, 80, 1))
+			s.Persistence = time.Hour
+			return s
+		}()},
 		{"no destinations", webService("s", vip4, 80)},
 	}
 	for _, tt := range tests {
