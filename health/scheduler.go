@@ -292,6 +292,7 @@ func (s *Scheduler) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Durat
 	if ctx.Err() != nil {
 		return -1
 	}
+	defer func() { s.m.running(s.inFlight) }()
 	now := s.clock.Now()
 	for len(s.queue) > 0 {
 		e := s.queue[0]
@@ -316,7 +317,6 @@ func (s *Scheduler) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Durat
 			s.finish(e, due, err)
 		}(e, e.due)
 	}
-	s.m.running(s.inFlight)
 	return -1
 }
 
@@ -351,11 +351,13 @@ func (s *Scheduler) finish(e *entry, due time.Time, err error) {
 	e.due = next
 	heap.Push(&s.queue, e)
 	st := e.st
+	if changed {
+		s.notify() // under the lock, so a reader of Snapshot after it sees the change
+	}
 	s.mu.Unlock()
 
 	if changed {
 		s.logChange(k, e.checker, st, wasPending)
-		s.notify()
 	}
 	s.kick()
 }
