@@ -20,12 +20,11 @@ func (c *fakeClock) Now() time.Time {
 	return c.now
 }
 
-func (c *fakeClock) NewTimer(d time.Duration) Timer {
+func (c *fakeClock) NewTimer() Timer {
 	t := &fakeTimer{clk: c, c: make(chan time.Time, 1)}
 	c.mu.Lock()
 	c.timers = append(c.timers, t)
 	c.mu.Unlock()
-	t.Reset(d)
 	return t
 }
 
@@ -59,24 +58,20 @@ func (t *fakeTimer) fireIfDue() {
 	}
 }
 
-func (t *fakeTimer) Stop() bool {
+func (t *fakeTimer) Stop() {
 	t.clk.mu.Lock()
 	defer t.clk.mu.Unlock()
-	was := t.active
 	t.active = false
 	t.drain()
-	return was
 }
 
-func (t *fakeTimer) Reset(d time.Duration) bool {
+func (t *fakeTimer) ResetAt(at time.Time) {
 	t.clk.mu.Lock()
 	defer t.clk.mu.Unlock()
-	was := t.active
 	t.drain()
-	t.at = t.clk.now.Add(d)
+	t.at = at
 	t.active = true
 	t.fireIfDue()
-	return was
 }
 
 func (t *fakeTimer) drain() {

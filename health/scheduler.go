@@ -262,13 +262,11 @@ func (s *Scheduler) Run(ctx context.Context) error {
 	s.mu.Unlock()
 
 	var wg sync.WaitGroup
-	timer := s.clock.NewTimer(time.Hour)
-	timer.Stop()
+	timer := s.clock.NewTimer()
 	defer timer.Stop()
 	for {
-		wait := s.dispatch(ctx, &wg)
-		if wait >= 0 {
-			timer.Reset(wait)
+		if next := s.dispatch(ctx, &wg); !next.IsZero() {
+			timer.ResetAt(next)
 		} else {
 			timer.Stop()
 		}
@@ -284,23 +282,23 @@ func (s *Scheduler) Run(ctx context.Context) error {
 }
 
 // dispatch starts every check that is due, as far as the concurrency limit
-// allows, and returns how long until the next one is due (-1: none queued,
-// or the limit is reached and a finishing check will wake the loop).
-func (s *Scheduler) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Duration {
+// allows, and returns when the next one is due (zero: none queued, or the
+// limit is reached and a finishing check will wake the loop).
+func (s *Scheduler) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Time {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if ctx.Err() != nil {
-		return -1
+		return time.Time{}
 	}
 	defer func() { s.m.running(s.inFlight) }()
 	now := s.clock.Now()
 	for len(s.queue) > 0 {
 		e := s.queue[0]
 		if e.due.After(now) {
-			return e.due.Sub(now)
+			return e.due
 		}
 		if s.inFlight >= s.limit {
-			return -1
+			return time.Time{}
 		}
 		heap.Pop(&s.queue)
 		if now.Sub(e.due) > lateAfter {
@@ -317,7 +315,7 @@ func (s *Scheduler) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Durat
 			s.finish(e, due, err)
 		}(e, e.due)
 	}
-	return -1
+	return time.Time{}
 }
 
 // finish records the result of one check of e and queues its next check.
