@@ -92,18 +92,6 @@ func (f *fakeTables) NewChain(table, chain string) error {
 	return nil
 }
 
-func (f *fakeTables) ChainExists(table, chain string) (bool, error) {
-	_, err := f.chain(table, chain)
-	return err == nil, nil
-}
-
-func (f *fakeTables) ListChains(table string) ([]string, error) {
-	if _, ok := f.chains[table]; !ok {
-		return nil, fmt.Errorf("fake: no table %q", table)
-	}
-	return slices.Clone(f.order[table]), nil
-}
-
 func (f *fakeTables) DeleteChain(table, chain string) error {
 	if err := f.write("DeleteChain", table, chain, nil); err != nil {
 		return err
@@ -129,27 +117,38 @@ func (f *fakeTables) DeleteChain(table, chain string) error {
 	return nil
 }
 
-// List prints like iptables -S: comments quoted.
-func (f *fakeTables) List(table, chain string) ([]string, error) {
-	rules, err := f.chain(table, chain)
-	if err != nil {
-		return nil, err
+// ListTable prints like iptables -S: the -P and -N lines, then every
+// chain's rules, comments quoted.
+func (f *fakeTables) ListTable(table string) ([]string, error) {
+	if _, ok := f.chains[table]; !ok {
+		return nil, fmt.Errorf("fake: no table %q", table)
 	}
-	head := "-N " + chain
-	if isBuiltin(table, chain) {
-		head = "-P " + chain + " ACCEPT"
-	}
-	out := []string{head}
-	for _, r := range rules {
-		words := slices.Clone(r)
-		for i := 1; i < len(words); i++ {
-			if words[i-1] == "--comment" {
-				words[i] = strconv.Quote(words[i])
-			}
+	var out []string
+	for _, c := range f.order[table] {
+		if isBuiltin(table, c) {
+			out = append(out, "-P "+c+" ACCEPT")
+		} else {
+			out = append(out, "-N "+c)
 		}
-		out = append(out, "-A "+chain+" "+strings.Join(words, " "))
+	}
+	for _, c := range f.order[table] {
+		for _, r := range f.chains[table][c] {
+			words := slices.Clone(r)
+			for i := 1; i < len(words); i++ {
+				if words[i-1] == "--comment" {
+					words[i] = strconv.Quote(words[i])
+				}
+			}
+			out = append(out, "-A "+c+" "+strings.Join(words, " "))
+		}
 	}
 	return out, nil
+}
+
+// hasChain says whether the chain exists.
+func (f *fakeTables) hasChain(table, chain string) bool {
+	_, err := f.chain(table, chain)
+	return err == nil
 }
 
 func (f *fakeTables) apply(table, chain string, o op) error {
@@ -189,14 +188,6 @@ func (f *fakeTables) Delete(table, chain string, r ...string) error {
 		return err
 	}
 	return f.apply(table, chain, op{kind: opDelete, rule: r})
-}
-
-func (f *fakeTables) Exists(table, chain string, r ...string) (bool, error) {
-	rules, err := f.chain(table, chain)
-	if err != nil {
-		return false, err
-	}
-	return slices.ContainsFunc(rules, func(x rule) bool { return x.key() == rule(r).key() }), nil
 }
 
 // dump renders a chain's rules one per line, for assertions.

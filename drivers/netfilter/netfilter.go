@@ -32,27 +32,23 @@ import (
 )
 
 // Tables is the part of iptables the driver uses, for one address family.
-// Rules are given and listed as iptables -S writes them.
+// Rules are given and listed as iptables -S writes them. The driver reads
+// each table once per Apply (ListTable) rather than chain by chain: every
+// call runs the iptables binary, which takes milliseconds.
 type Tables interface {
+	// ListTable returns the table as iptables -t TABLE -S prints it: -P
+	// and -N lines naming every chain, then -A lines, one per rule.
+	ListTable(table string) ([]string, error)
 	// NewChain creates a chain; it fails if the chain exists.
 	NewChain(table, chain string) error
-	// ChainExists says whether a chain exists.
-	ChainExists(table, chain string) (bool, error)
-	// ListChains names the chains of a table, built-in ones included.
-	ListChains(table string) ([]string, error)
 	// DeleteChain deletes an empty, unreferenced chain.
 	DeleteChain(table, chain string) error
-	// List returns the chain as iptables -S prints it: a -N or -P line,
-	// then one -A line per rule.
-	List(table, chain string) ([]string, error)
 	// Append adds a rule at the end of a chain.
 	Append(table, chain string, rule ...string) error
 	// Insert adds a rule at a 1-based position.
 	Insert(table, chain string, pos int, rule ...string) error
 	// Delete removes the first rule with this spec; it fails if none.
 	Delete(table, chain string, rule ...string) error
-	// Exists says whether a rule with this spec is in the chain.
-	Exists(table, chain string, rule ...string) (bool, error)
 }
 
 // Driver reconciles the netfilter rules of every service. Apply must not be
@@ -174,40 +170,32 @@ func (r *reconciler) newChain(table, chain string) error {
 	return nil
 }
 
-func (r *reconciler) list(table, chain string) ([]rule, error) {
-	lines, err := r.t.List(table, chain)
+func (r *reconciler) read(table string) (snapshot, error) {
+	lines, err := r.t.ListTable(table)
 	if err != nil {
-		return nil, fmt.Errorf("list %s/%s: %w", table, chain, err)
+		return snapshot{}, fmt.Errorf("list table %s: %w", table, err)
 	}
-	rules, err := parseRules(chain, lines)
+	snap, err := parseTable(lines)
 	if err != nil {
-		return nil, fmt.Errorf("list %s/%s: %w", table, chain, err)
+		return snapshot{}, fmt.Errorf("list table %s: %w", table, err)
 	}
-	return rules, nil
+	return snap, nil
 }
 
-// base makes sure chain exists in table and that builtin jumps to it from
-// its first rule. It reports whether there is anything to reconcile: a
-// chain that never existed and is not needed is left uncreated.
-func (r *reconciler) base(table, builtin, chain string, needed bool) (bool, error) {
-	exists, err := r.t.ChainExists(table, chain)
-	if err != nil {
-		return false, fmt.Errorf("look for chain %s/%s: %w", table, chain, err)
-	}
-	if !exists && !needed {
+// base makes sure chain exists in table and that builtin jumps to it (a
+// new jump goes first). It reports whether there is anything to reconcile:
+// a chain that never existed and is not needed is left uncreated.
+func (r *reconciler) base(snap snapshot, table, builtin, chain string, needed bool) (bool, error) {
+	if !snap.has(chain) && !needed {
 		return false, nil
 	}
-	if !exists {
+	if !snap.has(chain) {
 		if err := r.newChain(table, chain); err != nil {
 			return false, err
 		}
 	}
 	jump := jumpRule(chain)
-	ok, err := r.t.Exists(table, builtin, jump...)
-	if err != nil {
-		return false, fmt.Errorf("look for the jump from %s/%s to %s: %w", table, builtin, chain, err)
-	}
-	if !ok {
+	if !slices.ContainsFunc(snap.rules[builtin], func(x rule) bool { return x.key() == jump.key() }) {
 		if err := r.do(table, builtin, op{kind: opInsert, pos: 1, rule: jump}); err != nil {
 			return false, err
 		}
@@ -242,7 +230,12 @@ func (r *reconciler) filter(filters []render.Filter) {
 		}
 		want = append(want, service{name: f.Service, jump: jump, chain: serviceChain(f.Service), rules: rules})
 	}
-	ok, err := r.base(tableFilter, "INPUT", chainFilter, len(names) > 0)
+	snap, err := r.read(tableFilter)
+	if err != nil {
+		r.failAll(names, err)
+		return
+	}
+	ok, err := r.base(snap, tableFilter, "INPUT", chainFilter, len(names) > 0)
 	if err != nil {
 		r.failAll(names, err)
 		return
@@ -250,28 +243,18 @@ func (r *reconciler) filter(filters []render.Filter) {
 	if !ok {
 		return
 	}
-	chains, err := r.t.ListChains(tableFilter)
-	if err != nil {
-		r.failAll(names, fmt.Errorf("list chains of table %s: %w", tableFilter, err))
-		return
-	}
 	// First the per-service chains, complete before anything jumps to
 	// them.
 	var jumps []rule
 	for _, s := range want {
-		var current []rule
-		if !slices.Contains(chains, s.chain) {
+		if !snap.has(s.chain) {
 			if err := r.newChain(tableFilter, s.chain); err != nil {
 				r.fail(s.name, err)
 				failed[s.name] = true
 				continue
 			}
-		} else if current, err = r.list(tableFilter, s.chain); err != nil {
-			r.fail(s.name, err)
-			failed[s.name] = true
-			continue
 		}
-		for _, o := range diffOrdered(current, s.rules) {
+		for _, o := range diffOrdered(snap.rules[s.chain], s.rules) {
 			if err := r.do(tableFilter, s.chain, o); err != nil {
 				r.fail(s.name, err)
 				failed[s.name] = true
@@ -284,32 +267,22 @@ func (r *reconciler) filter(filters []render.Filter) {
 	}
 	// Then the jumps: order does not matter, each matches its own
 	// VIP:port/protocol.
-	current, err := r.list(tableFilter, chainFilter)
-	if err != nil {
-		r.failAll(names, err)
-		return
-	}
-	for _, o := range diffSet(current, jumps, func(x rule) bool { return failed[x.service()] }) {
+	for _, o := range diffSet(snap.rules[chainFilter], jumps, func(x rule) bool { return failed[x.service()] }) {
 		if err := r.do(tableFilter, chainFilter, o); err != nil {
 			r.fail(o.rule.service(), err)
 		}
 	}
 	// Last, the per-service chains of services gone: empty, then delete.
-	for _, c := range chains {
+	for _, c := range snap.chains {
 		if !strings.HasPrefix(c, serviceChainPrefix) || ours[c] {
 			continue
 		}
-		r.dropChain(tableFilter, c)
+		r.dropChain(tableFilter, c, snap.rules[c])
 	}
 }
 
 // dropChain empties and deletes a per-service chain nothing wants.
-func (r *reconciler) dropChain(table, chain string) {
-	rules, err := r.list(table, chain)
-	if err != nil {
-		r.fail("", err)
-		return
-	}
+func (r *reconciler) dropChain(table, chain string, rules []rule) {
 	owner := ""
 	for _, x := range rules {
 		if owner == "" {
@@ -349,7 +322,12 @@ func (r *reconciler) nat(filters []render.Filter) {
 		}
 		want = append(want, rules...)
 	}
-	ok, err := r.base(tableNAT, "POSTROUTING", chainNAT, len(names) > 0)
+	snap, err := r.read(tableNAT)
+	if err != nil {
+		r.failAll(names, err)
+		return
+	}
+	ok, err := r.base(snap, tableNAT, "POSTROUTING", chainNAT, len(names) > 0)
 	if err != nil {
 		r.failAll(names, err)
 		return
@@ -357,12 +335,7 @@ func (r *reconciler) nat(filters []render.Filter) {
 	if !ok {
 		return
 	}
-	current, err := r.list(tableNAT, chainNAT)
-	if err != nil {
-		r.failAll(names, err)
-		return
-	}
-	for _, o := range diffSet(current, want, func(x rule) bool { return failed[x.service()] }) {
+	for _, o := range diffSet(snap.rules[chainNAT], want, func(x rule) bool { return failed[x.service()] }) {
 		if err := r.do(tableNAT, chainNAT, o); err != nil {
 			r.fail(o.rule.service(), err)
 		}

@@ -169,7 +169,7 @@ func TestAllowEveryoneWritesNothing(t *testing.T) {
 	if f.writes() != 0 {
 		t.Errorf("%d writes for services that need no rules", f.writes())
 	}
-	if ok, _ := f.v4.ChainExists("filter", chainFilter); ok {
+	if f.v4.hasChain("filter", chainFilter) {
 		t.Error("SWITCHMAN-FILTER created with nothing to filter")
 	}
 }
@@ -195,7 +195,7 @@ func TestRemovalCleansUp(t *testing.T) {
 	equalLines(t, "OTHER", f.v4.dump("filter", "OTHER"), []string{"-j DROP"})
 	equalLines(t, chainFilter, f.v4.dump("filter", chainFilter),
 		[]string{"-d 192.0.2.11/32 -p tcp -m tcp --dport 443 -m comment --comment switchman:api -j " + serviceChain("api")})
-	if ok, _ := f.v4.ChainExists("filter", serviceChain("web")); ok {
+	if f.v4.hasChain("filter", serviceChain("web")) {
 		t.Error("web's chain survived its removal")
 	}
 	equalLines(t, chainNAT, f.v4.dump("nat", chainNAT), nil)

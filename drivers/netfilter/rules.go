@@ -134,27 +134,44 @@ func masqueradeRules(f render.Filter) ([]rule, error) {
 	return out, nil
 }
 
-// parseRules reads the rules of chain from iptables -S output lines,
-// skipping the -N/-P lines.
-func parseRules(chain string, lines []string) ([]rule, error) {
-	var out []rule
+// snapshot is one table as iptables -t TABLE -S prints it.
+type snapshot struct {
+	chains []string          // every chain, built-in ones included, in listed order
+	rules  map[string][]rule // chain -> rules, in order
+}
+
+func (s snapshot) has(chain string) bool { return slices.Contains(s.chains, chain) }
+
+// parseTable reads iptables -S output: -P and -N lines name chains, -A
+// lines are rules.
+func parseTable(lines []string) (snapshot, error) {
+	s := snapshot{rules: map[string][]rule{}}
 	for _, line := range lines {
 		if strings.TrimSpace(line) == "" {
 			continue
 		}
 		words, err := splitWords(line)
 		if err != nil {
-			return nil, err
+			return snapshot{}, err
 		}
-		if len(words) < 2 || words[0] != "-A" {
-			continue
+		if len(words) < 2 {
+			return snapshot{}, fmt.Errorf("unexpected line %q", line)
 		}
-		if words[1] != chain {
-			return nil, fmt.Errorf("listing chain %s gave a rule of chain %s: %q", chain, words[1], line)
+		switch words[0] {
+		case "-P", "-N":
+			if !s.has(words[1]) {
+				s.chains = append(s.chains, words[1])
+			}
+		case "-A":
+			if !s.has(words[1]) {
+				return snapshot{}, fmt.Errorf("rule of an unlisted chain: %q", line)
+			}
+			s.rules[words[1]] = append(s.rules[words[1]], rule(words[2:]))
+		default:
+			return snapshot{}, fmt.Errorf("unexpected line %q", line)
 		}
-		out = append(out, rule(words[2:]))
 	}
-	return out, nil
+	return s, nil
 }
 
 // splitWords splits an iptables -S line into words the way a shell would:

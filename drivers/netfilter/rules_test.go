@@ -120,40 +120,53 @@ func TestDiffSet(t *testing.T) {
 	}
 }
 
-func TestParseRules(t *testing.T) {
+func TestParseTable(t *testing.T) {
 	lines := []string{
+		"-P INPUT ACCEPT",
 		"-N SWITCHMAN-FILTER",
+		"-N SWITCHMAN-S-ABC",
+		`-A INPUT -m comment --comment "switchman" -j SWITCHMAN-FILTER`,
 		`-A SWITCHMAN-FILTER -d 192.0.2.10/32 -p tcp -m tcp --dport 443 -m comment --comment "switchman:web" -j SWITCHMAN-S-ABC`,
 		`-A SWITCHMAN-FILTER -m comment --comment "two words \"q\"" -j DROP`,
 		"",
 	}
-	got, err := parseRules("SWITCHMAN-FILTER", lines)
+	got, err := parseTable(lines)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if want := []string{"INPUT", "SWITCHMAN-FILTER", "SWITCHMAN-S-ABC"}; !slices.Equal(got.chains, want) {
+		t.Errorf("chains %v, want %v", got.chains, want)
 	}
 	want := []string{
 		"-d 192.0.2.10/32 -p tcp -m tcp --dport 443 -m comment --comment switchman:web -j SWITCHMAN-S-ABC",
 		`-m comment --comment two words "q" -j DROP`,
 	}
-	if len(got) != len(want) {
-		t.Fatalf("got %d rules %v", len(got), got)
+	rules := got.rules["SWITCHMAN-FILTER"]
+	if len(rules) != len(want) {
+		t.Fatalf("got %d rules %v", len(rules), rules)
 	}
 	for i := range want {
-		if got[i].String() != want[i] {
-			t.Errorf("rule %d: %q, want %q", i, got[i].String(), want[i])
+		if rules[i].String() != want[i] {
+			t.Errorf("rule %d: %q, want %q", i, rules[i].String(), want[i])
 		}
 	}
-	if got[1][3] != `two words "q"` {
-		t.Errorf("quoted word split wrong: %q", got[1])
+	if rules[1][3] != `two words "q"` {
+		t.Errorf("quoted word split wrong: %q", rules[1])
 	}
-	if s := got[0].service(); s != "web" {
+	if s := rules[0].service(); s != "web" {
 		t.Errorf("service %q, want web", s)
 	}
-	if _, err := parseRules("X", []string{`-A X -m comment --comment "open`}); err == nil {
-		t.Error("unbalanced quote accepted")
+	if s := got.rules["INPUT"][0].service(); s != "" {
+		t.Errorf("base jump attributed to %q", s)
 	}
-	if _, err := parseRules("X", []string{"-A Y -j DROP"}); err == nil {
-		t.Error("rule of another chain accepted")
+	for _, bad := range [][]string{
+		{"-N X", `-A X -m comment --comment "open`},
+		{"-A Y -j DROP"},
+		{"-Z X"},
+	} {
+		if _, err := parseTable(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
 	}
 }
 
