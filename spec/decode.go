@@ -3,11 +3,14 @@ package spec
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"reflect"
 	"sort"
 	"strings"
 
+	yamlv2 "go.yaml.in/yaml/v2"
 	"sigs.k8s.io/yaml"
 )
 
@@ -30,6 +33,9 @@ func decodeStrict(data []byte, out any) Errors {
 	if err != nil {
 		return Errors{fieldErr("", "not valid JSON or YAML: %v", err)}
 	}
+	if err := singleDocument(data); err != nil {
+		return Errors{fieldErr("", "%v", err)}
+	}
 	dec := json.NewDecoder(bytes.NewReader(js))
 	dec.UseNumber()
 	var generic any
@@ -42,6 +48,28 @@ func decodeStrict(data []byte, out any) Errors {
 	var errs Errors
 	assign("", generic, reflect.ValueOf(out).Elem(), &errs)
 	return errs
+}
+
+// singleDocument checks that nothing follows the first YAML document (or
+// JSON value) but empty documents: YAMLToJSON reads the first one and drops
+// the rest without a word, so a second definition or stray text pasted into
+// the same value would be silently ignored.
+func singleDocument(data []byte) error {
+	dec := yamlv2.NewDecoder(bytes.NewReader(data))
+	for n := 0; ; n++ {
+		var doc any
+		err := dec.Decode(&doc)
+		switch {
+		case errors.Is(err, io.EOF):
+			return nil
+		case err != nil && n == 0:
+			return fmt.Errorf("not valid JSON or YAML: %w", err)
+		case err != nil:
+			return fmt.Errorf("unexpected text after the definition: %w", err)
+		case n > 0 && doc != nil:
+			return errors.New("holds more than one document; a value is one definition")
+		}
+	}
 }
 
 // assign stores the generic JSON value v into dst, recording every problem.
