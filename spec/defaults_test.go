@@ -166,6 +166,16 @@ func TestParseAccepts(t *testing.T) {
 				t.Errorf("driver %s tls %v", s.Driver, s.TLS)
 			}
 		}},
+		{"document markers and an empty trailing document", "---\n" + minimal + "---\n# nothing here\n", func(t *testing.T, s *Service) {
+			if s.Port != 80 {
+				t.Errorf("port = %d", s.Port)
+			}
+		}},
+		{"windows line ends and a byte-order mark", "\ufeffvip: 192.0.2.10\r\nport: 80\r\n", func(t *testing.T, s *Service) {
+			if s.VIP.String() != "192.0.2.10" {
+				t.Errorf("vip = %s", s.VIP)
+			}
+		}},
 		{"no static backends", "vip: 192.0.2.10\nport: 80\n", func(t *testing.T, s *Service) {
 			if len(s.Backends) != 0 {
 				t.Errorf("backends = %v", s.Backends)

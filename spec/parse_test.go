@@ -65,6 +65,8 @@ func TestParseRejects(t *testing.T) {
 		{name: "duplicate key", doc: minimal + "vip: 192.0.2.11\n", path: "", msg: []string{`"vip"`, "already set"}},
 		{name: "duplicate key in json", doc: `{"vip": "192.0.2.10", "port": 80, "port": 81}`, path: "", msg: []string{`"port"`, "already set"}},
 		{name: "duplicate nested key", doc: "vip: 192.0.2.10\nport: 80\nbackends:\n  - address: 10.0.0.1\n    address: 10.0.0.2\n", path: "", msg: []string{`"address"`, "already set"}},
+		{name: "second yaml document", doc: minimal + "---\nvip: 192.0.2.11\nport: 81\n", path: "", msg: []string{"more than one document"}},
+		{name: "second json value", doc: `{"vip": "192.0.2.10", "port": 80} {"bogus": 1}`, path: "", msg: []string{"after the definition"}},
 		{name: "oversized", doc: minimal + "#" + strings.Repeat("x", maxDefinitionSize), path: "", msg: []string{"more than the limit"}},
 		{name: "unknown top-level field", doc: minimal + "bogus: 1\n", path: "bogus", msg: []string{"unknown field", "vip"}},
 		{name: "unknown health field", doc: minimal + "health:\n  intervl: 2s\n", path: "health.intervl", msg: []string{"unknown field", "interval"}},
