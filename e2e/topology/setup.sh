@@ -1,0 +1,137 @@
+#!/bin/sh
+# Lab topology: the load balancer is the ROOT network namespace; the backends
+# be1, be2, be3 and the client each live in their own namespace, connected to
+# the root by veth pairs. Addresses are in e2e/topology/README.md.
+#
+#   setup.sh          build the topology (tears down an old one first)
+#   setup.sh down     remove it
+#
+# POSIX sh: runs under busybox in the QEMU lab and under bash/dash on a host.
+# /sbin/ip is called by full path because busybox's own `ip` applet has no
+# netns support. Nothing here sends traffic anywhere but between namespaces.
+set -eu
+
+IP=${IP:-/sbin/ip}
+BACKENDS=${LAB_BACKENDS:-"be1 be2 be3"}
+RUNDIR=${LAB_RUNDIR:-/run/labserver}
+TCP_PORTS=${LAB_TCP_PORTS:-80,8080,8443}
+UDP_PORTS=${LAB_UDP_PORTS:-53,5353}
+BRIDGE=brbe
+
+log() { echo "topology: $*"; }
+
+# labserver: the Go backend server (e2e/topology/labserver), when present.
+LABSERVER=${LABSERVER:-}
+if [ -z "$LABSERVER" ]; then
+	for c in /bin/labserver /usr/local/bin/labserver; do
+		if [ -x "$c" ]; then LABSERVER=$c; break; fi
+	done
+fi
+
+# nsexec NS CMD...: run CMD in namespace NS.
+nsexec() { ns=$1; shift; "$IP" netns exec "$ns" "$@"; }
+
+# sysctl_set NS KEY VALUE: write /proc/sys/KEY (dots -> slashes) in NS ("-" = here).
+sysctl_set() {
+	f=/proc/sys/$(echo "$2" | tr . /)
+	if [ "$1" = - ]; then echo "$3" >"$f"; else nsexec "$1" sh -c "echo $3 > $f"; fi
+}
+
+teardown() {
+	for ns in $BACKENDS client; do
+		if [ -f "$RUNDIR/$ns.pid" ]; then
+			kill "$(cat "$RUNDIR/$ns.pid")" 2>/dev/null || true
+			rm -f "$RUNDIR/$ns.pid"
+		fi
+		if [ -e "/run/netns/$ns" ]; then "$IP" netns del "$ns"; fi
+	done
+	"$IP" link del "$BRIDGE" 2>/dev/null || true
+	"$IP" link del vclient 2>/dev/null || true
+}
+
+# wait_listen NS PORT: poll until something in NS listens on TCP PORT (30 s).
+wait_listen() {
+	hex=$(printf ':%04X ' "$2")
+	i=0
+	while [ $i -lt 300 ]; do
+		# state 0A is LISTEN
+		if nsexec "$1" cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | grep -q "$hex[0-9A-F:]* 0A "; then
+			return 0
+		fi
+		i=$((i + 1))
+		sleep 0.1
+	done
+	log "nothing listens on TCP $2 in $1 after 30 s" >&2
+	return 1
+}
+
+start_server() {
+	ns=$1
+	mkdir -p "$RUNDIR"
+	if [ -n "$LABSERVER" ]; then
+		"$IP" netns exec "$ns" "$LABSERVER" -name "$ns" -tcp "$TCP_PORTS" -udp "$UDP_PORTS" \
+			-down-file "$RUNDIR/$ns.down" >"$RUNDIR/$ns.log" 2>&1 &
+		echo $! >"$RUNDIR/$ns.pid"
+	else
+		# Fallback for hosts without labserver: busybox httpd on port 80 only.
+		mkdir -p "$RUNDIR/www-$ns"
+		echo "$ns" >"$RUNDIR/www-$ns/index.html"
+		echo ok >"$RUNDIR/www-$ns/healthz"
+		"$IP" netns exec "$ns" busybox httpd -f -p 80 -h "$RUNDIR/www-$ns" >"$RUNDIR/$ns.log" 2>&1 &
+		echo $! >"$RUNDIR/$ns.pid"
+		log "labserver not found: $ns serves HTTP on 80 with busybox httpd, no UDP"
+	fi
+}
+
+if [ "${1:-}" = down ]; then
+	teardown
+	exit 0
+fi
+
+teardown
+
+# The load balancer (root namespace) routes between the segments.
+sysctl_set - net.ipv4.ip_forward 1
+sysctl_set - net.ipv6.conf.all.forwarding 1
+"$IP" link set lo up
+
+# Backend segment: one bridge in the root namespace, one veth per backend.
+"$IP" link add "$BRIDGE" type bridge forward_delay 0
+"$IP" addr add 10.10.0.1/24 dev "$BRIDGE"
+"$IP" addr add fd00:10::1/64 dev "$BRIDGE" nodad
+"$IP" link set "$BRIDGE" up
+
+n=0
+for ns in $BACKENDS; do
+	n=$((n + 1))
+	host=$((10 + n))
+	"$IP" netns add "$ns"
+	"$IP" -n "$ns" link set lo up
+	"$IP" link add "v$ns" type veth peer name eth0 netns "$ns"
+	"$IP" link set "v$ns" master "$BRIDGE" up
+	"$IP" -n "$ns" addr add "10.10.0.$host/24" dev eth0
+	"$IP" -n "$ns" addr add "fd00:10::$host/64" dev eth0 nodad
+	"$IP" -n "$ns" link set eth0 up
+	# NAT mode: replies must come back through the load balancer.
+	"$IP" -n "$ns" route add default via 10.10.0.1
+	"$IP" -n "$ns" -6 route add default via fd00:10::1
+	start_server "$ns"
+done
+
+# Client segment.
+"$IP" netns add client
+"$IP" -n client link set lo up
+"$IP" link add vclient type veth peer name eth0 netns client
+"$IP" addr add 10.20.0.1/24 dev vclient
+"$IP" addr add fd00:20::1/64 dev vclient nodad
+"$IP" link set vclient up
+"$IP" -n client addr add 10.20.0.2/24 dev eth0
+"$IP" -n client addr add fd00:20::2/64 dev eth0 nodad
+"$IP" -n client link set eth0 up
+"$IP" -n client route add default via 10.20.0.1
+"$IP" -n client -6 route add default via fd00:20::1
+
+for ns in $BACKENDS; do
+	wait_listen "$ns" 80
+done
+log "ready: backends $BACKENDS on 10.10.0.0/24, client 10.20.0.2, VIPs 192.0.2.0/24 via the root namespace"
