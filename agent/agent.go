@@ -82,6 +82,9 @@ type Agent struct {
 	opts    Options
 	eval    *evaluator
 	drain   *drainer
+	// logged is each service's last logged error, so a failure retried
+	// every pass is logged once until it changes.
+	logged map[string]string
 }
 
 // New returns an agent. health and metrics may be nil.
@@ -99,7 +102,7 @@ func New(log *slog.Logger, src Source, drivers []Driver, status StatusSink, heal
 		opts.Now = time.Now
 	}
 	return &Agent{log: log, src: src, drivers: drivers, status: status, health: health, metrics: metrics, opts: opts,
-		eval: newEvaluator(opts.Prefix, opts.VIPCIDRs), drain: newDrainer()}
+		eval: newEvaluator(opts.Prefix, opts.VIPCIDRs), drain: newDrainer(), logged: map[string]string{}}
 }
 
 // Run reconciles until ctx is done. It does nothing until the source has
@@ -241,14 +244,20 @@ func (a *Agent) reconcile(ctx context.Context) passResult {
 		if st.State == watcher.StateApplied {
 			maxRev = max(maxRev, v.revision)
 		}
-		if st.State != watcher.StateApplied {
+		if st.State != watcher.StateApplied && a.logged[name] != st.Error {
 			a.log.Warn("service not applied", "service", name, "state", st.State, "error", st.Error)
 		}
+		a.logged[name] = st.Error
 		counts[st.State]++
 		if st.FailingOpen {
 			counts["failing_open"]++
 		}
 		statuses[name] = st
+	}
+	for name := range a.logged {
+		if _, ok := verdicts[name]; !ok {
+			delete(a.logged, name)
+		}
 	}
 	if a.status != nil {
 		a.status.Publish(statuses)

@@ -9,6 +9,12 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/switchman-lb/switchman/agent"
+	"github.com/switchman-lb/switchman/drivers/ipvs"
+	"github.com/switchman-lb/switchman/drivers/netfilter"
+	"github.com/switchman-lb/switchman/drivers/vip"
+	"github.com/switchman-lb/switchman/health"
+	"github.com/switchman-lb/switchman/render"
+	"github.com/switchman-lb/switchman/spec"
 )
 
 // driverSet is what buildDrivers made: the drivers in apply order, the
@@ -34,18 +40,96 @@ func (s *driverSet) close() {
 	}
 }
 
-func driverFlags() []cli.Flag { return nil }
+func driverFlags() []cli.Flag {
+	return append([]cli.Flag{
+		&cli.StringFlag{Name: "vip-interface", Value: vip.DefaultInterface, Usage: "dummy interface that holds the VIPs", EnvVars: env("vip-interface")},
+		&cli.IntFlag{Name: "health-concurrency", Value: health.DefaultMaxConcurrent, Usage: "health checks running at once at most", EnvVars: env("health-concurrency")},
+	}, haproxyFlags()...)
+}
 
+// buildDrivers makes the drivers named by --drivers, in the order that
+// works: VIPs first (HAProxy binds to them), then IPVS, netfilter, HAProxy.
 func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg prometheus.Registerer, dataDir string) (*driverSet, error) {
 	set := &driverSet{runners: map[string]func(context.Context) error{}}
+	want := map[string]bool{}
 	for _, name := range c.StringSlice("drivers") {
 		switch name {
 		case "none":
 		case "ipvs", "vip", "netfilter", "haproxy":
-			log.Warn("driver not built yet", "driver", name)
+			want[name] = true
 		default:
 			return nil, fmt.Errorf("--drivers: %q is not one of ipvs, vip, netfilter, haproxy, none", name)
 		}
 	}
+	if want["vip"] {
+		links := vip.NewNetlink("")
+		set.closers = append(set.closers, links.Close)
+		d, err := vip.New(vip.Config{Links: links, Interface: c.String("vip-interface"), Logger: log.With("driver", "vip")})
+		if err != nil {
+			return nil, err
+		}
+		set.drivers = append(set.drivers, d)
+	}
+	if want["ipvs"] {
+		kernel := ipvs.NewNetlink("")
+		set.closers = append(set.closers, kernel.Close)
+		d, err := ipvs.New(ipvs.Config{Kernel: kernel, DataDir: dataDir, Logger: log.With("driver", "ipvs")})
+		if err != nil {
+			return nil, err
+		}
+		set.drivers = append(set.drivers, d)
+	}
+	if want["netfilter"] {
+		set.drivers = append(set.drivers, netfilter.New(log.With("driver", "netfilter")))
+	}
+	if want["haproxy"] {
+		d, run, closeFn, err := newHAProxy(c, log.With("driver", "haproxy"), dataDir)
+		if err != nil {
+			return nil, err
+		}
+		set.drivers = append(set.drivers, d)
+		if run != nil {
+			set.runners["haproxy"] = run
+		}
+		if closeFn != nil {
+			set.closers = append(set.closers, closeFn)
+		}
+	}
+	sched := health.New(health.Options{Logger: log.With("component", "health"), Registerer: reg, MaxConcurrent: c.Int("health-concurrency")})
+	set.health = healthView{sched}
+	set.runners["health"] = sched.Run
 	return set, nil
 }
+
+// healthView adapts the health scheduler to the loop: it turns services
+// into check targets and the scheduler's states into the render view.
+type healthView struct{ s *health.Scheduler }
+
+// SetServices checks every backend of every service whose health protocol
+// is not none.
+func (h healthView) SetServices(services []*spec.Service) {
+	var targets []health.Target
+	for _, svc := range services {
+		if svc.Health.Protocol == spec.HealthNone {
+			continue
+		}
+		for _, b := range svc.Backends {
+			targets = append(targets, health.Target{Service: svc.Name, Addr: b.AddrPort(), Health: svc.Health})
+		}
+	}
+	h.s.Update(targets)
+}
+
+// View reports every checked backend; one still pending counts as down
+// unless it was healthy before its settings changed.
+func (h healthView) View() map[render.BackendRef]agent.BackendHealth {
+	snap := h.s.Snapshot()
+	out := make(map[render.BackendRef]agent.BackendHealth, len(snap))
+	for k, st := range snap {
+		out[render.BackendRef{Service: k.Service, Addr: k.Addr}] = agent.BackendHealth{Healthy: st.Healthy, LastError: st.LastError, LastTransition: st.LastTransition}
+	}
+	return out
+}
+
+func (h healthView) Changed() <-chan struct{}              { return h.s.Changed() }
+func (h healthView) WaitSettled(ctx context.Context) error { return h.s.WaitSettled(ctx) }
