@@ -78,6 +78,11 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 			return nil, err
 		}
 		set.drivers = append(set.drivers, d)
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name:        "switchman_dataplane_writes_total",
+			Help:        "Changes the driver made to its data plane since the agent started.",
+			ConstLabels: prometheus.Labels{"driver": "ipvs"},
+		}, func() float64 { return float64(d.Writes()) }))
 	}
 	if want["netfilter"] {
 		set.drivers = append(set.drivers, netfilter.New(log.With("driver", "netfilter")))
