@@ -1,0 +1,467 @@
+package haproxy
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/big"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/switchman-lb/switchman/render"
+	"github.com/switchman-lb/switchman/spec"
+)
+
+func requireHAProxy(t testing.TB) {
+	t.Helper()
+	if _, err := exec.LookPath("haproxy"); err != nil {
+		t.Skip("haproxy is not installed (apt-get install haproxy): skipping the real-HAProxy test")
+	}
+}
+
+// makeCert returns a self-signed certificate and key as PEM, with cn as
+// its subject, and the certificate's serial.
+func makeCert(t testing.TB, cn string) ([]byte, *big.Int) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	serial, _ := rand.Int(rand.Reader, big.NewInt(1<<62))
+	tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{CommonName: cn},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	return append(out, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder})...), serial
+}
+
+// nameServer is a TCP backend that answers every connection with its name.
+type nameServer struct {
+	name string
+	ln   net.Listener
+	wg   sync.WaitGroup
+}
+
+func startNameServer(t testing.TB, name string) *nameServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := &nameServer{name: name, ln: ln}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				_, _ = io.WriteString(c, name+"\n")
+			}()
+		}
+	}()
+	t.Cleanup(s.stop)
+	return s
+}
+
+func (s *nameServer) stop() { s.ln.Close(); s.wg.Wait() }
+
+func (s *nameServer) server(weight int) render.HAProxyServer {
+	ap := netip.MustParseAddrPort(s.ln.Addr().String())
+	return render.HAProxyServer{Name: render.ServerName(ap.Addr(), ap.Port()), Address: ap.Addr(), Port: ap.Port(), Weight: weight}
+}
+
+// freeVIP picks a loopback address in 127.77.0.0/24 and a free port on it.
+func freeVIP(t testing.TB) netip.AddrPort {
+	t.Helper()
+	for i := 0; i < 20; i++ {
+		n, _ := rand.Int(rand.Reader, big.NewInt(250))
+		a := netip.AddrFrom4([4]byte{127, 77, 0, byte(n.Int64() + 2)})
+		ln, err := net.Listen("tcp", netip.AddrPortFrom(a, 0).String())
+		if err != nil {
+			continue
+		}
+		ap := netip.MustParseAddrPort(ln.Addr().String())
+		ln.Close()
+		return ap
+	}
+	t.Fatal("no free port on 127.77.0.0/24")
+	return netip.AddrPort{}
+}
+
+// shortDir is a temporary directory with a short path: Unix socket paths
+// are limited to 108 bytes.
+func shortDir(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "swhx")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
+// ask makes one TLS (or plain) connection and returns the backend's name
+// and the certificate serial the client saw.
+func ask(vip netip.AddrPort, useTLS bool) (string, *big.Int, error) {
+	d := net.Dialer{Timeout: 2 * time.Second}
+	raw, err := d.Dial("tcp", vip.String())
+	if err != nil {
+		return "", nil, err
+	}
+	defer raw.Close()
+	_ = raw.SetDeadline(time.Now().Add(3 * time.Second))
+	var c net.Conn = raw
+	var serial *big.Int
+	if useTLS {
+		tc := tls.Client(raw, &tls.Config{InsecureSkipVerify: true}) // self-signed test certificate, checked by serial below
+		if err := tc.Handshake(); err != nil {
+			return "", nil, err
+		}
+		serial = tc.ConnectionState().PeerCertificates[0].SerialNumber
+		c = tc
+	}
+	b, err := io.ReadAll(c)
+	if err != nil && len(b) == 0 {
+		return "", serial, err
+	}
+	name := strings.TrimSpace(string(b))
+	if name == "" {
+		return "", serial, fmt.Errorf("empty answer")
+	}
+	return name, serial, nil
+}
+
+// clientLoop makes connections one after another until stopped, counting
+// failures and answers per backend.
+type clientLoop struct {
+	vip    netip.AddrPort
+	tls    bool
+	stopC  chan struct{}
+	done   chan struct{}
+	mu     sync.Mutex
+	hits   map[string]int
+	last   []string // the most recent answers
+	serial *big.Int
+	fails  []error
+	total  atomic.Int64
+	once   sync.Once
+}
+
+func startClients(vip netip.AddrPort, useTLS bool) *clientLoop {
+	c := &clientLoop{vip: vip, tls: useTLS, stopC: make(chan struct{}), done: make(chan struct{}), hits: map[string]int{}}
+	go func() {
+		defer close(c.done)
+		for {
+			select {
+			case <-c.stopC:
+				return
+			default:
+			}
+			name, serial, err := ask(vip, useTLS)
+			c.total.Add(1)
+			c.mu.Lock()
+			if err != nil {
+				c.fails = append(c.fails, err)
+			} else {
+				c.hits[name]++
+				c.last = append(c.last, name)
+				if len(c.last) > 20 {
+					c.last = c.last[1:]
+				}
+				c.serial = serial
+			}
+			c.mu.Unlock()
+		}
+	}()
+	return c
+}
+
+func (c *clientLoop) stop() { c.once.Do(func() { close(c.stopC) }); <-c.done }
+
+// waitFor polls cond until it holds, failing the test after a generous
+// deadline.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// recent reports whether the last n answers satisfy pred.
+func (c *clientLoop) recent(n int, pred func(name string) bool) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.last) < n {
+		return false
+	}
+	for _, name := range c.last[len(c.last)-n:] {
+		if !pred(name) {
+			return false
+		}
+	}
+	return true
+}
+
+func (c *clientLoop) resetRecent() {
+	c.mu.Lock()
+	c.last = nil
+	c.mu.Unlock()
+}
+
+func workerPIDs(t testing.TB, d *Driver) string {
+	t.Helper()
+	p := d.proc.(*execProcess)
+	ws, err := p.showProc(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprint(ws)
+}
+
+func newRealDriver(t testing.TB, dir string) *Driver {
+	t.Helper()
+	d, err := New(Options{Dir: dir, RemoveWait: 2 * time.Second, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(d.Close)
+	return d
+}
+
+func apply(t testing.TB, d *Driver, svcs ...render.HAProxyService) map[string]error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	return d.Apply(ctx, &render.State{HAProxy: svcs})
+}
+
+func TestRealHAProxyPoolChangesWithoutReload(t *testing.T) {
+	requireHAProxy(t)
+	dir := shortDir(t)
+	d := newRealDriver(t, dir)
+	vip := freeVIP(t)
+	certA, serialA := makeCert(t, "a.test")
+	b1, b2, b3 := startNameServer(t, "b1"), startNameServer(t, "b2"), startNameServer(t, "b3")
+	svc := render.HAProxyService{Name: "web", Bind: vip, CertificateKey: "/switchman/certs/web", CertificatePEM: certA,
+		Scheduler: spec.RoundRobin, Servers: []render.HAProxyServer{b1.server(1), b2.server(1)}}
+	if errs := apply(t, d, svc); len(errs) > 0 {
+		t.Fatalf("apply: %v", errs)
+	}
+	info, err := os.Stat(dir + "/certs/web.pem")
+	if err != nil || info.Mode().Perm() != 0o600 {
+		t.Fatalf("certificate file: %v %v", info, err)
+	}
+
+	c := startClients(vip, true)
+	defer c.stop()
+	waitFor(t, "both backends answer", func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.hits["b1"] > 0 && c.hits["b2"] > 0
+	})
+	c.mu.Lock()
+	if c.serial.Cmp(serialA) != 0 {
+		t.Errorf("client saw certificate %v, want %v", c.serial, serialA)
+	}
+	c.mu.Unlock()
+	pids := workerPIDs(t, d)
+
+	step := func(what string, servers []render.HAProxyServer, until func(string) bool) {
+		t.Helper()
+		svc.Servers = servers
+		if errs := apply(t, d, svc); len(errs) > 0 {
+			t.Fatalf("%s: %v", what, errs)
+		}
+		c.resetRecent()
+		waitFor(t, what, func() bool { return c.recent(12, until) })
+	}
+	// Add b3.
+	step("b3 added", []render.HAProxyServer{b1.server(1), b2.server(1), b3.server(1)}, func(string) bool { return true })
+	waitFor(t, "b3 answers", func() bool { c.mu.Lock(); defer c.mu.Unlock(); return c.hits["b3"] > 0 })
+	// b2 fails: the health checker sets its weight to 0, then it dies.
+	step("b2 at weight 0", []render.HAProxyServer{b1.server(1), b2.server(0), b3.server(1)}, func(n string) bool { return n != "b2" })
+	b2.stop()
+	// Reweight: b3 gets almost everything.
+	step("b3 weighted up", []render.HAProxyServer{b1.server(1), b2.server(0), b3.server(100)}, func(string) bool { return true })
+	// Remove b1 and b2.
+	step("b1 and b2 removed", []render.HAProxyServer{b3.server(100)}, func(n string) bool { return n == "b3" })
+	b1.stop()
+
+	st, err := d.rt.ServersState(context.Background(), "be_web")
+	if err != nil || len(st) != 1 || st[0].Weight != 100 || st[0].Maint {
+		t.Errorf("servers after changes: %+v, %v", st, err)
+	}
+
+	// Certificate change: hot-swapped, no reload.
+	certB, serialB := makeCert(t, "b.test")
+	svc.CertificatePEM = certB
+	if errs := apply(t, d, svc); len(errs) > 0 {
+		t.Fatalf("certificate change: %v", errs)
+	}
+	waitFor(t, "the new certificate is served", func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.serial.Cmp(serialB) == 0
+	})
+	if got, _ := os.ReadFile(dir + "/certs/web.pem"); !bytes.Contains(got, bytes.Split(certB, []byte("\n"))[1]) {
+		t.Error("certificate file on disk not updated")
+	}
+
+	// Hostile definitions: refused by spec.Parse, and by the driver.
+	for _, raw := range []string{
+		"vip: 127.77.0.9\nport: 443\ntls:\n  certificate: \"/etc/a.pem\\n    server evil 192.0.2.1:80\"\nbackends: [{address: 127.0.0.1}]\n",
+		"vip: 127.77.0.9\nport: 443\ntls:\n  certificate: \"/etc/a.pem;del server be_web/x\"\nbackends: [{address: 127.0.0.1}]\n",
+		"vip: 127.77.0.9\nport: 443\ntls:\n  certificate_key: \"/k #\"\nbackends: [{address: 127.0.0.1}]\n",
+	} {
+		if _, err := spec.Parse("evil", []byte(raw)); err == nil {
+			t.Errorf("spec.Parse accepted %q", raw)
+		}
+	}
+	evil := render.HAProxyService{Name: "evil\n    server x 192.0.2.1:80", Bind: freeVIP(t), Servers: []render.HAProxyServer{b3.server(1)}}
+	evil2 := render.HAProxyService{Name: "evil2", Bind: freeVIP(t), Certificate: "/tmp/x.pem crt /etc/shadow", Servers: []render.HAProxyServer{b3.server(1)}}
+	evil3 := render.HAProxyService{Name: "evil3", Bind: freeVIP(t), Servers: []render.HAProxyServer{{Name: "s1;shutdown sessions server be_web/x", Address: netip.MustParseAddr("127.0.0.1"), Port: 1, Weight: 1}}}
+	errs := apply(t, d, svc, evil, evil2, evil3)
+	if errs[evil.Name] == nil || errs["evil2"] == nil || errs["evil3"] == nil || errs["web"] != nil {
+		t.Errorf("hostile services: %v", errs)
+	}
+	c.resetRecent()
+	waitFor(t, "web still served", func() bool { return c.recent(5, func(n string) bool { return n == "b3" }) })
+	if cfg, _ := os.ReadFile(dir + "/haproxy.cfg"); strings.Contains(string(cfg), "evil") || strings.Contains(string(cfg), "192.0.2.1") {
+		t.Errorf("hostile values reached haproxy.cfg:\n%s", cfg)
+	}
+
+	if got := d.Reloads(); got != 0 {
+		t.Errorf("%d reloads for pool and certificate changes, want 0", got)
+	}
+	if got := workerPIDs(t, d); got != pids {
+		t.Errorf("worker pids changed from %s to %s: HAProxy was reloaded", pids, got)
+	}
+
+	// A structural change (a second service) reloads once, seamlessly.
+	vip2 := freeVIP(t)
+	plain := render.HAProxyService{Name: "plain", Bind: vip2, Scheduler: spec.LeastConnection, Servers: []render.HAProxyServer{b3.server(1)}}
+	if errs := apply(t, d, plain, svc); len(errs) > 0 {
+		t.Fatalf("structural change: %v", errs)
+	}
+	if got := d.Reloads(); got != 1 {
+		t.Errorf("%d reloads after adding a service, want 1", got)
+	}
+	if name, _, err := ask(vip2, false); err != nil || name != "b3" {
+		t.Errorf("new plain service: %q %v", name, err)
+	}
+	c.resetRecent()
+	waitFor(t, "web served after the reload", func() bool { return c.recent(10, func(n string) bool { return n == "b3" }) })
+	if st, err := d.rt.ServersState(context.Background(), "be_web"); err != nil || len(st) != 1 || st[0].Weight != 100 {
+		t.Errorf("servers after reload: %+v, %v", st, err)
+	}
+
+	c.stop()
+	if len(c.fails) > 0 {
+		t.Errorf("%d of %d requests failed, first: %v", len(c.fails), c.total.Load(), c.fails[0])
+	}
+	t.Logf("%d requests, answers %v", c.total.Load(), c.hits)
+}
+
+// TestRealHAProxyRestartAndAdopt kills HAProxy's master: the driver starts
+// it again from the on-disk config, which holds the runtime-added servers.
+// A second driver on the same directory adopts a running HAProxy without
+// a reload.
+func TestRealHAProxyRestartAndAdopt(t *testing.T) {
+	requireHAProxy(t)
+	dir := shortDir(t)
+	d := newRealDriver(t, dir)
+	vip := freeVIP(t)
+	b1, b2 := startNameServer(t, "b1"), startNameServer(t, "b2")
+	svc := render.HAProxyService{Name: "tcp", Bind: vip, Scheduler: spec.SourceHashing, Servers: []render.HAProxyServer{b1.server(1)}}
+	if errs := apply(t, d, svc); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	svc.Servers = []render.HAProxyServer{b2.server(7)} // runtime change
+	if errs := apply(t, d, svc); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	p := d.proc.(*execProcess)
+	p.mu.Lock()
+	master := p.cmd.Process.Pid
+	p.mu.Unlock()
+	if err := syscallKill(master); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "haproxy restarted", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		return p.cmd != nil && p.cmd.Process.Pid != master && p.Running(context.Background())
+	})
+	waitFor(t, "b2 serves after the restart", func() bool { n, _, err := ask(vip, false); return err == nil && n == "b2" })
+
+	// A second driver (the agent restarted) adopts the running HAProxy.
+	d2, err := New(Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc.Servers = []render.HAProxyServer{b1.server(3), b2.server(7)}
+	if errs := apply(t, d2, svc); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if d2.Reloads() != 0 {
+		t.Errorf("adopting driver reloaded %d times", d2.Reloads())
+	}
+	st, err := d2.rt.ServersState(context.Background(), "be_tcp")
+	if err != nil || len(st) != 2 {
+		t.Fatalf("servers: %+v %v", st, err)
+	}
+	conns, err := d2.Connections(context.Background())
+	if err != nil || len(conns) != 2 {
+		t.Errorf("connections: %v %v", conns, err)
+	}
+}
+
+// TestMissingHAProxyBinary: every HAProxy service gets an error that says
+// what is missing and how to fix it.
+func TestMissingHAProxyBinary(t *testing.T) {
+	d, err := New(Options{Bin: "/nonexistent/haproxy-" + strconv.Itoa(os.Getpid()), Dir: shortDir(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	errs := d.Apply(context.Background(), &render.State{HAProxy: []render.HAProxyService{{Name: "a"}, {Name: "b"}}})
+	for _, n := range []string{"a", "b"} {
+		if errs[n] == nil || !strings.Contains(errs[n].Error(), "apt-get install haproxy") || !strings.Contains(errs[n].Error(), "--haproxy-bin") {
+			t.Errorf("%s: %v", n, errs[n])
+		}
+	}
+}
+
+func syscallKill(pid int) error { return syscall.Kill(pid, syscall.SIGKILL) }

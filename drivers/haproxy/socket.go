@@ -1,0 +1,306 @@
+package haproxy
+
+import (
+	"bytes"
+	"context"
+	"encoding/csv"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/switchman-lb/switchman/render"
+)
+
+// socketRuntime speaks HAProxy's runtime API over its admin Unix socket:
+// one connection per command (HAProxy's non-interactive mode answers and
+// closes), each bounded by a deadline.
+type socketRuntime struct {
+	path    string
+	timeout time.Duration
+}
+
+// newSocketRuntime returns a Runtime over the admin socket at path.
+func newSocketRuntime(path string, timeout time.Duration) *socketRuntime {
+	return &socketRuntime{path: path, timeout: timeout}
+}
+
+// cliExchange sends one command line, an optional payload (the runtime
+// API's `<<` syntax: the command ends with " <<", the payload follows and
+// an empty line ends it) and returns the whole answer. halfClose shuts the
+// write side after sending, which the master CLI needs to answer.
+func cliExchange(ctx context.Context, path string, timeout time.Duration, cmd string, payload []byte, halfClose bool) (string, error) {
+	if strings.ContainsAny(cmd, "\r\n;") {
+		return "", fmt.Errorf("runtime command %q contains a line break or ';'", cmd)
+	}
+	if payload != nil && bytes.Contains(append([]byte{'\n'}, payload...), []byte("\n\n")) {
+		return "", errors.New("runtime payload contains an empty line, which would end it early")
+	}
+	deadline := time.Now().Add(timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	var dialer net.Dialer
+	dctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	conn, err := dialer.DialContext(dctx, "unix", path)
+	if err != nil {
+		return "", fmt.Errorf("runtime API %s: %w", path, err)
+	}
+	defer conn.Close()
+	if err := conn.SetDeadline(deadline); err != nil {
+		return "", err
+	}
+	var msg bytes.Buffer
+	msg.WriteString(cmd)
+	if payload != nil {
+		msg.WriteString(" <<\n")
+		msg.Write(bytes.TrimRight(payload, "\n"))
+		msg.WriteString("\n")
+	}
+	msg.WriteString("\n")
+	if _, err := conn.Write(msg.Bytes()); err != nil {
+		return "", fmt.Errorf("runtime API %s: %q: %w", path, firstWords(cmd), err)
+	}
+	if halfClose {
+		if uc, ok := conn.(*net.UnixConn); ok {
+			if err := uc.CloseWrite(); err != nil {
+				return "", err
+			}
+		}
+	}
+	out, err := io.ReadAll(conn)
+	if err != nil {
+		return "", fmt.Errorf("runtime API %s: %q: %w", path, firstWords(cmd), err)
+	}
+	return string(out), nil
+}
+
+// firstWords keeps errors short: the command without its arguments' tail.
+func firstWords(cmd string) string {
+	f := strings.Fields(cmd)
+	return strings.Join(f[:min(len(f), 4)], " ")
+}
+
+func (r *socketRuntime) do(ctx context.Context, cmd string, payload []byte) (string, error) {
+	return cliExchange(ctx, r.path, r.timeout, cmd, payload, false)
+}
+
+// expect runs cmd and fails unless the trimmed answer starts with want
+// (an empty want: the answer must be empty, HAProxy's silent success).
+func (r *socketRuntime) expect(ctx context.Context, cmd string, payload []byte, want string) error {
+	out, err := r.do(ctx, cmd, payload)
+	if err != nil {
+		return err
+	}
+	got := strings.TrimSpace(out)
+	if (want == "" && got != "") || !strings.HasPrefix(got, want) {
+		return fmt.Errorf("haproxy refused %q: %s", firstWords(cmd), got)
+	}
+	return nil
+}
+
+func checkServer(backend, server string) error {
+	if err := render.CheckHAProxyToken("backend", backend); err != nil {
+		return err
+	}
+	return render.CheckHAProxyServerName(server)
+}
+
+func (r *socketRuntime) ServersState(ctx context.Context, backend string) ([]ServerState, error) {
+	if err := render.CheckHAProxyToken("backend", backend); err != nil {
+		return nil, err
+	}
+	out, err := r.do(ctx, "show servers state "+backend, nil)
+	if err != nil {
+		return nil, err
+	}
+	return parseServersState(out)
+}
+
+// parseServersState reads `show servers state` output: a version line,
+// a "# be_id be_name ..." header naming the columns, then one line per
+// server.
+func parseServersState(out string) ([]ServerState, error) {
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) > 0 && strings.HasPrefix(lines[0], "Can't find backend") {
+		return nil, fmt.Errorf("%w: %s", ErrNoBackend, lines[0])
+	}
+	if len(lines) < 2 || lines[0] != "1" || !strings.HasPrefix(lines[1], "# ") {
+		return nil, fmt.Errorf("unexpected show servers state answer: %q", out)
+	}
+	col := map[string]int{}
+	for i, name := range strings.Fields(strings.TrimPrefix(lines[1], "# ")) {
+		col[name] = i
+	}
+	for _, c := range []string{"srv_name", "srv_addr", "srv_port", "srv_uweight", "srv_admin_state"} {
+		if _, ok := col[c]; !ok {
+			return nil, fmt.Errorf("show servers state has no %s column", c)
+		}
+	}
+	var res []ServerState
+	for _, l := range lines[2:] {
+		f := strings.Fields(l)
+		if len(f) <= len(col)-1 || strings.HasPrefix(l, "#") {
+			continue
+		}
+		addr, err := netip.ParseAddr(f[col["srv_addr"]])
+		if err != nil {
+			return nil, fmt.Errorf("show servers state: %q: %w", l, err)
+		}
+		port, err1 := strconv.ParseUint(f[col["srv_port"]], 10, 16)
+		w, err2 := strconv.Atoi(f[col["srv_uweight"]])
+		admin, err3 := strconv.Atoi(f[col["srv_admin_state"]])
+		if err := errors.Join(err1, err2, err3); err != nil {
+			return nil, fmt.Errorf("show servers state: %q: %w", l, err)
+		}
+		// Maintenance bits: forced (0x01), inherited (0x02), from the
+		// configuration (0x04), from DNS resolution (0x20).
+		res = append(res, ServerState{Name: f[col["srv_name"]], Addr: netip.AddrPortFrom(addr, uint16(port)), Weight: w, Maint: admin&0x27 != 0})
+	}
+	return res, nil
+}
+
+func (r *socketRuntime) AddServer(ctx context.Context, backend, server string, addr netip.AddrPort, weight int) error {
+	if err := checkServer(backend, server); err != nil {
+		return err
+	}
+	return r.expect(ctx, fmt.Sprintf("add server %s/%s %s weight %d", backend, server, addr, weight), nil, "New server registered.")
+}
+
+func (r *socketRuntime) DelServer(ctx context.Context, backend, server string) error {
+	if err := checkServer(backend, server); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, fmt.Sprintf("del server %s/%s", backend, server), nil)
+	if err != nil {
+		return err
+	}
+	got := strings.TrimSpace(out)
+	switch {
+	case strings.HasPrefix(got, "Server deleted."):
+		return nil
+	case strings.Contains(got, "connections attached") || strings.Contains(got, "has active") || strings.Contains(got, "connection"):
+		return fmt.Errorf("del server %s/%s: %w: %s", backend, server, ErrServerBusy, got)
+	}
+	return fmt.Errorf("haproxy refused del server %s/%s: %s", backend, server, got)
+}
+
+func (r *socketRuntime) SetWeight(ctx context.Context, backend, server string, weight int) error {
+	if err := checkServer(backend, server); err != nil {
+		return err
+	}
+	return r.expect(ctx, fmt.Sprintf("set server %s/%s weight %d", backend, server, weight), nil, "")
+}
+
+func (r *socketRuntime) SetAddr(ctx context.Context, backend, server string, addr netip.AddrPort) error {
+	if err := checkServer(backend, server); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, fmt.Sprintf("set server %s/%s addr %s port %d", backend, server, addr.Addr(), addr.Port()), nil)
+	if err != nil {
+		return err
+	}
+	if got := strings.TrimSpace(out); !strings.Contains(got, "changed from") && !strings.Contains(got, "no need to change") {
+		return fmt.Errorf("haproxy refused set server %s/%s addr: %s", backend, server, got)
+	}
+	return nil
+}
+
+func (r *socketRuntime) SetState(ctx context.Context, backend, server string, state AdminState) error {
+	if err := checkServer(backend, server); err != nil {
+		return err
+	}
+	switch state {
+	case StateReady, StateDrain, StateMaint:
+	default:
+		return fmt.Errorf("unknown server state %q", state)
+	}
+	return r.expect(ctx, fmt.Sprintf("set server %s/%s state %s", backend, server, state), nil, "")
+}
+
+func (r *socketRuntime) ShutdownSessions(ctx context.Context, backend, server string) error {
+	if err := checkServer(backend, server); err != nil {
+		return err
+	}
+	return r.expect(ctx, fmt.Sprintf("shutdown sessions server %s/%s", backend, server), nil, "")
+}
+
+func (r *socketRuntime) SetCertificate(ctx context.Context, path string, pem []byte) error {
+	if err := render.CheckHAProxyPath("certificate", path); err != nil {
+		return err
+	}
+	if err := r.expect(ctx, "set ssl cert "+path, pem, "Transaction "); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, "commit ssl cert "+path, nil)
+	if err != nil {
+		return err
+	}
+	if !strings.Contains(out, "Success!") {
+		// Drop the transaction so the next attempt starts clean.
+		_, _ = r.do(ctx, "abort ssl cert "+path, nil)
+		return fmt.Errorf("haproxy refused commit ssl cert %s: %s", path, strings.TrimSpace(out))
+	}
+	return nil
+}
+
+func (r *socketRuntime) Sessions(ctx context.Context) (map[string]map[string]int, error) {
+	out, err := r.do(ctx, "show stat", nil)
+	if err != nil {
+		return nil, err
+	}
+	return parseStat(out)
+}
+
+// parseStat reads the scur (current sessions) column of `show stat` CSV for
+// every server line.
+func parseStat(out string) (map[string]map[string]int, error) {
+	rd := csv.NewReader(strings.NewReader(strings.TrimPrefix(out, "# ")))
+	rd.FieldsPerRecord = -1
+	recs, err := rd.ReadAll()
+	if err != nil {
+		return nil, fmt.Errorf("show stat: %w", err)
+	}
+	if len(recs) == 0 {
+		return nil, errors.New("show stat: empty answer")
+	}
+	col := map[string]int{}
+	for i, c := range recs[0] {
+		col[c] = i
+	}
+	px, sv, sc := col["pxname"], col["svname"], col["scur"]
+	if _, ok := col["scur"]; !ok {
+		return nil, errors.New("show stat: no scur column")
+	}
+	res := map[string]map[string]int{}
+	for _, r := range recs[1:] {
+		if len(r) <= max(px, sv, sc) || r[sv] == "FRONTEND" || r[sv] == "BACKEND" {
+			continue
+		}
+		n, err := strconv.Atoi(r[sc])
+		if err != nil {
+			continue
+		}
+		if res[r[px]] == nil {
+			res[r[px]] = map[string]int{}
+		}
+		res[r[px]][r[sv]] = n
+	}
+	return res, nil
+}
+
+func (r *socketRuntime) DumpServersState(ctx context.Context) ([]byte, error) {
+	out, err := r.do(ctx, "show servers state", nil)
+	if err != nil {
+		return nil, err
+	}
+	if !strings.HasPrefix(out, "1\n") {
+		return nil, fmt.Errorf("unexpected show servers state answer: %.80q", out)
+	}
+	return []byte(out), nil
+}
