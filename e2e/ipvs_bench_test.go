@@ -1,0 +1,168 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/switchman-lb/switchman/render"
+	"github.com/switchman-lb/switchman/spec"
+)
+
+// coldStartTable is n rr services with four NAT destinations each, on VIPs
+// in 198.18.0.0/15 (the benchmarking range), never reached by traffic.
+func coldStartTable(n int) []render.IPVSService {
+	out := make([]render.IPVSService, 0, n)
+	for i := range n {
+		v := netip.AddrFrom4([4]byte{198, 18, byte(i / 250), byte(i%250 + 1)})
+		s := render.IPVSService{Service: fmt.Sprintf("bench%d", i), Protocol: spec.TCP, Address: v, Port: 80, Scheduler: spec.RoundRobin}
+		for j := range 4 {
+			s.Destinations = append(s.Destinations, render.IPVSDestination{
+				Address: netip.AddrFrom4([4]byte{10, 10, 0, byte(11 + j)}), Port: 80, Weight: 1, Forwarding: spec.NAT,
+			})
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// ipvsadmRestore feeds rules to ipvsadm -R and returns how long it took.
+func ipvsadmRestore(t testing.TB, rules string) time.Duration {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "rules")
+	if err := os.WriteFile(f, []byte(rules), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	in, err := os.Open(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Close()
+	cmd := exec.Command(IPVSADMBin, "-R")
+	cmd.Stdin = in
+	start := time.Now()
+	out, err := cmd.CombinedOutput()
+	el := time.Since(start)
+	if err != nil {
+		t.Fatalf("ipvsadm -R: %v: %s", err, out)
+	}
+	return el
+}
+
+// deleteRules turns -A lines into -D lines, to remove a restored table
+// without flushing anything else.
+func deleteRules(rules string) string {
+	var b strings.Builder
+	for _, l := range strings.Split(rules, "\n") {
+		if strings.HasPrefix(l, "-A ") {
+			f := strings.Fields(l)
+			fmt.Fprintf(&b, "-D %s %s\n", f[1], f[2])
+		}
+	}
+	return b.String()
+}
+
+func countServices(t testing.TB, prefix string) int {
+	t.Helper()
+	n := 0
+	for _, l := range strings.Split(MustRun(t, IPVSADMBin, "-Ln"), "\n") {
+		if f := strings.Fields(l); len(f) >= 2 && f[0] == "TCP" && strings.HasPrefix(f[1], prefix) {
+			n++
+		}
+	}
+	return n
+}
+
+// TestIPVSColdStartFigures programs 2,000 rr services with 4 destinations
+// each from an empty table with the driver and with ipvsadm -R, twice each,
+// alternating, and logs the times and their ratio (no pass/fail on speed;
+// it fails only when a table is not what it should be). Figures go to
+// docs/bench/ipvs.md.
+func TestIPVSColdStartFigures(t *testing.T) {
+	RequireLab(t)
+	const n = 2000
+	table := coldStartTable(n)
+	rules := render.IPVSRules(table)
+	if c := countServices(t, "198.18."); c != 0 {
+		t.Fatalf("%d services in 198.18.0.0/15 before the run", c)
+	}
+	t.Cleanup(func() {
+		if countServices(t, "198.18.") != 0 {
+			ipvsadmRestore(t, deleteRules(rules))
+		}
+	})
+	ctx := context.Background()
+	var drv, adm []time.Duration
+	for round := range 2 {
+		d := newIPVSDriver(t, t.TempDir())
+		start := time.Now()
+		if errs := d.Apply(ctx, &render.State{IPVS: table}); len(errs) != 0 {
+			t.Fatalf("driver cold start: %d errors, e.g. %v", len(errs), firstErr(errs))
+		}
+		cold := time.Since(start)
+		drv = append(drv, cold)
+		if c := countServices(t, "198.18."); c != n {
+			t.Fatalf("driver programmed %d services, want %d", c, n)
+		}
+		writes := d.Writes()
+		start = time.Now()
+		if errs := d.Apply(ctx, &render.State{IPVS: table}); len(errs) != 0 {
+			t.Fatalf("driver steady state: %v", firstErr(errs))
+		}
+		steady := time.Since(start)
+		start = time.Now()
+		if errs := d.Apply(ctx, &render.State{}); len(errs) != 0 {
+			t.Fatalf("driver removal: %v", firstErr(errs))
+		}
+		removal := time.Since(start)
+		t.Logf("round %d driver: cold start %v (%d writes, %.0f µs/write), unchanged re-apply %v (1 list + %d destination dumps, 0 writes), removal %v",
+			round, cold.Round(time.Millisecond), writes, float64(cold.Microseconds())/float64(writes), steady.Round(time.Millisecond), n, removal.Round(time.Millisecond))
+
+		el := ipvsadmRestore(t, rules)
+		adm = append(adm, el)
+		if c := countServices(t, "198.18."); c != n {
+			t.Fatalf("ipvsadm -R programmed %d services, want %d", c, n)
+		}
+		del := ipvsadmRestore(t, deleteRules(rules))
+		t.Logf("round %d ipvsadm -R: restore %v, removal %v", round, el.Round(time.Millisecond), del.Round(time.Millisecond))
+	}
+	best := func(ds []time.Duration) time.Duration { return min(ds[0], ds[1]) }
+	t.Logf("FIGURE cold start %d services x 4 destinations (rr): driver best %v, ipvsadm -R best %v, driver/ipvsadm = %.2f",
+		n, best(drv).Round(time.Millisecond), best(adm).Round(time.Millisecond), float64(best(drv))/float64(best(adm)))
+}
+
+// BenchmarkIPVSColdStart is the driver's cold start as a Go benchmark (run
+// it in the lab with -test.bench IPVSColdStart -test.run '^$').
+func BenchmarkIPVSColdStart(b *testing.B) {
+	RequireLab(b)
+	table := coldStartTable(2000)
+	ctx := context.Background()
+	for b.Loop() {
+		b.StopTimer()
+		d := newIPVSDriver(b, b.TempDir())
+		b.StartTimer()
+		if errs := d.Apply(ctx, &render.State{IPVS: table}); len(errs) != 0 {
+			b.Fatal(firstErr(errs))
+		}
+		b.StopTimer()
+		if errs := d.Apply(ctx, &render.State{}); len(errs) != 0 {
+			b.Fatal(firstErr(errs))
+		}
+		b.StartTimer()
+	}
+}
+
+func firstErr(errs map[string]error) error {
+	for name, err := range errs {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	return nil
+}
