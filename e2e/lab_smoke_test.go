@@ -129,6 +129,40 @@ func TestLabSmoke(t *testing.T) {
 	})
 }
 
+// TestLabSmokeDirect proves the direct-routing and IP-in-IP set-up of the
+// lab (e2e/topology/dr-backend.sh): backends answer from the VIP themselves.
+func TestLabSmokeDirect(t *testing.T) {
+	RequireLab(t)
+	for i, mode := range []string{"dr", "tun"} {
+		t.Run(mode, func(t *testing.T) {
+			vip := fmt.Sprintf("192.0.2.%d", 110+i)
+			flag := map[string]string{"dr": "-g", "tun": "-i"}[mode]
+			want := map[string]string{"dr": "Route", "tun": "Tunnel"}[mode]
+			AddDummyAddr(t, "smoke1", vip+"/32")
+			tcp := IPVSHostPort(vip, 80)
+			MustRun(t, IPVSADMBin, "-A", "-t", tcp, "-s", "rr")
+			t.Cleanup(func() { _, _ = Run(0, IPVSADMBin, "-D", "-t", tcp) })
+			for _, be := range Backends[1:] {
+				SetupDRBackend(t, vip, be.Name, mode)
+				MustRun(t, IPVSADMBin, "-a", "-t", tcp, "-r", IPVSHostPort(be.Addr, 80), flag, "-w", "1")
+			}
+			s, ok := FindIPVSService(MustIPVSList(t), "TCP", tcp)
+			if !ok || len(s.Dests) != 2 || s.Dests[0].Forward != want {
+				t.Fatalf("TCP %s: %+v, want 2 real servers with %s", tcp, s, want)
+			}
+			WaitFor(t, 0, "the VIP answering HTTP over "+mode, func() error {
+				_, err := ClientGet("http://" + tcp + "/")
+				return err
+			})
+			tally := Tally(4, func() (string, error) { return ClientGet("http://" + tcp + "/") })
+			t.Logf("%s answers: %s", mode, TallyString(tally))
+			if tally["be2"] != 2 || tally["be3"] != 2 {
+				t.Errorf("%s over rr: %s, want be2=2 be3=2", mode, TallyString(tally))
+			}
+		})
+	}
+}
+
 // TestParseIPVSList checks the ipvsadm -Ln parser on fixed output; it needs
 // no lab.
 func TestParseIPVSList(t *testing.T) {

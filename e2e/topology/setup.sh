@@ -100,6 +100,11 @@ sysctl_set - net.ipv6.conf.all.forwarding 1
 "$IP" addr add 10.10.0.1/24 dev "$BRIDGE"
 "$IP" addr add fd00:10::1/64 dev "$BRIDGE" nodad
 "$IP" link set "$BRIDGE" up
+# DR and TUN: the backends answer from the VIP straight to the client, and
+# their gateway is this namespace, which owns the VIP; accept those packets
+# instead of dropping them as martians (a local source address).
+sysctl_set - "net.ipv4.conf.$BRIDGE.accept_local" 1
+sysctl_set - "net.ipv4.conf.$BRIDGE.rp_filter" 0
 
 n=0
 for ns in $BACKENDS; do
