@@ -1,0 +1,293 @@
+package haproxy
+
+import (
+	"context"
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/switchman-lb/switchman/render"
+	"github.com/switchman-lb/switchman/spec"
+)
+
+func newFakeDriver(t *testing.T) (*Driver, *fakeRuntime, *fakeProcess) {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.MkdirAll(filepath.Join(dir, "certs"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	rt := newFakeRuntime()
+	proc := &fakeProcess{rt: rt, cfgPath: filepath.Join(dir, "haproxy.cfg")}
+	d := newDriver(Options{Dir: dir, RemoveWait: 50 * time.Millisecond, CommandTimeout: time.Second}, rt, proc, filepath.Join(dir, "admin.sock"))
+	d.log = discardLogger()
+	return d, rt, proc
+}
+
+func fsrv(addr string, port uint16, w int) render.HAProxyServer {
+	a := netip.MustParseAddr(addr)
+	return render.HAProxyServer{Name: render.ServerName(a, port), Address: a, Port: port, Weight: w}
+}
+
+type wantServer struct {
+	addr   string
+	weight int
+	maint  bool
+}
+
+func assertServers(t *testing.T, rt *fakeRuntime, backend string, want map[string]wantServer) {
+	t.Helper()
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	got := rt.backends[backend]
+	if len(got) != len(want) {
+		t.Errorf("%s has %d servers, want %d", backend, len(got), len(want))
+	}
+	for n, w := range want {
+		s, ok := got[n]
+		if !ok {
+			t.Errorf("%s/%s missing", backend, n)
+			continue
+		}
+		if s.addr.String() != w.addr || s.weight != w.weight || s.maint != w.maint {
+			t.Errorf("%s/%s = %+v, want %+v", backend, n, *s, w)
+		}
+	}
+}
+
+func TestApplyPoolChangesUseRuntimeAPI(t *testing.T) {
+	d, rt, proc := newFakeDriver(t)
+	ctx := context.Background()
+	svc := render.HAProxyService{Name: "api", Bind: netip.MustParseAddrPort("192.0.2.10:443"), Scheduler: spec.RoundRobin,
+		Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1), fsrv("10.0.0.2", 80, 1)}}
+	steps := []struct {
+		name    string
+		servers []render.HAProxyServer
+		want    map[string]wantServer
+	}{
+		{"start", svc.Servers, map[string]wantServer{
+			"s10.0.0.1_80": {"10.0.0.1:80", 1, false}, "s10.0.0.2_80": {"10.0.0.2:80", 1, false}}},
+		{"add and reweight", []render.HAProxyServer{fsrv("10.0.0.1", 80, 5), fsrv("10.0.0.2", 80, 1), fsrv("10.0.0.3", 80, 70000)}, map[string]wantServer{
+			"s10.0.0.1_80": {"10.0.0.1:80", 5, false}, "s10.0.0.2_80": {"10.0.0.2:80", 1, false}, "s10.0.0.3_80": {"10.0.0.3:80", 256, false}}},
+		{"fail to weight 0", []render.HAProxyServer{fsrv("10.0.0.1", 80, 5), fsrv("10.0.0.2", 80, 0), fsrv("10.0.0.3", 80, 70000)}, map[string]wantServer{
+			"s10.0.0.1_80": {"10.0.0.1:80", 5, false}, "s10.0.0.2_80": {"10.0.0.2:80", 0, false}, "s10.0.0.3_80": {"10.0.0.3:80", 256, false}}},
+		{"remove", []render.HAProxyServer{fsrv("10.0.0.3", 80, 1)}, map[string]wantServer{
+			"s10.0.0.3_80": {"10.0.0.3:80", 1, false}}},
+	}
+	for _, st := range steps {
+		svc.Servers = st.servers
+		if errs := d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{svc}}); len(errs) > 0 {
+			t.Fatalf("%s: %v", st.name, errs)
+		}
+		assertServers(t, rt, "be_api", st.want)
+	}
+	if proc.starts != 1 || proc.reloads != 0 || d.Reloads() != 0 {
+		t.Errorf("starts %d, reloads %d/%d; want 1 start and no reload", proc.starts, proc.reloads, d.Reloads())
+	}
+	// The on-disk config holds the current pool, for a restart.
+	cfg, _ := os.ReadFile(proc.cfgPath)
+	if !strings.Contains(string(cfg), "server s10.0.0.3_80 10.0.0.3:80 weight 1") || strings.Contains(string(cfg), "10.0.0.1") {
+		t.Errorf("haproxy.cfg not current:\n%s", cfg)
+	}
+}
+
+func TestApplyReconcilesDrift(t *testing.T) {
+	d, rt, _ := newFakeDriver(t)
+	ctx := context.Background()
+	svc := render.HAProxyService{Name: "api", Bind: netip.MustParseAddrPort("192.0.2.10:443"), Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 2)}}
+	st := &render.State{HAProxy: []render.HAProxyService{svc}}
+	if errs := d.Apply(ctx, st); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	// Someone changed HAProxy behind the driver's back.
+	rt.mu.Lock()
+	s := rt.backends["be_api"]["s10.0.0.1_80"]
+	s.addr, s.weight, s.maint = netip.MustParseAddrPort("10.9.9.9:99"), 7, true
+	rt.backends["be_api"]["stray"] = &fakeServer{addr: netip.MustParseAddrPort("10.0.0.66:80"), weight: 1}
+	rt.mu.Unlock()
+	if errs := d.Apply(ctx, st); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	assertServers(t, rt, "be_api", map[string]wantServer{"s10.0.0.1_80": {"10.0.0.1:80", 2, false}})
+}
+
+func TestApplyRemoveWaitsForSessions(t *testing.T) {
+	d, rt, _ := newFakeDriver(t)
+	ctx := context.Background()
+	svc := render.HAProxyService{Name: "api", Bind: netip.MustParseAddrPort("192.0.2.10:443"), Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1), fsrv("10.0.0.2", 80, 1)}}
+	if errs := d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{svc}}); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	rt.mu.Lock()
+	rt.backends["be_api"]["s10.0.0.2_80"].sessions = 3
+	rt.mu.Unlock()
+	conns, err := d.Connections(ctx)
+	if err != nil || conns[render.BackendRef{Service: "api", Addr: netip.MustParseAddrPort("10.0.0.2:80")}] != 3 {
+		t.Errorf("Connections = %v, %v", conns, err)
+	}
+	svc.Servers = svc.Servers[:1]
+	if errs := d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{svc}}); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	assertServers(t, rt, "be_api", map[string]wantServer{"s10.0.0.1_80": {"10.0.0.1:80", 1, false}})
+	calls := strings.Join(rt.calls, "\n")
+	if !strings.Contains(calls, "state be_api/s10.0.0.2_80 maint\ndel be_api/s10.0.0.2_80") || !strings.Contains(calls, "shutdown be_api/s10.0.0.2_80") {
+		t.Errorf("removal did not go maint, del (busy), shutdown, del:\n%s", calls)
+	}
+}
+
+func TestApplyStructuralChangeReloads(t *testing.T) {
+	d, rt, proc := newFakeDriver(t)
+	ctx := context.Background()
+	a := render.HAProxyService{Name: "a", Bind: netip.MustParseAddrPort("192.0.2.10:443"), Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 3)}}
+	b := render.HAProxyService{Name: "b", Bind: netip.MustParseAddrPort("192.0.2.11:443"), Scheduler: spec.SourceHashing, Servers: []render.HAProxyServer{fsrv("10.0.0.2", 80, 1)}}
+	tests := []struct {
+		name     string
+		services []render.HAProxyService
+		reloads  int
+	}{
+		{"start with a", []render.HAProxyService{a}, 0},
+		{"add b", []render.HAProxyService{a, b}, 1},
+		{"same again", []render.HAProxyService{a, b}, 1},
+		{"scheduler of a", []render.HAProxyService{func() render.HAProxyService { x := a; x.Scheduler = spec.LeastConnection; return x }(), b}, 2},
+		{"persistence of a", []render.HAProxyService{func() render.HAProxyService {
+			x := a
+			x.Scheduler = spec.LeastConnection
+			x.Persistence = time.Minute
+			return x
+		}(), b}, 3},
+		{"remove b", []render.HAProxyService{func() render.HAProxyService {
+			x := a
+			x.Scheduler = spec.LeastConnection
+			x.Persistence = time.Minute
+			return x
+		}()}, 4},
+	}
+	for _, tt := range tests {
+		if errs := d.Apply(ctx, &render.State{HAProxy: tt.services}); len(errs) > 0 {
+			t.Fatalf("%s: %v", tt.name, errs)
+		}
+		if proc.reloads != tt.reloads || int(d.Reloads()) != tt.reloads {
+			t.Errorf("%s: %d reloads (driver says %d), want %d", tt.name, proc.reloads, d.Reloads(), tt.reloads)
+		}
+	}
+	assertServers(t, rt, "be_a", map[string]wantServer{"s10.0.0.1_80": {"10.0.0.1:80", 3, false}})
+	if _, ok := rt.backends["be_b"]; ok {
+		t.Error("be_b survived its removal")
+	}
+}
+
+func TestApplyRejectedStructureKeepsLastGood(t *testing.T) {
+	d, rt, proc := newFakeDriver(t)
+	ctx := context.Background()
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.pem")
+	pemA, _ := makeCert(t, "a")
+	if err := os.WriteFile(good, pemA, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	badDir := "/bad/" // fakeProcess.Validate rejects configs naming it
+	a := render.HAProxyService{Name: "a", Bind: netip.MustParseAddrPort("192.0.2.10:443"), Certificate: good, Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1)}}
+	b := render.HAProxyService{Name: "b", Bind: netip.MustParseAddrPort("192.0.2.11:80"), Servers: []render.HAProxyServer{fsrv("10.0.0.2", 80, 1)}}
+	if errs := d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{a, b}}); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	// a's new certificate path cannot be read: prepare refuses it before
+	// any check, a keeps its old structure and gets its new pool.
+	a2 := a
+	a2.Certificate = badDir + "x.pem"
+	a2.Servers = []render.HAProxyServer{fsrv("10.0.0.9", 80, 4)}
+	b2 := b
+	b2.Servers = []render.HAProxyServer{fsrv("10.0.0.2", 80, 9)}
+	errs := d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{a2, b2}})
+	if errs["a"] == nil || errs["b"] != nil {
+		t.Fatalf("errs = %v, want an error for a only", errs)
+	}
+	assertServers(t, rt, "be_a", map[string]wantServer{"s10.0.0.9_80": {"10.0.0.9:80", 4, false}})
+	assertServers(t, rt, "be_b", map[string]wantServer{"s10.0.0.2_80": {"10.0.0.2:80", 9, false}})
+	if proc.reloads != 0 {
+		t.Errorf("%d reloads for a refused structure", proc.reloads)
+	}
+	// A new service that haproxy -c rejects (the fake rejects /bad/ paths
+	// in the file; here through the etcd directory option) is left out.
+	d.opts.Dir = "/bad/dir"
+	c := render.HAProxyService{Name: "c", Bind: netip.MustParseAddrPort("192.0.2.12:443"), CertificateKey: "/k", CertificatePEM: pemA, Servers: []render.HAProxyServer{fsrv("10.0.0.3", 80, 1)}}
+	errs = d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{a, b2, c}})
+	if errs["c"] == nil || errs["a"] != nil || errs["b"] != nil {
+		t.Fatalf("errs = %v, want an error for c only", errs)
+	}
+	if _, ok := rt.backends["be_c"]; ok {
+		t.Error("the rejected service c was loaded")
+	}
+	cfg, _ := os.ReadFile(proc.cfgPath)
+	if strings.Contains(string(cfg), "/bad/") {
+		t.Errorf("rejected config left on disk:\n%s", cfg)
+	}
+}
+
+func TestApplyCertificateHotSwap(t *testing.T) {
+	d, rt, proc := newFakeDriver(t)
+	ctx := context.Background()
+	pemA, _ := makeCert(t, "a")
+	pemB, _ := makeCert(t, "b")
+	svc := render.HAProxyService{Name: "api", Bind: netip.MustParseAddrPort("192.0.2.10:443"), CertificateKey: "/switchman/certs/api", CertificatePEM: pemA,
+		Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1)}}
+	if errs := d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{svc}}); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	path := filepath.Join(d.opts.Dir, "certs", "api.pem")
+	svc.CertificatePEM = append([]byte("junk before the PEM\n\n"), pemB...)
+	if errs := d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{svc}}); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	want, _ := canonicalPEM(pemB)
+	if got := string(rt.certs[path]); got != string(want) {
+		t.Errorf("HAProxy serves %q, want the new certificate", got)
+	}
+	if onDisk, _ := os.ReadFile(path); string(onDisk) != string(want) {
+		t.Error("certificate file not updated")
+	}
+	if proc.reloads != 0 {
+		t.Errorf("%d reloads for a certificate change", proc.reloads)
+	}
+	// An unusable PEM is refused; the old certificate stays.
+	svc.CertificatePEM = []byte("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+	if errs := d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{svc}}); errs["api"] == nil {
+		t.Error("a broken PEM was accepted")
+	}
+	if got := string(rt.certs[path]); got != string(want) {
+		t.Error("the served certificate changed after a refused PEM")
+	}
+}
+
+func TestApplyMissingBinary(t *testing.T) {
+	d, _, proc := newFakeDriver(t)
+	proc.missing = true
+	errs := d.Apply(context.Background(), &render.State{HAProxy: []render.HAProxyService{{Name: "a"}}})
+	if !errors.Is(errs["a"], ErrMissing) || proc.starts != 0 {
+		t.Errorf("errs = %v, starts = %d", errs, proc.starts)
+	}
+}
+
+func TestParseServersState(t *testing.T) {
+	out := "1\n# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr srv_agent_addr srv_agent_port\n" +
+		"3 b1 1 s1 ::1 2 0 1 1 6 1 0 2 0 0 0 0 - 18081 - 0 0 - - 0\n" +
+		"3 b1 2 s2 127.0.0.1 0 1 3 3 2 1 0 0 0 0 0 0 - 18082 - 0 0 - - 0\n\n"
+	got, err := parseServersState(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []ServerState{
+		{Name: "s1", Addr: netip.MustParseAddrPort("[::1]:18081"), Weight: 1},
+		{Name: "s2", Addr: netip.MustParseAddrPort("127.0.0.1:18082"), Weight: 3, Maint: true},
+	}
+	if len(got) != 2 || got[0] != want[0] || got[1] != want[1] {
+		t.Errorf("got %+v", got)
+	}
+	if _, err := parseServersState("Can't find backend.\n"); !errors.Is(err, ErrNoBackend) {
+		t.Errorf("missing backend: %v", err)
+	}
+}
