@@ -6,9 +6,10 @@
 // has its own interval timer (kept in one heap, served by one goroutine), the
 // first check of a new target is placed at a random offset within
 // min(interval, Options.StartSpread) so thousands of targets do not fire at
-// once, and at most Options.MaxConcurrent checks run at the same time. Each
-// check runs in its own short-lived goroutine with a context that ends at the
-// check's timeout or when the Scheduler's Run context is done.
+// once, and at most Options.MaxConcurrent checks run at the same time. Checks
+// run on worker goroutines that are started on demand and exit after two
+// idle seconds; each check has a context that ends at its timeout or when
+// the Scheduler's Run context is done.
 //
 // # State
 //

@@ -81,6 +81,7 @@ type Scheduler struct {
 
 	changed chan struct{} // cap 1: coalesced state-change signal
 	wake    chan struct{} // cap 1: the dispatcher has something to look at
+	jobs    chan job      // unbuffered: to idle workers
 
 	mu       sync.Mutex
 	entries  map[Key]*entry
@@ -112,6 +113,7 @@ func New(opts Options) *Scheduler {
 		m:          newMetrics(opts.Registerer),
 		changed:    make(chan struct{}, 1),
 		wake:       make(chan struct{}, 1),
+		jobs:       make(chan job),
 		entries:    map[Key]*entry{},
 		settled:    make(chan struct{}),
 	}
@@ -307,15 +309,49 @@ func (s *Scheduler) dispatch(ctx context.Context, wg *sync.WaitGroup) time.Time 
 		s.inFlight++
 		cctx, cancel := context.WithTimeout(ctx, timeout(e.target.Health))
 		e.cancel = cancel
-		wg.Add(1)
-		go func(e *entry, due time.Time) {
-			defer wg.Done()
-			err := e.checker.Check(cctx)
-			cancel()
-			s.finish(e, due, err)
-		}(e, e.due)
+		j := job{e: e, due: e.due, ctx: cctx, cancel: cancel}
+		select {
+		case s.jobs <- j: // an idle worker takes it
+		default:
+			wg.Add(1)
+			go s.worker(ctx, wg, j)
+		}
 	}
 	return time.Time{}
+}
+
+// job is one check to run.
+type job struct {
+	e      *entry
+	due    time.Time
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+// workerIdle is how long a worker waits for its next job before it exits.
+// Reusing workers spares each check a new goroutine and the growth of its
+// stack through the dialer's calls; idle ones do not linger.
+const workerIdle = 2 * time.Second
+
+// worker runs j, then further jobs, until none comes for workerIdle or ctx
+// is done.
+func (s *Scheduler) worker(ctx context.Context, wg *sync.WaitGroup, j job) {
+	defer wg.Done()
+	idle := time.NewTimer(workerIdle)
+	defer idle.Stop()
+	for {
+		err := j.e.checker.Check(j.ctx)
+		j.cancel()
+		s.finish(j.e, j.due, err)
+		idle.Reset(workerIdle)
+		select {
+		case j = <-s.jobs:
+		case <-idle.C:
+			return
+		case <-ctx.Done():
+			return
+		}
+	}
 }
 
 // finish records the result of one check of e and queues its next check.
