@@ -465,3 +465,5 @@ func TestMissingHAProxyBinary(t *testing.T) {
 }
 
 func syscallKill(pid int) error { return syscall.Kill(pid, syscall.SIGKILL) }
+
+func mustAddrPort(s string) netip.AddrPort { return netip.MustParseAddrPort(s) }

@@ -1,0 +1,177 @@
+package haproxy
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/switchman-lb/switchman/render"
+	"github.com/switchman-lb/switchman/spec"
+)
+
+// poolChanges returns n pool states, each one change (add, remove or
+// reweight) away from the one before, over the given backends.
+func poolChanges(backends []*nameServer, n int) [][]render.HAProxyServer {
+	in := map[int]int{0: 1, 1: 1, 2: 1, 3: 1} // backend index -> weight
+	var out [][]render.HAProxyServer
+	for i := 0; len(out) < n; i++ {
+		switch i % 3 {
+		case 0: // add the first backend not in the pool
+			for j := range backends {
+				if _, ok := in[j]; !ok {
+					in[j] = 1
+					break
+				}
+			}
+		case 1: // remove one, keeping at least two
+			if len(in) > 2 {
+				for j := range backends {
+					if _, ok := in[(i+j)%len(backends)]; ok {
+						delete(in, (i+j)%len(backends))
+						break
+					}
+				}
+			}
+		case 2: // reweight one
+			for j := range backends {
+				if _, ok := in[(i+j)%len(backends)]; ok {
+					in[(i+j)%len(backends)] = 1 + i%50
+					break
+				}
+			}
+		}
+		var pool []render.HAProxyServer
+		for j, b := range backends {
+			if w, ok := in[j]; ok {
+				pool = append(pool, b.server(w))
+			}
+		}
+		out = append(out, pool)
+	}
+	return out
+}
+
+// load runs c client loops against vip until stopped and counts
+// connections and failures.
+type load struct {
+	ok, failed atomic.Int64
+	first      atomic.Value
+	stop       chan struct{}
+	wg         sync.WaitGroup
+}
+
+func startLoad(vip string, clients int, useTLS bool) *load {
+	l := &load{stop: make(chan struct{})}
+	ap := mustAddrPort(vip)
+	for range clients {
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			for {
+				select {
+				case <-l.stop:
+					return
+				default:
+				}
+				if _, _, err := ask(ap, useTLS); err != nil {
+					l.failed.Add(1)
+					l.first.CompareAndSwap(nil, err.Error())
+				} else {
+					l.ok.Add(1)
+				}
+			}
+		}()
+	}
+	return l
+}
+
+func (l *load) end() { close(l.stop); l.wg.Wait() }
+
+// BenchmarkPoolChanges applies 100 pool changes (adds, removes, weights)
+// to a TLS service under a steady client load, once with the driver
+// (runtime API) and once the confd way (re-render, haproxy -c, reload per
+// change), and reports reloads and failed connections of each. Run it with
+//
+//	go test -run '^$' -bench BenchmarkPoolChanges -benchtime 1x ./drivers/haproxy/
+func BenchmarkPoolChanges(b *testing.B) {
+	requireHAProxy(b)
+	const changes = 100
+	backends := make([]*nameServer, 8)
+	for i := range backends {
+		backends[i] = startNameServer(b, fmt.Sprintf("b%d", i))
+	}
+	pools := poolChanges(backends, changes)
+	for _, mode := range []string{"switchman", "confd"} {
+		b.Run(mode, func(b *testing.B) {
+			for range b.N {
+				dir := shortDir(b)
+				d := newRealDriver(b, dir)
+				vip := freeVIP(b)
+				certPEM, _ := makeCert(b, "bench")
+				svc := render.HAProxyService{Name: "bench", Bind: vip, CertificateKey: "/k", CertificatePEM: certPEM, Scheduler: spec.RoundRobin, Servers: pools[0]}
+				ctx := context.Background()
+				if errs := d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{svc}}); len(errs) > 0 {
+					b.Fatal(errs)
+				}
+				l := startLoad(vip.String(), 4, true)
+				time.Sleep(200 * time.Millisecond) // warm up: let the load reach steady state
+				reloads := uint64(0)
+				t0 := time.Now()
+				for _, pool := range pools {
+					svc.Servers = pool
+					switch mode {
+					case "switchman":
+						if errs := d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{svc}}); len(errs) > 0 {
+							b.Fatal(errs)
+						}
+					case "confd":
+						if err := confdApply(ctx, d, svc); err != nil {
+							b.Fatal(err)
+						}
+						reloads++
+					}
+				}
+				elapsed := time.Since(t0)
+				time.Sleep(200 * time.Millisecond) // connections in flight at the last change
+				l.end()
+				if mode == "switchman" {
+					reloads = d.Reloads()
+				}
+				b.ReportMetric(float64(reloads), "reloads")
+				b.ReportMetric(float64(l.failed.Load()), "failed-conns")
+				b.ReportMetric(float64(l.ok.Load()), "ok-conns")
+				b.ReportMetric(float64(elapsed.Milliseconds())/changes, "ms/change")
+				if f := l.first.Load(); f != nil {
+					b.Logf("%s: first failure: %v", mode, f)
+				}
+				d.Close()
+			}
+		})
+	}
+}
+
+// confdApply is what a confd-style tool does per change: render the whole
+// config, check it with haproxy -c, replace the file and reload.
+func confdApply(ctx context.Context, d *Driver, svc render.HAProxyService) error {
+	opts := d.base
+	opts.Certificates = map[string]string{svc.Name: d.opts.Dir + "/certs/" + svc.Name + ".pem"}
+	cfg, err := render.HAProxyConfig([]render.HAProxyService{svc}, opts)
+	if err != nil {
+		return err
+	}
+	next := d.cfgPath + ".next"
+	if err := os.WriteFile(next, cfg, 0o600); err != nil {
+		return err
+	}
+	if err := d.proc.Validate(ctx, next); err != nil {
+		return err
+	}
+	if err := os.Rename(next, d.cfgPath); err != nil {
+		return err
+	}
+	return d.proc.Reload(ctx)
+}
