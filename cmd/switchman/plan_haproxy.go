@@ -2,21 +2,40 @@ package main
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 
 	"github.com/urfave/cli/v2"
 
 	"github.com/switchman-lb/switchman/agent"
+	"github.com/switchman-lb/switchman/drivers/haproxy"
 	"github.com/switchman-lb/switchman/render"
 )
 
-func haproxyPlan([]render.HAProxyService) ([]byte, error) {
-	return nil, errors.New("haproxy rendering is not wired yet")
+// haproxyPlan renders the haproxy.cfg the agent would write with the
+// default --haproxy-dir.
+func haproxyPlan(services []render.HAProxyService) ([]byte, error) {
+	return haproxy.Plan(haproxy.DefaultDir, services)
 }
 
-func haproxyFlags() []cli.Flag { return nil }
+func haproxyFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.StringFlag{Name: "haproxy-bin", Value: "haproxy", Usage: "haproxy binary the agent starts and supervises", EnvVars: env("haproxy-bin")},
+		&cli.StringFlag{Name: "haproxy-dir", Value: haproxy.DefaultDir, Usage: "haproxy.cfg, sockets, server state and certificates from etcd", EnvVars: env("haproxy-dir")},
+		&cli.StringFlag{Name: "haproxy-socket", Usage: "attach to a HAProxy someone else runs: its admin socket (the agent then neither starts nor supervises it)", EnvVars: env("haproxy-socket")},
+		&cli.StringFlag{Name: "haproxy-master-socket", Usage: "with --haproxy-socket: the master CLI socket used to reload it", EnvVars: env("haproxy-master-socket")},
+	}
+}
 
-func newHAProxy(*cli.Context, *slog.Logger, string) (agent.Driver, func(context.Context) error, func(), error) {
-	return nil, nil, nil, errors.New("the haproxy driver is not wired yet")
+// newHAProxy makes the HAProxy driver; HAProxy itself starts with the
+// first HAProxy service.
+func newHAProxy(c *cli.Context, log *slog.Logger, _ string) (agent.Driver, func(context.Context) error, func(), error) {
+	d, err := haproxy.New(haproxy.Options{
+		Bin: c.String("haproxy-bin"), Dir: c.String("haproxy-dir"),
+		AttachSocket: c.String("haproxy-socket"), AttachMasterSocket: c.String("haproxy-master-socket"),
+		Logger: log,
+	})
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	return d, nil, d.Close, nil
 }

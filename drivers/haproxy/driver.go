@@ -98,7 +98,7 @@ func New(opts Options) (*Driver, error) {
 		opts.Bin = "haproxy"
 	}
 	if opts.Dir == "" {
-		opts.Dir = "/run/switchman/haproxy"
+		opts.Dir = DefaultDir
 	}
 	if opts.CommandTimeout <= 0 {
 		opts.CommandTimeout = 2 * time.Second
@@ -140,15 +140,11 @@ func newDriver(opts Options, rt Runtime, proc process, adminSock string) *Driver
 	d := &Driver{
 		log: opts.Logger, opts: opts, rt: rt, proc: proc,
 		cfgPath: filepath.Join(opts.Dir, "haproxy.cfg"),
-		base: render.HAProxyOptions{
-			AdminSocket:   adminSock,
-			StateFile:     filepath.Join(opts.Dir, "server-state"),
-			PIDFile:       filepath.Join(opts.Dir, "haproxy.pid"),
-			HardStopAfter: opts.HardStopAfter,
-		},
-		loaded: map[string]prepared{},
-		certs:  map[string][sha256.Size]byte{},
+		base:    baseOptions(opts.Dir, adminSock),
+		loaded:  map[string]prepared{},
+		certs:   map[string][sha256.Size]byte{},
 	}
+	d.base.HardStopAfter = opts.HardStopAfter
 	if b, err := os.ReadFile(d.cfgPath); err == nil {
 		d.onDisk = b
 	}
@@ -271,7 +267,7 @@ func (d *Driver) prepare(s render.HAProxyService) (prepared, error) {
 		if err != nil {
 			return p, fmt.Errorf("tls.certificate_key %q: %w", s.CertificateKey, err)
 		}
-		p.certPath, p.fromEtcd, p.pem = filepath.Join(d.opts.Dir, "certs", s.Name+".pem"), true, pem
+		p.certPath, p.fromEtcd, p.pem = certPath(d.opts.Dir, s.Name), true, pem
 	case s.Certificate != "":
 		if err := render.CheckHAProxyPath("tls.certificate", s.Certificate); err != nil {
 			return p, err
