@@ -27,7 +27,9 @@ func haproxyFlags() []cli.Flag {
 }
 
 // newHAProxy makes the HAProxy driver; HAProxy itself starts with the
-// first HAProxy service.
+// first HAProxy service. The driver is not closed when the agent stops:
+// HAProxy (in its own process group) keeps serving through an agent restart,
+// and the next agent adopts it without a reload.
 func newHAProxy(c *cli.Context, log *slog.Logger, _ string) (agent.Driver, func(context.Context) error, func(), error) {
 	d, err := haproxy.New(haproxy.Options{
 		Bin: c.String("haproxy-bin"), Dir: c.String("haproxy-dir"),
@@ -37,5 +39,5 @@ func newHAProxy(c *cli.Context, log *slog.Logger, _ string) (agent.Driver, func(
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	return d, nil, d.Close, nil
+	return d, nil, nil, nil
 }
