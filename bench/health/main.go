@@ -31,7 +31,10 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/switchman-lb/switchman/health"
 	"github.com/switchman-lb/switchman/spec"
@@ -333,8 +336,8 @@ func (w window) String() string {
 // ---- the run ----
 
 func run(cfg config) error {
-	fmt.Printf("targets %d, interval %v, timeout %v, window %v, warmup %v, %d CPUs\n",
-		cfg.targets, cfg.interval, cfg.timeout, cfg.window, cfg.warmup, numCPU())
+	fmt.Printf("targets %d, interval %v, timeout %v, window %v, warmup %v, %d CPUs, load average %s\n",
+		cfg.targets, cfg.interval, cfg.timeout, cfg.window, cfg.warmup, numCPU(), loadavg())
 	ch, err := startChild(cfg.targets)
 	if err != nil {
 		return err
@@ -354,7 +357,7 @@ func run(cfg config) error {
 		hw = &w
 	}
 
-	fmt.Println()
+	fmt.Printf("load average at the end: %s\n\n", loadavg())
 	fmt.Println("| checker | window | checks | CPU time | CPU share | CPU per check | RSS | listener child CPU |")
 	fmt.Println("|---|---|---|---|---|---|---|---|")
 	fmt.Println(sw)
@@ -365,6 +368,15 @@ func run(cfg config) error {
 	fmt.Printf("detection latency (listener closed -> scheduler reports unhealthy, fall=1, %d targets): p50 %v, p90 %v, p99 %v, max %v\n",
 		len(lat), pct(lat, 50), pct(lat, 90), pct(lat, 99), pct(lat, 100))
 	return nil
+}
+
+func loadavg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "?"
+	}
+	return strings.Join(f[:3], " ")
 }
 
 func numCPU() int {
@@ -386,7 +398,8 @@ func runScheduler(cfg config, ch *child) (window, []time.Duration, error) {
 	for i := range targets {
 		targets[i] = health.Target{Service: fmt.Sprintf("svc%d", i%10), Addr: addrOf(i), Health: h}
 	}
-	s := health.New(health.Options{Logger: slog.New(slog.DiscardHandler)})
+	reg := prometheus.NewRegistry()
+	s := health.New(health.Options{Logger: slog.New(slog.DiscardHandler), Registerer: reg})
 	s.Update(targets)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -402,11 +415,13 @@ func runScheduler(cfg config, ch *child) (window, []time.Duration, error) {
 		return window{}, nil, fmt.Errorf("first round: %w", err)
 	}
 	fmt.Printf("scheduler: first round of %d targets settled in %v\n", cfg.targets, time.Since(start).Round(time.Millisecond))
-	for k, st := range s.Snapshot() {
+	firstDown := 0
+	for _, st := range s.Snapshot() {
 		if !st.Healthy {
-			return window{}, nil, fmt.Errorf("%s unhealthy after the first round: %s", k, st.LastError)
+			firstDown++
 		}
 	}
+	fmt.Printf("scheduler: %d targets failed their first check (all listeners are up)\n", firstDown)
 	time.Sleep(cfg.warmup)
 	if cfg.cpuprofile != "" {
 		f, err := os.Create(cfg.cpuprofile)
@@ -418,8 +433,10 @@ func runScheduler(cfg config, ch *child) (window, []time.Duration, error) {
 			return window{}, nil, err
 		}
 	}
+	f0 := failures(reg)
 	w, err := measure("switchman health", os.Getpid(), ch, cfg.window)
 	pprof.StopCPUProfile()
+	fmt.Printf("scheduler: %.0f failed checks in the window (all listeners up), %.0f checks started late (>100ms)\n", failures(reg)-f0, metricSum(reg, "switchman_health_checks_late_total", ""))
 	if err != nil {
 		return w, nil, err
 	}
@@ -468,6 +485,38 @@ func runScheduler(cfg config, ch *child) (window, []time.Duration, error) {
 	return w, lat, nil
 }
 
+// failures returns the failed checks counted so far.
+func failures(reg *prometheus.Registry) float64 {
+	return metricSum(reg, "switchman_health_checks_total", "failure")
+}
+
+// metricSum adds up a counter family's series, those with a label of
+// value result when result is set.
+func metricSum(reg *prometheus.Registry, name, result string) float64 {
+	mfs, err := reg.Gather()
+	if err != nil {
+		return -1
+	}
+	sum := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			ok := result == ""
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "result" && l.GetValue() == result {
+					ok = true
+				}
+			}
+			if ok {
+				sum += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return sum
+}
+
 func runHAProxy(cfg config, ch *child) (window, error) {
 	dir, err := os.MkdirTemp("", "bench-health-haproxy-")
 	if err != nil {
@@ -475,7 +524,19 @@ func runHAProxy(cfg config, ch *child) (window, error) {
 	}
 	defer os.RemoveAll(dir)
 	var b strings.Builder
-	fmt.Fprintf(&b, "global\n  maxconn %d\n  log stdout format raw local0 emerg\n\n", cfg.targets*2+1000)
+	// HAProxy wants about 2 x maxconn + servers descriptors and refuses to
+	// start beyond RLIMIT_NOFILE (Go has raised the soft limit to the hard
+	// one, which this process may not raise): fit maxconn under it. Checks
+	// do not count against maxconn.
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return window{}, err
+	}
+	maxconn := (int(lim.Cur) - cfg.targets - 200) / 2
+	if maxconn < 100 {
+		return window{}, fmt.Errorf("RLIMIT_NOFILE %d is too low for %d servers", lim.Cur, cfg.targets)
+	}
+	fmt.Fprintf(&b, "global\n  maxconn %d\n  log stdout format raw local0 emerg\n\n", maxconn)
 	fmt.Fprintf(&b, "defaults\n  mode tcp\n  timeout connect %dms\n  timeout check %dms\n  timeout client 5s\n  timeout server 5s\n\n",
 		cfg.timeout.Milliseconds(), cfg.timeout.Milliseconds())
 	// HAProxy will not start without a listener: one frontend on an unused
@@ -500,12 +561,25 @@ func runHAProxy(cfg config, ch *child) (window, error) {
 	if err := cmd.Start(); err != nil {
 		return window{}, err
 	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
 	defer func() {
 		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
+		<-exited
 	}()
-	time.Sleep(cfg.warmup) // HAProxy spreads its first checks over one interval
+	select { // HAProxy spreads its first checks over one interval
+	case err := <-exited:
+		exited <- err
+		return window{}, fmt.Errorf("exited at start: %v", err)
+	case <-time.After(cfg.warmup):
+	}
 	w, err := measure("haproxy "+haproxyVersion(cfg.haproxy), cmd.Process.Pid, ch, cfg.window)
+	select {
+	case err := <-exited:
+		exited <- err
+		return w, fmt.Errorf("exited during the window: %v", err)
+	default:
+	}
 	return w, err
 }
 
