@@ -84,6 +84,14 @@ done
 if [ "$LAB_HAPROXY" = 1 ]; then need haproxy haproxy; fi
 
 mkdir -p "$LAB/kernel" "$LAB/bin" "$LAB/out"
+# One lab at a time per checkout: a second run.sh waits for the first.
+if command -v flock >/dev/null 2>&1; then
+	exec 9>"$LAB/lock"
+	if ! flock -n 9; then
+		say "another e2e/lab/run.sh is using $LAB; waiting for it"
+		flock 9
+	fi
+fi
 
 # --- kernel -----------------------------------------------------------------
 t_phase=$(date +%s)
