@@ -6,9 +6,9 @@ import (
 )
 
 // lender lends a single netlink handle to one call at a time and bounds
-// every call by the caller's context: a call that does not return in time
-// has its handle closed (which unblocks the stuck socket read) and the next
-// call opens a fresh one. A call that fails with an error that leaves the
+// every call by the caller's context: when the context ends during a call,
+// the handle is closed (which unblocks the stuck socket read), the call
+// reports the context's error and the next call opens a fresh handle. A call that fails with an error that leaves the
 // handle unusable also gets it replaced.
 //
 // The handle travels through a one-slot channel rather than sitting under a
@@ -42,24 +42,24 @@ func (l *lender[H]) do(ctx context.Context, call func(H) error) error {
 			return err
 		}
 	}
-	done := make(chan error, 1) // buffered: a call abandoned below still ends
-	go func() { done <- call(h) }()
-	select {
-	case err := <-done:
-		if err != nil && l.broken(err) {
-			l.close(h)
-			h = none
-		}
-		l.slot <- h
-		return err
-	case <-ctx.Done():
-		// Closing the socket makes the blocked send or receive return, so
-		// the goroutine ends; the reply, if any ever comes, is lost with
-		// the socket. The next call opens a new handle.
-		l.close(h)
+	// The call runs on this goroutine (no goroutine and channel hand-off
+	// per call); only if ctx ends first does AfterFunc close the handle,
+	// which makes the blocked send or receive return.
+	stop := context.AfterFunc(ctx, func() { l.close(h) })
+	err := call(h)
+	if !stop() {
+		// ctx ended during the call and the handle is (being) closed: the
+		// reply, if any, is lost with the socket. The next call opens a
+		// new handle.
 		l.slot <- none
 		return fmt.Errorf("netlink call abandoned, handle will be reopened: %w", context.Cause(ctx))
 	}
+	if err != nil && l.broken(err) {
+		l.close(h)
+		h = none
+	}
+	l.slot <- h
+	return err
 }
 
 // shutdown closes the idle handle, waiting for a call in progress.
