@@ -112,18 +112,7 @@ type healthView struct{ s *health.Scheduler }
 
 // SetServices checks every backend of every service whose health protocol
 // is not none.
-func (h healthView) SetServices(services []*spec.Service) {
-	var targets []health.Target
-	for _, svc := range services {
-		if svc.Health.Protocol == spec.HealthNone {
-			continue
-		}
-		for _, b := range svc.Backends {
-			targets = append(targets, health.Target{Service: svc.Name, Addr: b.AddrPort(), Health: svc.Health})
-		}
-	}
-	h.s.Update(targets)
-}
+func (h healthView) SetServices(services []*spec.Service) { h.s.Update(health.TargetsFor(services)) }
 
 // View reports every checked backend; one still pending counts as down
 // unless it was healthy before its settings changed.
@@ -131,7 +120,7 @@ func (h healthView) View() map[render.BackendRef]agent.BackendHealth {
 	snap := h.s.Snapshot()
 	out := make(map[render.BackendRef]agent.BackendHealth, len(snap))
 	for k, st := range snap {
-		out[render.BackendRef{Service: k.Service, Addr: k.Addr}] = agent.BackendHealth{Healthy: st.Healthy, LastError: st.LastError, LastTransition: st.LastTransition}
+		out[render.BackendRef(k)] = agent.BackendHealth{Healthy: st.Healthy, LastError: st.LastError, LastTransition: st.LastTransition}
 	}
 	return out
 }
