@@ -49,6 +49,14 @@ bench: bench-scale bench-health bench-haproxy
 bench-scale: build
 	$(GO) run ./bench/scale -agent $(BIN) -services 10000 -backends 4
 
+## bench-health: 10,000 targets at 1 s, switchman's checker vs HAProxy's (root).
+bench-health:
+	$(GO) run ./bench/health
+
+## bench-haproxy: 100 pool changes under load, runtime API vs reload per change.
+bench-haproxy:
+	$(GO) test -run '^$$' -bench BenchmarkPoolChanges -benchtime 1x ./drivers/haproxy/
+
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 60s ./spec/
 
