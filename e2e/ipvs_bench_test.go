@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"net/netip"
 	"os"
@@ -114,6 +115,11 @@ func countServices(t testing.TB, prefix string) int {
 // docs/bench/ipvs.md.
 func TestIPVSColdStartFigures(t *testing.T) {
 	RequireLab(t)
+	// A figure, not a pass/fail test: it runs only when named, as
+	// `make bench-ipvs` does (e2e/lab/run.sh -run IPVSColdStart).
+	if f := flag.Lookup("test.run"); f == nil || !strings.Contains(f.Value.String(), "ColdStart") {
+		t.Skip("cold-start figures run only when named: make bench-ipvs")
+	}
 	const n = 2000
 	table := coldStartTable(n)
 	rules := render.IPVSRules(table)
