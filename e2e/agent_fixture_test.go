@@ -98,7 +98,7 @@ func newAgentLab(t *testing.T) *agentLab {
 	t.Cleanup(func() {
 		l.stopAgent(t)
 		if t.Failed() {
-			t.Logf("last lines of the agent log %s:\n%s", l.logPath, TailFile(l.logPath, 80))
+			t.Logf("last lines of the agent log %s:\n%s", l.logPath, TailFile(l.logPath, 400))
 		}
 		_ = cli.Close()
 		l.stopEtcd()
@@ -159,7 +159,7 @@ func (l *agentLab) startAgent(t testing.TB) {
 		t.Fatal(err)
 	}
 	fmt.Fprintf(logf, "=== e2e: starting the agent at %s\n", time.Now().Format(time.RFC3339Nano))
-	cmd := exec.Command(SwitchmanBin(t), "--log-level", "info", "agent",
+	cmd := exec.Command(SwitchmanBin(t), "--log-level", "debug", "agent",
 		"--etcd-endpoints", l.clientURL,
 		"--prefix", agentPrefix,
 		"--node", agentNode,
@@ -539,4 +539,45 @@ func waitHTTP(t testing.TB, url string) {
 // httpCheck is the health section the scenarios use: /healthz every 1 s.
 func httpCheck() map[string]any {
 	return map[string]any{"protocol": "http", "path": "/healthz", "interval": "1s", "timeout": "500ms", "rise": 2, "fall": 2}
+}
+
+// waitUp waits until the agent reports service name applied with every
+// backend checked and healthy, then until the kernel shows it with the
+// given real servers and weights. Waiting for the status first matters: a
+// new service starts failing open (no backend checked yet, every weight
+// configured), then its unchecked backends drop to weight 0 until their
+// first check passes, so the kernel alone can match too early.
+func (l *agentLab) waitUp(t testing.TB, name, proto, addr string, weights map[string]int) IPVSService {
+	t.Helper()
+	l.waitStatus(t, 0, name, "applied with every backend healthy", func(st watcher.Status) error {
+		if st.State != watcher.StateApplied {
+			return fmt.Errorf("state %s: %s", st.State, st.Error)
+		}
+		if len(st.Backends) == 0 {
+			return errors.New("no backends")
+		}
+		for _, b := range st.Backends {
+			if !b.Healthy {
+				return fmt.Errorf("%s:%d not healthy", b.Address, b.Port)
+			}
+		}
+		return nil
+	})
+	return waitService(t, proto, addr, weights)
+}
+
+// waitConns waits until a service's Conns counter reaches at least n and
+// returns it. The kernel (6.1) folds its per-CPU counters into what
+// ipvsadm --stats shows only every 2 s, so the counter lags the traffic.
+func waitConns(t testing.TB, proto, addr string, n int) int {
+	t.Helper()
+	var got int
+	WaitFor(t, 30*time.Second, fmt.Sprintf("%s %s Conns >= %d", proto, addr, n), func() error {
+		got = statsConns(t, proto, addr)
+		if got < n {
+			return fmt.Errorf("Conns = %d", got)
+		}
+		return nil
+	})
+	return got
 }

@@ -1,0 +1,288 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/switchman-lb/switchman/watcher"
+)
+
+// TestAgentHealth runs the agent's health checker against the lab's
+// backends (HTTP /healthz every 1 s, timeout 500 ms, fall 2, rise 2): a
+// failing backend's weight goes to 0 and comes back, fail_open decides
+// what happens when every backend fails, and a removed backend drains.
+func TestAgentHealth(t *testing.T) {
+	l := newAgentLab(t)
+	all := Backends
+
+	t.Run("down-and-up", func(t *testing.T) {
+		const vip = "192.0.2.161"
+		be2 := all[1]
+		l.putService(t, "hc", svcDef{"vip": vip, "port": 80, "backends": backendsDef(80, 1, all...), "health": httpCheck()})
+		addr := IPVSHostPort(vip, 80)
+		l.waitUp(t, "hc", "TCP", addr, weightsOf(80, 1, all...))
+		l.waitStatus(t, 0, "hc", "3 healthy backends", appliedHealthy(3))
+		waitHTTP(t, "http://"+addr+"/")
+
+		be2Addr := IPVSHostPort(be2.Addr, 80)
+		SetBackendHealth(t, be2.Name, false)
+		took := timeWeight(t, addr, be2Addr, 0)
+		// interval 1 s x fall 2 = 2 s, plus one timeout and the reconcile
+		t.Logf("FIGURE health detection (down-file written to weight 0 in ipvsadm, interval 1s x fall 2): %s", took.Round(time.Millisecond))
+		st := l.waitStatus(t, 0, "hc", "be2 unhealthy", func(st watcher.Status) error {
+			for _, b := range st.Backends {
+				if b.Address == be2.Addr && !b.Healthy && b.Weight == 0 && b.LastError != "" {
+					return nil
+				}
+			}
+			return errors.New("be2 not reported unhealthy with weight 0 and its last error")
+		})
+		t.Logf("status: %+v", st.Backends)
+		tally := Tally(15, func() (string, error) { return ClientGet("http://" + addr + "/") })
+		t.Logf("15 requests with be2 down: %s", TallyString(tally))
+		requireNoErrors(t, tally)
+		if tally[be2.Name] != 0 {
+			t.Errorf("be2 still got %d of 15 new connections at weight 0", tally[be2.Name])
+		}
+
+		SetBackendHealth(t, be2.Name, true)
+		took = timeWeight(t, addr, be2Addr, 1)
+		t.Logf("FIGURE health recovery (down-file removed to weight 1, rise 2): %s", took.Round(time.Millisecond))
+		l.waitStatus(t, 0, "hc", "3 healthy backends again", appliedHealthy(3))
+		tally = Tally(9, func() (string, error) { return ClientGet("http://" + addr + "/") })
+		requireNoErrors(t, tally)
+		if tally[be2.Name] == 0 {
+			t.Errorf("be2 got none of 9 requests after it recovered: %s", TallyString(tally))
+		}
+	})
+
+	t.Run("fail-open", func(t *testing.T) {
+		const vip = "192.0.2.162"
+		def := svcDef{"vip": vip, "port": 80, "fail_open": true, "backends": backendsDef(80, 1, all...), "health": httpCheck()}
+		l.putService(t, "fo", def)
+		addr := IPVSHostPort(vip, 80)
+		l.waitUp(t, "fo", "TCP", addr, weightsOf(80, 1, all...))
+		l.waitStatus(t, 0, "fo", "3 healthy backends", appliedHealthy(3))
+
+		for _, be := range all {
+			SetBackendHealth(t, be.Name, false)
+		}
+		l.waitStatus(t, 0, "fo", "failing open with every backend unhealthy", func(st watcher.Status) error {
+			if !st.FailingOpen {
+				return errors.New("failing_open not set")
+			}
+			for _, b := range st.Backends {
+				if b.Healthy {
+					return fmt.Errorf("%s still healthy", b.Address)
+				}
+			}
+			return nil
+		})
+		// the configured weights stay, and traffic still flows
+		s := waitService(t, "TCP", addr, weightsOf(80, 1, all...))
+		t.Logf("failing open: %+v", s.Dests)
+		waitHTTP(t, "http://"+addr+"/")
+		requireNoErrors(t, Tally(6, func() (string, error) { return ClientGet("http://" + addr + "/") }))
+
+		def["fail_open"] = false
+		l.putService(t, "fo", def)
+		waitService(t, "TCP", addr, weightsOf(80, 0, all...))
+		l.waitStatus(t, 0, "fo", "not failing open with fail_open false", func(st watcher.Status) error {
+			if st.FailingOpen {
+				return errors.New("failing_open still set")
+			}
+			return nil
+		})
+
+		for _, be := range all {
+			SetBackendHealth(t, be.Name, true)
+		}
+		l.waitUp(t, "fo", "TCP", addr, weightsOf(80, 1, all...))
+	})
+
+	t.Run("drain", func(t *testing.T) {
+		const vip = "192.0.2.163"
+		const drain = 60 * time.Second
+		def := svcDef{"vip": vip, "port": 80, "drain": "60s", "backends": backendsDef(80, 1, all...), "health": httpCheck()}
+		l.putService(t, "drain", def)
+		addr := IPVSHostPort(vip, 80)
+		l.waitUp(t, "drain", "TCP", addr, weightsOf(80, 1, all...))
+		l.waitStatus(t, 0, "drain", "3 healthy backends", appliedHealthy(3))
+
+		// The first traffic to the VIP: one keep-alive connection. Nothing
+		// else has touched the backends through IPVS, so the backend it
+		// lands on has exactly this one connection.
+		var conn *keepAlive
+		WaitFor(t, 0, "a keep-alive connection to "+addr, func() error {
+			c, err := dialKeepAlive(addr)
+			if err == nil {
+				conn = c
+			}
+			return err
+		})
+		defer conn.Close()
+		who, err := conn.get("/whoami")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var target Backend
+		for _, be := range all {
+			if strings.HasPrefix(who, be.Name+" ") {
+				target = be
+			}
+		}
+		if target.Name == "" {
+			t.Fatalf("/whoami answered %q", who)
+		}
+		t.Logf("the held connection is on %s (%s)", target.Name, who)
+
+		var rest []Backend
+		for _, be := range all {
+			if be != target {
+				rest = append(rest, be)
+			}
+		}
+		def["backends"] = backendsDef(80, 1, rest...)
+		l.putService(t, "drain", def)
+		removed := time.Now()
+		targetAddr := IPVSHostPort(target.Addr, 80)
+		want := weightsOf(80, 1, rest...)
+		want[targetAddr] = 0
+		s := l.waitUp(t, "drain", "TCP", addr, want)
+		d, _ := s.Dest(targetAddr)
+		t.Logf("draining: %+v", d)
+		if d.ActiveConn+d.InActConn == 0 {
+			t.Errorf("the draining destination shows no connection: %+v", d)
+		}
+		l.waitStatus(t, 0, "drain", target.Name+" draining", func(st watcher.Status) error {
+			for _, b := range st.Backends {
+				if b.Address == target.Addr && b.Draining && b.Weight == 0 {
+					return nil
+				}
+			}
+			return errors.New("not reported draining with weight 0")
+		})
+		// the held connection still works; new ones go elsewhere
+		if got, err := conn.get("/"); err != nil || got != target.Name {
+			t.Errorf("the held connection during the drain: %q, %v", got, err)
+		}
+		tally := Tally(6, func() (string, error) { return ClientGet("http://" + addr + "/") })
+		requireNoErrors(t, tally)
+		if tally[target.Name] != 0 {
+			t.Errorf("the draining %s got %d new connections: %s", target.Name, tally[target.Name], TallyString(tally))
+		}
+
+		// Close with a reset: IPVS keeps a gracefully closed connection in
+		// TIME_WAIT (counted in InActConn) for 2 minutes, longer than the
+		// drain; a reset leaves it in CLOSE for 10 s.
+		if err := conn.reset(); err != nil {
+			t.Fatal(err)
+		}
+		closed := time.Now()
+		WaitIPVS(t, drain, targetAddr+" deleted after its connection closed", func(svcs []IPVSService) error {
+			s, ok := FindIPVSService(svcs, "TCP", addr)
+			if !ok {
+				return errors.New("service missing")
+			}
+			if d, ok := s.Dest(targetAddr); ok {
+				return fmt.Errorf("still present: %+v", d)
+			}
+			if len(s.Dests) != len(rest) {
+				return fmt.Errorf("%d real servers, want %d", len(s.Dests), len(rest))
+			}
+			return nil
+		})
+		gone := time.Since(removed)
+		t.Logf("FIGURE drain: destination deleted %s after its connection was reset, %s after the backend was removed (drain %s)",
+			time.Since(closed).Round(time.Millisecond), gone.Round(time.Millisecond), drain)
+		if gone > drain*3/4 {
+			t.Errorf("the destination went %s after removal: the drain ran (nearly) to its %s deadline instead of ending when the connection did", gone, drain)
+		}
+	})
+}
+
+// timeWeight polls ipvsadm every 100 ms until real server dest of service
+// addr has weight w, and returns how long that took (at most 60 s).
+func timeWeight(t *testing.T, addr, dest string, w int) time.Duration {
+	t.Helper()
+	start := time.Now()
+	deadline := start.Add(60 * time.Second)
+	var last string
+	for {
+		svcs, err := IPVSList()
+		if err == nil {
+			s, _ := FindIPVSService(svcs, "TCP", addr)
+			d, ok := s.Dest(dest)
+			if ok && d.Weight == w {
+				return time.Since(start)
+			}
+			last = fmt.Sprintf("%+v", s)
+		} else {
+			last = err.Error()
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s in %s did not reach weight %d in 60s: %s", dest, addr, w, last)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// keepAlive is one HTTP/1.1 connection from the client namespace that
+// stays open between requests.
+type keepAlive struct {
+	c  net.Conn
+	br *bufio.Reader
+}
+
+func dialKeepAlive(addr string) (*keepAlive, error) {
+	c, err := DialNS(ClientNS, "tcp", addr, RequestTimeout)
+	if err != nil {
+		return nil, err
+	}
+	return &keepAlive{c: c, br: bufio.NewReader(c)}, nil
+}
+
+// get sends GET path on the connection and returns the trimmed body.
+func (k *keepAlive) get(path string) (string, error) {
+	if err := k.c.SetDeadline(time.Now().Add(RequestTimeout)); err != nil {
+		return "", err
+	}
+	if _, err := fmt.Fprintf(k.c, "GET %s HTTP/1.1\r\nHost: lab\r\n\r\n", path); err != nil {
+		return "", err
+	}
+	resp, err := http.ReadResponse(k.br, nil)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return "", err
+	}
+	if resp.StatusCode != http.StatusOK || resp.Close {
+		return "", fmt.Errorf("GET %s: %s (close %v)", path, resp.Status, resp.Close)
+	}
+	return strings.TrimSpace(string(b)), nil
+}
+
+// reset closes the connection with a TCP reset (SO_LINGER 0).
+func (k *keepAlive) reset() error {
+	if tc, ok := k.c.(*net.TCPConn); ok {
+		if err := tc.SetLinger(0); err != nil {
+			return err
+		}
+	}
+	return k.c.Close()
+}
+
+// Close closes the connection (a no-op error after reset).
+func (k *keepAlive) Close() { _ = k.c.Close() }
