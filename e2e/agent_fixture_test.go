@@ -98,7 +98,7 @@ func newAgentLab(t *testing.T) *agentLab {
 	t.Cleanup(func() {
 		l.stopAgent(t)
 		if t.Failed() {
-			t.Logf("last lines of the agent log %s:\n%s", l.logPath, TailFile(l.logPath, 400))
+			t.Logf("last lines of the agent log %s:\n%s", l.logPath, TailFile(l.logPath, 150))
 		}
 		_ = cli.Close()
 		l.stopEtcd()
@@ -159,7 +159,7 @@ func (l *agentLab) startAgent(t testing.TB) {
 		t.Fatal(err)
 	}
 	fmt.Fprintf(logf, "=== e2e: starting the agent at %s\n", time.Now().Format(time.RFC3339Nano))
-	cmd := exec.Command(SwitchmanBin(t), "--log-level", "debug", "agent",
+	cmd := exec.Command(SwitchmanBin(t), "--log-level", "info", "agent",
 		"--etcd-endpoints", l.clientURL,
 		"--prefix", agentPrefix,
 		"--node", agentNode,
@@ -536,9 +536,23 @@ func waitHTTP(t testing.TB, url string) {
 	})
 }
 
-// httpCheck is the health section the scenarios use: /healthz every 1 s.
+// httpCheck is the health section of the scenarios that are not about
+// health: /healthz every 2 s with a 1.5 s timeout and fall 3, lenient
+// enough that a stall of the emulated VM does not flap a backend.
 func httpCheck() map[string]any {
-	return map[string]any{"protocol": "http", "path": "/healthz", "interval": "1s", "timeout": "500ms", "rise": 2, "fall": 2}
+	return map[string]any{"protocol": "http", "path": "/healthz", "interval": "2s", "timeout": "1500ms", "rise": 2, "fall": 3}
+}
+
+// Settings of fastHTTPCheck, the health scenarios' check.
+const (
+	fastInterval = time.Second
+	fastFall     = 2
+)
+
+// fastHTTPCheck is the health scenarios' check: /healthz every 1 s,
+// timeout 500 ms, fall 2, rise 2.
+func fastHTTPCheck() map[string]any {
+	return map[string]any{"protocol": "http", "path": "/healthz", "interval": "1s", "timeout": "500ms", "rise": 2, "fall": fastFall}
 }
 
 // waitUp waits until the agent reports service name applied with every
