@@ -50,9 +50,10 @@ type HealthSource interface {
 }
 
 // ConnectionCounter is implemented by drivers that can tell how many
-// connections a backend still has, which ends a drain early.
+// connections a backend still has, which ends a drain early. It is asked
+// only about the services named, those with draining backends.
 type ConnectionCounter interface {
-	Connections(ctx context.Context) (map[render.BackendRef]int, error)
+	Connections(ctx context.Context, services map[string]bool) (map[render.BackendRef]int, error)
 }
 
 // Options configure the loop.
@@ -278,7 +279,7 @@ func (a *Agent) finishDrains(ctx context.Context, now time.Time) time.Duration {
 	for _, d := range a.drivers {
 		if cc, ok := d.(ConnectionCounter); ok {
 			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			c, err := cc.Connections(cctx)
+			c, err := cc.Connections(cctx, a.drain.services())
 			cancel()
 			if err != nil {
 				a.log.Warn("read connection counts for draining backends", "driver", d.Name(), "error", err)

@@ -73,6 +73,15 @@ func (d *drainer) update(services []*spec.Service, now time.Time) map[string][]s
 
 func (d *drainer) empty() bool { return len(d.draining) == 0 }
 
+// services names the services with draining backends.
+func (d *drainer) services() map[string]bool {
+	out := make(map[string]bool, len(d.draining))
+	for name := range d.draining {
+		out[name] = true
+	}
+	return out
+}
+
 // finish ends drains that are over: time is up, or (when counts are known)
 // no connection is left. It reports whether any ended.
 func (d *drainer) finish(now time.Time, conns map[render.BackendRef]int, known bool) bool {

@@ -35,7 +35,7 @@ type recordingDriver struct {
 
 // Connections reports the connection counts the test set, as the IPVS
 // driver reports ActiveConn+InActConn.
-func (d *recordingDriver) Connections(context.Context) (map[render.BackendRef]int, error) {
+func (d *recordingDriver) Connections(context.Context, map[string]bool) (map[render.BackendRef]int, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	out := make(map[render.BackendRef]int, len(d.conns))

@@ -562,7 +562,7 @@ func (d *Driver) publishServers() {
 
 // Connections returns the current connection count of every server of
 // every HAProxy service, which lets the agent end a drain early.
-func (d *Driver) Connections(ctx context.Context) (map[render.BackendRef]int, error) {
+func (d *Driver) Connections(ctx context.Context, services map[string]bool) (map[render.BackendRef]int, error) {
 	m := d.servers.Load()
 	if m == nil {
 		return map[render.BackendRef]int{}, nil
@@ -574,6 +574,9 @@ func (d *Driver) Connections(ctx context.Context) (map[render.BackendRef]int, er
 	out := map[render.BackendRef]int{}
 	for be, servers := range *m {
 		svc := strings.TrimPrefix(be, "be_")
+		if !services[svc] {
+			continue
+		}
 		for name, ap := range servers {
 			if n, ok := st[be][name]; ok {
 				out[render.BackendRef{Service: svc, Addr: ap}] = n

@@ -124,7 +124,7 @@ func TestApplyRemoveWaitsForSessions(t *testing.T) {
 	rt.mu.Lock()
 	rt.backends["be_api"]["s10.0.0.2_80"].sessions = 3
 	rt.mu.Unlock()
-	conns, err := d.Connections(ctx)
+	conns, err := d.Connections(ctx, map[string]bool{"api": true})
 	if err != nil || conns[render.BackendRef{Service: "api", Addr: netip.MustParseAddrPort("10.0.0.2:80")}] != 3 {
 		t.Errorf("Connections = %v, %v", conns, err)
 	}

@@ -443,7 +443,7 @@ func TestRealHAProxyRestartAndAdopt(t *testing.T) {
 	if err != nil || len(st) != 2 {
 		t.Fatalf("servers: %+v %v", st, err)
 	}
-	conns, err := d2.Connections(context.Background())
+	conns, err := d2.Connections(context.Background(), map[string]bool{"tcp": true})
 	if err != nil || len(conns) != 2 {
 		t.Errorf("connections: %v %v", conns, err)
 	}

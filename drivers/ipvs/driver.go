@@ -295,13 +295,17 @@ func (d *Driver) record(next map[Key]string) error {
 	return nil
 }
 
-// Connections returns the active plus inactive connection count of every
-// destination of the services this driver owns, keyed by switchman service
-// and backend address.
-func (d *Driver) Connections(ctx context.Context) (map[render.BackendRef]int, error) {
+// Connections returns the connections still open on every destination of
+// the named services this driver owns, keyed by switchman service and
+// backend address: ActiveConn for TCP (InActConn is mostly TIME_WAIT, which
+// needs no backend), and InActConn for UDP, where every entry is inactive.
+func (d *Driver) Connections(ctx context.Context, services map[string]bool) (map[render.BackendRef]int, error) {
 	owned := d.Owned()
 	out := map[render.BackendRef]int{}
 	for k, name := range owned {
+		if !services[name] {
+			continue
+		}
 		s := Service{Protocol: k.Protocol, Address: k.Address, Port: k.Port}
 		dsts, err := call(ctx, d.timeout, func(c context.Context) ([]Destination, error) { return d.kernel.Destinations(c, s) })
 		if errors.Is(err, syscall.ESRCH) {
@@ -311,7 +315,11 @@ func (d *Driver) Connections(ctx context.Context) (map[render.BackendRef]int, er
 			return nil, err
 		}
 		for _, dst := range dsts {
-			out[render.BackendRef{Service: name, Addr: dst.AddrPort()}] += dst.ActiveConn + dst.InActConn
+			n := dst.ActiveConn
+			if k.Protocol == UDP {
+				n = dst.InActConn
+			}
+			out[render.BackendRef{Service: name, Addr: dst.AddrPort()}] += n
 		}
 	}
 	return out, nil
