@@ -1,0 +1,590 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"math"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/switchman-lb/switchman/render"
+	"github.com/switchman-lb/switchman/spec"
+	"github.com/switchman-lb/switchman/watcher"
+)
+
+// The convergence figures (docs/bench/convergence.md): the agent binary
+// against etcd with 2,000 services, compared in the same VM run with what a
+// resync-everything tool does (ipvsadm -C, then ipvsadm -R of the whole
+// re-rendered table).
+
+const (
+	convServices = 2000
+	convBackends = 4
+	convPort     = 80
+	// convChanges is the number of one-weight changes per side.
+	convChanges = 50
+	// convNode is the agent's --node.
+	convNode = "lab"
+	// convPhaseBudget bounds each side's series of changes; a side that
+	// runs out stops early and the figures say how many changes it made.
+	convPhaseBudget = 10 * time.Minute
+	// convLongWait bounds a cold start or a restart.
+	convLongWait = 10 * time.Minute
+	// convChangeWait bounds one change becoming visible.
+	convChangeWait = 2 * time.Minute
+)
+
+// Metrics of the agent's reconcile loop the figures read.
+const (
+	convMetricPasses   = "switchman_reconcile_duration_seconds_count"
+	convMetricPassSum  = "switchman_reconcile_duration_seconds_sum"
+	convMetricRevision = "switchman_last_applied_revision"
+)
+
+// convService is one benchmark service: a VIP in 198.18.0.0/15 on port 80
+// and four NAT backends in 10.0.0.0/8 that no traffic ever reaches.
+type convService struct {
+	name     string
+	vip      netip.Addr
+	backends [convBackends]netip.Addr
+	weights  [convBackends]int
+}
+
+func convModel() []convService {
+	out := make([]convService, convServices)
+	for i := range out {
+		s := convService{
+			name: fmt.Sprintf("conv%04d", i),
+			vip:  netip.AddrFrom4([4]byte{198, 18, byte(i / 250), byte(i%250 + 1)}),
+		}
+		for j := range convBackends {
+			s.backends[j] = netip.AddrFrom4([4]byte{10, byte(100 + j), byte(i / 250), byte(i%250 + 1)})
+			s.weights[j] = 1
+		}
+		out[i] = s
+	}
+	return out
+}
+
+// definition is the service's etcd value: rr, NAT, no health check, no
+// drain.
+func (s convService) definition() []byte {
+	bes := make([]map[string]any, convBackends)
+	for j := range convBackends {
+		bes[j] = map[string]any{"address": s.backends[j].String(), "port": convPort, "weight": s.weights[j]}
+	}
+	b, err := json.Marshal(map[string]any{
+		"vip": s.vip.String(), "port": convPort, "protocol": "tcp", "scheduler": "rr", "forwarding": "nat",
+		"backends": bes, "health": map[string]any{"protocol": "none"}, "drain": "0s",
+	})
+	if err != nil {
+		panic(err) // a map of strings and ints always marshals
+	}
+	return b
+}
+
+func (s convService) vipPort() string { return IPVSHostPort(s.vip.String(), convPort) }
+
+func (s convService) dest(j int) string { return IPVSHostPort(s.backends[j].String(), convPort) }
+
+// convChange is one change: backend j of service svc gets weight w.
+type convChange struct{ svc, j int }
+
+// convChangeList picks n distinct services spread over the table.
+func convChangeList(n int) []convChange {
+	out := make([]convChange, n)
+	for i := range out {
+		out[i] = convChange{svc: (i*797 + 13) % convServices, j: i % convBackends} // 797 is prime to 2000
+	}
+	return out
+}
+
+// convParsed parses every definition as the agent would.
+func convParsed(t testing.TB, model []convService) []*spec.Service {
+	t.Helper()
+	out := make([]*spec.Service, len(model))
+	for i, s := range model {
+		p, err := spec.Parse(s.name, s.definition())
+		if err != nil {
+			t.Fatalf("definition of %s: %v", s.name, err)
+		}
+		out[i] = p
+	}
+	return out
+}
+
+// convWant is the kernel table a render should give: "TCP vip:port" ->
+// real server -> weight.
+func convWant(st *render.State) map[string]map[string]int {
+	out := make(map[string]map[string]int, len(st.IPVS))
+	for _, s := range st.IPVS {
+		d := make(map[string]int, len(s.Destinations))
+		for _, x := range s.Destinations {
+			d[IPVSHostPort(x.Address.String(), int(x.Port))] = x.Weight
+		}
+		out[strings.ToUpper(string(s.Protocol))+" "+IPVSHostPort(s.Address.String(), int(s.Port))] = d
+	}
+	return out
+}
+
+// convCheckKernel compares the whole kernel table (ipvsadm -Ln) with want:
+// the same services, real servers, weights and masquerading, nothing else.
+func convCheckKernel(t testing.TB, what string, want map[string]map[string]int) {
+	t.Helper()
+	out, err := Run(5*time.Minute, IPVSADMBin, "-Ln")
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	svcs, err := ParseIPVSList(out)
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	var bad []string
+	seen := map[string]bool{}
+	for _, s := range svcs {
+		seen[s.Key()] = true
+		w, ok := want[s.Key()]
+		if !ok {
+			bad = append(bad, s.Key()+" listed, not wanted")
+			continue
+		}
+		if s.Scheduler != "rr" || len(s.Dests) != len(w) {
+			bad = append(bad, fmt.Sprintf("%s: scheduler %s, %d real servers, want rr and %d", s.Key(), s.Scheduler, len(s.Dests), len(w)))
+			continue
+		}
+		for _, d := range s.Dests {
+			if ww, ok := w[d.Address]; !ok || ww != d.Weight || d.Forward != "Masq" {
+				bad = append(bad, fmt.Sprintf("%s: real server %s %s weight %d, want Masq weight %d (wanted: %v)", s.Key(), d.Address, d.Forward, d.Weight, ww, ok))
+			}
+		}
+	}
+	for k := range want {
+		if !seen[k] {
+			bad = append(bad, k+" missing")
+		}
+	}
+	if len(bad) > 0 {
+		t.Fatalf("%s: the kernel table is wrong in %d places, e.g.:\n%s", what, len(bad), strings.Join(bad[:min(len(bad), 10)], "\n"))
+	}
+}
+
+// convProcCount counts the kernel's virtual services and real servers from
+// /proc/net/ip_vs (the kernel's own listing, one read, no netlink).
+func convProcCount() (svcs, dests int, err error) {
+	f, err := os.Open("/proc/net/ip_vs")
+	if err != nil {
+		return 0, 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fl := strings.Fields(sc.Text())
+		switch {
+		case len(fl) == 0:
+		case fl[0] == "TCP" || fl[0] == "UDP":
+			svcs++
+		case fl[0] == "->" && fl[1] != "RemoteAddress:Port":
+			dests++
+		}
+	}
+	return svcs, dests, sc.Err()
+}
+
+// convWeightVisible reads one service with ipvsadm -Ln -t and reports
+// whether real server dest has weight w.
+func convWeightVisible(vipPort, dest string, w int) bool {
+	out, err := Run(30*time.Second, IPVSADMBin, "-Ln", "-t", vipPort)
+	if err != nil {
+		return false // not there (yet), e.g. between ipvsadm -C and -R
+	}
+	svcs, err := ParseIPVSList(out)
+	if err != nil || len(svcs) != 1 {
+		return false
+	}
+	d, ok := svcs[0].Dest(dest)
+	return ok && d.Weight == w
+}
+
+// convWaitWeight polls until real server dest of vipPort has weight w and
+// returns when it saw it. It polls every 10 ms (each poll is an ipvsadm
+// run, a few ms of emulated fork and exec).
+func convWaitWeight(t testing.TB, vipPort, dest string, w int, alive func() error) time.Time {
+	t.Helper()
+	deadline := time.Now().Add(convChangeWait)
+	for {
+		if convWeightVisible(vipPort, dest, w) {
+			return time.Now()
+		}
+		if alive != nil {
+			if err := alive(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s real server %s: weight %d not visible after %s", vipPort, dest, w, convChangeWait)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// convPct is the nearest-rank percentile p (0-100) of ds.
+func convPct(ds []time.Duration, p float64) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	i := int(math.Ceil(p/100*float64(len(s)))) - 1
+	return s[max(0, min(i, len(s)-1))]
+}
+
+func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
+
+// convStartAgent starts the agent binary as the figures run it (IPVS driver
+// only, logging warnings to a file) and records it in the fixture, so the
+// fixture's stopAgent, checkAgentRunning and metrics apply.
+func convStartAgent(t testing.TB, l *agentLab, dataDir string) {
+	t.Helper()
+	logf, err := os.OpenFile(l.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(logf, "=== e2e: starting the agent at %s\n", time.Now().Format(time.RFC3339Nano))
+	cmd := exec.Command(SwitchmanBin(t), "--log-level", "warn", "agent",
+		"--etcd-endpoints", l.clientURL,
+		"--prefix", agentPrefix,
+		"--drivers", "ipvs",
+		"--data-dir", dataDir,
+		"--node", convNode,
+		"--metrics-addr", l.metricsAddr,
+	)
+	cmd.Stdout = logf
+	cmd.Stderr = logf
+	if err := cmd.Start(); err != nil {
+		logf.Close()
+		t.Fatalf("start agent: %v", err)
+	}
+	p := &agentProc{cmd: cmd, done: make(chan struct{})}
+	go func() {
+		p.err = cmd.Wait()
+		logf.Close()
+		close(p.done)
+	}()
+	l.mu.Lock()
+	l.proc = p
+	l.mu.Unlock()
+}
+
+// convAlive returns an error when the agent process has exited.
+func convAlive(l *agentLab) error {
+	l.mu.Lock()
+	p := l.proc
+	l.mu.Unlock()
+	if p == nil {
+		return errors.New("the agent is not running")
+	}
+	select {
+	case <-p.done:
+		return fmt.Errorf("the agent exited: %v\n%s", p.err, TailFile(l.logPath, 40))
+	default:
+		return nil
+	}
+}
+
+// convWaitMetrics polls /metrics until cond accepts a scrape, and returns it.
+func convWaitMetrics(t testing.TB, l *agentLab, timeout time.Duration, what string, cond func(map[string]float64) error) map[string]float64 {
+	t.Helper()
+	var got map[string]float64
+	WaitFor(t, timeout, what, func() error {
+		if err := convAlive(l); err != nil {
+			t.Fatal(err)
+		}
+		m, err := l.metrics()
+		if err != nil {
+			return err
+		}
+		if err := cond(m); err != nil {
+			return err
+		}
+		got = m
+		return nil
+	})
+	return got
+}
+
+// convReady accepts a scrape once a pass has finished with every service
+// applied and, when rev > 0, the definitions up to etcd revision rev.
+func convReady(rev int64) func(map[string]float64) error {
+	return func(m map[string]float64) error {
+		if m[convMetricPasses] < 1 {
+			return errors.New("no reconcile pass finished yet")
+		}
+		if v := m[metricApplied]; int(v) != convServices {
+			return fmt.Errorf("%s = %v, want %d", metricApplied, v, convServices)
+		}
+		if v := m[convMetricRevision]; rev > 0 && int64(v) < rev {
+			return fmt.Errorf("%s = %v, want >= %d", convMetricRevision, v, rev)
+		}
+		return nil
+	}
+}
+
+// convRestore clears the whole IPVS table (ipvsadm -C) when clear is set,
+// then feeds rules to ipvsadm -R; it returns when each step finished.
+func convRestore(rulesPath string, clear bool) (cleared, restored time.Time, err error) {
+	if clear {
+		if out, err := exec.Command(IPVSADMBin, "-C").CombinedOutput(); err != nil {
+			return time.Time{}, time.Time{}, fmt.Errorf("ipvsadm -C: %w: %s", err, out)
+		}
+	}
+	cleared = time.Now()
+	in, err := os.Open(rulesPath)
+	if err != nil {
+		return cleared, time.Time{}, err
+	}
+	defer in.Close()
+	cmd := exec.Command(IPVSADMBin, "-R")
+	cmd.Stdin = in
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return cleared, time.Time{}, fmt.Errorf("ipvsadm -R: %w: %s", err, out)
+	}
+	return cleared, time.Now(), nil
+}
+
+// TestConvergenceFigures measures, in the lab VM, the agent binary against
+// an etcd holding 2,000 services x 4 backends: its cold start, how fast one
+// weight change reaches the kernel, and a restart with nothing changed;
+// and, in the same run, the same cold start and changes done the
+// resync-everything way (ipvsadm -C + ipvsadm -R of the whole re-rendered
+// table). It logs the figures and fails only when a table is wrong.
+// Figures go to docs/bench/convergence.md.
+func TestConvergenceFigures(t *testing.T) {
+	RequireLab(t)
+	// A figure, not a pass/fail test: it runs only when named
+	// (e2e/lab/run.sh -run Convergence).
+	if f := flag.Lookup("test.run"); f == nil || !strings.Contains(f.Value.String(), "Convergence") {
+		t.Skip("convergence figures run only when named: e2e/lab/run.sh -run Convergence")
+	}
+	SwitchmanBin(t)
+	// The comparison flushes the table with ipvsadm -C: refuse to run when
+	// anything is in it.
+	if n, _, err := convProcCount(); err != nil || n != 0 {
+		t.Fatalf("the IPVS table must be empty before the run (ipvsadm -C flushes it): %d services, %v", n, err)
+	}
+	t.Cleanup(func() { _, _ = Run(5*time.Minute, IPVSADMBin, "-C") })
+
+	dir := t.TempDir()
+	l := &agentLab{
+		t:           t,
+		dir:         dir,
+		etcdDir:     filepath.Join(dir, "etcd"),
+		clientURL:   "http://" + freeLoopbackAddr(t),
+		peerURL:     "http://" + freeLoopbackAddr(t),
+		metricsAddr: freeLoopbackAddr(t),
+		logPath:     filepath.Join(dir, "agent.log"),
+		tracked:     map[string]map[string]bool{},
+	}
+	l.startEtcd()
+	cli, err := watcher.Connect(watcher.ConnOptions{Endpoints: []string{l.clientURL}}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.cli = cli
+	t.Cleanup(func() {
+		l.stopAgent(t)
+		if t.Failed() {
+			t.Logf("last lines of the agent log:\n%s", TailFile(l.logPath, 60))
+		}
+		_ = cli.Close()
+		l.stopEtcd()
+	})
+	dataDir := filepath.Join(dir, "data")
+
+	model := convModel()
+	parsed := convParsed(t, model)
+	initial := render.Render(render.Input{Services: parsed})
+	if len(initial.IPVS) != convServices {
+		t.Fatalf("render gave %d IPVS services, want %d", len(initial.IPVS), convServices)
+	}
+	initialWant := convWant(initial)
+	initialRules := render.IPVSRules(initial.IPVS)
+
+	// The definitions, 100 puts per transaction.
+	start := time.Now()
+	var lastRev int64
+	for i := 0; i < len(model); i += 100 {
+		var ops []clientv3.Op
+		for _, s := range model[i:min(i+100, len(model))] {
+			ops = append(ops, clientv3.OpPut(serviceKey(s.name), string(s.definition())))
+		}
+		ctx, cancel := etcdCtx()
+		resp, err := cli.Txn(ctx).Then(ops...).Commit()
+		cancel()
+		if err != nil {
+			t.Fatalf("etcd txn: %v", err)
+		}
+		lastRev = resp.Header.Revision
+	}
+	t.Logf("put %d definitions in %d txns in %s (revision %d)", len(model), (len(model)+99)/100, ms(time.Since(start)), lastRev)
+
+	// 1. Cold start: the agent from its start to the whole table in the
+	// kernel, counted in /proc/net/ip_vs.
+	start = time.Now()
+	convStartAgent(t, l, dataDir)
+	var lastCount string
+	err = Poll(convLongWait, func() error {
+		if err := convAlive(l); err != nil {
+			t.Fatal(err)
+		}
+		s, d, err := convProcCount()
+		if err != nil {
+			return err
+		}
+		lastCount = fmt.Sprintf("%d services, %d real servers", s, d)
+		if s != convServices || d != convServices*convBackends {
+			return errors.New(lastCount)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("agent cold start: %v", err)
+	}
+	agentCold := time.Since(start)
+	m := convWaitMetrics(t, l, convLongWait, "the agent ready", convReady(lastRev))
+	agentReady := time.Since(start)
+	convCheckKernel(t, "after the agent's cold start", initialWant)
+	t.Logf("agent cold start: %d x %d in the kernel after %s (ready on /metrics after %s; %v passes, %.2f s in passes, %v IPVS writes)",
+		convServices, convBackends, ms(agentCold), ms(agentReady), m[convMetricPasses], m[convMetricPassSum], m[metricIPVSWrite])
+
+	// 2. Convergence: one weight change per put, from the put returning to
+	// the kernel showing it. Before the next change the agent's pass must
+	// be over (the applied revision reached the put's), so changes do not
+	// queue behind each other.
+	changes := convChangeList(convChanges)
+	var agentLat []time.Duration
+	m0 := m
+	phase := time.Now()
+	for _, c := range changes {
+		if time.Since(phase) > convPhaseBudget {
+			t.Logf("agent changes: budget %s used up after %d changes", convPhaseBudget, len(agentLat))
+			break
+		}
+		s := &model[c.svc]
+		s.weights[c.j]++
+		ctx, cancel := etcdCtx()
+		resp, err := cli.Put(ctx, serviceKey(s.name), string(s.definition()))
+		cancel()
+		if err != nil {
+			t.Fatalf("etcd put: %v", err)
+		}
+		put := time.Now()
+		seen := convWaitWeight(t, s.vipPort(), s.dest(c.j), s.weights[c.j], func() error { return convAlive(l) })
+		agentLat = append(agentLat, seen.Sub(put))
+		m = convWaitMetrics(t, l, convChangeWait, "the agent's pass over", convReady(resp.Header.Revision))
+	}
+	afterChanges := render.Render(render.Input{Services: convParsed(t, model)})
+	convCheckKernel(t, "after the agent's changes", convWant(afterChanges))
+	passes := m[convMetricPasses] - m0[convMetricPasses]
+	t.Logf("agent changes: %d, visible after p50 %s p99 %s (min %s, max %s); %v passes, %.0f ms per pass on average, %v IPVS writes",
+		len(agentLat), ms(convPct(agentLat, 50)), ms(convPct(agentLat, 99)), ms(convPct(agentLat, 0)), ms(convPct(agentLat, 100)),
+		passes, 1000*(m[convMetricPassSum]-m0[convMetricPassSum])/max(passes, 1), m[metricIPVSWrite]-m0[metricIPVSWrite])
+
+	// 3. Restart with nothing changed: SIGTERM, start on the same data dir,
+	// until a pass has finished with every service applied.
+	l.stopAgent(t)
+	start = time.Now()
+	convStartAgent(t, l, dataDir)
+	m = convWaitMetrics(t, l, convLongWait, "the restarted agent ready", convReady(0))
+	restartReady := time.Since(start)
+	restartWrites, ok := m[metricIPVSWrite]
+	if !ok {
+		t.Fatalf("no %s on /metrics", metricIPVSWrite)
+	}
+	convCheckKernel(t, "after the restart", convWant(afterChanges))
+	t.Logf("agent restart, nothing changed: ready after %s (%v passes, %.2f s in passes), %v IPVS writes",
+		ms(restartReady), m[convMetricPasses], m[convMetricPassSum], restartWrites)
+	l.stopAgent(t)
+
+	// 1b. The same cold start with ipvsadm -R from an empty table.
+	if out, err := Run(5*time.Minute, IPVSADMBin, "-C"); err != nil {
+		t.Fatal(out, err)
+	}
+	admCold, admCPU := ipvsadmRestoreCPU(t, initialRules)
+	convCheckKernel(t, "after ipvsadm -R", initialWant)
+	t.Logf("ipvsadm -R cold start: %s (%s)", ms(admCold), admCPU)
+
+	// 2b. The same changes the resync-everything way: re-render the whole
+	// table, ipvsadm -C, ipvsadm -R, from the start of the render to the
+	// change visible (the same poller as above).
+	model2 := convModel()
+	parsed2 := convParsed(t, model2)
+	rulesPath := filepath.Join(t.TempDir(), "rules")
+	var resLat, resFull, resRender, resGap []time.Duration
+	var last *render.State
+	phase = time.Now()
+	for _, c := range changes {
+		if time.Since(phase) > convPhaseBudget {
+			t.Logf("resync changes: budget %s used up after %d changes", convPhaseBudget, len(resLat))
+			break
+		}
+		s := &model2[c.svc]
+		s.weights[c.j]++
+		begin := time.Now()
+		p, err := spec.Parse(s.name, s.definition())
+		if err != nil {
+			t.Fatal(err)
+		}
+		parsed2[c.svc] = p
+		last = render.Render(render.Input{Services: parsed2})
+		if err := os.WriteFile(rulesPath, []byte(render.IPVSRules(last.IPVS)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		rendered := time.Now()
+		type result struct {
+			cleared, restored time.Time
+			err               error
+		}
+		done := make(chan result, 1)
+		go func() {
+			cl, re, err := convRestore(rulesPath, true)
+			done <- result{cl, re, err}
+		}()
+		seen := convWaitWeight(t, s.vipPort(), s.dest(c.j), s.weights[c.j], nil)
+		r := <-done
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		resLat = append(resLat, seen.Sub(begin))
+		resFull = append(resFull, r.restored.Sub(begin))
+		resRender = append(resRender, rendered.Sub(begin))
+		resGap = append(resGap, r.restored.Sub(r.cleared))
+	}
+	if last != nil {
+		convCheckKernel(t, "after the resync changes", convWant(last))
+	}
+	t.Logf("resync changes (render + ipvsadm -C + ipvsadm -R): %d, visible after p50 %s p99 %s (min %s, max %s); whole table back after p50 %s p99 %s; render p50 %s; table incomplete (ipvsadm -R running) p50 %s",
+		len(resLat), ms(convPct(resLat, 50)), ms(convPct(resLat, 99)), ms(convPct(resLat, 0)), ms(convPct(resLat, 100)),
+		ms(convPct(resFull, 50)), ms(convPct(resFull, 99)), ms(convPct(resRender, 50)), ms(convPct(resGap, 50)))
+
+	t.Logf("FIGURE cold start %d x %d (rr, NAT): agent %s, ipvsadm -R %s, agent/ipvsadm = %.2f",
+		convServices, convBackends, ms(agentCold), ms(admCold), float64(agentCold)/float64(admCold))
+	t.Logf("FIGURE one weight change with %d services loaded: agent p50 %s p99 %s (%d changes); resync (ipvsadm -C + -R) p50 %s p99 %s (%d changes); resync/agent p50 = %.1f, p99 = %.1f",
+		convServices, ms(convPct(agentLat, 50)), ms(convPct(agentLat, 99)), len(agentLat),
+		ms(convPct(resLat, 50)), ms(convPct(resLat, 99)), len(resLat),
+		float64(convPct(resLat, 50))/float64(convPct(agentLat, 50)), float64(convPct(resLat, 99))/float64(convPct(agentLat, 99)))
+	t.Logf("FIGURE restart with nothing changed: ready after %s, %v IPVS writes", ms(restartReady), restartWrites)
+}
