@@ -30,7 +30,9 @@ type StatusSink interface {
 
 // BackendHealth is the health checker's word on one backend.
 type BackendHealth struct {
-	Healthy        bool
+	Healthy bool
+	// Pending is true until the backend's first check has finished.
+	Pending        bool
 	LastError      string
 	LastTransition time.Time
 }
@@ -191,8 +193,12 @@ func (a *Agent) reconcile(ctx context.Context) passResult {
 	if a.health != nil {
 		view = a.health.View()
 		in.Healthy = make(map[render.BackendRef]bool, len(view))
+		in.Pending = map[render.BackendRef]bool{}
 		for ref, h := range view {
 			in.Healthy[ref] = h.Healthy
+			if h.Pending {
+				in.Pending[ref] = true
+			}
 		}
 	}
 	in.Draining = a.drain.update(services, start)

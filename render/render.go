@@ -28,6 +28,12 @@ type Input struct {
 	// taken as healthy, so a service without checks (or before the checker
 	// runs) gets its configured weights.
 	Healthy map[BackendRef]bool
+	// Pending holds backends whose first check has not finished. They get
+	// weight 0 (a new backend earns its weight with a success), and they
+	// do not count as down when deciding whether a service fails open, so
+	// a new service does not flip between fail-open and weight 0 while its
+	// first checks come in one by one.
+	Pending map[BackendRef]bool
 	// Draining lists backends removed from a definition that are kept at
 	// weight 0 until their connections end or the drain time is up.
 	Draining map[string][]spec.Backend
@@ -132,7 +138,7 @@ func Render(in Input) *State {
 	slices.SortFunc(services, func(a, b *spec.Service) int { return cmp.Compare(a.Name, b.Name) })
 	vips := map[netip.Addr]bool{}
 	for _, s := range services {
-		rep := weigh(s, in.Healthy, in.Draining[s.Name])
+		rep := weigh(s, in.Healthy, in.Pending, in.Draining[s.Name])
 		st.Services = append(st.Services, rep)
 		if !s.VIP.IsLoopback() { // loopback addresses are local already
 			vips[s.VIP] = true
@@ -161,18 +167,20 @@ func Render(in Input) *State {
 // weigh decides every backend's effective weight: configured when healthy,
 // 0 when not, all configured when every backend is down and the service
 // fails open, and 0 while draining.
-func weigh(s *spec.Service, healthy map[BackendRef]bool, draining []spec.Backend) ServiceReport {
+func weigh(s *spec.Service, healthy, pending map[BackendRef]bool, draining []spec.Backend) ServiceReport {
 	rep := ServiceReport{Name: s.Name, Driver: s.Driver, Key: s.Key()}
-	up := 0
+	down := 0
 	for _, b := range s.Backends {
-		h, known := healthy[BackendRef{Service: s.Name, Addr: b.AddrPort()}]
-		ok := !known || h
-		if ok {
-			up++
+		ref := BackendRef{Service: s.Name, Addr: b.AddrPort()}
+		h, known := healthy[ref]
+		ok := (!known || h) && !pending[ref]
+		if !ok && !pending[ref] {
+			down++
 		}
 		rep.Backends = append(rep.Backends, BackendReport{Address: b.Address, Port: b.Port, Healthy: ok, Weight: b.Weight})
 	}
-	rep.FailingOpen = up == 0 && len(s.Backends) > 0 && s.FailOpen
+	// Fail open only when every backend is known to be down.
+	rep.FailingOpen = down == len(s.Backends) && len(s.Backends) > 0 && s.FailOpen
 	for i := range rep.Backends {
 		if !rep.Backends[i].Healthy && !rep.FailingOpen {
 			rep.Backends[i].Weight = 0

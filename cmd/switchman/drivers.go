@@ -120,7 +120,12 @@ func (h healthView) View() map[render.BackendRef]agent.BackendHealth {
 	snap := h.s.Snapshot()
 	out := make(map[render.BackendRef]agent.BackendHealth, len(snap))
 	for k, st := range snap {
-		out[render.BackendRef(k)] = agent.BackendHealth{Healthy: st.Healthy, LastError: st.LastError, LastTransition: st.LastTransition}
+		out[render.BackendRef(k)] = agent.BackendHealth{
+			Healthy: st.Healthy, LastError: st.LastError, LastTransition: st.LastTransition,
+			// A target restarted by a settings change keeps its state while
+			// its first new check runs; only one with no state is pending.
+			Pending: st.Pending && !st.Healthy,
+		}
 	}
 	return out
 }
