@@ -70,6 +70,10 @@ type Options struct {
 	Prefix string
 	// VIPCIDRs restricts the VIPs this agent serves; empty means any.
 	VIPCIDRs []netip.Prefix
+	// Resync is the longest the loop waits between passes when nothing
+	// happens: a quiet pass repairs changes made behind the agent's back
+	// (default 30s).
+	Resync time.Duration
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 }
@@ -103,6 +107,9 @@ func New(log *slog.Logger, src Source, drivers []Driver, status StatusSink, heal
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
+	}
+	if opts.Resync <= 0 {
+		opts.Resync = 30 * time.Second
 	}
 	return &Agent{log: log, src: src, drivers: drivers, status: status, health: health, metrics: metrics, opts: opts,
 		eval: newEvaluator(opts.Prefix, opts.VIPCIDRs), drain: newDrainer(), logged: map[string]string{}}
@@ -155,9 +162,10 @@ func (a *Agent) Run(ctx context.Context) error {
 			timer.Reset(retry.next())
 		case res.wakeIn > 0:
 			retry.reset()
-			timer.Reset(res.wakeIn)
+			timer.Reset(min(res.wakeIn, a.opts.Resync))
 		default:
 			retry.reset()
+			timer.Reset(a.opts.Resync)
 		}
 	}
 }

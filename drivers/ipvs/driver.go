@@ -9,6 +9,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"reflect"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -46,7 +47,15 @@ type Config struct {
 	Logger  *slog.Logger
 	// CallTimeout bounds each kernel call; 0 means DefaultCallTimeout.
 	CallTimeout time.Duration
+	// FullResync is how often every owned service's destinations are read
+	// back from the kernel even when the desired state did not change;
+	// between full reads a pass reads only the services whose desired state
+	// changed (and the service list, always). 0 means DefaultFullResync.
+	FullResync time.Duration
 }
+
+// DefaultFullResync is the default Config.FullResync.
+const DefaultFullResync = 30 * time.Second
 
 // Driver programs IPVS virtual services. It implements the agent's Driver
 // and ConnectionCounter.
@@ -57,6 +66,12 @@ type Driver struct {
 	timeout time.Duration
 	writes  atomic.Uint64
 	turn    chan struct{} // one Apply at a time; waiting honours ctx
+
+	// Used only by Apply, under turn: what the last pass programmed and
+	// confirmed per service, and when destinations were last all read.
+	resync   time.Duration
+	applied  map[Key]Desired
+	lastFull time.Time
 
 	mu    sync.Mutex
 	owned map[Key]string // key -> switchman service, as last recorded
@@ -76,6 +91,9 @@ func New(cfg Config) (*Driver, error) {
 	if cfg.CallTimeout <= 0 {
 		cfg.CallTimeout = DefaultCallTimeout
 	}
+	if cfg.FullResync <= 0 {
+		cfg.FullResync = DefaultFullResync
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("ipvs driver: %w", err)
 	}
@@ -84,7 +102,8 @@ func New(cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Driver{kernel: cfg.Kernel, path: path, log: cfg.Logger, timeout: cfg.CallTimeout, owned: owned, turn: make(chan struct{}, 1)}
+	d := &Driver{kernel: cfg.Kernel, path: path, log: cfg.Logger, timeout: cfg.CallTimeout, owned: owned, turn: make(chan struct{}, 1),
+		resync: cfg.FullResync, applied: map[Key]Desired{}}
 	return d, nil
 }
 
@@ -142,11 +161,24 @@ func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]er
 		}
 	}
 	// Read destinations only where a diff needs them: desired services
-	// this driver owns. A cold start reads none.
+	// this driver owns. A cold start reads none, and between full resyncs
+	// a service whose desired state is what the last pass programmed is
+	// taken to have those destinations (its service attributes are still
+	// compared with the list), which keeps a pass at one dump per change.
+	full := time.Since(d.lastFull) >= d.resync
+	if full {
+		d.lastFull = time.Now()
+	}
 	var ready []Desired
 	for _, w := range want {
 		k := w.Service.Key()
 		obs, present := actual[k]
+		if last, ok := d.applied[k]; ok && present && !full && reflect.DeepEqual(last, w) {
+			obs.Destinations = w.Destinations
+			actual[k] = obs
+			ready = append(ready, w)
+			continue
+		}
 		if _, mine := owned[k]; present && mine {
 			dsts, err := call(ctx, d.timeout, func(c context.Context) ([]Destination, error) { return d.kernel.Destinations(c, obs.Service) })
 			if err != nil {
@@ -197,6 +229,14 @@ func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]er
 	if changed {
 		if err := d.record(next); err != nil {
 			d.log.Error("record IPVS ownership", "error", err)
+		}
+	}
+	// Remember what this pass left in the kernel; after any error, trust
+	// nothing and read everything again next time.
+	clear(d.applied)
+	if len(errs) == 0 {
+		for _, w := range ready {
+			d.applied[w.Service.Key()] = w
 		}
 	}
 	return errs
