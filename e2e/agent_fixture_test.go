@@ -78,6 +78,21 @@ func newAgentLab(t *testing.T) *agentLab {
 	t.Helper()
 	RequireLab(t)
 	SwitchmanBin(t)
+	// Registered first so it runs last, after the agent has stopped: the
+	// agent leaves its data plane in place when it stops; the scenarios
+	// deleted their services, so only the empty dummy interface is left.
+	t.Cleanup(func() { _, _ = Run(0, IPBin, "link", "del", agentVIPInterface) })
+	l := newEtcdLab(t, 150)
+	l.startAgent(t)
+	l.waitReady(t, 0)
+	return l
+}
+
+// newEtcdLab starts the in-process etcd and a client, with no agent yet,
+// and registers a cleanup that stops the agent (if started) and etcd and
+// shows the last logLines lines of the agent log when the test failed.
+func newEtcdLab(t *testing.T, logLines int) *agentLab {
+	t.Helper()
 	dir := t.TempDir()
 	l := &agentLab{
 		t:           t,
@@ -98,17 +113,11 @@ func newAgentLab(t *testing.T) *agentLab {
 	t.Cleanup(func() {
 		l.stopAgent(t)
 		if t.Failed() {
-			t.Logf("last lines of the agent log %s:\n%s", l.logPath, TailFile(l.logPath, 150))
+			t.Logf("last lines of the agent log %s:\n%s", l.logPath, TailFile(l.logPath, logLines))
 		}
 		_ = cli.Close()
 		l.stopEtcd()
-		// The agent leaves its data plane in place when it stops; the
-		// scenarios deleted their services, so only the empty dummy
-		// interface is left.
-		_, _ = Run(0, IPBin, "link", "del", agentVIPInterface)
 	})
-	l.startAgent(t)
-	l.waitReady(t, 0)
 	return l
 }
 

@@ -9,7 +9,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
 	"math"
 	"net/netip"
 	"os"
@@ -25,7 +24,6 @@ import (
 
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/spec"
-	"github.com/switchman-lb/switchman/watcher"
 )
 
 // The convergence figures (docs/bench/convergence.md): the agent binary
@@ -517,31 +515,7 @@ func TestConvergenceFigures(t *testing.T) {
 	}
 	t.Cleanup(func() { _, _ = Run(5*time.Minute, IPVSADMBin, "-C") })
 
-	dir := t.TempDir()
-	l := &agentLab{
-		t:           t,
-		dir:         dir,
-		etcdDir:     filepath.Join(dir, "etcd"),
-		clientURL:   "http://" + freeLoopbackAddr(t),
-		peerURL:     "http://" + freeLoopbackAddr(t),
-		metricsAddr: freeLoopbackAddr(t),
-		logPath:     filepath.Join(dir, "agent.log"),
-		tracked:     map[string]map[string]bool{},
-	}
-	l.startEtcd()
-	cli, err := watcher.Connect(watcher.ConnOptions{Endpoints: []string{l.clientURL}}, slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	l.cli = cli
-	t.Cleanup(func() {
-		l.stopAgent(t)
-		if t.Failed() {
-			t.Logf("last lines of the agent log:\n%s", TailFile(l.logPath, 60))
-		}
-		_ = cli.Close()
-		l.stopEtcd()
-	})
+	l := newEtcdLab(t, 60)
 	model := convModel()
 	parsed := convParsed(t, model)
 	initial := render.Render(render.Input{Services: parsed})
@@ -560,7 +534,7 @@ func TestConvergenceFigures(t *testing.T) {
 			ops = append(ops, clientv3.OpPut(serviceKey(s.name), string(s.definition())))
 		}
 		ctx, cancel := etcdCtx()
-		resp, err := cli.Txn(ctx).Then(ops...).Commit()
+		resp, err := l.cli.Txn(ctx).Then(ops...).Commit()
 		cancel()
 		if err != nil {
 			t.Fatalf("etcd txn: %v", err)
@@ -575,7 +549,7 @@ func TestConvergenceFigures(t *testing.T) {
 	// render from an empty table. The agent of the last round stays up.
 	var agentCold, admCold []time.Duration
 	agentRound := func(round int) {
-		st := convTimedStart(t, l, filepath.Join(dir, fmt.Sprintf("data%d", round)), lastRev, true)
+		st := convTimedStart(t, l, filepath.Join(l.dir, fmt.Sprintf("data%d", round)), lastRev, true)
 		convCheckKernel(t, "after the agent's cold start", initialWant)
 		agentCold = append(agentCold, st.inKernel)
 		t.Logf("round %d agent cold start: %s", round, st)
@@ -599,7 +573,7 @@ func TestConvergenceFigures(t *testing.T) {
 	admRound(1)
 	flush()
 	agentRound(1)
-	dataDir := filepath.Join(dir, "data1")
+	dataDir := filepath.Join(l.dir, "data1")
 	m, err := l.metrics()
 	if err != nil {
 		t.Fatal(err)
@@ -621,7 +595,7 @@ func TestConvergenceFigures(t *testing.T) {
 		s := &model[c.svc]
 		s.weights[c.j]++
 		ctx, cancel := etcdCtx()
-		resp, err := cli.Put(ctx, serviceKey(s.name), string(s.definition()))
+		resp, err := l.cli.Put(ctx, serviceKey(s.name), string(s.definition()))
 		cancel()
 		if err != nil {
 			t.Fatalf("etcd put: %v", err)
