@@ -163,12 +163,7 @@ func (l *agentLab) stopEtcd() {
 // is appended to the fixture's log file.
 func (l *agentLab) startAgent(t testing.TB) {
 	t.Helper()
-	logf, err := os.OpenFile(l.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Fprintf(logf, "=== e2e: starting the agent at %s\n", time.Now().Format(time.RFC3339Nano))
-	cmd := exec.Command(SwitchmanBin(t), "--log-level", "info", "agent",
+	l.spawnAgent(t, "--log-level", "info", "agent",
 		"--etcd-endpoints", l.clientURL,
 		"--prefix", agentPrefix,
 		"--node", agentNode,
@@ -178,6 +173,18 @@ func (l *agentLab) startAgent(t testing.TB) {
 		"--vip-interface", agentVIPInterface,
 		"--vip-cidrs", VIPRange,
 	)
+}
+
+// spawnAgent runs the agent binary with args, its output appended to the
+// fixture's log file, and records it so stopAgent and the metrics apply.
+func (l *agentLab) spawnAgent(t testing.TB, args ...string) {
+	t.Helper()
+	logf, err := os.OpenFile(l.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(logf, "=== e2e: starting the agent at %s\n", time.Now().Format(time.RFC3339Nano))
+	cmd := exec.Command(SwitchmanBin(t), args...)
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	if err := cmd.Start(); err != nil {

@@ -259,12 +259,7 @@ func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
 // fixture's stopAgent, checkAgentRunning and metrics apply.
 func convStartAgent(t testing.TB, l *agentLab, dataDir string) {
 	t.Helper()
-	logf, err := os.OpenFile(l.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Fprintf(logf, "=== e2e: starting the agent at %s\n", time.Now().Format(time.RFC3339Nano))
-	cmd := exec.Command(SwitchmanBin(t), "--log-level", "warn", "agent",
+	l.spawnAgent(t, "--log-level", "warn", "agent",
 		"--etcd-endpoints", l.clientURL,
 		"--prefix", agentPrefix,
 		"--drivers", "ipvs",
@@ -272,21 +267,6 @@ func convStartAgent(t testing.TB, l *agentLab, dataDir string) {
 		"--node", convNode,
 		"--metrics-addr", l.metricsAddr,
 	)
-	cmd.Stdout = logf
-	cmd.Stderr = logf
-	if err := cmd.Start(); err != nil {
-		logf.Close()
-		t.Fatalf("start agent: %v", err)
-	}
-	p := &agentProc{cmd: cmd, done: make(chan struct{})}
-	go func() {
-		p.err = cmd.Wait()
-		logf.Close()
-		close(p.done)
-	}()
-	l.mu.Lock()
-	l.proc = p
-	l.mu.Unlock()
 }
 
 // convAlive returns an error when the agent process has exited.

@@ -3,7 +3,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -11,7 +10,6 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -117,27 +115,6 @@ func checkListed(t *testing.T, svcs []IPVSService, want []render.IPVSService) {
 			}
 		}
 	}
-}
-
-// serviceConns reads the Conns counter of a service from
-// ipvsadm -Ln --stats --exact: the number of connections it has scheduled
-// since it was created.
-func serviceConns(t *testing.T, proto, addr string) int {
-	t.Helper()
-	out := MustRun(t, IPVSADMBin, "-Ln", "--stats", "--exact")
-	sc := bufio.NewScanner(strings.NewReader(out))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) >= 3 && f[0] == proto && f[1] == addr {
-			n, err := strconv.Atoi(f[2])
-			if err != nil {
-				t.Fatalf("stats line %q: %v", sc.Text(), err)
-			}
-			return n
-		}
-	}
-	t.Fatalf("%s %s not in ipvsadm -Ln --stats:\n%s", proto, addr, out)
-	return 0
 }
 
 func TestIPVSDriver(t *testing.T) {
@@ -246,7 +223,7 @@ func TestIPVSDriver(t *testing.T) {
 		svcAddr := IPVSHostPort(v, 80)
 		var connsBefore int
 		WaitFor(t, 0, "the service's connection counter to count the requests", func() error {
-			if connsBefore = serviceConns(t, "TCP", svcAddr); connsBefore < 5 {
+			if connsBefore = statsConns(t, "TCP", svcAddr); connsBefore < 5 {
 				return fmt.Errorf("Conns %d, want at least 5", connsBefore)
 			}
 			return nil
@@ -290,7 +267,7 @@ func TestIPVSDriver(t *testing.T) {
 		// A recreated service would count from 0 again, so it could not
 		// reach the old count plus the three new connections.
 		WaitFor(t, 0, "the connection counter to go on from where it was", func() error {
-			if after := serviceConns(t, "TCP", svcAddr); after < connsBefore+3 {
+			if after := statsConns(t, "TCP", svcAddr); after < connsBefore+3 {
 				return fmt.Errorf("Conns %d, want at least %d + 3", after, connsBefore)
 			}
 			return nil
