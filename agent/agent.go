@@ -11,6 +11,7 @@ import (
 
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/spec"
+	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
 )
 
@@ -25,7 +26,7 @@ type Source interface {
 // StatusSink receives every service's status after each reconcile. It must
 // not block on I/O.
 type StatusSink interface {
-	Publish(map[string]watcher.Status)
+	Publish(map[string]status.Status)
 }
 
 // BackendHealth is the health checker's word on one backend.
@@ -228,7 +229,7 @@ func (a *Agent) reconcile(ctx context.Context) passResult {
 	}
 	wake := a.finishDrains(ctx, start)
 
-	statuses := make(map[string]watcher.Status, len(verdicts))
+	statuses := make(map[string]status.Status, len(verdicts))
 	reports := map[string]render.ServiceReport{}
 	for _, r := range desired.Services {
 		reports[r.Name] = r
@@ -236,7 +237,7 @@ func (a *Agent) reconcile(ctx context.Context) passResult {
 	counts := map[string]int{}
 	var maxRev int64
 	for name, v := range verdicts {
-		st := watcher.Status{State: watcher.StateApplied, Revision: v.revision, Backends: []watcher.BackendStatus{}}
+		st := status.Status{State: status.StateApplied, Revision: v.revision, Backends: []status.BackendStatus{}}
 		if v.inForce != nil {
 			st.Driver = string(v.inForce.Driver)
 			st.VIP = v.inForce.Key().String()
@@ -247,24 +248,24 @@ func (a *Agent) reconcile(ctx context.Context) passResult {
 		}
 		var msgs []string
 		if v.rejected != nil {
-			st.State = watcher.StateRejected
+			st.State = status.StateRejected
 			msgs = append(msgs, v.rejected.Error())
 			if v.inForce != nil {
 				msgs = append(msgs, fmt.Sprintf("the last good version (revision %d) stays in force", v.revision))
 			}
 		}
 		if f := failures[name]; len(f) > 0 {
-			if st.State == watcher.StateApplied {
-				st.State = watcher.StateFailed
+			if st.State == status.StateApplied {
+				st.State = status.StateFailed
 			}
 			sort.Strings(f)
 			msgs = append(msgs, f...)
 		}
 		st.Error = strings.Join(msgs, "; ")
-		if st.State == watcher.StateApplied {
+		if st.State == status.StateApplied {
 			maxRev = max(maxRev, v.revision)
 		}
-		if st.State != watcher.StateApplied && a.logged[name] != st.Error {
+		if st.State != status.StateApplied && a.logged[name] != st.Error {
 			a.log.Warn("service not applied", "service", name, "state", st.State, "error", st.Error)
 		}
 		a.logged[name] = st.Error
@@ -324,10 +325,10 @@ func secrets(snap watcher.Snapshot) map[string][]byte {
 	return out
 }
 
-func backendStatuses(r render.ServiceReport, name string, view map[render.BackendRef]BackendHealth) []watcher.BackendStatus {
-	out := make([]watcher.BackendStatus, 0, len(r.Backends))
+func backendStatuses(r render.ServiceReport, name string, view map[render.BackendRef]BackendHealth) []status.BackendStatus {
+	out := make([]status.BackendStatus, 0, len(r.Backends))
 	for _, b := range r.Backends {
-		bs := watcher.BackendStatus{Address: b.Address.String(), Port: b.Port, Healthy: b.Healthy, Weight: b.Weight, Draining: b.Draining}
+		bs := status.BackendStatus{Address: b.Address.String(), Port: b.Port, Healthy: b.Healthy, Weight: b.Weight, Draining: b.Draining}
 		if h, ok := view[render.BackendRef{Service: name, Addr: netip.AddrPortFrom(b.Address, b.Port)}]; ok {
 			bs.LastError = h.LastError
 			if !h.LastTransition.IsZero() {

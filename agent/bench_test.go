@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/switchman-lb/switchman/render"
+	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
 )
 
@@ -49,7 +50,7 @@ func (staticSource) Synced() bool                 { return true }
 
 type discardStatus struct{}
 
-func (discardStatus) Publish(map[string]watcher.Status) {}
+func (discardStatus) Publish(map[string]status.Status) {}
 
 // BenchmarkSteadyPass measures one reconcile pass over 2,000 unchanged
 // definitions (parses cached), without drivers: what every health or pool

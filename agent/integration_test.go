@@ -18,6 +18,7 @@ import (
 
 	"github.com/switchman-lb/switchman/agent"
 	"github.com/switchman-lb/switchman/render"
+	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
 	"github.com/switchman-lb/switchman/watcher/embedded"
 )
@@ -222,7 +223,7 @@ func newHarness(t *testing.T, leaseTTL time.Duration) *harness {
 	cli := client(t, h.proxy.addr())
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	w := watcher.New(cli, log, watcher.Options{Prefix: "/switchman", MinBackoff: 50 * time.Millisecond, MaxBackoff: 500 * time.Millisecond})
-	pub, err := watcher.NewPublisher(cli, log, "/switchman", "n1", watcher.Node{Version: "test"}, leaseTTL)
+	pub, err := status.NewPublisher(cli, log, "/switchman", "n1", status.Node{Version: "test"}, leaseTTL)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -268,14 +269,14 @@ func (h *harness) del(key string) {
 	}
 }
 
-func (h *harness) status(name string) (watcher.Status, bool) {
+func (h *harness) status(name string) (status.Status, bool) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	resp, err := h.admin.Get(ctx, "/switchman/status/n1/"+name)
 	if err != nil || len(resp.Kvs) == 0 {
-		return watcher.Status{}, false
+		return status.Status{}, false
 	}
-	var st watcher.Status
+	var st status.Status
 	if err := json.Unmarshal(resp.Kvs[0].Value, &st); err != nil {
 		h.t.Fatalf("status of %s is not JSON: %v", name, err)
 	}

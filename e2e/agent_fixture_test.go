@@ -24,6 +24,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
 	"github.com/switchman-lb/switchman/watcher/embedded"
 )
@@ -446,27 +447,27 @@ func ipvsKeyOfDef(def svcDef) string {
 }
 
 // status reads the agent's status key of a service.
-func (l *agentLab) status(name string) (watcher.Status, bool, error) {
+func (l *agentLab) status(name string) (status.Status, bool, error) {
 	ctx, cancel := etcdCtx()
 	defer cancel()
 	resp, err := l.cli.Get(ctx, statusKey(name))
 	if err != nil {
-		return watcher.Status{}, false, err
+		return status.Status{}, false, err
 	}
 	if len(resp.Kvs) == 0 {
-		return watcher.Status{}, false, nil
+		return status.Status{}, false, nil
 	}
-	var st watcher.Status
+	var st status.Status
 	if err := json.Unmarshal(resp.Kvs[0].Value, &st); err != nil {
-		return watcher.Status{}, true, fmt.Errorf("status %s: %w: %s", name, err, resp.Kvs[0].Value)
+		return status.Status{}, true, fmt.Errorf("status %s: %w: %s", name, err, resp.Kvs[0].Value)
 	}
 	return st, true, nil
 }
 
 // waitStatus polls a service's status until cond accepts it.
-func (l *agentLab) waitStatus(t testing.TB, timeout time.Duration, name, what string, cond func(watcher.Status) error) watcher.Status {
+func (l *agentLab) waitStatus(t testing.TB, timeout time.Duration, name, what string, cond func(status.Status) error) status.Status {
 	t.Helper()
-	var last watcher.Status
+	var last status.Status
 	WaitFor(t, timeout, name+": "+what, func() error {
 		st, ok, err := l.status(name)
 		if err != nil {
@@ -579,8 +580,8 @@ func fastHTTPCheck() map[string]any {
 // first check passes, so the kernel alone can match too early.
 func (l *agentLab) waitUp(t testing.TB, name, proto, addr string, weights map[string]int) IPVSService {
 	t.Helper()
-	l.waitStatus(t, 0, name, "applied with every backend healthy", func(st watcher.Status) error {
-		if st.State != watcher.StateApplied {
+	l.waitStatus(t, 0, name, "applied with every backend healthy", func(st status.Status) error {
+		if st.State != status.StateApplied {
 			return fmt.Errorf("state %s: %s", st.State, st.Error)
 		}
 		if len(st.Backends) == 0 {

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/switchman-lb/switchman/watcher"
+	"github.com/switchman-lb/switchman/status"
 )
 
 // TestAgentHealth runs the agent's health checker against the lab's
@@ -43,7 +43,7 @@ func TestAgentHealth(t *testing.T) {
 		if bound := fastInterval*fastFall + 10*time.Second; took > bound {
 			t.Errorf("be2 reached weight 0 after %s, more than interval x fall + margin = %s", took, bound)
 		}
-		st := l.waitStatus(t, 0, "hc", "be2 unhealthy", func(st watcher.Status) error {
+		st := l.waitStatus(t, 0, "hc", "be2 unhealthy", func(st status.Status) error {
 			for _, b := range st.Backends {
 				if b.Address == be2.Addr && !b.Healthy && b.Weight == 0 && b.LastError != "" {
 					return nil
@@ -81,7 +81,7 @@ func TestAgentHealth(t *testing.T) {
 		for _, be := range all {
 			SetBackendHealth(t, be.Name, false)
 		}
-		l.waitStatus(t, 0, "fo", "failing open with every backend unhealthy", func(st watcher.Status) error {
+		l.waitStatus(t, 0, "fo", "failing open with every backend unhealthy", func(st status.Status) error {
 			if !st.FailingOpen {
 				return errors.New("failing_open not set")
 			}
@@ -101,7 +101,7 @@ func TestAgentHealth(t *testing.T) {
 		def["fail_open"] = false
 		l.putService(t, "fo", def)
 		waitService(t, "TCP", addr, weightsOf(80, 0, all...))
-		l.waitStatus(t, 0, "fo", "not failing open with fail_open false", func(st watcher.Status) error {
+		l.waitStatus(t, 0, "fo", "not failing open with fail_open false", func(st status.Status) error {
 			if st.FailingOpen {
 				return errors.New("failing_open still set")
 			}
@@ -168,7 +168,7 @@ func TestAgentHealth(t *testing.T) {
 		if d.ActiveConn+d.InActConn == 0 {
 			t.Errorf("the draining destination shows no connection: %+v", d)
 		}
-		l.waitStatus(t, 0, "drain", target.Name+" draining", func(st watcher.Status) error {
+		l.waitStatus(t, 0, "drain", target.Name+" draining", func(st status.Status) error {
 			for _, b := range st.Backends {
 				if b.Address == target.Addr && b.Draining && b.Weight == 0 {
 					return nil

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/switchman-lb/switchman/watcher"
+	"github.com/switchman-lb/switchman/status"
 )
 
 // TestAgentIPVS runs the switchman agent binary against the lab's kernel:
@@ -319,8 +319,8 @@ func TestAgentIPVS(t *testing.T) {
 		good := l.waitStatus(t, 0, "strict", "applied", appliedHealthy(3))
 
 		l.putRaw(t, "strict", fmt.Sprintf(`{"vip": %q, "port": 70000, "backends": [{"address": %q, "port": 80}]}`, vip, all[0].Addr))
-		st := l.waitStatus(t, 0, "strict", "rejected naming port and 70000", func(st watcher.Status) error {
-			if st.State != watcher.StateRejected {
+		st := l.waitStatus(t, 0, "strict", "rejected naming port and 70000", func(st status.Status) error {
+			if st.State != status.StateRejected {
 				return fmt.Errorf("state %s", st.State)
 			}
 			if !strings.Contains(st.Error, "port") || !strings.Contains(st.Error, "70000") {
@@ -342,9 +342,9 @@ func TestAgentIPVS(t *testing.T) {
 }
 
 // appliedHealthy accepts a status that is applied with n healthy backends.
-func appliedHealthy(n int) func(watcher.Status) error {
-	return func(st watcher.Status) error {
-		if st.State != watcher.StateApplied {
+func appliedHealthy(n int) func(status.Status) error {
+	return func(st status.Status) error {
+		if st.State != status.StateApplied {
 			return fmt.Errorf("state %s: %s", st.State, st.Error)
 		}
 		healthy := 0

@@ -24,6 +24,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/server/v3/embed"
 
+	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
 )
 
@@ -207,14 +208,14 @@ func TestTLSAndAuth(t *testing.T) {
 	if err != nil || len(snap.Services) != 1 {
 		t.Fatalf("the agent role cannot read definitions: %v %v", snap.Services, err)
 	}
-	pub, err := watcher.NewPublisher(cli, slog.New(slog.DiscardHandler), "/switchman", "lb1", watcher.Node{Version: "test"}, 10*time.Second)
+	pub, err := status.NewPublisher(cli, slog.New(slog.DiscardHandler), "/switchman", "lb1", status.Node{Version: "test"}, 10*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	pctx, pcancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { _ = pub.Run(pctx); close(done) }()
-	pub.Publish(map[string]watcher.Status{"web": {State: watcher.StateApplied, Revision: 2, Driver: "ipvs"}})
+	pub.Publish(map[string]status.Status{"web": {State: status.StateApplied, Revision: 2, Driver: "ipvs"}})
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		resp, err := root.Get(ctx, "/switchman/status/lb1/web")

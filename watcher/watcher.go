@@ -2,7 +2,6 @@
 // Get of the prefix at revision R, then a Watch from R+1. When the watch
 // breaks or its revision is compacted away, it lists again and resumes;
 // while etcd is unreachable the last copy stands and nothing is torn down.
-// The package also writes the agent's node and status keys under a lease.
 package watcher
 
 import (

@@ -21,6 +21,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/switchman-lb/switchman/agent"
+	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
 	"github.com/switchman-lb/switchman/watcher/embedded"
 )
@@ -107,7 +108,7 @@ func runAgent(c *cli.Context) error {
 	defer set.close()
 
 	w := watcher.New(cli, log, watcher.Options{Prefix: prefix, OnRestart: metrics.WatchRestarted})
-	pub, err := watcher.NewPublisher(cli, log, prefix, node, watcher.Node{Version: version, Drivers: set.names(), Started: time.Now().UTC()}, c.Duration("lease-ttl"))
+	pub, err := status.NewPublisher(cli, log, prefix, node, status.Node{Version: version, Drivers: set.names(), Started: time.Now().UTC()}, c.Duration("lease-ttl"))
 	if err != nil {
 		return err
 	}

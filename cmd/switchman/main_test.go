@@ -9,7 +9,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
-	"github.com/switchman-lb/switchman/watcher"
+	"github.com/switchman-lb/switchman/status"
 )
 
 // run runs the CLI in-process and returns its output and error.
@@ -116,12 +116,12 @@ func TestPlanPrintsIPVSLines(t *testing.T) {
 }
 
 func TestStatusRows(t *testing.T) {
-	rows := statusRows(map[string]map[string]watcher.Status{
+	rows := statusRows(map[string]map[string]status.Status{
 		"lb2": {"web": {State: "applied", Driver: "ipvs", VIP: "192.0.2.10:80/tcp", FailingOpen: true,
-			Backends: []watcher.BackendStatus{{Healthy: false}, {Healthy: false}}}},
+			Backends: []status.BackendStatus{{Healthy: false}, {Healthy: false}}}},
 		"lb1": {
-			"web": {State: "applied", Driver: "ipvs", VIP: "192.0.2.10:80/tcp", Backends: []watcher.BackendStatus{{Healthy: true}, {Healthy: false}}},
-			"bad": {State: "rejected", Error: "port: 70000 is out of range 1-65535", Backends: []watcher.BackendStatus{}},
+			"web": {State: "applied", Driver: "ipvs", VIP: "192.0.2.10:80/tcp", Backends: []status.BackendStatus{{Healthy: true}, {Healthy: false}}},
+			"bad": {State: "rejected", Error: "port: 70000 is out of range 1-65535", Backends: []status.BackendStatus{}},
 		},
 	})
 	want := []string{

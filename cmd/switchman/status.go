@@ -10,6 +10,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
 )
 
@@ -32,7 +33,7 @@ func statusCommand() *cli.Command {
 			defer cli.Close()
 			ctx, cancel := context.WithTimeout(c.Context, 15*time.Second)
 			defer cancel()
-			all, err := watcher.ReadStatuses(ctx, cli, c.String("prefix"))
+			all, err := status.ReadStatuses(ctx, cli, c.String("prefix"))
 			if err != nil {
 				return watcher.Explain(err, eps)
 			}
@@ -47,7 +48,7 @@ func statusCommand() *cli.Command {
 }
 
 // statusRows formats one tab-separated row per service and node, sorted.
-func statusRows(all map[string]map[string]watcher.Status) []string {
+func statusRows(all map[string]map[string]status.Status) []string {
 	var rows []string
 	for node, services := range all {
 		for name, st := range services {

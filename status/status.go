@@ -1,4 +1,8 @@
-package watcher
+// Package status is what agents report: the value of each service's status
+// key (/switchman/status/<node>/<name>) and of the node key, the publisher
+// that writes them under the agent's lease, and the reader behind
+// `switchman status`.
+package status
 
 import (
 	"context"
