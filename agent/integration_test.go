@@ -27,7 +27,7 @@ import (
 // given, refuses what it is told to fail, and counts removals.
 type recordingDriver struct {
 	mu       sync.Mutex
-	services map[string]render.IPVSService
+	services map[string]render.L4Service
 	fail     map[string]error
 	applies  int
 	removals int
@@ -53,7 +53,7 @@ func (d *recordingDriver) setConns(ref render.BackendRef, n int) {
 }
 
 func newRecordingDriver() *recordingDriver {
-	return &recordingDriver{services: map[string]render.IPVSService{}, fail: map[string]error{}, conns: map[render.BackendRef]int{}}
+	return &recordingDriver{services: map[string]render.L4Service{}, fail: map[string]error{}, conns: map[render.BackendRef]int{}}
 }
 
 func (d *recordingDriver) Name() string { return "recording" }
@@ -81,17 +81,17 @@ func (d *recordingDriver) Apply(_ context.Context, st *render.State) map[string]
 	return errs
 }
 
-func (d *recordingDriver) get(name string) (render.IPVSService, bool) {
+func (d *recordingDriver) get(name string) (render.L4Service, bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	s, ok := d.services[name]
 	return s, ok
 }
 
-func (d *recordingDriver) snapshot() (map[string]render.IPVSService, int) {
+func (d *recordingDriver) snapshot() (map[string]render.L4Service, int) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	out := make(map[string]render.IPVSService, len(d.services))
+	out := make(map[string]render.L4Service, len(d.services))
 	for k, v := range d.services {
 		out[k] = v
 	}
@@ -306,7 +306,7 @@ func svcJSON(vip string, port int, backends ...string) string {
 	return fmt.Sprintf(`{"vip":%q,"port":%d,"drain":"0s","backends":[%s]}`, vip, port, strings.Join(bs, ","))
 }
 
-func destinations(s render.IPVSService) string {
+func destinations(s render.L4Service) string {
 	var out []string
 	for _, d := range s.Destinations {
 		out = append(out, fmt.Sprintf("%s:%d/%d", d.Address, d.Port, d.Weight))

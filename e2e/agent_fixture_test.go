@@ -412,7 +412,7 @@ func (l *agentLab) cleanupService(t *testing.T, name string) {
 	}
 	delete(l.tracked, name)
 	l.mu.Unlock()
-	WaitIPVS(t, 0, "service "+name+" gone from the kernel", func(svcs []IPVSService) error {
+	WaitIPVS(t, 0, "service "+name+" gone from the kernel", func(svcs []L4Service) error {
 		for _, k := range want {
 			for _, s := range svcs {
 				if s.Key() == k {
@@ -489,10 +489,10 @@ func (l *agentLab) waitStatus(t testing.TB, timeout time.Duration, name, what st
 // waitApplied waits for state applied in the status and the service in
 // the kernel with the given real servers and weights ("10.10.0.11:80" ->
 // 1), and returns it.
-func waitService(t testing.TB, proto, addr string, weights map[string]int) IPVSService {
+func waitService(t testing.TB, proto, addr string, weights map[string]int) L4Service {
 	t.Helper()
-	var got IPVSService
-	WaitIPVS(t, 0, fmt.Sprintf("%s %s with real servers %v", proto, addr, weights), func(svcs []IPVSService) error {
+	var got L4Service
+	WaitIPVS(t, 0, fmt.Sprintf("%s %s with real servers %v", proto, addr, weights), func(svcs []L4Service) error {
 		s, ok := FindIPVSService(svcs, proto, addr)
 		if !ok {
 			return fmt.Errorf("%s %s not listed", proto, addr)
@@ -578,7 +578,7 @@ func fastHTTPCheck() map[string]any {
 // new service starts failing open (no backend checked yet, every weight
 // configured), then its unchecked backends drop to weight 0 until their
 // first check passes, so the kernel alone can match too early.
-func (l *agentLab) waitUp(t testing.TB, name, proto, addr string, weights map[string]int) IPVSService {
+func (l *agentLab) waitUp(t testing.TB, name, proto, addr string, weights map[string]int) L4Service {
 	t.Helper()
 	l.waitStatus(t, 0, name, "applied with every backend healthy", func(st status.Status) error {
 		if st.State != status.StateApplied {

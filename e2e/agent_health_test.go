@@ -193,7 +193,7 @@ func TestAgentHealth(t *testing.T) {
 			t.Fatal(err)
 		}
 		closed := time.Now()
-		WaitIPVS(t, drain, targetAddr+" deleted after its connection closed", func(svcs []IPVSService) error {
+		WaitIPVS(t, drain, targetAddr+" deleted after its connection closed", func(svcs []L4Service) error {
 			s, ok := FindIPVSService(svcs, "TCP", addr)
 			if !ok {
 				return errors.New("service missing")

@@ -156,7 +156,7 @@ func TestAgentIPVS(t *testing.T) {
 		l.waitUp(t, "gone", "TCP", addr, weightsOf(80, 1, all...))
 		l.waitStatus(t, 0, "gone", "applied", appliedHealthy(3))
 		l.del(t, serviceKey("gone"), false)
-		WaitIPVS(t, 0, addr+" deleted", func(svcs []IPVSService) error {
+		WaitIPVS(t, 0, addr+" deleted", func(svcs []L4Service) error {
 			if _, ok := FindIPVSService(svcs, "TCP", addr); ok {
 				return errors.New("still listed")
 			}
@@ -372,7 +372,7 @@ func requireNoErrors(t testing.TB, tally map[string]int) {
 
 // sameShape drops the connection counters of a listed service, leaving
 // what the agent programs.
-func sameShape(s IPVSService) IPVSService {
+func sameShape(s L4Service) L4Service {
 	s.Dests = append([]IPVSDest(nil), s.Dests...)
 	for i := range s.Dests {
 		s.Dests[i].ActiveConn, s.Dests[i].InActConn = 0, 0

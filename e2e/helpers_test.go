@@ -220,8 +220,8 @@ func Poll(timeout time.Duration, cond func() error) error {
 	}
 }
 
-// IPVSService is one virtual service as ipvsadm -Ln prints it.
-type IPVSService struct {
+// L4Service is one virtual service as ipvsadm -Ln prints it.
+type L4Service struct {
 	Protocol   string     // TCP, UDP, SCTP or FWM
 	Address    string     // "192.0.2.10:80", "[2001:db8::1]:443", or the mark for FWM
 	Scheduler  string     // rr, wrr, lc, wlc, sh, mh, ...
@@ -233,7 +233,7 @@ type IPVSService struct {
 	Dests      []IPVSDest // real servers in ipvsadm's order
 }
 
-// IPVSDest is one real server of an IPVSService.
+// IPVSDest is one real server of an L4Service.
 type IPVSDest struct {
 	Address    string // "10.10.0.11:80" or "[fd00:10::11]:80"
 	Forward    string // Masq (nat), Route (dr), Tunnel (tun) or Local
@@ -243,10 +243,10 @@ type IPVSDest struct {
 }
 
 // Key returns "TCP 192.0.2.10:80", the service's identity in the kernel.
-func (s IPVSService) Key() string { return s.Protocol + " " + s.Address }
+func (s L4Service) Key() string { return s.Protocol + " " + s.Address }
 
 // HasFlag reports whether the scheduler flag f is set.
-func (s IPVSService) HasFlag(f string) bool {
+func (s L4Service) HasFlag(f string) bool {
 	for _, x := range s.Flags {
 		if x == f {
 			return true
@@ -256,7 +256,7 @@ func (s IPVSService) HasFlag(f string) bool {
 }
 
 // Dest returns the real server at address ("10.10.0.11:80"), if present.
-func (s IPVSService) Dest(address string) (IPVSDest, bool) {
+func (s L4Service) Dest(address string) (IPVSDest, bool) {
 	for _, d := range s.Dests {
 		if d.Address == address {
 			return d, true
@@ -283,8 +283,8 @@ func ForwardingName(forward string) string {
 
 // ParseIPVSList parses the output of ipvsadm -Ln (numeric, no --stats or
 // --rate) into services with their real servers, in ipvsadm's order.
-func ParseIPVSList(out string) ([]IPVSService, error) {
-	var svcs []IPVSService
+func ParseIPVSList(out string) ([]L4Service, error) {
+	var svcs []L4Service
 	sc := bufio.NewScanner(strings.NewReader(out))
 	line := 0
 	for sc.Scan() {
@@ -318,7 +318,7 @@ func ParseIPVSList(out string) ([]IPVSService, error) {
 			if len(f) < 3 {
 				return nil, fmt.Errorf("line %d: short service line: %q", line, text)
 			}
-			s := IPVSService{Protocol: f[0], Address: f[1], Scheduler: f[2]}
+			s := L4Service{Protocol: f[0], Address: f[1], Scheduler: f[2]}
 			for i := 3; i < len(f); i++ {
 				switch w := f[i]; {
 				case strings.HasPrefix(w, "(") && strings.HasSuffix(w, ")"):
@@ -351,7 +351,7 @@ func ParseIPVSList(out string) ([]IPVSService, error) {
 }
 
 // IPVSList runs ipvsadm -Ln in the current (root) namespace and parses it.
-func IPVSList() ([]IPVSService, error) {
+func IPVSList() ([]L4Service, error) {
 	out, err := Run(0, IPVSADMBin, "-Ln")
 	if err != nil {
 		return nil, err
@@ -360,7 +360,7 @@ func IPVSList() ([]IPVSService, error) {
 }
 
 // MustIPVSList is IPVSList that fails the test on error.
-func MustIPVSList(t testing.TB) []IPVSService {
+func MustIPVSList(t testing.TB) []L4Service {
 	t.Helper()
 	svcs, err := IPVSList()
 	if err != nil {
@@ -371,13 +371,13 @@ func MustIPVSList(t testing.TB) []IPVSService {
 
 // FindIPVSService returns the service with protocol ("TCP") and address
 // ("192.0.2.10:80") from svcs.
-func FindIPVSService(svcs []IPVSService, protocol, address string) (IPVSService, bool) {
+func FindIPVSService(svcs []L4Service, protocol, address string) (L4Service, bool) {
 	for _, s := range svcs {
 		if s.Protocol == protocol && s.Address == address {
 			return s, true
 		}
 	}
-	return IPVSService{}, false
+	return L4Service{}, false
 }
 
 // IPVSHostPort formats an address and port as ipvsadm -Ln prints them:
@@ -388,7 +388,7 @@ func IPVSHostPort(addr string, port int) string {
 
 // WaitIPVS polls ipvsadm -Ln until cond accepts the table (it returns nil)
 // and fails the test with cond's last error and the table otherwise.
-func WaitIPVS(t testing.TB, timeout time.Duration, what string, cond func([]IPVSService) error) {
+func WaitIPVS(t testing.TB, timeout time.Duration, what string, cond func([]L4Service) error) {
 	t.Helper()
 	var last string
 	err := Poll(timeout, func() error {

@@ -22,13 +22,13 @@ import (
 
 // coldStartTable is n rr services with four NAT destinations each, on VIPs
 // in 198.18.0.0/15 (the benchmarking range), never reached by traffic.
-func coldStartTable(n int) []render.IPVSService {
-	out := make([]render.IPVSService, 0, n)
+func coldStartTable(n int) []render.L4Service {
+	out := make([]render.L4Service, 0, n)
 	for i := range n {
 		v := netip.AddrFrom4([4]byte{198, 18, byte(i / 250), byte(i%250 + 1)})
-		s := render.IPVSService{Service: fmt.Sprintf("bench%d", i), Protocol: spec.TCP, Address: v, Port: 80, Scheduler: spec.RoundRobin}
+		s := render.L4Service{Service: fmt.Sprintf("bench%d", i), Protocol: spec.TCP, Address: v, Port: 80, Scheduler: spec.RoundRobin}
 		for j := range 4 {
-			s.Destinations = append(s.Destinations, render.IPVSDestination{
+			s.Destinations = append(s.Destinations, render.L4Destination{
 				Address: netip.AddrFrom4([4]byte{10, 10, 0, byte(11 + j)}), Port: 80, Weight: 1, Forwarding: spec.NAT,
 			})
 		}

@@ -60,21 +60,21 @@ func mustApply(t testing.TB, d interface {
 }
 
 // rsvc builds a desired IPVS service on the lab's backends.
-func rsvc(name string, proto spec.Protocol, vipAddr string, port uint16, sched spec.Scheduler, flags []string, fwd spec.Forwarding, backends ...string) render.IPVSService {
-	s := render.IPVSService{Service: name, Protocol: proto, Address: netip.MustParseAddr(vipAddr), Port: port, Scheduler: sched, Flags: flags}
+func rsvc(name string, proto spec.Protocol, vipAddr string, port uint16, sched spec.Scheduler, flags []string, fwd spec.Forwarding, backends ...string) render.L4Service {
+	s := render.L4Service{Service: name, Protocol: proto, Address: netip.MustParseAddr(vipAddr), Port: port, Scheduler: sched, Flags: flags}
 	for i, b := range backends {
-		s.Destinations = append(s.Destinations, render.IPVSDestination{Address: netip.MustParseAddr(b), Port: port, Weight: i + 1, Forwarding: fwd})
+		s.Destinations = append(s.Destinations, render.L4Destination{Address: netip.MustParseAddr(b), Port: port, Weight: i + 1, Forwarding: fwd})
 	}
 	return s
 }
 
 // ipvsKeyOf returns how ipvsadm -Ln names s: "TCP", "192.0.2.10:80".
-func ipvsKeyOf(s render.IPVSService) (string, string) {
+func ipvsKeyOf(s render.L4Service) (string, string) {
 	return strings.ToUpper(string(s.Protocol)), IPVSHostPort(s.Address.String(), int(s.Port))
 }
 
 // checkListed compares ipvsadm -Ln with the desired services.
-func checkListed(t *testing.T, svcs []IPVSService, want []render.IPVSService) {
+func checkListed(t *testing.T, svcs []L4Service, want []render.L4Service) {
 	t.Helper()
 	for _, w := range want {
 		proto, addr := ipvsKeyOf(w)
@@ -134,7 +134,7 @@ func TestIPVSDriver(t *testing.T) {
 		const v = "192.0.2.50"
 		persistent := rsvc("persist", spec.TCP, v, 8443, spec.RoundRobin, nil, spec.NAT, be1.Addr)
 		persistent.Persistence = 300 * time.Second
-		all := []render.IPVSService{
+		all := []render.L4Service{
 			rsvc("rr", spec.TCP, v, 1001, spec.RoundRobin, nil, spec.NAT, be1.Addr, be2.Addr),
 			rsvc("wrr", spec.TCP, v, 1002, spec.WeightedRoundRobin, nil, spec.NAT, be1.Addr, be2.Addr, be3.Addr),
 			rsvc("lc", spec.TCP, v, 1003, spec.LeastConnection, nil, spec.NAT, be1.Addr),
@@ -196,7 +196,7 @@ func TestIPVSDriver(t *testing.T) {
 		web := rsvc("web", spec.TCP, v, 80, spec.RoundRobin, nil, spec.NAT, be1.Addr, be2.Addr)
 		web.Destinations[1].Weight = 1
 		st := &render.State{
-			IPVS:     []render.IPVSService{web},
+			IPVS:     []render.L4Service{web},
 			VIPs:     []netip.Addr{netip.MustParseAddr(v)},
 			Services: []render.ServiceReport{{Name: "web", Driver: spec.DriverIPVS, Key: spec.Key{VIP: netip.MustParseAddr(v), Port: 80, Protocol: spec.TCP}}},
 		}
@@ -288,7 +288,7 @@ func TestIPVSDriver(t *testing.T) {
 		clash := rsvc("clash", spec.TCP, v, 80, spec.RoundRobin, nil, spec.NAT, be1.Addr)
 		for i := range 3 {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-			errs := d.Apply(ctx, &render.State{IPVS: []render.IPVSService{clash, mine}})
+			errs := d.Apply(ctx, &render.State{IPVS: []render.L4Service{clash, mine}})
 			cancel()
 			var fe *ipvs.ForeignServiceError
 			if len(errs) != 1 || !errors.As(errs["clash"], &fe) {
@@ -306,7 +306,7 @@ func TestIPVSDriver(t *testing.T) {
 	})
 
 	t.Run("restart-writes-nothing", func(t *testing.T) {
-		st := &render.State{IPVS: []render.IPVSService{
+		st := &render.State{IPVS: []render.L4Service{
 			rsvc("a", spec.TCP, "192.0.2.53", 80, spec.MaglevHashing, []string{"mh-fallback", "mh-port"}, spec.Direct, be1.Addr, be2.Addr),
 			rsvc("b", spec.UDP, "192.0.2.53", 53, spec.SourceHashing, []string{"sh-port"}, spec.NAT, be1.Addr, be2.Addr, be3.Addr),
 			rsvc("c", spec.TCP, "2001:db8:100::53", 443, spec.RoundRobin, nil, spec.NAT, be1.Addr6),

@@ -11,7 +11,7 @@ import (
 // IPVSRules formats IPVS services the way `ipvsadm -S -n` does, one -A line
 // per service followed by an -a line per destination, so an operator can
 // compare a plan with the kernel or feed it to `ipvsadm -R`.
-func IPVSRules(services []IPVSService) string {
+func IPVSRules(services []L4Service) string {
 	var b strings.Builder
 	for _, s := range services {
 		svc := ipvsadmService(s.Protocol, s.Address, s.Port)

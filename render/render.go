@@ -42,10 +42,14 @@ type Input struct {
 	Secrets map[string][]byte
 }
 
-// State is the desired state of every data plane.
+// State is the desired state of every data plane, assembled from the
+// services' ServiceStates (for `switchman plan` and whole-state tests; the
+// agent works service by service).
 type State struct {
-	IPVS    []IPVSService
-	HAProxy []HAProxyService
+	IPVS []L4Service
+	// NFTables are the services the nf_tables driver serves.
+	NFTables []L4Service
+	HAProxy  []HAProxyService
 	// VIPs are the addresses this host must own, sorted; loopback VIPs
 	// are left out, the kernel owns them already.
 	VIPs    []netip.Addr
@@ -54,9 +58,43 @@ type State struct {
 	Services []ServiceReport
 }
 
-// IPVSService is one kernel virtual service with its destinations.
-type IPVSService struct {
-	Service     string // the owning service definition
+// ServiceState is the desired data-plane state of one service: what each
+// driver must hold for it. A nil part means that driver holds nothing for
+// the service (and removes what it held); a ServiceState with every part
+// nil removes the service everywhere.
+type ServiceState struct {
+	Name string
+	// Generation increases each time the agent hands a changed state of
+	// this service to the drivers; drivers may use it to skip repeats.
+	Generation uint64
+	// L4 is the kernel virtual service, for the driver L4.Driver names
+	// (ipvs or nftables).
+	L4      *L4Service
+	HAProxy *HAProxyService
+	// Filter is the iptables treatment (allow_cidrs, masquerade) of an
+	// IPVS or HAProxy service; nf_tables services carry theirs in L4.
+	Filter *Filter
+	// VIP is the address the host must own for the service; invalid for a
+	// loopback VIP (the kernel owns those) and for a removal.
+	VIP netip.Addr
+	// Group is the service's HA group.
+	Group string
+	// Sysctls are the kernel settings (paths under /proc/sys, e.g.
+	// net/ipv4/ip_forward) that must be 1 for the service to work.
+	Sysctls []string
+	// Report is what was rendered, for status.
+	Report ServiceReport
+}
+
+// Removed reports whether s asks every driver to drop the service.
+func (s *ServiceState) Removed() bool {
+	return s.L4 == nil && s.HAProxy == nil && s.Filter == nil && !s.VIP.IsValid()
+}
+
+// L4Service is one kernel virtual service with its destinations.
+type L4Service struct {
+	Service     string      // the owning service definition
+	Driver      spec.Driver // ipvs or nftables
 	Protocol    spec.Protocol
 	Address     netip.Addr
 	Port        uint16
@@ -64,11 +102,17 @@ type IPVSService struct {
 	Flags       []string      // sorted scheduler flags, e.g. mh-fallback
 	Persistence time.Duration // 0: off
 	// Destinations are sorted by address and port.
-	Destinations []IPVSDestination
+	Destinations []L4Destination
+	// AllowCIDRs and Masquerade are the access control of an nf_tables
+	// service, which its driver installs in its own tables (IPVS services
+	// get theirs from the netfilter driver, in Filter). AllowCIDRs is nil
+	// when everyone may connect.
+	AllowCIDRs []netip.Prefix
+	Masquerade bool
 }
 
-// IPVSDestination is one real server of an IPVS service.
-type IPVSDestination struct {
+// L4Destination is one real server of an IPVS service.
+type L4Destination struct {
 	Address    netip.Addr
 	Port       uint16
 	Weight     int
@@ -130,31 +174,42 @@ type BackendReport struct {
 	Draining bool
 }
 
-// Render computes the desired state. Services are sorted by name, so the
-// output is deterministic.
+// Render computes the desired state of every service and assembles it.
+// Services are sorted by name, so the output is deterministic.
 func Render(in Input) *State {
-	st := &State{}
 	services := slices.Clone(in.Services)
 	slices.SortFunc(services, func(a, b *spec.Service) int { return cmp.Compare(a.Name, b.Name) })
-	vips := map[netip.Addr]bool{}
+	states := make([]*ServiceState, 0, len(services))
 	for _, s := range services {
-		rep := weigh(s, in.Healthy, in.Pending, in.Draining[s.Name])
-		st.Services = append(st.Services, rep)
-		if !s.VIP.IsLoopback() { // loopback addresses are local already
+		states = append(states, RenderService(s, in))
+	}
+	return Assemble(states)
+}
+
+// Assemble collects service states into one State, in the order given.
+func Assemble(states []*ServiceState) *State {
+	st := &State{}
+	vips := map[netip.Addr]bool{}
+	for _, s := range states {
+		if s.Removed() {
+			continue
+		}
+		st.Services = append(st.Services, s.Report)
+		if s.VIP.IsValid() {
 			vips[s.VIP] = true
 		}
-		switch s.Driver {
-		case spec.DriverIPVS:
-			st.IPVS = append(st.IPVS, ipvsService(s, rep))
-		case spec.DriverHAProxy:
-			h := haproxyService(s, rep)
-			if h.CertificateKey != "" {
-				h.CertificatePEM = in.Secrets[h.CertificateKey]
+		if s.L4 != nil {
+			if s.L4.Driver == spec.DriverNFTables {
+				st.NFTables = append(st.NFTables, *s.L4)
+			} else {
+				st.IPVS = append(st.IPVS, *s.L4)
 			}
-			st.HAProxy = append(st.HAProxy, h)
 		}
-		if f, ok := filter(s, rep); ok {
-			st.Filters = append(st.Filters, f)
+		if s.HAProxy != nil {
+			st.HAProxy = append(st.HAProxy, *s.HAProxy)
+		}
+		if s.Filter != nil {
+			st.Filters = append(st.Filters, *s.Filter)
 		}
 	}
 	for a := range vips {
@@ -162,6 +217,60 @@ func Render(in Input) *State {
 	}
 	slices.SortFunc(st.VIPs, netip.Addr.Compare)
 	return st
+}
+
+// RenderService computes one service's desired state from its definition
+// and the parts of in that concern it.
+func RenderService(s *spec.Service, in Input) *ServiceState {
+	rep := weigh(s, in.Healthy, in.Pending, in.Draining[s.Name])
+	st := &ServiceState{Name: s.Name, Report: rep, Group: s.Group}
+	if !s.VIP.IsLoopback() { // loopback addresses are local already
+		st.VIP = s.VIP
+	}
+	switch s.Driver {
+	case spec.DriverIPVS, spec.DriverNFTables:
+		l4 := l4Service(s, rep)
+		st.L4 = &l4
+	case spec.DriverHAProxy:
+		h := haproxyService(s, rep)
+		if h.CertificateKey != "" {
+			h.CertificatePEM = in.Secrets[h.CertificateKey]
+		}
+		st.HAProxy = &h
+	}
+	if f, ok := filter(s, rep); ok {
+		if st.L4 != nil && st.L4.Driver == spec.DriverNFTables {
+			st.L4.AllowCIDRs, st.L4.Masquerade = f.AllowCIDRs, f.Masquerade
+		} else {
+			st.Filter = &f
+		}
+	}
+	st.Sysctls = sysctls(s, st)
+	return st
+}
+
+// sysctls lists the kernel settings a service needs: forwarding for NAT to
+// backends (IPVS and nf_tables), and for IPVS the settings that make a
+// weight-0 or deleted destination's connections end and masquerade work.
+func sysctls(s *spec.Service, st *ServiceState) []string {
+	if st.L4 == nil {
+		return nil
+	}
+	var out []string
+	if s.Forwarding == spec.NAT {
+		if s.VIP.Is4() {
+			out = append(out, "net/ipv4/ip_forward")
+		} else {
+			out = append(out, "net/ipv6/conf/all/forwarding")
+		}
+	}
+	if st.L4.Driver == spec.DriverIPVS {
+		out = append(out, "net/ipv4/vs/expire_nodest_conn")
+		if st.Filter != nil && st.Filter.Masquerade {
+			out = append(out, "net/ipv4/vs/conntrack")
+		}
+	}
+	return out
 }
 
 // weigh decides every backend's effective weight: configured when healthy,
@@ -204,9 +313,10 @@ func weigh(s *spec.Service, healthy, pending map[BackendRef]bool, draining []spe
 	return rep
 }
 
-func ipvsService(s *spec.Service, rep ServiceReport) IPVSService {
-	v := IPVSService{
+func l4Service(s *spec.Service, rep ServiceReport) L4Service {
+	v := L4Service{
 		Service:     s.Name,
+		Driver:      s.Driver,
 		Protocol:    s.Protocol,
 		Address:     s.VIP,
 		Port:        s.Port,
@@ -215,7 +325,7 @@ func ipvsService(s *spec.Service, rep ServiceReport) IPVSService {
 		Persistence: s.Persistence,
 	}
 	for _, b := range rep.Backends {
-		v.Destinations = append(v.Destinations, IPVSDestination{Address: b.Address, Port: b.Port, Weight: b.Weight, Forwarding: s.Forwarding})
+		v.Destinations = append(v.Destinations, L4Destination{Address: b.Address, Port: b.Port, Weight: b.Weight, Forwarding: s.Forwarding})
 	}
 	return v
 }
@@ -262,7 +372,7 @@ func filter(s *spec.Service, rep ServiceReport) (Filter, bool) {
 		}
 		f.AllowCIDRs = append(f.AllowCIDRs, p)
 	}
-	f.Masquerade = s.Driver == spec.DriverIPVS && s.Forwarding == spec.NAT && !s.PreserveClientIP
+	f.Masquerade = (s.Driver == spec.DriverIPVS || s.Driver == spec.DriverNFTables) && s.Forwarding == spec.NAT && !s.PreserveClientIP
 	if f.Masquerade {
 		for _, b := range rep.Backends {
 			f.Backends = append(f.Backends, netip.AddrPortFrom(b.Address, b.Port))

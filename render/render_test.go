@@ -207,7 +207,7 @@ func findReport(t *testing.T, st *State, name string) ServiceReport {
 	return ServiceReport{}
 }
 
-func findIPVS(t *testing.T, st *State, name string) IPVSService {
+func findIPVS(t *testing.T, st *State, name string) L4Service {
 	t.Helper()
 	for _, s := range st.IPVS {
 		if s.Service == name {
@@ -215,7 +215,7 @@ func findIPVS(t *testing.T, st *State, name string) IPVSService {
 		}
 	}
 	t.Fatalf("no IPVS service %s", name)
-	return IPVSService{}
+	return L4Service{}
 }
 
 // weights formats a report's backends as addr=weight[flags], in order.
@@ -319,11 +319,11 @@ func TestRenderDeterministic(t *testing.T) {
 	if !slices.IsSortedFunc(st.Services, func(a, b ServiceReport) int { return strings.Compare(a.Name, b.Name) }) {
 		t.Error("reports not sorted by name")
 	}
-	if !slices.IsSortedFunc(st.IPVS, func(a, b IPVSService) int { return strings.Compare(a.Service, b.Service) }) {
+	if !slices.IsSortedFunc(st.IPVS, func(a, b L4Service) int { return strings.Compare(a.Service, b.Service) }) {
 		t.Error("IPVS services not sorted by name")
 	}
 	for _, s := range st.IPVS {
-		if !slices.IsSortedFunc(s.Destinations, func(a, b IPVSDestination) int {
+		if !slices.IsSortedFunc(s.Destinations, func(a, b L4Destination) int {
 			return netip.AddrPortFrom(a.Address, a.Port).Compare(netip.AddrPortFrom(b.Address, b.Port))
 		}) {
 			t.Errorf("%s destinations not sorted", s.Service)

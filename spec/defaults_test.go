@@ -46,6 +46,7 @@ func TestDefaults(t *testing.T) {
 		AllowCIDRs:       []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0")},
 		PreserveClientIP: true,
 		Driver:           DriverIPVS,
+		Group:            DefaultGroup,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("defaults:\n got %+v\nwant %+v", got, want)
@@ -233,5 +234,31 @@ driver: ipvs
 	}
 	if y.Backends[1].Port != 443 || y.Backends[0].Weight != 3 || y.Persistence != time.Minute {
 		t.Errorf("parsed %+v", y)
+	}
+}
+
+func TestParseWithL4Driver(t *testing.T) {
+	tests := []struct {
+		name, doc  string
+		l4         Driver
+		wantDriver Driver
+		wantGroup  string
+	}{
+		{name: "default is ipvs", doc: minimal, wantDriver: DriverIPVS, wantGroup: DefaultGroup},
+		{name: "agent default nftables", doc: minimal, l4: DriverNFTables, wantDriver: DriverNFTables, wantGroup: DefaultGroup},
+		{name: "named driver wins", doc: minimal + "driver: ipvs\n", l4: DriverNFTables, wantDriver: DriverIPVS, wantGroup: DefaultGroup},
+		{name: "tls goes to haproxy", doc: minimal + "tls:\n  certificate: /etc/x.pem\n", l4: DriverNFTables, wantDriver: DriverHAProxy, wantGroup: DefaultGroup},
+		{name: "group", doc: minimal + "ha_group: edge\n", wantDriver: DriverIPVS, wantGroup: "edge"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s, err := ParseWith("web", []byte(tc.doc), Options{L4Driver: tc.l4})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.Driver != tc.wantDriver || s.Group != tc.wantGroup {
+				t.Fatalf("driver %q group %q, want %q %q", s.Driver, s.Group, tc.wantDriver, tc.wantGroup)
+			}
+		})
 	}
 }

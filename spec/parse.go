@@ -54,6 +54,7 @@ type rawService struct {
 	AllowCIDRs       []string     `json:"allow_cidrs"`
 	PreserveClientIP *bool        `json:"preserve_client_ip"`
 	Driver           *string      `json:"driver"`
+	HAGroup          *string      `json:"ha_group"`
 }
 
 type rawBackend struct {
@@ -89,11 +90,23 @@ func ValidateName(name string) error {
 	return nil
 }
 
-// Parse reads one service definition (JSON or YAML) named name, applies the
-// defaults and validates every field. A definition may have no static
+// Options are the agent's settings that change how a definition is read.
+// The zero value is what `switchman validate` assumes by default.
+type Options struct {
+	// L4Driver serves definitions that name no driver and need no HAProxy:
+	// DriverIPVS (the default when empty) or DriverNFTables.
+	L4Driver Driver
+}
+
+// Parse reads one service definition (JSON or YAML) named name with the
+// default Options; see ParseWith.
+func Parse(name string, data []byte) (*Service, error) { return ParseWith(name, data, Options{}) }
+
+// ParseWith reads one service definition (JSON or YAML) named name, applies
+// the defaults and validates every field. A definition may have no static
 // backends here (a pool may supply them); Merge checks the merged list.
 // The error, if any, is of type Errors and lists every problem found.
-func Parse(name string, data []byte) (*Service, error) {
+func ParseWith(name string, data []byte, opts Options) (*Service, error) {
 	var errs Errors
 	if err := ValidateName(name); err != nil {
 		errs = append(errs, err.(*FieldError))
@@ -104,7 +117,10 @@ func Parse(name string, data []byte) (*Service, error) {
 		return nil, errs
 	}
 	s := &Service{Name: name}
-	v := validator{}
+	v := validator{l4: opts.L4Driver}
+	if v.l4 == "" {
+		v.l4 = DriverIPVS
+	}
 	v.service(&raw, s)
 	if err := v.errs.Err(); err != nil {
 		return nil, err
@@ -163,10 +179,10 @@ func Merge(def *Service, members []Member) (*Service, error) {
 			continue
 		}
 		seen[b.AddrPort()] = b.Source
-		if s.Driver == DriverIPVS && b.Address.Is4() != s.VIP.Is4() && s.Forwarding != Tunnel {
+		if s.Driver.L4() && b.Address.Is4() != s.VIP.Is4() && s.Forwarding != Tunnel {
 			errs.add(b.Source+".address", "%s is %s but vip %s is %s; IPVS mixes families only with forwarding tun", b.Address, family(b.Address), s.VIP, family(s.VIP))
 		}
-		if s.Driver == DriverIPVS && s.Forwarding != NAT && b.Port != s.Port {
+		if s.Driver.L4() && s.Forwarding != NAT && b.Port != s.Port {
 			errs.add(b.Source+".port", "%d differs from the service port %d, which forwarding %s cannot translate", b.Port, s.Port, s.Forwarding)
 		}
 	}
@@ -184,7 +200,10 @@ func family(a netip.Addr) string {
 }
 
 // validator accumulates field errors while converting a raw definition.
-type validator struct{ errs Errors }
+type validator struct {
+	errs Errors
+	l4   Driver // the driver of definitions that name none and need no HAProxy
+}
 
 func (v *validator) service(r *rawService, s *Service) {
 	s.VIP = v.addr("vip", r.VIP, true)
@@ -207,11 +226,19 @@ func (v *validator) service(r *rawService, s *Service) {
 	if r.TLS != nil {
 		s.TLS = v.tls(r.TLS)
 	}
-	defaultDriver := string(DriverIPVS)
+	defaultDriver := string(v.l4)
 	if s.TLS != nil {
 		defaultDriver = string(DriverHAProxy)
 	}
-	s.Driver = Driver(v.enum("driver", r.Driver, defaultDriver, "ipvs", "haproxy"))
+	s.Driver = Driver(v.enum("driver", r.Driver, defaultDriver, "ipvs", "nftables", "haproxy"))
+	s.Group = DefaultGroup
+	if r.HAGroup != nil {
+		if !nameRE.MatchString(*r.HAGroup) {
+			v.errs.add("ha_group", "%q is not a DNS label (lower-case letters, digits and '-', 1-63 characters)", *r.HAGroup)
+		} else {
+			s.Group = *r.HAGroup
+		}
+	}
 
 	v.schedulerFlags(r.SchedulerFlags, s)
 	for i := range r.Backends {
@@ -224,8 +251,18 @@ func (v *validator) service(r *rawService, s *Service) {
 	if s.TLS != nil && s.Protocol == UDP {
 		v.errs.add("tls", "set, but protocol is \"udp\"; TLS termination needs tcp")
 	}
-	if s.TLS != nil && s.Driver == DriverIPVS {
-		v.errs.add("driver", "\"ipvs\" cannot terminate TLS; use driver haproxy or remove the tls block")
+	if s.TLS != nil && s.Driver.L4() {
+		v.errs.add("driver", "%q cannot terminate TLS; use driver haproxy or remove the tls block", s.Driver)
+	}
+	if s.Driver == DriverNFTables {
+		// What nf_tables cannot do faithfully is refused, never approximated.
+		switch s.Scheduler {
+		case LeastConnection, WeightedLeastConnection:
+			v.errs.add("scheduler", "%q is not supported by driver nftables (nf_tables keeps no per-backend connection counts to choose by); use rr, wrr, sh or mh, or driver ipvs", s.Scheduler)
+		}
+		if s.Forwarding == Tunnel {
+			v.errs.add("forwarding", "\"tun\" is not supported by driver nftables (it cannot encapsulate packets to a backend); use nat, or driver ipvs")
+		}
 	}
 	if s.Driver == DriverHAProxy {
 		if s.Protocol == UDP {
@@ -273,7 +310,7 @@ func (v *validator) schedulerFlags(flags []string, s *Service) {
 			continue
 		}
 		if s.Driver != DriverIPVS {
-			v.errs.add(path, "%q is IPVS only", f)
+			v.errs.add(path, "%q is IPVS only (driver is %s)", f, s.Driver)
 			continue
 		}
 		if !seen[f] {

@@ -120,7 +120,13 @@ func TestParseRejects(t *testing.T) {
 		{name: "protocol upper case", doc: minimal + "protocol: TCP\n", path: "protocol", msg: []string{`"TCP"`}},
 		{name: "scheduler", doc: minimal + "scheduler: lblc\n", path: "scheduler", msg: []string{`"lblc"`, "rr, wrr, lc, wlc, sh, mh"}},
 		{name: "forwarding", doc: minimal + "forwarding: fullnat\n", path: "forwarding", msg: []string{`"fullnat"`, "nat, dr, tun"}},
-		{name: "driver", doc: minimal + "driver: nginx\n", path: "driver", msg: []string{`"nginx"`, "ipvs, haproxy"}},
+		{name: "driver", doc: minimal + "driver: nginx\n", path: "driver", msg: []string{`"nginx"`, "ipvs, nftables, haproxy"}},
+		{name: "nftables lc", doc: minimal + "driver: nftables\nscheduler: lc\n", path: "scheduler", msg: []string{`"lc"`, "driver nftables"}},
+		{name: "nftables wlc", doc: minimal + "driver: nftables\nscheduler: wlc\n", path: "scheduler", msg: []string{`"wlc"`, "driver nftables"}},
+		{name: "nftables tun", doc: minimal + "driver: nftables\nforwarding: tun\n", path: "forwarding", msg: []string{`"tun"`, "driver nftables"}},
+		{name: "nftables scheduler flags", doc: minimal + "driver: nftables\nscheduler: mh\nscheduler_flags: [mh-port]\n", path: "scheduler_flags[0]", msg: []string{`"mh-port"`, "IPVS only"}},
+		{name: "nftables tls", doc: minimal + "driver: nftables\ntls:\n  certificate: /etc/x.pem\n", path: "driver", msg: []string{`"nftables"`, "cannot terminate TLS"}},
+		{name: "ha_group not a label", doc: minimal + "ha_group: Web_1\n", path: "ha_group", msg: []string{`"Web_1"`, "DNS label"}},
 		{name: "health protocol", doc: minimal + "health:\n  protocol: icmp\n", path: "health.protocol", msg: []string{`"icmp"`, "tcp, http, https, udp, none"}},
 
 		// Durations.

@@ -45,9 +45,17 @@ type Driver string
 
 // Drivers.
 const (
-	DriverIPVS    Driver = "ipvs"
-	DriverHAProxy Driver = "haproxy"
+	DriverIPVS     Driver = "ipvs"
+	DriverNFTables Driver = "nftables"
+	DriverHAProxy  Driver = "haproxy"
 )
+
+// L4 reports whether the driver is a kernel layer-4 data plane (ipvs or
+// nftables), as opposed to the HAProxy proxy.
+func (d Driver) L4() bool { return d == DriverIPVS || d == DriverNFTables }
+
+// DefaultGroup is the HA group of a service that names none.
+const DefaultGroup = "default"
 
 // HealthProtocol is the kind of health check run against each backend.
 type HealthProtocol string
@@ -89,6 +97,8 @@ type Service struct {
 	AllowCIDRs       []netip.Prefix
 	PreserveClientIP bool
 	Driver           Driver
+	// Group is the HA group (ha_group), DefaultGroup when not given.
+	Group string
 }
 
 // Backend is one real server of a service.

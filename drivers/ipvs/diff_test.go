@@ -194,9 +194,9 @@ func TestForeignServiceErrorMessage(t *testing.T) {
 }
 
 func TestDesiredFrom(t *testing.T) {
-	base := func(m func(*render.IPVSService)) render.IPVSService {
-		s := render.IPVSService{Service: "web", Protocol: spec.TCP, Address: vip4, Port: 80, Scheduler: spec.RoundRobin,
-			Destinations: []render.IPVSDestination{{Address: be1, Port: 8080, Weight: 3, Forwarding: spec.NAT}}}
+	base := func(m func(*render.L4Service)) render.L4Service {
+		s := render.L4Service{Service: "web", Protocol: spec.TCP, Address: vip4, Port: 80, Scheduler: spec.RoundRobin,
+			Destinations: []render.L4Destination{{Address: be1, Port: 8080, Weight: 3, Forwarding: spec.NAT}}}
 		if m != nil {
 			m(&s)
 		}
@@ -211,47 +211,47 @@ func TestDesiredFrom(t *testing.T) {
 	}
 	tests := []struct {
 		name string
-		in   render.IPVSService
+		in   render.L4Service
 		want ipvs.Desired
 	}{
 		{"rr nat v4 tcp", base(nil), want(nil)},
-		{"wrr", base(func(s *render.IPVSService) { s.Scheduler = spec.WeightedRoundRobin }), want(func(d *ipvs.Desired) { d.Service.Scheduler = "wrr" })},
-		{"lc", base(func(s *render.IPVSService) { s.Scheduler = spec.LeastConnection }), want(func(d *ipvs.Desired) { d.Service.Scheduler = "lc" })},
-		{"wlc", base(func(s *render.IPVSService) { s.Scheduler = spec.WeightedLeastConnection }), want(func(d *ipvs.Desired) { d.Service.Scheduler = "wlc" })},
-		{"sh with sh-fallback,sh-port", base(func(s *render.IPVSService) {
+		{"wrr", base(func(s *render.L4Service) { s.Scheduler = spec.WeightedRoundRobin }), want(func(d *ipvs.Desired) { d.Service.Scheduler = "wrr" })},
+		{"lc", base(func(s *render.L4Service) { s.Scheduler = spec.LeastConnection }), want(func(d *ipvs.Desired) { d.Service.Scheduler = "lc" })},
+		{"wlc", base(func(s *render.L4Service) { s.Scheduler = spec.WeightedLeastConnection }), want(func(d *ipvs.Desired) { d.Service.Scheduler = "wlc" })},
+		{"sh with sh-fallback,sh-port", base(func(s *render.L4Service) {
 			s.Scheduler, s.Flags = spec.SourceHashing, []string{spec.FlagSHFallback, spec.FlagSHPort}
 		}), want(func(d *ipvs.Desired) { d.Service.Scheduler, d.Service.Flags = "sh", ipvs.FlagSched1|ipvs.FlagSched2 })},
-		{"sh with sh-port", base(func(s *render.IPVSService) {
+		{"sh with sh-port", base(func(s *render.L4Service) {
 			s.Scheduler, s.Flags = spec.SourceHashing, []string{spec.FlagSHPort}
 		}), want(func(d *ipvs.Desired) { d.Service.Scheduler, d.Service.Flags = "sh", ipvs.FlagSched2 })},
-		{"mh with mh-fallback,mh-port", base(func(s *render.IPVSService) {
+		{"mh with mh-fallback,mh-port", base(func(s *render.L4Service) {
 			s.Scheduler, s.Flags = spec.MaglevHashing, []string{spec.FlagMHFallback, spec.FlagMHPort}
 		}), want(func(d *ipvs.Desired) { d.Service.Scheduler, d.Service.Flags = "mh", 0x08|0x10 })},
-		{"mh with mh-fallback", base(func(s *render.IPVSService) {
+		{"mh with mh-fallback", base(func(s *render.L4Service) {
 			s.Scheduler, s.Flags = spec.MaglevHashing, []string{spec.FlagMHFallback}
 		}), want(func(d *ipvs.Desired) { d.Service.Scheduler, d.Service.Flags = "mh", 0x08 })},
-		{"dr", base(func(s *render.IPVSService) { s.Destinations[0].Forwarding = spec.Direct }), want(func(d *ipvs.Desired) { d.Destinations[0].Forwarding = ipvs.Route })},
-		{"tun", base(func(s *render.IPVSService) { s.Destinations[0].Forwarding = spec.Tunnel }), want(func(d *ipvs.Desired) { d.Destinations[0].Forwarding = ipvs.Tunnel })},
-		{"udp", base(func(s *render.IPVSService) { s.Protocol = spec.UDP }), want(func(d *ipvs.Desired) { d.Service.Protocol = ipvs.UDP })},
-		{"persistence rounds up to whole seconds", base(func(s *render.IPVSService) { s.Persistence = 1500 * time.Millisecond }),
+		{"dr", base(func(s *render.L4Service) { s.Destinations[0].Forwarding = spec.Direct }), want(func(d *ipvs.Desired) { d.Destinations[0].Forwarding = ipvs.Route })},
+		{"tun", base(func(s *render.L4Service) { s.Destinations[0].Forwarding = spec.Tunnel }), want(func(d *ipvs.Desired) { d.Destinations[0].Forwarding = ipvs.Tunnel })},
+		{"udp", base(func(s *render.L4Service) { s.Protocol = spec.UDP }), want(func(d *ipvs.Desired) { d.Service.Protocol = ipvs.UDP })},
+		{"persistence rounds up to whole seconds", base(func(s *render.L4Service) { s.Persistence = 1500 * time.Millisecond }),
 			want(func(d *ipvs.Desired) { d.Service.Flags, d.Service.Timeout = ipvs.FlagPersistent, 2 })},
-		{"persistence 5m", base(func(s *render.IPVSService) { s.Persistence = 5 * time.Minute }),
+		{"persistence 5m", base(func(s *render.L4Service) { s.Persistence = 5 * time.Minute }),
 			want(func(d *ipvs.Desired) { d.Service.Flags, d.Service.Timeout = ipvs.FlagPersistent, 300 })},
-		{"ipv6 netmask is a prefix length", base(func(s *render.IPVSService) {
+		{"ipv6 netmask is a prefix length", base(func(s *render.L4Service) {
 			s.Address = vip6
 			s.Destinations[0].Address = netip.MustParseAddr("2001:db8::1")
 		}), want(func(d *ipvs.Desired) {
 			d.Service = svc(vip6, 80, "rr")
 			d.Destinations[0].Address = netip.MustParseAddr("2001:db8::1")
 		})},
-		{"v4-mapped addresses are unmapped", base(func(s *render.IPVSService) {
+		{"v4-mapped addresses are unmapped", base(func(s *render.L4Service) {
 			s.Address = netip.AddrFrom16(vip4.As16())
 		}), want(nil)},
-		{"weight 0 kept", base(func(s *render.IPVSService) { s.Destinations[0].Weight = 0 }), want(func(d *ipvs.Desired) { d.Destinations[0].Weight = 0 })},
+		{"weight 0 kept", base(func(s *render.L4Service) { s.Destinations[0].Weight = 0 }), want(func(d *ipvs.Desired) { d.Destinations[0].Weight = 0 })},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, bad := ipvs.DesiredFrom([]render.IPVSService{tt.in})
+			got, bad := ipvs.DesiredFrom([]render.L4Service{tt.in})
 			if len(bad) != 0 || len(got) != 1 {
 				t.Fatalf("got %v, errors %v", got, bad)
 			}
@@ -260,7 +260,7 @@ func TestDesiredFrom(t *testing.T) {
 			}
 		})
 	}
-	if _, bad := ipvs.DesiredFrom([]render.IPVSService{base(func(s *render.IPVSService) { s.Flags = []string{"bogus"} })}); bad["web"] == nil {
+	if _, bad := ipvs.DesiredFrom([]render.L4Service{base(func(s *render.L4Service) { s.Flags = []string{"bogus"} })}); bad["web"] == nil {
 		t.Error("an unknown flag was accepted")
 	}
 }

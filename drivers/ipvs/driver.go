@@ -367,7 +367,7 @@ func (d *Driver) Connections(ctx context.Context, services map[string]bool) (map
 
 // DesiredFrom converts render's IPVS services to the kernel's terms, and
 // reports the ones that cannot be converted.
-func DesiredFrom(services []render.IPVSService) ([]Desired, map[string]error) {
+func DesiredFrom(services []render.L4Service) ([]Desired, map[string]error) {
 	out := make([]Desired, 0, len(services))
 	bad := map[string]error{}
 	for _, s := range services {
@@ -381,7 +381,7 @@ func DesiredFrom(services []render.IPVSService) ([]Desired, map[string]error) {
 	return out, bad
 }
 
-func desiredService(s render.IPVSService) (Desired, error) {
+func desiredService(s render.L4Service) (Desired, error) {
 	addr := s.Address.Unmap()
 	svc := Service{Address: addr, Port: s.Port, Scheduler: string(s.Scheduler)}
 	if svc.Protocol = protocolOf(s.Protocol); svc.Protocol == 0 {

@@ -27,12 +27,12 @@ func newDriver(t *testing.T, k ipvs.Kernel, dir string) *ipvs.Driver {
 	return d
 }
 
-func webService(name string, vip netip.Addr, port uint16, dsts ...render.IPVSDestination) render.IPVSService {
-	return render.IPVSService{Service: name, Protocol: spec.TCP, Address: vip, Port: port, Scheduler: spec.RoundRobin, Destinations: dsts}
+func webService(name string, vip netip.Addr, port uint16, dsts ...render.L4Destination) render.L4Service {
+	return render.L4Service{Service: name, Protocol: spec.TCP, Address: vip, Port: port, Scheduler: spec.RoundRobin, Destinations: dsts}
 }
 
-func rdst(a netip.Addr, port uint16, w int) render.IPVSDestination {
-	return render.IPVSDestination{Address: a, Port: port, Weight: w, Forwarding: spec.NAT}
+func rdst(a netip.Addr, port uint16, w int) render.L4Destination {
+	return render.L4Destination{Address: a, Port: port, Weight: w, Forwarding: spec.NAT}
 }
 
 func key(p ipvs.Protocol, a netip.Addr, port uint16) ipvs.Key {
@@ -40,7 +40,7 @@ func key(p ipvs.Protocol, a netip.Addr, port uint16) ipvs.Key {
 }
 
 // checkState compares the fake kernel's services with desired, converted.
-func checkState(t *testing.T, k *ipvsfake.Kernel, desired []render.IPVSService, foreign ...ipvs.Key) {
+func checkState(t *testing.T, k *ipvsfake.Kernel, desired []render.L4Service, foreign ...ipvs.Key) {
 	t.Helper()
 	want, bad := ipvs.DesiredFrom(desired)
 	if len(bad) != 0 {
@@ -78,51 +78,51 @@ func TestApplyProgramsEveryKind(t *testing.T) {
 	v6be := netip.MustParseAddr("2001:db8::1")
 	tests := []struct {
 		name string
-		svc  render.IPVSService
+		svc  render.L4Service
 	}{
 		{"rr", webService("s", vip4, 80, rdst(be1, 80, 1), rdst(be2, 80, 2))},
-		{"wrr", func() render.IPVSService {
+		{"wrr", func() render.L4Service {
 			s := webService("s", vip4, 80, rdst(be1, 80, 1))
 			s.Scheduler = spec.WeightedRoundRobin
 			return s
 		}()},
-		{"lc", func() render.IPVSService {
+		{"lc", func() render.L4Service {
 			s := webService("s", vip4, 80, rdst(be1, 80, 1))
 			s.Scheduler = spec.LeastConnection
 			return s
 		}()},
-		{"wlc", func() render.IPVSService {
+		{"wlc", func() render.L4Service {
 			s := webService("s", vip4, 80, rdst(be1, 80, 1))
 			s.Scheduler = spec.WeightedLeastConnection
 			return s
 		}()},
-		{"sh sh-fallback sh-port", func() render.IPVSService {
+		{"sh sh-fallback sh-port", func() render.L4Service {
 			s := webService("s", vip4, 80, rdst(be1, 80, 1))
 			s.Scheduler, s.Flags = spec.SourceHashing, []string{"sh-fallback", "sh-port"}
 			return s
 		}()},
-		{"mh mh-fallback mh-port", func() render.IPVSService {
+		{"mh mh-fallback mh-port", func() render.L4Service {
 			s := webService("s", vip4, 80, rdst(be1, 80, 1))
 			s.Scheduler, s.Flags = spec.MaglevHashing, []string{"mh-fallback", "mh-port"}
 			return s
 		}()},
-		{"dr", func() render.IPVSService {
+		{"dr", func() render.L4Service {
 			s := webService("s", vip4, 80, rdst(be1, 80, 1))
 			s.Destinations[0].Forwarding = spec.Direct
 			return s
 		}()},
-		{"tun", func() render.IPVSService {
+		{"tun", func() render.L4Service {
 			s := webService("s", vip4, 80, rdst(be1, 80, 1))
 			s.Destinations[0].Forwarding = spec.Tunnel
 			return s
 		}()},
-		{"udp", func() render.IPVSService {
+		{"udp", func() render.L4Service {
 			s := webService("s", vip4, 53, rdst(be1, 53, 1))
 			s.Protocol = spec.UDP
 			return s
 		}()},
 		{"ipv6", webService("s", vip6, 443, rdst(v6be, 8443, 1))},
-		{"persistence", func() render.IPVSService {
+		{"persistence", func() render.L4Service {
 			s := webService("s", vip4, 80, rdst(be1, 80, 1))
 			s.Persistence = time.Hour
 			return s
@@ -133,7 +133,7 @@ func TestApplyProgramsEveryKind(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			k := ipvsfake.New()
 			d := newDriver(t, k, t.TempDir())
-			st := &render.State{IPVS: []render.IPVSService{tt.svc}}
+			st := &render.State{IPVS: []render.L4Service{tt.svc}}
 			if errs := d.Apply(context.Background(), st); len(errs) != 0 {
 				t.Fatal(errs)
 			}
@@ -153,24 +153,24 @@ func TestApplyProgramsEveryKind(t *testing.T) {
 }
 
 func TestApplyChangesInPlace(t *testing.T) {
-	base := func() render.IPVSService { return webService("web", vip4, 80, rdst(be1, 80, 1), rdst(be2, 80, 1)) }
+	base := func() render.L4Service { return webService("web", vip4, 80, rdst(be1, 80, 1), rdst(be2, 80, 1)) }
 	tests := []struct {
 		name   string
-		change func(*render.IPVSService)
+		change func(*render.L4Service)
 		want   map[ipvsfake.Method]int
 	}{
-		{"weight change", func(s *render.IPVSService) { s.Destinations[0].Weight = 7 }, map[ipvsfake.Method]int{ipvsfake.UpdateDestination: 1}},
-		{"weight to zero", func(s *render.IPVSService) { s.Destinations[1].Weight = 0 }, map[ipvsfake.Method]int{ipvsfake.UpdateDestination: 1}},
-		{"forwarding change", func(s *render.IPVSService) {
+		{"weight change", func(s *render.L4Service) { s.Destinations[0].Weight = 7 }, map[ipvsfake.Method]int{ipvsfake.UpdateDestination: 1}},
+		{"weight to zero", func(s *render.L4Service) { s.Destinations[1].Weight = 0 }, map[ipvsfake.Method]int{ipvsfake.UpdateDestination: 1}},
+		{"forwarding change", func(s *render.L4Service) {
 			s.Destinations[0].Forwarding, s.Destinations[1].Forwarding = spec.Direct, spec.Direct
 		}, map[ipvsfake.Method]int{ipvsfake.UpdateDestination: 2}},
-		{"scheduler change", func(s *render.IPVSService) { s.Scheduler = spec.WeightedLeastConnection }, map[ipvsfake.Method]int{ipvsfake.UpdateService: 1}},
-		{"flags change", func(s *render.IPVSService) {
+		{"scheduler change", func(s *render.L4Service) { s.Scheduler = spec.WeightedLeastConnection }, map[ipvsfake.Method]int{ipvsfake.UpdateService: 1}},
+		{"flags change", func(s *render.L4Service) {
 			s.Scheduler, s.Flags = spec.MaglevHashing, []string{"mh-port"}
 		}, map[ipvsfake.Method]int{ipvsfake.UpdateService: 1}},
-		{"persistence on", func(s *render.IPVSService) { s.Persistence = time.Minute }, map[ipvsfake.Method]int{ipvsfake.UpdateService: 1}},
-		{"backend added", func(s *render.IPVSService) { s.Destinations = append(s.Destinations, rdst(be3, 80, 1)) }, map[ipvsfake.Method]int{ipvsfake.AddDestination: 1}},
-		{"backend removed", func(s *render.IPVSService) { s.Destinations = s.Destinations[:1] }, map[ipvsfake.Method]int{ipvsfake.DeleteDestination: 1}},
+		{"persistence on", func(s *render.L4Service) { s.Persistence = time.Minute }, map[ipvsfake.Method]int{ipvsfake.UpdateService: 1}},
+		{"backend added", func(s *render.L4Service) { s.Destinations = append(s.Destinations, rdst(be3, 80, 1)) }, map[ipvsfake.Method]int{ipvsfake.AddDestination: 1}},
+		{"backend removed", func(s *render.L4Service) { s.Destinations = s.Destinations[:1] }, map[ipvsfake.Method]int{ipvsfake.DeleteDestination: 1}},
 	}
 	writes := []ipvsfake.Method{ipvsfake.AddService, ipvsfake.UpdateService, ipvsfake.DeleteService, ipvsfake.AddDestination, ipvsfake.UpdateDestination, ipvsfake.DeleteDestination}
 	for _, tt := range tests {
@@ -178,7 +178,7 @@ func TestApplyChangesInPlace(t *testing.T) {
 			k := ipvsfake.New()
 			d := newDriver(t, k, t.TempDir())
 			s := base()
-			if errs := d.Apply(context.Background(), &render.State{IPVS: []render.IPVSService{s}}); len(errs) != 0 {
+			if errs := d.Apply(context.Background(), &render.State{IPVS: []render.L4Service{s}}); len(errs) != 0 {
 				t.Fatal(errs)
 			}
 			if err := k.SetConnections(key(ipvs.TCP, vip4, 80), netip.AddrPortFrom(be1, 80), 3, 4); err != nil {
@@ -186,7 +186,7 @@ func TestApplyChangesInPlace(t *testing.T) {
 			}
 			k.ResetCounts()
 			tt.change(&s)
-			st := &render.State{IPVS: []render.IPVSService{s}}
+			st := &render.State{IPVS: []render.L4Service{s}}
 			if errs := d.Apply(context.Background(), st); len(errs) != 0 {
 				t.Fatal(errs)
 			}
@@ -225,7 +225,7 @@ func TestForeignServicesUntouched(t *testing.T) {
 	d := newDriver(t, k, t.TempDir())
 
 	// A desired service at the foreign key is refused; another is applied.
-	st := &render.State{IPVS: []render.IPVSService{
+	st := &render.State{IPVS: []render.L4Service{
 		webService("api", vip4, 443, rdst(be1, 443, 1)),
 		webService("web", vip4, 80, rdst(be1, 80, 1)),
 	}}
@@ -265,7 +265,7 @@ func TestRestartWithNothingChangedWritesNothing(t *testing.T) {
 	ctx := context.Background()
 	k := ipvsfake.New()
 	dir := t.TempDir()
-	st := &render.State{IPVS: []render.IPVSService{
+	st := &render.State{IPVS: []render.L4Service{
 		webService("a", vip4, 80, rdst(be1, 80, 1), rdst(be2, 80, 3)),
 		webService("b", vip6, 80, rdst(netip.MustParseAddr("2001:db8::5"), 80, 1)),
 	}}
@@ -314,7 +314,7 @@ func TestRestartWithNothingChangedWritesNothing(t *testing.T) {
 func TestLostStateFileRefusesRatherThanAdopts(t *testing.T) {
 	ctx := context.Background()
 	k := ipvsfake.New()
-	st := &render.State{IPVS: []render.IPVSService{webService("a", vip4, 80, rdst(be1, 80, 1))}}
+	st := &render.State{IPVS: []render.L4Service{webService("a", vip4, 80, rdst(be1, 80, 1))}}
 	if errs := newDriver(t, k, t.TempDir()).Apply(ctx, st); len(errs) != 0 {
 		t.Fatal(errs)
 	}
@@ -331,7 +331,7 @@ func TestOneServiceFailingDoesNotFailOthers(t *testing.T) {
 	d := newDriver(t, k, t.TempDir())
 	bad := webService("bad", vip4, 81, rdst(be1, 80, 1))
 	bad.Scheduler = "nosuch" // the kernel has no ip_vs_nosuch module: ENOENT
-	st := &render.State{IPVS: []render.IPVSService{
+	st := &render.State{IPVS: []render.L4Service{
 		webService("a", vip4, 80, rdst(be1, 80, 1)),
 		bad,
 		webService("c", vip4, 82, rdst(be1, 80, 1)),
@@ -340,7 +340,7 @@ func TestOneServiceFailingDoesNotFailOthers(t *testing.T) {
 	if len(errs) != 1 || !errors.Is(errs["bad"], syscall.ENOENT) {
 		t.Fatalf("errors %v, want only bad failing with ENOENT", errs)
 	}
-	checkState(t, k, []render.IPVSService{st.IPVS[0], st.IPVS[2]})
+	checkState(t, k, []render.L4Service{st.IPVS[0], st.IPVS[2]})
 	if k.Calls(ipvsfake.AddDestination) != 2 {
 		t.Errorf("%d destination adds, want 2 (none for the failed service)", k.Calls(ipvsfake.AddDestination))
 	}
@@ -355,7 +355,7 @@ func TestHungCallTimesOut(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st := &render.State{IPVS: []render.IPVSService{
+	st := &render.State{IPVS: []render.L4Service{
 		webService("a", vip4, 80, rdst(be1, 80, 1)),
 		webService("b", vip4, 81, rdst(be1, 80, 1)),
 	}}
@@ -385,7 +385,7 @@ func TestMissingIPVS(t *testing.T) {
 	k := ipvsfake.New()
 	k.SetUnavailable(true)
 	d := newDriver(t, k, t.TempDir())
-	st := &render.State{IPVS: []render.IPVSService{
+	st := &render.State{IPVS: []render.L4Service{
 		webService("a", vip4, 80, rdst(be1, 80, 1)),
 		webService("b", vip4, 81, rdst(be1, 80, 1)),
 	}}
@@ -423,7 +423,7 @@ func TestConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := newDriver(t, k, t.TempDir())
-	st := &render.State{IPVS: []render.IPVSService{webService("web", vip4, 80, rdst(be1, 80, 1), rdst(be2, 80, 0))}}
+	st := &render.State{IPVS: []render.L4Service{webService("web", vip4, 80, rdst(be1, 80, 1), rdst(be2, 80, 0))}}
 	if errs := d.Apply(ctx, st); len(errs) != 0 {
 		t.Fatal(errs)
 	}
@@ -463,7 +463,7 @@ func TestAddRaceWithSomeoneElse(t *testing.T) {
 	// Someone creates the service between the listing and our add: the
 	// fake's AddService fails with EEXIST as the kernel would.
 	k.Fail(ipvsfake.AddService, syscall.EEXIST)
-	errs := d.Apply(ctx, &render.State{IPVS: []render.IPVSService{webService("web", vip4, 80, rdst(be1, 80, 1))}})
+	errs := d.Apply(ctx, &render.State{IPVS: []render.L4Service{webService("web", vip4, 80, rdst(be1, 80, 1))}})
 	var fe *ipvs.ForeignServiceError
 	if !errors.As(errs["web"], &fe) {
 		t.Errorf("error %v, want foreign", errs["web"])

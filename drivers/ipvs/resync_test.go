@@ -31,7 +31,7 @@ func TestPassReadsOnlyChangedServices(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			st := &render.State{IPVS: []render.IPVSService{
+			st := &render.State{IPVS: []render.L4Service{
 				webService("a", vip4, 80, rdst(be1, 80, 1)),
 				webService("b", vip4, 81, rdst(be1, 80, 1)),
 				webService("c", vip4, 82, rdst(be1, 80, 1)),

@@ -68,8 +68,8 @@ func state(vips ...netip.Addr) *render.State {
 	for i, a := range vips {
 		name := "svc" + string(rune('a'+i))
 		st.Services = append(st.Services, render.ServiceReport{Name: name, Driver: spec.DriverIPVS, Key: spec.Key{VIP: a, Port: 80, Protocol: spec.TCP}})
-		st.IPVS = append(st.IPVS, render.IPVSService{Service: name, Protocol: spec.TCP, Address: a, Port: 80, Scheduler: spec.RoundRobin,
-			Destinations: []render.IPVSDestination{{Address: be, Port: 80, Weight: 1, Forwarding: spec.NAT}}})
+		st.IPVS = append(st.IPVS, render.L4Service{Service: name, Protocol: spec.TCP, Address: a, Port: 80, Scheduler: spec.RoundRobin,
+			Destinations: []render.L4Destination{{Address: be, Port: 80, Weight: 1, Forwarding: spec.NAT}}})
 	}
 	st.VIPs = slices.Clone(vips)
 	slices.SortFunc(st.VIPs, netip.Addr.Compare)
