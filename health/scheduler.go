@@ -11,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/switchman-lb/switchman/internal/clock"
 	"github.com/switchman-lb/switchman/spec"
 )
 
@@ -31,9 +32,9 @@ type Options struct {
 	// Registerer receives the metrics; nil registers none.
 	Registerer prometheus.Registerer
 	// Clock is the time source for scheduling and state times; nil is
-	// RealClock. (A check's own timeout is always real time: it bounds
+	// clock.Real. (A check's own timeout is always real time: it bounds
 	// real I/O.)
-	Clock Clock
+	Clock clock.Clock
 	// MaxConcurrent bounds the checks running at once (each holds a socket);
 	// default DefaultMaxConcurrent. When every check takes its full timeout,
 	// the scheduler runs at most MaxConcurrent/timeout checks a second and
@@ -73,7 +74,7 @@ type Status struct {
 // methods are safe for concurrent use.
 type Scheduler struct {
 	log        *slog.Logger
-	clock      Clock
+	clock      clock.Clock
 	limit      int
 	spread     time.Duration
 	newChecker func(Target) (Checker, error)
@@ -122,7 +123,7 @@ func New(opts Options) *Scheduler {
 		s.log = slog.New(slog.DiscardHandler)
 	}
 	if s.clock == nil {
-		s.clock = RealClock{}
+		s.clock = clock.Real{}
 	}
 	if s.limit <= 0 {
 		s.limit = DefaultMaxConcurrent

@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/switchman-lb/switchman/internal/clock"
 	"github.com/switchman-lb/switchman/spec"
 )
 
@@ -19,7 +20,7 @@ var errFake = errors.New("fake failure")
 // fakeChecks makes checkers that return scripted results and record when
 // they were called (by the scheduler's clock).
 type fakeChecks struct {
-	clk Clock
+	clk clock.Clock
 
 	mu      sync.Mutex
 	results map[Key][]error // consumed in order; the last one repeats; none: success
@@ -29,7 +30,7 @@ type fakeChecks struct {
 	peak    int           // most checks running at once
 }
 
-func newFakeChecks(clk Clock) *fakeChecks {
+func newFakeChecks(clk clock.Clock) *fakeChecks {
 	return &fakeChecks{clk: clk, results: map[Key][]error{}, calls: map[Key][]time.Time{}}
 }
 
@@ -120,7 +121,7 @@ func (s *Scheduler) isStarted() bool {
 
 // step advances the fake clock and waits until the scheduler has run every
 // check that became due.
-func step(t *testing.T, clk *fakeClock, s *Scheduler, d time.Duration) {
+func step(t *testing.T, clk *clock.Fake, s *Scheduler, d time.Duration) {
 	t.Helper()
 	clk.Advance(d)
 	waitFor(t, "the scheduler to run the due checks", s.idle)
@@ -164,7 +165,7 @@ func changedFired(s *Scheduler) bool {
 }
 
 func TestSchedulerSpreadsFirstChecksThenKeepsInterval(t *testing.T) {
-	clk := newFakeClock()
+	clk := clock.NewFake()
 	fc := newFakeChecks(clk)
 	s := New(Options{Clock: clk, NewChecker: fc.newChecker, StartSpread: time.Second})
 	const n = 50
@@ -219,7 +220,7 @@ func TestSchedulerSpreadsFirstChecksThenKeepsInterval(t *testing.T) {
 }
 
 func TestSchedulerHysteresisAndNotifications(t *testing.T) {
-	clk := newFakeClock()
+	clk := clock.NewFake()
 	fc := newFakeChecks(clk)
 	reg := prometheus.NewRegistry()
 	s := New(Options{Clock: clk, NewChecker: fc.newChecker, Registerer: reg})
@@ -282,7 +283,7 @@ func TestSchedulerHysteresisAndNotifications(t *testing.T) {
 }
 
 func TestSchedulerUpdateKeepsRestartsAndRemoves(t *testing.T) {
-	clk := newFakeClock()
+	clk := clock.NewFake()
 	fc := newFakeChecks(clk)
 	s := New(Options{Clock: clk, NewChecker: fc.newChecker})
 	a := target("web", 1, health(time.Second, 2, 2))
@@ -345,7 +346,7 @@ func TestSchedulerUpdateKeepsRestartsAndRemoves(t *testing.T) {
 }
 
 func TestSchedulerNoneIsHealthyAtOnce(t *testing.T) {
-	fc := newFakeChecks(RealClock{})
+	fc := newFakeChecks(clock.Real{})
 	s := New(Options{NewChecker: fc.newChecker})
 	h := health(time.Second, 2, 3)
 	h.Protocol = spec.HealthNone
@@ -366,7 +367,7 @@ func TestSchedulerNoneIsHealthyAtOnce(t *testing.T) {
 }
 
 func TestWaitSettledTimesOutWhilePending(t *testing.T) {
-	s := New(Options{Clock: newFakeClock()})
+	s := New(Options{Clock: clock.NewFake()})
 	s.Update([]Target{target("web", 1, health(time.Second, 2, 3))})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 	defer cancel()
@@ -380,7 +381,7 @@ func TestWaitSettledTimesOutWhilePending(t *testing.T) {
 }
 
 func TestSchedulerConcurrencyLimitAndShutdown(t *testing.T) {
-	clk := newFakeClock()
+	clk := clock.NewFake()
 	fc := newFakeChecks(clk)
 	fc.block = make(chan struct{})
 	s := New(Options{Clock: clk, NewChecker: fc.newChecker, MaxConcurrent: 3})

@@ -6,8 +6,8 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"os"
-	"path/filepath"
+
+	"github.com/switchman-lb/switchman/internal/atomicfile"
 )
 
 // canonicalPEM re-encodes a certificate bundle (certificates and one
@@ -53,30 +53,5 @@ func canonicalPEM(in []byte) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
-// writeAtomic writes data to path with mode 0600 through a temporary file
-// in the same directory and a rename, so a reader sees the old or the new
-// content, never a mix.
-func writeAtomic(path string, data []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op after the rename
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
-}
+// writeAtomic writes data to path with mode 0600, atomically.
+func writeAtomic(path string, data []byte) error { return atomicfile.Write(path, data, 0o600) }

@@ -7,8 +7,9 @@ import (
 	"io/fs"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"slices"
+
+	"github.com/switchman-lb/switchman/internal/atomicfile"
 )
 
 // StateFile is the name of the file, in the driver's data directory, that
@@ -78,27 +79,7 @@ func saveOwned(path string, owned map[Key]string) error {
 	if err != nil {
 		return fmt.Errorf("encode IPVS ownership record: %w", err)
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return fmt.Errorf("write IPVS ownership record: %w", err)
-	}
-	defer os.Remove(tmp.Name()) // after a successful rename this finds nothing
-	if err := tmp.Chmod(0o600); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write IPVS ownership record: %w", err)
-	}
-	if _, err := tmp.Write(append(b, '\n')); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write IPVS ownership record: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write IPVS ownership record: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("write IPVS ownership record: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
+	if err := atomicfile.Write(path, append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("write IPVS ownership record: %w", err)
 	}
 	return nil
