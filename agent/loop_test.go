@@ -314,3 +314,16 @@ func TestDrainEndsWithConnections(t *testing.T) {
 		return ""
 	})
 }
+
+func TestOddKeyNamesAreRefusedNotIgnored(t *testing.T) {
+	src := newFakeSource()
+	src.put("a/b", def(1, "", "10.200.0.1"))
+	src.put("../x", def(2, "", "10.200.0.2"))
+	d := newFakeDriver("ipvs", render.PartIPVS, nil)
+	l := startLoop(t, src, []Plane{ipvsPlane(d)}, testOptions())
+	eventually(t, "a/b refused", l.wantState("a/b", status.StateRejected, `name: "a/b" is not a DNS label`))
+	eventually(t, "../x refused", l.wantState("../x", status.StateRejected, `name: "../x" is not a DNS label`))
+	if _, ok := d.holds("a/b"); ok {
+		t.Fatal("a/b was programmed")
+	}
+}
