@@ -190,7 +190,12 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.log.Warn("health checks did not all finish their first round; unchecked backends start at weight 0", "waited", a.opts.SettleTimeout)
 		}
 		cancel()
+		// Render again with the first round's results.
 		a.health.TakeChanged()
+		for n := range a.records {
+			a.rerender[n] = true
+		}
+		a.evaluateDirty()
 	}
 	a.firstSync()
 

@@ -281,6 +281,10 @@ func (s *fakeStatus) get(name string) (status.Status, bool) {
 
 // fakeHealth is a health checker whose answers the test sets.
 type fakeHealth struct {
+	// firstRound makes new backends pending until WaitSettled, which
+	// reports them healthy: a checker's first round.
+	firstRound bool
+
 	mu      sync.Mutex
 	state   map[render.BackendRef]render.Health
 	set     map[string]int // SetService calls by service
@@ -302,7 +306,7 @@ func (h *fakeHealth) SetService(name string, svc *spec.Service) {
 	for _, b := range svc.Backends {
 		ref := render.BackendRef{Service: name, Addr: b.AddrPort()}
 		if _, ok := h.state[ref]; !ok {
-			h.state[ref] = render.Health{Healthy: true}
+			h.state[ref] = render.Health{Healthy: !h.firstRound, Pending: h.firstRound}
 		}
 	}
 }
@@ -324,7 +328,17 @@ func (h *fakeHealth) Backend(ref render.BackendRef) (render.Health, bool) {
 	return st, ok
 }
 
-func (h *fakeHealth) WaitSettled(context.Context) error { return nil }
+func (h *fakeHealth) WaitSettled(context.Context) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for ref, st := range h.state {
+		if st.Pending {
+			h.state[ref] = render.Health{Healthy: true}
+			h.dirty[ref] = true
+		}
+	}
+	return nil
+}
 
 func (h *fakeHealth) flip(ref render.BackendRef, healthy bool) {
 	h.mu.Lock()
@@ -354,7 +368,11 @@ func testOptions() Options {
 
 // startLoop runs an agent over src with the given planes.
 func startLoop(t testing.TB, src *fakeSource, planes []Plane, opts Options) *loop {
-	l := &loop{src: src, status: newFakeStatus(), health: newFakeHealth(), done: make(chan struct{})}
+	return startLoopWith(t, src, planes, opts, newFakeHealth())
+}
+
+func startLoopWith(t testing.TB, src *fakeSource, planes []Plane, opts Options, h *fakeHealth) *loop {
+	l := &loop{src: src, status: newFakeStatus(), health: h, done: make(chan struct{})}
 	if tt, ok := t.(*testing.T); ok {
 		l.t = tt
 	}

@@ -221,7 +221,11 @@ func TestRestartWritesNothing(t *testing.T) {
 	eventually(t, "applied", l.wantState("s9", status.StateApplied, ""))
 	l.stop()
 	d.reset()
-	l2 := startLoop(t, src, []Plane{ipvsPlane(d)}, testOptions())
+	// The new agent's checker starts with every backend pending: its
+	// first round decides before anything is programmed.
+	h := newFakeHealth()
+	h.firstRound = true
+	l2 := startLoopWith(t, src, []Plane{ipvsPlane(d)}, testOptions(), h)
 	eventually(t, "applied again", l2.wantState("s9", status.StateApplied, ""))
 	if applies, syncs, writes, _ := d.counts(); applies != 0 || syncs != 1 || writes != 0 {
 		t.Fatalf("restart: %d applies, %d syncs, %d writes; want one sync writing nothing", applies, syncs, writes)

@@ -87,7 +87,7 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		}, func() float64 { return float64(d.Writes()) }))
 	}
 	if want["netfilter"] {
-		set.planes = append(set.planes, agent.Plane{Driver: agent.Whole(netfilter.New(log.With("driver", "netfilter"))), Part: render.PartNetfilter, Guard: true})
+		set.planes = append(set.planes, agent.Plane{Driver: netfilter.New(log.With("driver", "netfilter")), Part: render.PartNetfilter, Guard: true})
 	}
 	if want["haproxy"] {
 		d, run, closeFn, err := newHAProxy(c, log.With("driver", "haproxy"), dataDir)
