@@ -126,7 +126,7 @@ func (d *recordingDriver) setFail(name string, err error) {
 }
 
 // cutProxy forwards TCP to etcd and can cut every connection and refuse new
-// ones, which is what a network partition looks like to the
+// ones, which is what a network partition looks like to the agent.
 type cutProxy struct {
 	ln     net.Listener
 	target string
