@@ -40,9 +40,9 @@ type fakeLease struct {
 }
 
 type fakeWrite struct {
-	at               time.Time
-	client, op, key  string
-	lease            LeaseID
+	at              time.Time
+	client, op, key string
+	lease           LeaseID
 }
 
 func newFakeEtcd(now func() time.Time) *fakeEtcd {
