@@ -83,6 +83,7 @@ type Elector struct {
 	setG    bool
 	owners  map[string]Owner
 	held    []string
+	contact bool
 	running bool
 
 	metrics *metrics
@@ -175,6 +176,13 @@ func (e *Elector) Held() []string {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return slices.Clone(e.held)
+}
+
+// EtcdContact reports whether this agent's ownership reads reach etcd.
+func (e *Elector) EtcdContact() bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.contact
 }
 
 // Owns reports whether this agent holds group.
@@ -403,14 +411,14 @@ func (e *Elector) exec(ctx context.Context, wg *sync.WaitGroup, now time.Time, e
 }
 
 func (e *Elector) publish(now time.Time) {
-	owners, held := e.m.owners(), e.m.heldGroups()
+	owners, held, contact := e.m.owners(), e.m.heldGroups(), e.m.etcdOK(now)
 	e.mu.Lock()
-	e.owners, e.held = owners, held
+	e.owners, e.held, e.contact = owners, held, contact
 	e.mu.Unlock()
 	if e.metrics != nil {
 		e.metrics.owned.Set(float64(len(held)))
 		v := 0.0
-		if e.m.etcdOK(now) {
+		if contact {
 			v = 1
 		}
 		e.metrics.contact.Set(v)

@@ -39,6 +39,11 @@ type Timing struct {
 	// StartGrace is how long a starting agent claims nothing, so it
 	// hears its peers first.
 	StartGrace time.Duration
+	// Regain (G) is how long an agent that regains etcd claims nothing.
+	// An owner without etcd keeps its addresses for Regain - Margin after
+	// the last "no etcd" heartbeat of each peer, which gives its own
+	// client time to reconnect when etcd comes back for everyone.
+	Regain time.Duration
 	// Tick is how often the state is evaluated when nothing happens.
 	Tick time.Duration
 }
@@ -55,6 +60,7 @@ func DefaultTiming() Timing {
 		Stagger:      100 * time.Millisecond,
 		PreemptDelay: time.Second,
 		StartGrace:   600 * time.Millisecond,
+		Regain:       2 * time.Second,
 		Tick:         10 * time.Millisecond,
 	}
 }
@@ -63,15 +69,15 @@ func DefaultTiming() Timing {
 // say it is in contact with etcd.
 func (t Timing) contact() time.Duration { return 2 * t.Round }
 
-// regain is how long an agent waits after regaining etcd before it claims
-// anything: longer than an owner keeps its addresses on the strength of
-// that agent's earlier "no etcd" heartbeats.
-func (t Timing) regain() time.Duration { return t.Silence + t.Margin }
+// keepFor is how long an owner without etcd keeps its addresses on the
+// strength of a peer's "no etcd" heartbeat: the Margin less than what that
+// peer waits after regaining etcd before it claims.
+func (t Timing) keepFor() time.Duration { return t.Regain - t.Margin }
 
 // check reports timing that cannot be safe with a lease of ttl.
 func (t Timing) check(ttl time.Duration) error {
 	for name, d := range map[string]time.Duration{"round": t.Round, "hold": t.Hold, "margin": t.Margin, "heartbeat": t.Heartbeat,
-		"silence": t.Silence, "stagger": t.Stagger, "preempt delay": t.PreemptDelay, "start grace": t.StartGrace, "tick": t.Tick} {
+		"silence": t.Silence, "stagger": t.Stagger, "preempt delay": t.PreemptDelay, "start grace": t.StartGrace, "regain": t.Regain, "tick": t.Tick} {
 		if d <= 0 {
 			return fmt.Errorf("ha timing: %s %v must be positive", name, d)
 		}
@@ -87,6 +93,8 @@ func (t Timing) check(ttl time.Duration) error {
 		return fmt.Errorf("ha timing: hold %v + margin %v + round %v must stay under half the lease TTL %v", t.Hold, t.Margin, t.Round, ttl)
 	case t.Tick*4 > t.Margin:
 		return fmt.Errorf("ha timing: tick %v must be at most a quarter of the margin %v", t.Tick, t.Margin)
+	case t.Regain < t.Silence+t.Margin:
+		return fmt.Errorf("ha timing: regain %v must be at least silence + margin (%v)", t.Regain, t.Silence+t.Margin)
 	case t.StartGrace < t.Hold+t.Margin:
 		return fmt.Errorf("ha timing: start grace %v must be at least hold + margin (%v)", t.StartGrace, t.Hold+t.Margin)
 	}
@@ -733,14 +741,14 @@ func rendezvous(group, node string) uint64 {
 // for long enough that no owner still keeps addresses on the strength of
 // this agent's earlier "no etcd" heartbeats.
 func (m *machine) contactStable(now time.Time) bool {
-	return m.etcdOK(now) && !m.since.IsZero() && now.Sub(m.since) >= m.cfg.t.regain()
+	return m.etcdOK(now) && !m.since.IsZero() && now.Sub(m.since) >= m.cfg.t.Regain
 }
 
-// keepMode reports whether every other member was heard, within Silence,
+// keepMode reports whether every other member was heard, within keepFor,
 // saying it has no etcd either: then nobody can claim (an agent that
-// regains etcd claims nothing for regain() = Silence + Margin), and an
-// owner keeps its addresses past its hold deadline. With no other member
-// heard, an owner must assume it is the one cut off.
+// regains etcd claims nothing for Regain), and an owner keeps its
+// addresses past its hold deadline. With no other member heard, an owner
+// must assume it is the one cut off.
 func (m *machine) keepMode(now time.Time) bool {
 	n := 0
 	for node := range m.members {
@@ -748,12 +756,27 @@ func (m *machine) keepMode(now time.Time) bool {
 			continue
 		}
 		p := m.peers[node]
-		if p == nil || p.noEtcd.IsZero() || now.Sub(p.noEtcd) > m.cfg.t.Silence {
+		if p == nil || p.noEtcd.IsZero() || now.Sub(p.noEtcd) > m.cfg.t.keepFor() {
 			return false
 		}
 		n++
 	}
 	return n > 0
+}
+
+// peerReport describes the peers for logs: when each was last heard and
+// when it last said it had no etcd.
+func (m *machine) peerReport(now time.Time) string {
+	var b strings.Builder
+	for _, node := range slices.Sorted(maps.Keys(m.peers)) {
+		p := m.peers[node]
+		fmt.Fprintf(&b, "%s(heard %v ago, etcd %v", node, now.Sub(m.heard(p)).Round(time.Millisecond), p.etcd)
+		if !p.noEtcd.IsZero() {
+			fmt.Fprintf(&b, ", no etcd %v ago", now.Sub(p.noEtcd).Round(time.Millisecond))
+		}
+		b.WriteString(") ")
+	}
+	return strings.TrimSpace(b.String())
 }
 
 // peerHolds reports whether a peer heard recently says it holds group.
@@ -768,7 +791,7 @@ func (m *machine) peerHolds(group string, now time.Time) bool {
 
 // claimFrom is when this agent became able to claim.
 func (m *machine) claimFrom() time.Time {
-	return maxTime(m.start.Add(m.cfg.t.StartGrace), m.since.Add(m.cfg.t.regain()))
+	return maxTime(m.start.Add(m.cfg.t.StartGrace), m.since.Add(m.cfg.t.Regain))
 }
 
 func (m *machine) mayClaim(now time.Time) bool {
@@ -881,7 +904,12 @@ func (m *machine) stepGroup(now time.Time, g *group, out []any) []any {
 				out = append(out, effCond{group: g.name, kind: "touch", key: m.cfg.ownerKey(g.name), sent: now, value: v, lease: m.lease})
 			}
 		}
-		return m.setHold(g, m.mayHold(g, now), out)
+		hold := m.mayHold(g, now)
+		if g.held && !hold {
+			m.log.Warn("ha: dropping an owned group: no confirmation from etcd in time", "group", g.name,
+				"since_confirmed", now.Sub(g.confirmed), "since_renewed", now.Sub(m.renewedAt), "peers", m.peerReport(now))
+		}
+		return m.setHold(g, hold, out)
 	}
 	out = m.setHold(g, false, out)
 	if g.op != "" || !m.wants(g.name) || !m.eligible(g.name, m.cfg.node) || !m.mayClaim(now) {

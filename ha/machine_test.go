@@ -73,7 +73,7 @@ func TestSimOwnerIsolated(t *testing.T) {
 				s.etcd.setCut(old, true)
 			}
 			s.until(time.Second, "old owner drops", func() bool { return !a.held["web"] })
-			if late := a.lastEvent("drop", "web").Sub(a.m.lastOK); late > s.timing.Hold+s.step {
+			if late := a.lastEvent("drop", "web").Sub(a.m.groups["web"].confirmed); late > s.timing.Hold+s.step {
 				t.Fatalf("dropped %v after the last confirmed read was sent; hold is %v", late, s.timing.Hold)
 			}
 			took := s.until(3*time.Second, "a new holder", func() bool { h := s.holder("web"); return h != "" && h != old })
@@ -84,6 +84,20 @@ func TestSimOwnerIsolated(t *testing.T) {
 			t.Logf("new holder after %v", s.now().Sub(cutAt)-0*took)
 		})
 	}
+}
+
+// TestSimSteadyWrites: in steady state agents only read; the owner key is
+// not rewritten (touches happen only while a peer cannot be heard).
+func TestSimSteadyWrites(t *testing.T) {
+	s := newSim(t, "web")
+	s.settle("lb1", "lb2", "lb3")
+	s.run(2 * time.Second)
+	n := len(s.etcd.writes)
+	s.run(5 * time.Second)
+	if w := s.etcd.writes[n:]; len(w) > 0 {
+		t.Fatalf("%d writes in 5s of steady state, first %+v", len(w), w[0])
+	}
+	s.safe()
 }
 
 // TestSimStandbyIsolated: a standby without etcd claims nothing and the
