@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/switchman-lb/switchman/ha"
@@ -198,12 +199,12 @@ type agent struct {
 	done   chan struct{}
 }
 
-func startAgent(t *testing.T, node string, e *etcdServer, h *hosts, groups []string) *agent {
+func startAgent(t *testing.T, node string, e *etcdServer, h *hosts, groups []string, reg prometheus.Registerer) *agent {
 	t.Helper()
 	p := newProxy(t, strings.TrimPrefix(e.client, "http://"))
 	cli := connect(t, "http://"+p.ln.Addr().String())
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})).With("node", node)
-	el, err := ha.New(ha.Options{Node: node, Listen: "127.0.0.1:0", Store: ha.NewEtcd(cli), Holder: hostHolder{h: h, node: node}, Logger: log})
+	el, err := ha.New(ha.Options{Node: node, Listen: "127.0.0.1:0", Store: ha.NewEtcd(cli), Holder: hostHolder{h: h, node: node}, Logger: log, Registerer: reg})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -252,7 +253,7 @@ func TestElectorsWithEtcd(t *testing.T) {
 	go h.sample(ctx, groups)
 	agents := map[string]*agent{}
 	for _, n := range []string{"lb1", "lb2", "lb3"} {
-		agents[n] = startAgent(t, n, e, h, groups)
+		agents[n] = startAgent(t, n, e, h, groups, nil)
 	}
 	waitFor(t, 15*time.Second, "one holder", func() bool { return one(h, "web") != "" })
 	first := one(h, "web")
@@ -307,7 +308,7 @@ func TestElectorsEtcdDown(t *testing.T) {
 	go h.sample(ctx, groups)
 	agents := map[string]*agent{}
 	for _, n := range []string{"lb1", "lb2"} {
-		agents[n] = startAgent(t, n, e, h, groups)
+		agents[n] = startAgent(t, n, e, h, groups, nil)
 	}
 	waitFor(t, 15*time.Second, "one holder", func() bool { return one(h, "web") != "" })
 	owner := one(h, "web")
@@ -354,8 +355,10 @@ func TestElectorsRelease(t *testing.T) {
 	defer stop()
 	go h.sample(ctx, groups)
 	agents := map[string]*agent{}
+	regs := map[string]*prometheus.Registry{}
 	for _, n := range []string{"lb1", "lb2"} {
-		agents[n] = startAgent(t, n, e, h, groups)
+		regs[n] = prometheus.NewRegistry()
+		agents[n] = startAgent(t, n, e, h, groups, regs[n])
 	}
 	waitFor(t, 15*time.Second, "both groups held", func() bool { return one(h, "web") != "" && one(h, "db") != "" })
 	owner := one(h, "web")
@@ -383,10 +386,35 @@ func TestElectorsRelease(t *testing.T) {
 	if took > time.Second {
 		t.Fatalf("hand-over took %v", took)
 	}
+	waitFor(t, 5*time.Second, "metrics", func() bool {
+		return gauge(t, regs[standby], "switchman_ha_owned_groups") == 2 && gauge(t, regs[owner], "switchman_ha_owned_groups") == 0
+	})
+	if c := gauge(t, regs[standby], "switchman_ha_owner_changes_total"); c < 2 {
+		t.Fatalf("owner changes seen by %s: %v, want at least 2", standby, c)
+	}
 	stop()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if h.worst > 1 {
 		t.Fatalf("the sampler saw two holders: %s", h.seenTwo)
 	}
+}
+
+// gauge sums the values of a metric family (every label set).
+func gauge(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			sum += m.GetGauge().GetValue() + m.GetCounter().GetValue()
+		}
+	}
+	return sum
 }
