@@ -11,6 +11,8 @@ import (
 	"github.com/mdlayher/arp"
 	"github.com/mdlayher/ethernet"
 	"github.com/mdlayher/ndp"
+	"golang.org/x/net/icmp"
+	"golang.org/x/net/ipv6"
 )
 
 // DefaultAnnounceSchedule returns when Announce sends, counted from its
@@ -54,12 +56,12 @@ func AnnounceOn(ctx context.Context, iface string, addrs []netip.Addr, schedule 
 			defer garp.Close()
 		}
 	}
-	var na *ndp.Conn
+	var na *naConn
 	if len(v6) > 0 {
-		if na, _, err = ndp.Listen(ifi, ndp.LinkLocal); err != nil {
+		if na, err = listenNA(ifi); err != nil {
 			errs = append(errs, fmt.Errorf("neighbour advertisement on %s: %w", iface, err))
 		} else {
-			defer na.Close()
+			defer na.pc.Close()
 		}
 	}
 	if garp == nil && na == nil {
@@ -114,11 +116,60 @@ func sendGARP(c *arp.Client, hw net.HardwareAddr, a netip.Addr) error {
 	return nil
 }
 
+// naConn sends neighbour advertisements out of one interface, named by
+// index, never by name: a zone name goes through the process-wide zone
+// cache, which can name another interface (another network namespace's).
+type naConn struct {
+	pc *ipv6.PacketConn
+	cm *ipv6.ControlMessage
+}
+
+// listenNA opens an ICMPv6 socket that sends from ifi's link-local address
+// with hop limit 255, as RFC 4861 requires.
+func listenNA(ifi *net.Interface) (*naConn, error) {
+	addrs, err := ifi.Addrs()
+	if err != nil {
+		return nil, err
+	}
+	var src netip.Addr
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().Is6() && p.Addr().IsLinkLocalUnicast() {
+			src = p.Addr()
+			break
+		}
+	}
+	if !src.IsValid() {
+		return nil, errors.New("no IPv6 link-local address to send from")
+	}
+	c, err := icmp.ListenPacket("ip6:ipv6-icmp", "::")
+	if err != nil {
+		return nil, err
+	}
+	pc := c.IPv6PacketConn()
+	for _, set := range []func() error{
+		func() error { return pc.SetMulticastInterface(ifi) },
+		func() error { return pc.SetMulticastHopLimit(ndp.HopLimit) },
+		func() error { return pc.SetHopLimit(ndp.HopLimit) },
+		func() error { return pc.SetMulticastLoopback(false) },
+		func() error { return pc.SetChecksum(true, 2) },
+	} {
+		if err := set(); err != nil {
+			c.Close()
+			return nil, err
+		}
+	}
+	return &naConn{pc: pc, cm: &ipv6.ControlMessage{HopLimit: ndp.HopLimit, Src: src.AsSlice(), IfIndex: ifi.Index}}, nil
+}
+
 // sendNA sends an unsolicited neighbour advertisement for a to all nodes,
 // with the override flag and hw as the target link-layer address, so
 // neighbours replace the entry they have.
-func sendNA(c *ndp.Conn, hw net.HardwareAddr, a netip.Addr) error {
-	m := &ndp.NeighborAdvertisement{Override: true, TargetAddress: a,
-		Options: []ndp.Option{&ndp.LinkLayerAddress{Direction: ndp.Target, Addr: hw}}}
-	return c.WriteTo(m, nil, netip.IPv6LinkLocalAllNodes())
+func sendNA(c *naConn, hw net.HardwareAddr, a netip.Addr) error {
+	b, err := ndp.MarshalMessage(&ndp.NeighborAdvertisement{Override: true, TargetAddress: a,
+		Options: []ndp.Option{&ndp.LinkLayerAddress{Direction: ndp.Target, Addr: hw}}})
+	if err != nil {
+		return err
+	}
+	_, err = c.pc.WriteTo(b, c.cm, &net.IPAddr{IP: netip.IPv6LinkLocalAllNodes().AsSlice()})
+	return err
 }

@@ -91,11 +91,22 @@ func TestRealNetnsAnnounce(t *testing.T) {
 			t.Fatalf("before the announcement the client has %q for %s, want the old %s", got, a, old)
 		}
 	}
-	// The link-local address appears when the link comes up.
+	// IPv6 is ready on each side once its link-local address is there
+	// (the sender needs it as its source; the receiver drops multicast
+	// until its routes for it are in).
+	for _, side := range [][2]string{{owner, "lb0"}, {client, "cl0"}} {
+		deadline := time.Now().Add(10 * time.Second)
+		for !strings.Contains(string(ipIn(t, side[0], "-6", "addr", "show", "dev", side[1], "scope", "link")), "fe80") {
+			if time.Now().After(deadline) {
+				t.Fatalf("no link-local address on %s", side[1])
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
 	deadline := time.Now().Add(10 * time.Second)
-	for !strings.Contains(string(ipIn(t, owner, "-6", "addr", "show", "dev", "lb0", "scope", "link")), "fe80") {
+	for !strings.Contains(string(ipIn(t, client, "-6", "route", "show", "table", "local", "dev", "cl0")), "ff00::/8") {
 		if time.Now().After(deadline) {
-			t.Fatal("no link-local address on lb0")
+			t.Fatal("no multicast route on cl0")
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -104,7 +115,7 @@ func TestRealNetnsAnnounce(t *testing.T) {
 	defer cancel()
 	addrs := []netip.Addr{netip.MustParseAddr("198.51.100.10"), netip.MustParseAddr("2001:db8:99::10")}
 	if err := inNetns(t, owner, func() error {
-		return vip.AnnounceOn(ctx, "lb0", addrs, []time.Duration{0, 50 * time.Millisecond, 200 * time.Millisecond})
+		return vip.AnnounceOn(ctx, "lb0", addrs, []time.Duration{0, 100 * time.Millisecond, 500 * time.Millisecond, time.Second})
 	}); err != nil {
 		t.Fatal(err)
 	}
