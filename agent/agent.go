@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"log/slog"
+	"maps"
 	"reflect"
 	"slices"
 	"time"
@@ -56,8 +57,17 @@ type HealthSource interface {
 	WaitSettled(ctx context.Context) error
 }
 
+// GroupSink learns the HA groups the services in force name (the HA
+// elector). SetGroups must not block.
+type GroupSink interface {
+	SetGroups(groups []string)
+}
+
 // Options configure the loop.
 type Options struct {
+	// Groups, when set, is told the set of HA groups of the services in
+	// force whenever it changes.
+	Groups GroupSink
 	// Policy is what definitions are judged by.
 	Policy Policy
 	// Debounce is how long the loop waits after a change for more to come
@@ -113,6 +123,9 @@ type Agent struct {
 	synced    []bool
 	guardLeft int
 
+	// groups counts the services in force per HA group.
+	groups map[string]int
+
 	// counting is how many connection counts are outstanding; conns
 	// gathers them.
 	counting   int
@@ -148,6 +161,7 @@ func New(log *slog.Logger, src Source, planes []Plane, st StatusSink, health Hea
 		drain: newDrainer(), records: map[string]*record{}, bySecret: map[string]map[string]bool{},
 		planes: planes, results: make(chan result, 4*len(planes)+1),
 		dirty: map[string]bool{}, rerender: map[string]bool{}, retries: map[string]bool{},
+		groups: map[string]int{},
 	}
 	a.eval = NewEvaluator(opts.Policy, func(k string) ([]byte, bool) {
 		kv, ok := src.Value(k)
@@ -359,6 +373,7 @@ func (a *Agent) renderOne(name string) {
 		if a.health != nil {
 			a.health.SetService(name, v.InForce)
 		}
+		a.regroup(r.svc, v.InForce)
 		r.svc = v.InForce
 	}
 	r.verdict = v
@@ -403,6 +418,26 @@ func (a *Agent) renderOne(name string) {
 	}
 	a.publish(r)
 	a.forget(r)
+}
+
+// regroup moves one service's count from its old HA group to its new one
+// and tells the group sink when the set of groups changed.
+func (a *Agent) regroup(old, cur *spec.Service) {
+	changed := false
+	if old != nil {
+		if a.groups[old.Group]--; a.groups[old.Group] <= 0 {
+			delete(a.groups, old.Group)
+			changed = true
+		}
+	}
+	if cur != nil {
+		if a.groups[cur.Group]++; a.groups[cur.Group] == 1 {
+			changed = true
+		}
+	}
+	if changed && a.opts.Groups != nil {
+		a.opts.Groups.SetGroups(slices.Sorted(maps.Keys(a.groups)))
+	}
 }
 
 func (a *Agent) healthInto(in render.Input, ref render.BackendRef) {

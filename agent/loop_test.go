@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -330,4 +331,49 @@ func TestOddKeyNamesAreRefusedNotIgnored(t *testing.T) {
 	if _, ok := d.holds("a/b"); ok {
 		t.Fatal("a/b was programmed")
 	}
+}
+
+type groupRecorder struct {
+	mu   sync.Mutex
+	last []string
+	n    int
+}
+
+func (g *groupRecorder) SetGroups(groups []string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.last, g.n = groups, g.n+1
+}
+
+func (g *groupRecorder) get() []string {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.last
+}
+
+func TestGroupsFollowServicesInForce(t *testing.T) {
+	src := newFakeSource()
+	src.put("a", def(1, `"ha_group":"edge",`, "10.200.0.1"))
+	src.put("b", def(2, "", "10.200.0.2"))
+	g := &groupRecorder{}
+	opts := testOptions()
+	opts.Groups = g
+	d := newFakeDriver("ipvs", render.PartIPVS, nil)
+	l := startLoop(t, src, []Plane{ipvsPlane(d)}, opts)
+	want := func(groups ...string) func() string {
+		return func() string {
+			if got := g.get(); !slices.Equal(got, groups) {
+				return fmt.Sprintf("groups %v, want %v", got, groups)
+			}
+			return ""
+		}
+	}
+	eventually(t, "both groups", want("default", "edge"))
+	src.put("b", def(2, `"ha_group":"edge",`, "10.200.0.2"))
+	eventually(t, "default gone", want("edge"))
+	src.put("a", `{"vip":"bad"}`) // rejected: its last good version stays, in edge
+	eventually(t, "a rejected", l.wantState("a", status.StateRejected, "vip"))
+	src.del("a")
+	src.del("b")
+	eventually(t, "no group", want())
 }

@@ -316,9 +316,20 @@ func RenderService(s *spec.Service, in Input) *ServiceState {
 }
 
 // sysctls lists the kernel settings a service needs: forwarding for NAT to
-// backends (IPVS and nf_tables), and for IPVS the settings that make a
-// weight-0 or deleted destination's connections end and masquerade work.
+// backends (IPVS and nf_tables), for IPVS the settings that make a
+// weight-0 or deleted destination's connections end and masquerade work,
+// and for HAProxy binds to addresses that are not local.
 func sysctls(s *spec.Service, st *ServiceState) []string {
+	if st.HAProxy != nil {
+		// HAProxy binds the VIP whether this host holds it yet or not (a
+		// standby of an HA group holds none; the address driver and
+		// HAProxy run apart), so binds to addresses not (yet) local must
+		// succeed.
+		if s.VIP.Is4() {
+			return []string{"net/ipv4/ip_nonlocal_bind"}
+		}
+		return []string{"net/ipv6/ip_nonlocal_bind"}
+	}
 	if st.L4 == nil {
 		return nil
 	}
