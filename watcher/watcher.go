@@ -17,6 +17,8 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/switchman-lb/switchman/internal/backoff"
 )
 
 // KV is one key's value with its etcd revisions.
@@ -112,7 +114,7 @@ func (w *Watcher) Synced() bool {
 // Run lists and watches until ctx is done. It never gives up: errors are
 // logged and retried with backoff, and the last copy stays in place.
 func (w *Watcher) Run(ctx context.Context) error {
-	backoff := w.opts.MinBackoff
+	retry := backoff.New(w.opts.MinBackoff, w.opts.MaxBackoff, 0.2)
 	first := true
 	for ctx.Err() == nil {
 		rev, err := w.list(ctx)
@@ -121,22 +123,21 @@ func (w *Watcher) Run(ctx context.Context) error {
 				w.opts.OnRestart("relist")
 			}
 			first = false
+			retry.Reset() // the list worked; start small again
 			err = w.watch(ctx, rev)
 			if err == nil || ctx.Err() != nil {
-				backoff = w.opts.MinBackoff
 				continue
 			}
-			backoff = w.opts.MinBackoff // the list worked; start small again
 		}
 		if ctx.Err() != nil {
 			break
 		}
-		w.log.Warn("etcd watch interrupted; keeping the last state and retrying", "error", err, "retry_in", backoff)
+		delay := retry.Next()
+		w.log.Warn("etcd watch interrupted; keeping the last state and retrying", "error", err, "retry_in", delay)
 		select {
 		case <-ctx.Done():
-		case <-time.After(backoff):
+		case <-time.After(delay):
 		}
-		backoff = min(backoff*2, w.opts.MaxBackoff)
 	}
 	return ctx.Err()
 }
