@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -284,10 +283,26 @@ func serveUDP(t *testing.T, ns string, addr netip.AddrPort, name string) {
 }
 
 // hit makes one connection (or UDP exchange) from src to vip and returns
-// the backend's name and the address the backend saw.
+// the backend's name and the address the backend saw. It waits up to 5
+// seconds: on a fresh topology an IPv6 SYN-ACK is now and then held up
+// once, and TCP sends it again after a second.
 func (l *lab) hit(proto spec.Protocol, src netip.Addr, vip netip.AddrPort) (name, peer string, err error) {
+	return l.hitWithin(proto, src, vip, 5*time.Second)
+}
+
+// blocked asserts that a connection attempt is dropped: it times out.
+func (l *lab) blocked(t *testing.T, what string, proto spec.Protocol, src netip.Addr, vip netip.AddrPort) {
+	t.Helper()
+	_, _, err := l.hitWithin(proto, src, vip, time.Second)
+	var ne net.Error
+	if !errors.As(err, &ne) || !ne.Timeout() {
+		t.Errorf("%s: %v, want a timeout (dropped)", what, err)
+	}
+}
+
+func (l *lab) hitWithin(proto spec.Protocol, src netip.Addr, vip netip.AddrPort, timeout time.Duration) (name, peer string, err error) {
 	err = inNetns(l.client, func() error {
-		d := net.Dialer{Timeout: time.Second}
+		d := net.Dialer{Timeout: timeout}
 		if proto == spec.UDP {
 			d.LocalAddr = &net.UDPAddr{IP: src.AsSlice()}
 		} else {
@@ -298,7 +313,7 @@ func (l *lab) hit(proto spec.Protocol, src netip.Addr, vip netip.AddrPort) (name
 			return err
 		}
 		defer c.Close()
-		c.SetDeadline(time.Now().Add(time.Second))
+		c.SetDeadline(time.Now().Add(timeout))
 		if proto == spec.UDP {
 			if _, err := c.Write([]byte("hello")); err != nil {
 				return err
@@ -592,6 +607,303 @@ func normalizeListing(s string) string {
 	return strings.Join(tables, "\n")
 }
 
-var _ = errors.Is
-var _ = io.EOF
-var _ = syscall.ECONNREFUSED
+
+// opsSummary lists the writes of transactions as kind and object.
+func opsSummary(txs [][]nftables.Op) (objects []string, elements int) {
+	for _, tx := range txs {
+		for _, op := range tx {
+			switch op.Kind {
+			case nftables.AddElements, nftables.DelElements:
+				objects = append(objects, fmt.Sprintf("%s %s (%d elements)", op.Kind, op.Set.Name, len(op.Elements)))
+				elements += len(op.Elements)
+			case nftables.AddSet, nftables.DelSet:
+				objects = append(objects, fmt.Sprintf("%s %s", op.Kind, op.Set.Name))
+			default:
+				objects = append(objects, fmt.Sprintf("%s %s", op.Kind, op.Chain))
+			}
+		}
+	}
+	return objects, elements
+}
+
+// TestNetnsWeights changes weights in place under traffic.
+func TestNetnsWeights(t *testing.T) {
+	l := newLab(t)
+	b1, _ := l.backend("b1", false)
+	b2, _ := l.backend("b2", false)
+	b3, _ := l.backend("b3", false)
+	vip := netip.MustParseAddrPort("198.51.100.20:80")
+
+	t.Run("one weight is one transaction on the service's slots", func(t *testing.T) {
+		for _, sched := range []spec.Scheduler{spec.MaglevHashing, spec.WeightedRoundRobin, spec.RoundRobin} {
+			s := l4("w-"+string(sched), "198.51.100.21:80", spec.TCP, sched, nfdest(b1, 1), nfdest(b2, 1), nfdest(b3, 1))
+			other := l4("bystander", "198.51.100.22:80", spec.TCP, spec.MaglevHashing, nfdest(b1, 1), nfdest(b2, 1))
+			l.apply(t, s, other)
+			n := l.kernel.count()
+			s.Destinations[1].Weight = 2
+			l.apply(t, s)
+			txs := l.kernel.since(n)
+			objs, elems := opsSummary(txs)
+			t.Logf("%s: weight 1 -> 2 of one of 3 backends: %d transaction(s), %d writes, %d elements: %v", sched, len(txs), len(objs), elems, objs)
+			want := 1
+			if sched == spec.RoundRobin {
+				want = 0 // rr, as IPVS's, ignores weights other than 0
+			}
+			if len(txs) != want {
+				t.Errorf("%s: %d transactions, want %d", sched, len(txs), want)
+			}
+			n = l.kernel.count()
+			s.Destinations[1].Weight = 0
+			l.apply(t, s)
+			txs = append(txs, l.kernel.since(n)...)
+			objs, elems = opsSummary(l.kernel.since(n))
+			t.Logf("%s: weight 2 -> 0: %d writes, %d elements: %v", sched, len(objs), elems, objs)
+			if len(l.kernel.since(n)) != 1 {
+				t.Errorf("%s: weight to 0 took %d transactions, want 1", sched, len(l.kernel.since(n)))
+			}
+			for _, tx := range txs {
+				for _, op := range tx {
+					if owner, _ := render.NFTOwner(op.Set.Name + op.Chain); owner != s.Service {
+						t.Errorf("%s: a weight change wrote outside the service: %s", sched, op)
+					}
+					if op.Kind != nftables.AddElements && op.Kind != nftables.DelElements && op.Kind != nftables.ReplaceRule {
+						t.Errorf("%s: a weight change made a %s write", sched, op.Kind)
+					}
+				}
+			}
+			l.apply(t, func() render.L4Service { r := s; r.Driver = spec.DriverIPVS; return r }(), func() render.L4Service { r := other; r.Driver = spec.DriverIPVS; return r }())
+		}
+	})
+
+	t.Run("weight 0 keeps established connections", func(t *testing.T) {
+		s := l4("drain", vip.String(), spec.TCP, spec.RoundRobin, nfdest(b1, 1), nfdest(b2, 1), nfdest(b3, 1))
+		l.apply(t, s)
+		// An established connection, and its backend.
+		var conn net.Conn
+		var rd *bufio.Reader
+		if err := inNetns(l.client, func() (err error) {
+			d := net.Dialer{Timeout: time.Second, LocalAddr: &net.TCPAddr{IP: l.in.AsSlice()}}
+			conn, err = d.Dial("tcp", vip.String())
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(20 * time.Second))
+		rd = bufio.NewReader(conn)
+		line, err := rd.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		held, _, _ := strings.Cut(line, " ")
+		// Connections counts it.
+		got, err := l.driver.Connections(t.Context(), map[string]bool{"drain": true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		heldAddr := l.addrOf(t, held)
+		if n := got[render.BackendRef{Service: "drain", Addr: netip.AddrPortFrom(heldAddr, 8080)}]; n != 1 {
+			t.Errorf("Connections = %v, want 1 on %s", got, heldAddr)
+		}
+		for i := range s.Destinations {
+			if s.Destinations[i].Address == heldAddr {
+				s.Destinations[i].Weight = 0
+			}
+		}
+		l.apply(t, s)
+		if c := counts(l.hits(t, spec.TCP, l.in, vip, 6)); c[held] != 0 || len(c) != 2 {
+			t.Errorf("new connections went to %v; %s has weight 0", c, held)
+		}
+		fmt.Fprintf(conn, "still there?\n")
+		if reply, err := rd.ReadString('\n'); err != nil || !strings.HasPrefix(reply, held+" still there?") {
+			t.Errorf("the established connection to %s: %q, %v", held, reply, err)
+		}
+		conn.Close()
+		// Once closed, it no longer counts (TCP: closing states do not).
+		eventually(t, "the closed connection leaves the count", func() error {
+			got, err := l.driver.Connections(t.Context(), map[string]bool{"drain": true})
+			if err != nil {
+				return err
+			}
+			if n := got[render.BackendRef{Service: "drain", Addr: netip.AddrPortFrom(heldAddr, 8080)}]; n != 0 {
+				return fmt.Errorf("%d connections on %s", n, heldAddr)
+			}
+			return nil
+		})
+	})
+
+	t.Run("every backend at weight 0 rejects new connections", func(t *testing.T) {
+		s := l4("down", "198.51.100.23:80", spec.TCP, spec.MaglevHashing, nfdest(b1, 0), nfdest(b2, 0))
+		u := l4("down-udp", "198.51.100.23:53", spec.UDP, spec.RoundRobin, nfdest(b1, 0))
+		l.apply(t, s, u)
+		_, _, err := l.hit(spec.TCP, l.in, netip.MustParseAddrPort("198.51.100.23:80"))
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("TCP to a service without usable backends: %v, want connection refused", err)
+		}
+		_, _, err = l.hit(spec.UDP, l.in, netip.MustParseAddrPort("198.51.100.23:53"))
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("UDP to a service without usable backends: %v, want connection refused (ICMP port unreachable)", err)
+		}
+	})
+}
+
+// addrOf returns the address of the backend with this name.
+func (l *lab) addrOf(t *testing.T, name string) netip.Addr {
+	t.Helper()
+	for a := range l.backends {
+		if a.Is4() && l.nameOf(a) == name {
+			return a
+		}
+	}
+	t.Fatalf("no backend %s", name)
+	return netip.Addr{}
+}
+
+// TestNetnsAccess: allow_cidrs and masquerade on real traffic.
+func TestNetnsAccess(t *testing.T) {
+	l := newLab(t)
+	b1, b1v6 := l.backend("b1", false)
+	lonely, _ := l.backend("lonely", true) // no route back to the client
+
+	t.Run("allow_cidrs drops an outside source from the first packet", func(t *testing.T) {
+		vip := netip.MustParseAddrPort("198.51.100.30:80")
+		s := l4("guarded", vip.String(), spec.TCP, spec.RoundRobin, nfdest(b1, 1))
+		s.AllowCIDRs = []netip.Prefix{netip.MustParsePrefix("192.0.2.0/25")}
+		l.apply(t, s)
+		if _, _, err := l.hit(spec.TCP, l.in, vip); err != nil {
+			t.Errorf("allowed source: %v", err)
+		}
+		l.blocked(t, "source outside allow_cidrs", spec.TCP, l.out, vip)
+		u := l4("guarded-udp", "198.51.100.30:53", spec.UDP, spec.RoundRobin, nfdest(b1, 1))
+		u.AllowCIDRs = s.AllowCIDRs
+		l.apply(t, u)
+		l.blocked(t, "UDP source outside allow_cidrs", spec.UDP, l.out, netip.MustParseAddrPort("198.51.100.30:53"))
+		v6 := l4("guarded6", "[fd00:f::30]:80", spec.TCP, spec.RoundRobin, nfdest(b1v6, 1))
+		v6.AllowCIDRs = []netip.Prefix{netip.MustParsePrefix("fd00:c::/121")}
+		l.apply(t, v6)
+		if _, _, err := l.hit(spec.TCP, l.in6, netip.MustParseAddrPort("[fd00:f::30]:80")); err != nil {
+			t.Errorf("allowed IPv6 source: %v", err)
+		}
+		l.blocked(t, "IPv6 source outside allow_cidrs", spec.TCP, netip.MustParseAddr("fd00:c::82"), netip.MustParseAddrPort("[fd00:f::30]:80"))
+		// Lifting the restriction opens it: elements, one transaction.
+		s.AllowCIDRs = nil
+		l.apply(t, s)
+		if _, _, err := l.hit(spec.TCP, l.out, vip); err != nil {
+			t.Errorf("after allow_cidrs was lifted: %v", err)
+		}
+	})
+
+	t.Run("masquerade reaches a backend with no route back", func(t *testing.T) {
+		vip := netip.MustParseAddrPort("198.51.100.31:80")
+		s := l4("masq", vip.String(), spec.TCP, spec.RoundRobin, nfdest(lonely, 1))
+		l.apply(t, s)
+		l.blocked(t, "without masquerade (the backend cannot answer)", spec.TCP, l.in, vip)
+		s.Masquerade = true
+		l.apply(t, s)
+		_, peer, err := l.hit(spec.TCP, l.in, vip)
+		if err != nil {
+			t.Fatalf("with masquerade: %v", err)
+		}
+		if peer != "10.1.1.1" {
+			t.Errorf("the backend saw the client as %s, want the lb's 10.1.1.1", peer)
+		}
+		u := l4("masq-udp", "198.51.100.31:53", spec.UDP, spec.RoundRobin, nfdest(lonely, 1))
+		u.Masquerade = true
+		l.apply(t, u)
+		if _, peer, err := l.hit(spec.UDP, l.in, netip.MustParseAddrPort("198.51.100.31:53")); err != nil || peer != "10.1.1.1" {
+			t.Errorf("UDP with masquerade: peer %s, %v", peer, err)
+		}
+	})
+}
+
+// TestNetnsOwnership: switchman's tables only, a restart writes nothing,
+// drift is repaired, and the last service takes the tables with it.
+func TestNetnsOwnership(t *testing.T) {
+	l := newLab(t)
+	b1, b1v6 := l.backend("b1", false)
+	foreign := `table inet foreign {
+	set blocked {
+		type ipv4_addr
+		elements = { 203.0.113.7 }
+	}
+
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ip saddr @blocked drop
+	}
+}
+table inet switchman {
+	chain decoy {
+		meta mark 0x00000001 accept
+	}
+}
+table ip nat {
+	chain PREROUTING {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr 203.0.113.9 tcp dport 80 dnat to 10.1.1.2:8080
+	}
+}
+`
+	cmd := exec.Command("ip", "netns", "exec", l.lb, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(foreign)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft -f: %v\n%s", err, out)
+	}
+	listForeign := func() string {
+		return l.nft("list", "table", "inet", "foreign") + l.nft("list", "table", "inet", "switchman") + l.nft("list", "table", "ip", "nat")
+	}
+	before := listForeign()
+
+	web := l4("web", "198.51.100.40:80", spec.TCP, spec.MaglevHashing, nfdest(b1, 1))
+	web.Persistence, web.Masquerade = time.Minute, true
+	web.AllowCIDRs = []netip.Prefix{netip.MustParsePrefix("192.0.2.0/24")}
+	dns := l4("dns", "[fd00:f::40]:53", spec.UDP, spec.WeightedRoundRobin, nfdest(b1v6, 2))
+	all := []*render.ServiceState{state(web), state(dns)}
+	noErrors(t, "Sync", l.driver.Sync(t.Context(), all))
+	if _, _, err := l.hit(spec.TCP, l.in, netip.MustParseAddrPort("198.51.100.40:80")); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("a restart writes nothing", func(t *testing.T) {
+		n := l.kernel.count()
+		d := newDriver(t, l.kernel)
+		noErrors(t, "Sync after restart", d.Sync(t.Context(), all))
+		noErrors(t, "Apply after restart", d.Apply(t.Context(), all))
+		if txs := l.kernel.since(n); len(txs) != 0 {
+			objs, _ := opsSummary(txs)
+			t.Errorf("a restart with nothing changed wrote: %v", objs)
+		}
+	})
+
+	t.Run("drift is repaired", func(t *testing.T) {
+		l.nft("delete", "element", "ip", "switchman", "services", "{ 198.51.100.40 . tcp . 80 }")
+		l.nft("add", "rule", "ip", "switchman", "svc-web", "counter")
+		l.nft("add", "chain", "ip", "switchman", "stray")
+		l.nft("flush", "set", "ip", "switchman", "allowed-web")
+		n := l.kernel.count()
+		noErrors(t, "Sync", l.driver.Sync(t.Context(), all))
+		objs, _ := opsSummary(l.kernel.since(n))
+		t.Logf("repair: %v", objs)
+		if _, _, err := l.hit(spec.TCP, l.in, netip.MustParseAddrPort("198.51.100.40:80")); err != nil {
+			t.Errorf("after the repair: %v", err)
+		}
+		n = l.kernel.count()
+		noErrors(t, "Sync again", l.driver.Sync(t.Context(), all))
+		if txs := l.kernel.since(n); len(txs) != 0 {
+			objs, _ := opsSummary(txs)
+			t.Errorf("a second Sync wrote: %v", objs)
+		}
+	})
+
+	t.Run("removal takes the tables, foreign ones stay", func(t *testing.T) {
+		noErrors(t, "Apply", l.driver.Apply(t.Context(), []*render.ServiceState{removed("web"), removed("dns")}))
+		for _, f := range []string{"ip", "ip6"} {
+			if out, err := exec.Command("ip", "netns", "exec", l.lb, "nft", "list", "table", f, "switchman").CombinedOutput(); err == nil {
+				t.Errorf("table %s switchman is still there:\n%s", f, out)
+			}
+		}
+		if after := listForeign(); after != before {
+			t.Errorf("foreign tables changed:\n--- before\n%s\n--- after\n%s", before, after)
+		}
+	})
+}
