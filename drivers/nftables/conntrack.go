@@ -87,14 +87,11 @@ func (n *Netlink) Connections(ctx context.Context, k ConnKey) (map[netip.AddrPor
 		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_SUBSYS_CTNETLINK<<8 | ipctnlMsgCtGet), Flags: netlink.Request | netlink.Dump},
 		Data:   append([]byte{fam, unix.NFNETLINK_V0, 0, 0}, attrs...),
 	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	c, err := n.open()
+	c, done, err := n.session(ctx)
 	if err != nil {
 		return nil, err
 	}
-	stop := deadline(ctx, c)
-	defer stop()
+	defer done()
 	msgs, err := c.Execute(req)
 	if err != nil {
 		if ctx.Err() != nil {

@@ -110,43 +110,27 @@ func (d *Driver) Commits() uint64 { return d.commits.Load() }
 // comes before any Sync). A service whose part is nil or another driver's
 // is removed from the tables.
 func (d *Driver) Apply(ctx context.Context, changed []*render.ServiceState) map[string]error {
-	errs := map[string]error{}
-	want := Desired{Services: map[string]*render.NFTService{}}
-	for _, st := range changed {
-		if st.L4 == nil || st.L4.Driver != spec.DriverNFTables {
-			want.Services[st.Name] = nil
-			continue
-		}
-		n, err := render.NFTablesService(*st.L4)
-		if err != nil {
-			errs[st.Name] = fmt.Errorf("nftables: %w", err) // leave what the kernel has
-			continue
-		}
-		want.Services[st.Name] = &n
-	}
-	if !d.take(ctx) {
-		failAll(errs, want.Services, fmt.Errorf("not applied: %w", ctx.Err()))
-		return errs
-	}
-	defer d.release()
-	if d.record == nil {
-		if err := d.read(ctx); err != nil {
-			failAll(errs, want.Services, err)
-			return errs
-		}
-	}
-	d.run(ctx, Diff(d.record, want), errs)
-	return errs
+	return d.pass(ctx, changed, false)
 }
 
 // Sync reads switchman's tables back and makes them match all: it repairs
 // drift, removes what is not in all, and writes nothing when nothing
 // differs.
 func (d *Driver) Sync(ctx context.Context, all []*render.ServiceState) map[string]error {
+	return d.pass(ctx, all, true)
+}
+
+// pass renders states, diffs them against the record (read afresh for a
+// Sync) and commits the difference. A service that cannot be rendered is
+// left as the kernel has it.
+func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, all bool) map[string]error {
 	errs := map[string]error{}
-	want := Desired{Services: map[string]*render.NFTService{}, All: true, Keep: map[string]bool{}}
-	for _, st := range all {
+	want := Desired{Services: map[string]*render.NFTService{}, All: all, Keep: map[string]bool{}}
+	for _, st := range states {
 		if st.L4 == nil || st.L4.Driver != spec.DriverNFTables {
+			if !all {
+				want.Services[st.Name] = nil
+			}
 			continue
 		}
 		n, err := render.NFTablesService(*st.L4)
@@ -162,9 +146,11 @@ func (d *Driver) Sync(ctx context.Context, all []*render.ServiceState) map[strin
 		return errs
 	}
 	defer d.release()
-	if err := d.read(ctx); err != nil {
-		failAll(errs, want.Services, err)
-		return errs
+	if all || d.record == nil {
+		if err := d.read(ctx); err != nil {
+			failAll(errs, want.Services, err)
+			return errs
+		}
 	}
 	d.run(ctx, Diff(d.record, want), errs)
 	return errs

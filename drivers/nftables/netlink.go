@@ -118,6 +118,18 @@ func (n *Netlink) open() (*netlink.Conn, error) {
 	return c, nil
 }
 
+// session takes the socket for one call, with ctx's deadline on it; done
+// gives it back.
+func (n *Netlink) session(ctx context.Context) (c *netlink.Conn, done func(), err error) {
+	n.mu.Lock()
+	if c, err = n.open(); err != nil {
+		n.mu.Unlock()
+		return nil, nil, err
+	}
+	stop := deadline(ctx, c)
+	return c, func() { stop(); n.mu.Unlock() }, nil
+}
+
 // deadline applies ctx's deadline and cancellation to the socket until
 // the returned function is called.
 func deadline(ctx context.Context, c *netlink.Conn) func() {
@@ -167,12 +179,11 @@ func encode(fn func(ae *netlink.AttributeEncoder)) []byte {
 
 // Commit implements Kernel.
 func (n *Netlink) Commit(ctx context.Context, ops []Op) ([]uint64, error) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	c, err := n.open()
+	c, done, err := n.session(ctx)
 	if err != nil {
 		return nil, err
 	}
+	defer done()
 	var msgs []netlink.Message
 	var owner []int
 	for i, op := range ops {
@@ -204,8 +215,6 @@ func (n *Netlink) Commit(ctx context.Context, ops []Op) ([]uint64, error) {
 		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_MSG_BATCH_END), Flags: netlink.Request, Sequence: first + 1 + uint32(len(msgs))},
 		Data:   []byte{unix.AF_UNSPEC, unix.NFNETLINK_V0, 0, unix.NFNL_SUBSYS_NFTABLES},
 	})
-	stop := deadline(ctx, c)
-	defer stop()
 	if _, err := c.SendMessages(batch); err != nil {
 		n.reset()
 		return nil, ioError(ctx, "send nf_tables batch", err)
@@ -804,14 +813,11 @@ func encodeRule(f render.NFTFamily, r render.NFTRule) ([][]byte, error) {
 // each family's table, and one of each set's elements (dynamic sets
 // excepted).
 func (n *Netlink) Tables(ctx context.Context) (map[render.NFTFamily]*Table, error) {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	c, err := n.open()
+	c, done, err := n.session(ctx)
 	if err != nil {
 		return nil, err
 	}
-	stop := deadline(ctx, c)
-	defer stop()
+	defer done()
 	out := map[render.NFTFamily]*Table{}
 	for _, f := range []render.NFTFamily{render.NFTIPv4, render.NFTIPv6} {
 		t, err := n.readTable(c, f)
@@ -840,9 +846,7 @@ func (n *Netlink) readTable(c *netlink.Conn, f render.NFTFamily) (*Table, error)
 		return nil, err
 	}
 	t := NewTable(f)
-	chains, err := c.Execute(request(unix.NFT_MSG_GETCHAIN, fam, netlink.Dump, encode(func(ae *netlink.AttributeEncoder) {
-		ae.String(unix.NFTA_CHAIN_TABLE, render.NFTTable)
-	})))
+	chains, err := dumpTable(c, unix.NFT_MSG_GETCHAIN, fam, unix.NFTA_CHAIN_TABLE)
 	if err != nil {
 		return nil, fmt.Errorf("chains: %w", err)
 	}
@@ -855,9 +859,7 @@ func (n *Netlink) readTable(c *netlink.Conn, f render.NFTFamily) (*Table, error)
 			t.Chains[ch.Name] = ch
 		}
 	}
-	rules, err := c.Execute(request(unix.NFT_MSG_GETRULE, fam, netlink.Dump, encode(func(ae *netlink.AttributeEncoder) {
-		ae.String(unix.NFTA_RULE_TABLE, render.NFTTable)
-	})))
+	rules, err := dumpTable(c, unix.NFT_MSG_GETRULE, fam, unix.NFTA_RULE_TABLE)
 	if err != nil {
 		return nil, fmt.Errorf("rules: %w", err)
 	}
@@ -870,9 +872,7 @@ func (n *Netlink) readTable(c *netlink.Conn, f render.NFTFamily) (*Table, error)
 			ch.Rules = append(ch.Rules, r)
 		}
 	}
-	sets, err := c.Execute(request(unix.NFT_MSG_GETSET, fam, netlink.Dump, encode(func(ae *netlink.AttributeEncoder) {
-		ae.String(unix.NFTA_SET_TABLE, render.NFTTable)
-	})))
+	sets, err := dumpTable(c, unix.NFT_MSG_GETSET, fam, unix.NFTA_SET_TABLE)
 	if err != nil {
 		return nil, fmt.Errorf("sets: %w", err)
 	}
@@ -905,6 +905,14 @@ func (n *Netlink) readTable(c *netlink.Conn, f render.NFTFamily) (*Table, error)
 		slices.SortFunc(s.Elements, render.NFTElement.Compare)
 	}
 	return t, nil
+}
+
+// dumpTable dumps the objects of one kind in switchman's table (the
+// kernel filters by the table named in attribute tableAttr).
+func dumpTable(c *netlink.Conn, msg int, fam uint8, tableAttr uint16) ([]netlink.Message, error) {
+	return c.Execute(request(msg, fam, netlink.Dump, encode(func(ae *netlink.AttributeEncoder) {
+		ae.String(tableAttr, render.NFTTable)
+	})))
 }
 
 func decoder(m netlink.Message) (*netlink.AttributeDecoder, error) {

@@ -607,7 +607,6 @@ func normalizeListing(s string) string {
 	return strings.Join(tables, "\n")
 }
 
-
 // opsSummary lists the writes of transactions as kind and object.
 func opsSummary(txs [][]nftables.Op) (objects []string, elements int) {
 	for _, tx := range txs {
@@ -906,4 +905,43 @@ table ip nat {
 			t.Errorf("foreign tables changed:\n--- before\n%s\n--- after\n%s", before, after)
 		}
 	})
+}
+
+// TestNetnsMany programs many services at once (large transactions, many
+// answers from the kernel) and reads them back.
+func TestNetnsMany(t *testing.T) {
+	requireNetns(t)
+	ns := newNetns(t, "many")
+	k := kernelIn(t, ns)
+	d := newDriver(t, k)
+	var all []*render.ServiceState
+	for i := range 500 {
+		vip := netip.AddrFrom4([4]byte{198, 18, byte(i / 250), byte(i%250 + 1)})
+		s := l4(fmt.Sprintf("s%d", i), netip.AddrPortFrom(vip, 80).String(), spec.TCP, spec.MaglevHashing,
+			nfdest(netip.MustParseAddr("10.1.1.2"), 1), nfdest(netip.MustParseAddr("10.1.1.3"), 1),
+			nfdest(netip.MustParseAddr("10.1.1.4"), 1), nfdest(netip.MustParseAddr("10.1.1.5"), 1))
+		s.AllowCIDRs = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+		all = append(all, state(s))
+	}
+	start := time.Now()
+	noErrors(t, "Sync", d.Sync(t.Context(), all))
+	t.Logf("500 mh services x 4 backends (with allow_cidrs) from empty: %s, %d transactions, %d writes", time.Since(start), d.Commits(), d.Writes())
+	n := k.count()
+	start = time.Now()
+	noErrors(t, "Sync again", newDriver(t, k).Sync(t.Context(), all))
+	t.Logf("Sync of the same by a new driver: %s", time.Since(start))
+	if txs := k.since(n); len(txs) != 0 {
+		t.Errorf("Sync of an unchanged state wrote %d transactions", len(txs))
+	}
+	var want []render.L4Service
+	for _, s := range all {
+		want = append(want, *s.L4)
+	}
+	tables, err := k.Tables(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, exp := dump(tables), dump(expected(t, want...)); got != exp {
+		t.Error("the kernel does not hold the 500 services")
+	}
 }

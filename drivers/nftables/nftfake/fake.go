@@ -369,30 +369,25 @@ func checkRefs(t *nftables.Table, r render.NFTRule) error {
 	return nil
 }
 
+// chainUsed and setUsed report what nf_tables counts as a use: a rule
+// naming the chain or set, a map element going to the chain.
 func chainUsed(t *nftables.Table, name string) bool {
-	for _, c := range t.Chains {
-		for _, r := range c.Rules {
-			if r.Spec.Chain == name {
-				return true
-			}
-		}
-	}
-	for _, s := range t.Sets {
-		for _, e := range s.Elements {
-			if e.Goto == name {
-				return true
-			}
-		}
-	}
-	return false
+	return used(t, func(r render.NFTRule) bool { return r.Chain == name }, func(e render.NFTElement) bool { return e.Goto == name })
 }
 
 func setUsed(t *nftables.Table, name string) bool {
+	return used(t, func(r render.NFTRule) bool { return r.Set == name }, func(render.NFTElement) bool { return false })
+}
+
+func used(t *nftables.Table, rule func(render.NFTRule) bool, elem func(render.NFTElement) bool) bool {
 	for _, c := range t.Chains {
-		for _, r := range c.Rules {
-			if r.Spec.Set == name {
-				return true
-			}
+		if slices.ContainsFunc(c.Rules, func(r nftables.Rule) bool { return rule(r.Spec) }) {
+			return true
+		}
+	}
+	for _, s := range t.Sets {
+		if slices.ContainsFunc(s.Elements, elem) {
+			return true
 		}
 	}
 	return false
