@@ -214,9 +214,6 @@ type NFTRule struct {
 	Modulus uint32
 }
 
-// References names the chains and sets the rule refers to.
-func (r NFTRule) References() (chain, set string) { return r.Chain, r.Set }
-
 // NFTObjects is a collection of chains and sets.
 type NFTObjects struct {
 	Chains []NFTChain

@@ -157,8 +157,6 @@ func family(f render.NFTFamily) uint8 {
 	return unix.NFPROTO_IPV4
 }
 
-func exprFamily(f render.NFTFamily) byte { return family(f) }
-
 func request(msg int, fam uint8, flags netlink.HeaderFlags, attrs []byte) netlink.Message {
 	return netlink.Message{
 		Header: netlink.Header{Type: netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | msg), Flags: netlink.Request | flags},
@@ -720,7 +718,7 @@ func dnatExpr(natFamily uint32) []byte {
 // encodeRule returns the expressions of a rule, each as nested attributes
 // (the contents of one NFTA_LIST_ELEM).
 func encodeRule(f render.NFTFamily, r render.NFTRule) ([][]byte, error) {
-	fam := exprFamily(f)
+	fam := family(f)
 	var out [][]byte
 	add := func(es ...expr.Any) error {
 		for _, e := range es {
@@ -944,8 +942,11 @@ func decodeChain(m netlink.Message) (*Chain, string, error) {
 	c := &Chain{}
 	var table, typ string
 	var hook *render.NFTHook
+	policy := uint32(nfAccept)
 	for ad.Next() {
 		switch ad.Type() {
+		case unix.NFTA_CHAIN_POLICY:
+			policy = ad.Uint32()
 		case unix.NFTA_CHAIN_TABLE:
 			table = ad.String()
 		case unix.NFTA_CHAIN_NAME:
@@ -974,6 +975,11 @@ func decodeChain(m netlink.Message) (*Chain, string, error) {
 	}
 	if hook != nil {
 		hook.Type = typ
+		if policy != nfAccept {
+			// Not a chain switchman makes: it never equals the desired
+			// one, so a full pass makes it anew with policy accept.
+			hook.Type = fmt.Sprintf("%s policy %d", typ, policy)
+		}
 		c.Hook = hook
 	}
 	return c, table, ad.Err()

@@ -879,6 +879,7 @@ table ip nat {
 		l.nft("add", "rule", "ip", "switchman", "svc-web", "counter")
 		l.nft("add", "chain", "ip", "switchman", "stray")
 		l.nft("flush", "set", "ip", "switchman", "allowed-web")
+		l.nft("chain", "ip", "switchman", "nat-output", "{ policy drop; }")
 		n := l.kernel.count()
 		noErrors(t, "Sync", l.driver.Sync(t.Context(), all))
 		objs, _ := opsSummary(l.kernel.since(n))

@@ -152,8 +152,8 @@ func (e *OpError) Error() string { return fmt.Sprintf("nf_tables refused %s: %v"
 // Unwrap returns the kernel's error.
 func (e *OpError) Unwrap() error { return e.Err }
 
-// ConnKey names the connections of one service: its family, protocol, VIP
-// and port.
+// ConnKey names the connections of one service: its protocol, VIP and
+// port.
 type ConnKey struct {
 	Protocol spec.Protocol
 	VIP      netip.Addr
