@@ -113,20 +113,25 @@ func TestMaglevDisruption(t *testing.T) {
 	tests := []struct {
 		n, m     int
 		maxRatio float64 // moved share / (1/N)
+		removals int     // how many backends to try removing; 0: each
 	}{
-		{3, MaglevSize, 1.2},
-		{5, MaglevSize, 1.2},
-		{10, MaglevSize, 1.7},
-		{20, MaglevSize, 3},
-		{20, 65537, 1.1},
-		{50, 65537, 1.3},
+		{3, MaglevSize, 1.2, 0},
+		{5, MaglevSize, 1.2, 0},
+		{10, MaglevSize, 1.7, 0},
+		{20, MaglevSize, 3, 0},
+		{20, 65537, 1.1, 4},
+		{50, 65537, 1.3, 4},
 	}
 	for _, tt := range tests {
 		t.Run(fmt.Sprintf("%d of %d entries", tt.n, tt.m), func(t *testing.T) {
 			all := backendsN(tt.n, 1)
 			before := Maglev(all, tt.m)
 			ideal := 1 / float64(tt.n)
-			for gone := range tt.n {
+			tries := tt.n
+			if tt.removals > 0 {
+				tries = tt.removals
+			}
+			for gone := range tries {
 				rest := slices.Delete(slices.Clone(all), gone, gone+1)
 				after := Maglev(rest, tt.m)
 				moved := 0
