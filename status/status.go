@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
+	"maps"
 	"strings"
 	"sync"
 	"time"
@@ -180,7 +181,7 @@ func (p *Publisher) session(ctx context.Context) error {
 // status keys in etcd and removes the stale ones.
 func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written map[string][]byte, full bool) error {
 	p.mu.Lock()
-	want := p.want
+	want := maps.Clone(p.want)
 	p.mu.Unlock()
 	if full {
 		lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
