@@ -147,6 +147,7 @@ type OpError struct {
 	Err   error
 }
 
+// Error describes the refused write.
 func (e *OpError) Error() string { return fmt.Sprintf("nf_tables refused %s: %v", e.Op, e.Err) }
 
 // Unwrap returns the kernel's error.
