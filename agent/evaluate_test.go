@@ -132,4 +132,3 @@ func TestEvaluatorRestore(t *testing.T) {
 		t.Fatal("restored a version the policy refuses")
 	}
 }
-

@@ -21,6 +21,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/switchman-lb/switchman/agent"
+	"github.com/switchman-lb/switchman/spec"
 	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
 	"github.com/switchman-lb/switchman/watcher/embedded"
@@ -36,7 +37,8 @@ func agentCommand() *cli.Command {
 		&cli.StringFlag{Name: "metrics-addr", Value: "127.0.0.1:9469", Usage: "Prometheus /metrics listen address; empty disables", EnvVars: env("metrics-addr")},
 		&cli.StringSliceFlag{Name: "vip-cidrs", Usage: "ranges VIPs must fall in (default: any, with a warning)", EnvVars: env("vip-cidrs")},
 		&cli.StringSliceFlag{Name: "backend-cidrs", Usage: "ranges backend addresses must fall in (default: any, with a warning)", EnvVars: env("backend-cidrs")},
-		&cli.StringSliceFlag{Name: "drivers", Value: cli.NewStringSlice("ipvs", "vip", "netfilter", "haproxy"), Usage: "data-plane drivers to run", EnvVars: env("drivers")},
+		&cli.StringSliceFlag{Name: "drivers", Value: cli.NewStringSlice("ipvs", "nftables", "vip", "netfilter", "haproxy"), Usage: "data-plane drivers to run", EnvVars: env("drivers")},
+		&cli.StringFlag{Name: "l4-driver", Value: "auto", Usage: "data plane of definitions that name no driver: auto (ipvs where the kernel has it, nftables otherwise), ipvs or nftables", EnvVars: env("l4-driver")},
 		&cli.DurationFlag{Name: "lease-ttl", Value: 15 * time.Second, Usage: "TTL of the lease under which status and node keys are written", EnvVars: env("lease-ttl")},
 	)
 	flags = append(flags, driverFlags()...)
@@ -120,12 +122,17 @@ func runAgent(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	l4, why, err := resolveL4(ctx, c.String("l4-driver"))
+	if err != nil {
+		return err
+	}
+	log.Info("layer-4 driver for definitions that name none", "driver", l4, "why", why)
 	lastGood, restored, err := agent.OpenLastGood(filepath.Join(dataDir, "lastgood"), log)
 	if err != nil {
 		return err
 	}
 	loop := agent.New(log, w, set.planes, pub, set.health, metrics, agent.Options{
-		Policy:   agent.Policy{Prefix: prefix, VIPCIDRs: vipCIDRs, BackendCIDRs: backendCIDRs},
+		Policy:   agent.Policy{Prefix: prefix, VIPCIDRs: vipCIDRs, BackendCIDRs: backendCIDRs, Spec: spec.Options{L4Driver: l4}},
 		LastGood: lastGood, Restored: restored,
 	})
 

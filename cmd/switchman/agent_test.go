@@ -33,7 +33,7 @@ func TestAgentOnEmbeddedEtcdWithEtcdctl(t *testing.T) {
 	done := make(chan error, 1)
 	go func() {
 		done <- newApp().RunContext(ctx, []string{"switchman", "--log-level", "warn", "agent",
-			"--data-dir", t.TempDir(), "--node", "lb-test", "--drivers", "none",
+			"--data-dir", t.TempDir(), "--node", "lb-test", "--drivers", "none", "--l4-driver", "ipvs",
 			"--embedded-etcd-client-url", "http://" + client, "--embedded-etcd-peer-url", "http://" + freeAddr(t),
 			"--metrics-addr", freeAddr(t), "--vip-cidrs", "192.0.2.0/24"})
 	}()

@@ -99,11 +99,31 @@ func TestValidate(t *testing.T) {
 	}
 }
 
+func TestPlanPrintsNFTablesRuleset(t *testing.T) {
+	paths := writeDefs(t, map[string]string{
+		"web.yaml": "vip: 192.0.2.10\nport: 80\nscheduler: mh\nbackends:\n  - {address: 10.1.1.2, port: 8080, weight: 3}\n  - {address: 10.1.1.3, port: 8080}\n",
+	})
+	stdout, stderr, err := run(t, append([]string{"plan", "--l4-driver", "nftables"}, paths...)...)
+	if err != nil {
+		t.Fatalf("plan: %v\n%s", err, stderr)
+	}
+	for _, want := range []string{"# nf_tables: 1 service(s)", "table ip switchman {", "192.0.2.10 . tcp . 80 : goto svc-web", "dnat to 10.1.1.2:8080"} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("plan lacks %q:\n%s", want, stdout)
+		}
+	}
+	// IPVS-only settings are refused for nf_tables, naming field and value.
+	paths = writeDefs(t, map[string]string{"lc.yaml": "vip: 192.0.2.11\nport: 80\nscheduler: lc\nbackends: [{address: 10.1.1.2}]\n"})
+	if _, stderr, err := run(t, append([]string{"validate", "--l4-driver", "nftables"}, paths...)...); err == nil || !strings.Contains(stderr, `scheduler: "lc" is not supported by driver nftables`) {
+		t.Errorf("validate lc with nftables: %v\n%s", err, stderr)
+	}
+}
+
 func TestPlanPrintsIPVSLines(t *testing.T) {
 	paths := writeDefs(t, map[string]string{
 		"web.yaml": "vip: 192.0.2.10\nport: 80\nscheduler: mh\nscheduler_flags: [mh-port, mh-fallback]\npersistence: 300s\nbackends:\n  - {address: 10.1.1.2, port: 8080, weight: 3}\n  - {address: 10.1.1.3, port: 8080}\n",
 	})
-	stdout, stderr, err := run(t, append([]string{"plan"}, paths...)...)
+	stdout, stderr, err := run(t, append([]string{"plan", "--l4-driver", "ipvs"}, paths...)...)
 	if err != nil {
 		t.Fatalf("plan: %v\n%s", err, stderr)
 	}
