@@ -68,6 +68,7 @@ bench-haproxy:
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 60s ./spec/
+	$(GO) test -run '^$$' -fuzz FuzzEncode -fuzztime 60s ./status/
 
 clean:
 	rm -rf bin .lab

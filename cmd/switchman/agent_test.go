@@ -3,22 +3,15 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"net"
 	"os/exec"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/switchman-lb/switchman/internal/etcdtest"
 )
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
+func freeAddr(t *testing.T) string { return etcdtest.FreeAddr(t) }
 
 // TestAgentOnEmbeddedEtcdWithEtcdctl is the README's first command: the agent
 // starts its own etcd, Debian's etcdctl writes a definition into it, and the

@@ -122,10 +122,13 @@ func TestStatusRows(t *testing.T) {
 		"lb1": {
 			"web": {State: "applied", Driver: "ipvs", VIP: "192.0.2.10:80/tcp", Backends: []status.BackendStatus{{Healthy: true}, {Healthy: false}}},
 			"bad": {State: "rejected", Error: "port: 70000 is out of range 1-65535", Backends: []status.BackendStatus{}},
+			"big": {State: "applied", Driver: "ipvs", VIP: "192.0.2.11:80/tcp", Backends: []status.BackendStatus{{Healthy: true}},
+				Summary: &status.Summary{Total: 19999, Healthy: 19000, Listed: 1}},
 		},
 	})
 	want := []string{
 		"bad\tlb1\t-\t\trejected\t0/0\tport: 70000 is out of range 1-65535",
+		"big\tlb1\t192.0.2.11:80/tcp\tipvs\tapplied\t19000/19999\t-",
 		"web\tlb1\t192.0.2.10:80/tcp\tipvs\tapplied\t1/2\t-",
 		"web\tlb2\t192.0.2.10:80/tcp\tipvs\tapplied (failing open)\t0/2\t-",
 	}

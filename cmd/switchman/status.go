@@ -52,12 +52,7 @@ func statusRows(all map[string]map[string]status.Status) []string {
 	var rows []string
 	for node, services := range all {
 		for name, st := range services {
-			healthy := 0
-			for _, b := range st.Backends {
-				if b.Healthy {
-					healthy++
-				}
-			}
+			healthy, total := st.Counts()
 			state := st.State
 			if st.FailingOpen {
 				state += " (failing open)"
@@ -70,7 +65,7 @@ func statusRows(all map[string]map[string]status.Status) []string {
 			if vip == "" {
 				vip = "-"
 			}
-			rows = append(rows, fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%d/%d\t%s", name, node, vip, st.Driver, state, healthy, len(st.Backends), errText))
+			rows = append(rows, fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%d/%d\t%s", name, node, vip, st.Driver, state, healthy, total, errText))
 		}
 	}
 	sort.Strings(rows)
