@@ -137,7 +137,7 @@ func TestTLSAndAuth(t *testing.T) {
 		{"certificate of user lb1", full, "", nil},
 		{"certificate of no user", watcher.ConnOptions{Endpoints: []string{ep}, CA: p.ca, Cert: p.strangerCert, Key: p.strangerKey, DialTimeout: 3 * time.Second}, "denied access", rpctypes.ErrPermissionDenied},
 		{"wrong password", withUser(full, "lb1", "nope"), "refused the user name or password", rpctypes.ErrAuthFailed},
-		{"no client certificate", withUser(watcher.ConnOptions{Endpoints: []string{ep}, CA: p.ca, DialTimeout: 2 * time.Second}, "lb1", "lb1pw"), "did not answer in time", nil},
+		{"no client certificate", withUser(watcher.ConnOptions{Endpoints: []string{ep}, CA: p.ca, DialTimeout: 2 * time.Second}, "lb1", "lb1pw"), "certificate required", nil},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

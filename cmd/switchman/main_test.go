@@ -148,3 +148,18 @@ func TestEnvVarsNameEveryFlag(t *testing.T) {
 		}
 	}
 }
+
+// TestRefusedEtcdFailsAtOnce: status and plan against a port nobody
+// listens on fail with the refusal, not after 15 s as "did not answer in
+// time".
+func TestRefusedEtcdFailsAtOnce(t *testing.T) {
+	ep := "http://" + freeAddr(t)
+	for _, args := range [][]string{{"status", "--etcd-endpoints", ep}, {"plan", "--etcd-endpoints", ep}} {
+		t.Run(args[0], func(t *testing.T) {
+			_, _, err := run(t, args...)
+			if err == nil || !strings.Contains(err.Error(), "connection refused") || !strings.Contains(err.Error(), ep) {
+				t.Fatalf("error = %v; want the refusal, naming %s", err, ep)
+			}
+		})
+	}
+}

@@ -149,6 +149,10 @@ func servicesFromEtcd(c *cli.Context) ([]*spec.Service, error) {
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(c.Context, 15*time.Second)
 	defer cancel()
+	// At once, with the cause, when etcd cannot be reached.
+	if err := watcher.Check(ctx, cli, strings.TrimSuffix(c.String("prefix"), "/")); err != nil {
+		return nil, err
+	}
 	snap, err := watcher.ReadOnce(ctx, cli, c.String("prefix"))
 	if err != nil {
 		return nil, watcher.Explain(err, cli.Endpoints())

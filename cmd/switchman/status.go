@@ -33,6 +33,10 @@ func statusCommand() *cli.Command {
 			defer cli.Close()
 			ctx, cancel := context.WithTimeout(c.Context, 15*time.Second)
 			defer cancel()
+			// At once, with the cause, when etcd cannot be reached.
+			if err := watcher.Check(ctx, cli, strings.TrimSuffix(c.String("prefix"), "/")); err != nil {
+				return err
+			}
 			all, err := status.ReadStatuses(ctx, cli, c.String("prefix"))
 			if err != nil {
 				return watcher.Explain(err, eps)
