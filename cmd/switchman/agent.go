@@ -43,6 +43,7 @@ func agentCommand() *cli.Command {
 		Name:   "agent",
 		Usage:  "run the agent: watch etcd, program IPVS/HAProxy, check health, write status",
 		Flags:  flags,
+		Before: noArgs,
 		Action: runAgent,
 	}
 }
@@ -55,6 +56,10 @@ func runAgent(c *cli.Context) error {
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
+	// Before anything waits for etcd.
+	if _, err := wantedDrivers(c.StringSlice("drivers")); err != nil {
+		return err
+	}
 	vipCIDRs, err := parsePrefixes("--vip-cidrs", c.StringSlice("vip-cidrs"))
 	if err != nil {
 		return err
@@ -150,6 +155,21 @@ func runAgent(c *cli.Context) error {
 	log.Info("shutting down; the data plane keeps its state")
 	wg.Wait()
 	return nil
+}
+
+// wantedDrivers reads --drivers: the set of drivers to run.
+func wantedDrivers(names []string) (map[string]bool, error) {
+	want := map[string]bool{}
+	for _, name := range names {
+		switch name {
+		case "none":
+		case "ipvs", "vip", "netfilter", "haproxy":
+			want[name] = true
+		default:
+			return nil, fmt.Errorf("--drivers: %q is not one of ipvs, vip, netfilter, haproxy, none", name)
+		}
+	}
+	return want, nil
 }
 
 func parsePrefixes(flag string, list []string) ([]netip.Prefix, error) {

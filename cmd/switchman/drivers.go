@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -51,15 +50,9 @@ func driverFlags() []cli.Flag {
 // works: VIPs first (HAProxy binds to them), then IPVS, netfilter, HAProxy.
 func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg prometheus.Registerer, dataDir string) (*driverSet, error) {
 	set := &driverSet{runners: map[string]func(context.Context) error{}}
-	want := map[string]bool{}
-	for _, name := range c.StringSlice("drivers") {
-		switch name {
-		case "none":
-		case "ipvs", "vip", "netfilter", "haproxy":
-			want[name] = true
-		default:
-			return nil, fmt.Errorf("--drivers: %q is not one of ipvs, vip, netfilter, haproxy, none", name)
-		}
+	want, err := wantedDrivers(c.StringSlice("drivers"))
+	if err != nil {
+		return nil, err
 	}
 	if want["vip"] {
 		links := vip.NewNetlink("")

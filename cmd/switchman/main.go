@@ -34,6 +34,16 @@ func newApp() *cli.App {
 	}
 }
 
+// noArgs refuses positional arguments to a command that takes none: flag
+// parsing stops at the first one, so `switchman agent stray --data-dir /x`
+// would run with every flag after it ignored.
+func noArgs(c *cli.Context) error {
+	if c.NArg() > 0 {
+		return fmt.Errorf("%s takes no arguments, but got %q; the flags after it were not read (give flags only; see switchman %s --help)", c.Command.Name, c.Args().First(), c.Command.Name)
+	}
+	return nil
+}
+
 // env names the environment variable of a flag: --etcd-endpoints reads
 // SWITCHMAN_ETCD_ENDPOINTS.
 func env(flag string) []string {

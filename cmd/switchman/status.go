@@ -16,9 +16,10 @@ import (
 
 func statusCommand() *cli.Command {
 	return &cli.Command{
-		Name:  "status",
-		Usage: "read every agent's status keys from etcd: one row per service and node",
-		Flags: etcdFlags(),
+		Name:   "status",
+		Usage:  "read every agent's status keys from etcd: one row per service and node",
+		Flags:  etcdFlags(),
+		Before: noArgs,
 		Action: func(c *cli.Context) error {
 			eps := c.StringSlice("etcd-endpoints")
 			if len(eps) == 0 {
