@@ -28,7 +28,7 @@ import (
 
 func agentCommand() *cli.Command {
 	hostname, _ := os.Hostname()
-	flags := append(etcdFlags(),
+	flags := append(etcdFlags("etcd client URLs; when none is given, the agent starts an embedded single-node etcd (--embedded-etcd-client-url)"),
 		&cli.StringFlag{Name: "node", Value: hostname, Usage: "this host's name in status keys", EnvVars: env("node")},
 		&cli.StringFlag{Name: "data-dir", Value: "/var/lib/switchman", Usage: "state files and the embedded etcd's data", EnvVars: env("data-dir")},
 		&cli.StringFlag{Name: "embedded-etcd-client-url", Value: "http://127.0.0.1:2379", Usage: "client URL of the embedded etcd (used when no --etcd-endpoints)", EnvVars: env("embedded-etcd-client-url")},

@@ -100,11 +100,11 @@ func planCommand() *cli.Command {
 		Name:      "plan",
 		Usage:     "print what the agent would program (ipvsadm -S lines, haproxy.cfg), touching nothing",
 		ArgsUsage: "[FILE...]  (with no FILE, read the definitions from etcd)",
-		Flags:     etcdFlags(),
+		Flags:     etcdFlags("etcd client URLs to read the definitions from when no FILE is given (plan starts no etcd)"),
 		Action: func(c *cli.Context) error {
 			var services []*spec.Service
+			var problems []string
 			if c.NArg() > 0 {
-				var problems []string
 				services, problems = loadFiles(c.Args().Slice())
 				for _, p := range problems {
 					fmt.Fprintln(c.App.ErrWriter, "skipped:", p)
@@ -115,7 +115,15 @@ func planCommand() *cli.Command {
 					return err
 				}
 			}
-			return printPlan(c.App.Writer, render.Render(render.Input{Services: services}))
+			if err := printPlan(c.App.Writer, render.Render(render.Input{Services: services})); err != nil {
+				return err
+			}
+			if len(problems) > 0 {
+				// Like validate: a file given that is not valid fails the
+				// command, after the plan of the valid ones.
+				return cli.Exit(fmt.Sprintf("%d problem(s) in the files given; the plan above leaves them out", len(problems)), 1)
+			}
+			return nil
 		},
 	}
 }
