@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"log/slog"
-	"sync"
 	"testing"
 	"time"
 
@@ -13,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/switchman-lb/switchman/internal/etcdtest"
+	"github.com/switchman-lb/switchman/internal/logtest"
 )
 
 // authEtcd starts an etcd with auth on: root (password root) and user lb1
@@ -61,32 +61,14 @@ func testCtx(t *testing.T) context.Context {
 	return ctx
 }
 
-// logRecorder keeps the publisher's log records.
-type logRecorder struct {
-	mu      sync.Mutex
-	records []slog.Record
-}
-
-func (r *logRecorder) Enabled(context.Context, slog.Level) bool { return true }
-func (r *logRecorder) Handle(_ context.Context, rec slog.Record) error {
-	r.mu.Lock()
-	r.records = append(r.records, rec.Clone())
-	r.mu.Unlock()
-	return nil
-}
-func (r *logRecorder) WithAttrs([]slog.Attr) slog.Handler { return r }
-func (r *logRecorder) WithGroup(string) slog.Handler      { return r }
-
 // retries returns the retry_in of every "status lease lost" record.
-func (r *logRecorder) retries() []time.Duration {
-	r.mu.Lock()
-	defer r.mu.Unlock()
+func retries(rec *logtest.Recorder) []time.Duration {
 	var out []time.Duration
-	for _, rec := range r.records {
-		if rec.Message != "status lease lost; retrying" {
+	for _, r := range rec.Records() {
+		if r.Message != "status lease lost; retrying" {
 			continue
 		}
-		rec.Attrs(func(a slog.Attr) bool {
+		r.Attrs(func(a slog.Attr) bool {
 			if a.Key == "retry_in" {
 				out = append(out, a.Value.Duration())
 			}
@@ -177,10 +159,10 @@ func TestPublisherLeaseBackoffResets(t *testing.T) {
 	root, lb1 := authEtcd(t)
 	ctx := testCtx(t)
 	// No write permission yet: each session fails at the node key.
-	rec := &logRecorder{}
+	rec := &logtest.Recorder{}
 	runPublisher(t, lb1, slog.New(rec))
-	waitFor(t, "three failed sessions", func() bool { return len(rec.retries()) >= 3 })
-	grown := rec.retries()
+	waitFor(t, "three failed sessions", func() bool { return len(retries(rec)) >= 3 })
+	grown := retries(rec)
 	if last := grown[len(grown)-1]; last < time.Second {
 		t.Fatalf("retry delays %v do not grow", grown)
 	}
@@ -198,12 +180,12 @@ func TestPublisherLeaseBackoffResets(t *testing.T) {
 		lease = clientv3.LeaseID(resp.Kvs[0].Lease)
 		return true
 	})
-	before := len(rec.retries())
+	before := len(retries(rec))
 	if _, err := root.Revoke(ctx, lease); err != nil && !errors.Is(err, rpctypes.ErrLeaseNotFound) {
 		t.Fatal(err)
 	}
-	waitFor(t, "the lost lease noticed", func() bool { return len(rec.retries()) > before })
-	all := rec.retries()
+	waitFor(t, "the lost lease noticed", func() bool { return len(retries(rec)) > before })
+	all := retries(rec)
 	if d := all[before]; d > 500*time.Millisecond {
 		t.Errorf("after a session that worked, the next lease is %v away; want at most the minimum 500ms (delays: %v)", d, all)
 	}

@@ -33,6 +33,7 @@ func agentCommand() *cli.Command {
 		&cli.StringFlag{Name: "data-dir", Value: "/var/lib/switchman", Usage: "state files and the embedded etcd's data", EnvVars: env("data-dir")},
 		&cli.StringFlag{Name: "embedded-etcd-client-url", Value: "http://127.0.0.1:2379", Usage: "client URL of the embedded etcd (used when no --etcd-endpoints)", EnvVars: env("embedded-etcd-client-url")},
 		&cli.StringFlag{Name: "embedded-etcd-peer-url", Value: "http://127.0.0.1:2380", Usage: "peer URL of the embedded etcd", EnvVars: env("embedded-etcd-peer-url")},
+		&cli.BoolFlag{Name: "embedded-etcd-allow-remote", Usage: "let the embedded etcd listen on addresses other than loopback; it has no TLS and no authentication, so whoever reaches it controls this load balancer", EnvVars: env("embedded-etcd-allow-remote")},
 		&cli.StringFlag{Name: "metrics-addr", Value: "127.0.0.1:9469", Usage: "Prometheus /metrics listen address; empty disables", EnvVars: env("metrics-addr")},
 		&cli.StringSliceFlag{Name: "vip-cidrs", Usage: "ranges VIPs must fall in (default: any, with a warning)", EnvVars: env("vip-cidrs")},
 		&cli.StringSliceFlag{Name: "drivers", Value: cli.NewStringSlice("ipvs", "vip", "netfilter", "haproxy"), Usage: "data-plane drivers to run", EnvVars: env("drivers")},
@@ -83,6 +84,8 @@ func runAgent(c *cli.Context) error {
 			ClientURL: c.String("embedded-etcd-client-url"),
 			PeerURL:   c.String("embedded-etcd-peer-url"),
 			Name:      node,
+			// Refused off loopback unless asked for: no TLS, no auth.
+			AllowRemote: c.Bool("embedded-etcd-allow-remote"),
 		})
 		if err != nil {
 			return err
