@@ -93,8 +93,12 @@ func reach(cfg clientv3.Config) error {
 	defer probe.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.DialTimeout)
 	defer cancel()
-	if err := countKeys(ctx, probe, "/"); status.Code(err) == codes.Unavailable || errors.Is(err, context.DeadlineExceeded) {
+	err = countKeys(ctx, probe, "/")
+	switch {
+	case status.Code(err) == codes.Unavailable:
 		return explainUnreachable(ctx, err, cfg.Endpoints, cfg.TLS)
+	case errors.Is(err, context.DeadlineExceeded):
+		return Explain(err, cfg.Endpoints)
 	}
 	return nil
 }
@@ -143,7 +147,8 @@ func explainUnreachable(ctx context.Context, err error, endpoints []string, tc *
 }
 
 // handshake makes a TLS connection to host and waits briefly for the
-// server to refuse it; nil means the server kept it open.
+// server to refuse it. nil means the server kept it open, or that host
+// could not be reached at all (not a TLS matter; gRPC's error says why).
 func handshake(ctx context.Context, host string, tc *tls.Config) error {
 	tc = tc.Clone()
 	if tc.ServerName == "" {
@@ -151,12 +156,16 @@ func handshake(ctx context.Context, host string, tc *tls.Config) error {
 	}
 	hctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	d := tls.Dialer{Config: tc}
-	conn, err := d.DialContext(hctx, "tcp", host)
+	var d net.Dialer
+	raw, err := d.DialContext(hctx, "tcp", host)
 	if err != nil {
-		return err
+		return nil
 	}
+	conn := tls.Client(raw, tc)
 	defer conn.Close()
+	if err := conn.HandshakeContext(hctx); err != nil {
+		return err // e.g. x509: certificate signed by unknown authority
+	}
 	deadline, _ := hctx.Deadline()
 	_ = conn.SetReadDeadline(deadline)
 	if _, err := conn.Read(make([]byte, 1)); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {

@@ -32,6 +32,7 @@ func TestConnectionMistakesReportedAtOnce(t *testing.T) {
 		{"no client certificate with a password", watcher.ConnOptions{Endpoints: []string{ep}, CA: p.ca, User: "lb1", Password: "pw"}, []string{"TLS handshake", "certificate required"}},
 		{"client certificate of another CA", watcher.ConnOptions{Endpoints: []string{ep}, CA: p.ca, Cert: other.clientCert, Key: other.clientKey}, []string{"TLS handshake", "unknown certificate authority"}},
 		{"connection refused", watcher.ConnOptions{Endpoints: []string{refused}}, []string{"cannot be reached", "connection refused", refused}},
+		{"connection refused with TLS settings", watcher.ConnOptions{Endpoints: []string{"https://" + etcdtest.FreeAddr(t)}, CA: p.ca}, []string{"cannot be reached", "connection refused"}},
 		{"connection refused with a password", watcher.ConnOptions{Endpoints: []string{refused}, User: "lb1", Password: "pw"}, []string{"cannot be reached", "connection refused"}},
 	}
 	for _, tc := range tests {
