@@ -260,8 +260,11 @@ func (v *validator) service(r *rawService, s *Service) {
 		case LeastConnection, WeightedLeastConnection:
 			v.errs.add("scheduler", "%q is not supported by driver nftables (nf_tables keeps no per-backend connection counts to choose by); use rr, wrr, sh or mh, or driver ipvs", s.Scheduler)
 		}
-		if s.Forwarding == Tunnel {
+		switch s.Forwarding {
+		case Tunnel:
 			v.errs.add("forwarding", "\"tun\" is not supported by driver nftables (it cannot encapsulate packets to a backend); use nat, or driver ipvs")
+		case Direct:
+			v.errs.add("forwarding", "\"dr\" is not supported by driver nftables (its ingress hook, which could forward unchanged packets to a backend's MAC, runs before connection tracking, so the packets of one connection would not stay on one backend); use nat, or driver ipvs")
 		}
 	}
 	if s.Driver == DriverHAProxy {

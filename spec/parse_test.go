@@ -143,6 +143,7 @@ func TestParseRejects(t *testing.T) {
 		{name: "nftables lc", doc: minimal + "driver: nftables\nscheduler: lc\n", path: "scheduler", msg: []string{`"lc"`, "driver nftables"}},
 		{name: "nftables wlc", doc: minimal + "driver: nftables\nscheduler: wlc\n", path: "scheduler", msg: []string{`"wlc"`, "driver nftables"}},
 		{name: "nftables tun", doc: minimal + "driver: nftables\nforwarding: tun\n", path: "forwarding", msg: []string{`"tun"`, "driver nftables"}},
+		{name: "nftables dr", doc: minimal + "driver: nftables\nforwarding: dr\n", path: "forwarding", msg: []string{`"dr"`, "driver nftables"}},
 		{name: "nftables scheduler flags", doc: minimal + "driver: nftables\nscheduler: mh\nscheduler_flags: [mh-port]\n", path: "scheduler_flags[0]", msg: []string{`"mh-port"`, "IPVS only"}},
 		{name: "nftables tls", doc: minimal + "driver: nftables\ntls:\n  certificate: /etc/x.pem\n", path: "driver", msg: []string{`"nftables"`, "cannot terminate TLS"}},
 		{name: "ha_group not a label", doc: minimal + "ha_group: Web_1\n", path: "ha_group", msg: []string{`"Web_1"`, "DNS label"}},

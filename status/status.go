@@ -333,7 +333,7 @@ func (p *Publisher) session(ctx context.Context) (worked bool, err error) {
 // lease is gone), since every other write would fail the same way.
 func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written map[string][]byte, full bool) (failed map[string]error, err error) {
 	p.mu.Lock()
-	want := p.want
+	want := maps.Clone(p.want)
 	p.mu.Unlock()
 	if full {
 		lctx, cancel := context.WithTimeout(ctx, 10*time.Second)

@@ -36,6 +36,7 @@ func agentCommand() *cli.Command {
 		&cli.BoolFlag{Name: "embedded-etcd-allow-remote", Usage: "let the embedded etcd listen on addresses other than loopback; it has no TLS and no authentication, so whoever reaches it controls this load balancer", EnvVars: env("embedded-etcd-allow-remote")},
 		&cli.StringFlag{Name: "metrics-addr", Value: "127.0.0.1:9469", Usage: "Prometheus /metrics listen address; empty disables", EnvVars: env("metrics-addr")},
 		&cli.StringSliceFlag{Name: "vip-cidrs", Usage: "ranges VIPs must fall in (default: any, with a warning)", EnvVars: env("vip-cidrs")},
+		&cli.StringSliceFlag{Name: "backend-cidrs", Usage: "ranges backend addresses must fall in (default: any, with a warning)", EnvVars: env("backend-cidrs")},
 		&cli.StringSliceFlag{Name: "drivers", Value: cli.NewStringSlice("ipvs", "vip", "netfilter", "haproxy"), Usage: "data-plane drivers to run", EnvVars: env("drivers")},
 		&cli.DurationFlag{Name: "lease-ttl", Value: 15 * time.Second, Usage: "TTL of the lease under which status and node keys are written", EnvVars: env("lease-ttl")},
 	)
@@ -67,6 +68,13 @@ func runAgent(c *cli.Context) error {
 	}
 	if len(vipCIDRs) == 0 {
 		log.Warn("any VIP is accepted: anyone who can write to etcd can make this host answer for any address; restrict with --vip-cidrs (e.g. --vip-cidrs 192.0.2.0/24)")
+	}
+	backendCIDRs, err := parsePrefixes("--backend-cidrs", c.StringSlice("backend-cidrs"))
+	if err != nil {
+		return err
+	}
+	if len(backendCIDRs) == 0 {
+		log.Warn("any backend address is accepted, loopback and link-local included: anyone who can write to etcd can expose this host's own services (such as etcd on 127.0.0.1:2379) through a VIP; restrict with --backend-cidrs (e.g. --backend-cidrs 10.0.0.0/8)")
 	}
 	node := c.String("node")
 	if node == "" {
@@ -120,7 +128,14 @@ func runAgent(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	loop := agent.New(log, w, set.drivers, pub, set.health, metrics, agent.Options{Prefix: prefix, VIPCIDRs: vipCIDRs})
+	lastGood, restored, err := agent.OpenLastGood(filepath.Join(dataDir, "lastgood"), log)
+	if err != nil {
+		return err
+	}
+	loop := agent.New(log, w, set.planes, pub, set.health, metrics, agent.Options{
+		Policy:   agent.Policy{Prefix: prefix, VIPCIDRs: vipCIDRs, BackendCIDRs: backendCIDRs},
+		LastGood: lastGood, Restored: restored,
+	})
 
 	var wg sync.WaitGroup
 	run := func(name string, f func(context.Context) error) {
@@ -135,6 +150,7 @@ func runAgent(c *cli.Context) error {
 	}
 	run("watcher", w.Run)
 	run("status", pub.Run)
+	run("lastgood", lastGood.Run)
 	run("loop", loop.Run)
 	for name, f := range set.runners {
 		run(name, f)

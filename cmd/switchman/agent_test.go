@@ -69,10 +69,10 @@ func TestAgentOnEmbeddedEtcdWithEtcdctl(t *testing.T) {
 		t.Fatalf("%s: not within 60s; last: %s", what, last)
 	}
 	waitFor("etcdctl put", func() (bool, string) {
-		out, err := ctl("put", "/switchman/services/web", `{"vip":"192.0.2.10","port":80,"backends":[{"address":"10.1.1.2"}]}`)
+		out, err := ctl("put", "/switchman/services/web", `{"vip":"192.0.2.10","port":80,"health":{"protocol":"none"},"backends":[{"address":"10.1.1.2"}]}`)
 		return err == nil, out
 	})
-	if out, err := ctl("put", "/switchman/services/outside", `{"vip":"198.51.100.7","port":80,"backends":[{"address":"10.1.1.2"}]}`); err != nil {
+	if out, err := ctl("put", "/switchman/services/outside", `{"vip":"198.51.100.7","port":80,"health":{"protocol":"none"},"backends":[{"address":"10.1.1.2"}]}`); err != nil {
 		t.Fatal(out)
 	}
 	status := func(name string) (map[string]any, string) {
@@ -86,9 +86,10 @@ func TestAgentOnEmbeddedEtcdWithEtcdctl(t *testing.T) {
 		}
 		return st, out
 	}
+	// With --drivers none nothing serves the service: failed, saying why.
 	waitFor("status of web", func() (bool, string) {
 		st, out := status("web")
-		return st != nil && st["state"] == "applied" && st["vip"] == "192.0.2.10:80/tcp", out
+		return st != nil && st["state"] == "failed" && st["vip"] == "192.0.2.10:80/tcp" && strings.Contains(st["error"].(string), "no ipvs driver runs on this agent (add ipvs to --drivers)"), out
 	})
 	waitFor("VIP outside --vip-cidrs rejected", func() (bool, string) {
 		st, out := status("outside")

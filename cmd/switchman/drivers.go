@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"log/slog"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/urfave/cli/v2"
@@ -16,19 +17,19 @@ import (
 	"github.com/switchman-lb/switchman/spec"
 )
 
-// driverSet is what buildDrivers made: the drivers in apply order, the
+// driverSet is what buildDrivers made: the planes the loop runs, the
 // health checker, and goroutines to run beside the loop.
 type driverSet struct {
-	drivers []agent.Driver
+	planes  []agent.Plane
 	health  agent.HealthSource
 	runners map[string]func(context.Context) error
 	closers []func()
 }
 
 func (s *driverSet) names() []string {
-	out := make([]string, len(s.drivers))
-	for i, d := range s.drivers {
-		out[i] = d.Name()
+	out := make([]string, len(s.planes))
+	for i, p := range s.planes {
+		out[i] = p.Driver.Name()
 	}
 	return out
 }
@@ -46,8 +47,9 @@ func driverFlags() []cli.Flag {
 	}, haproxyFlags()...)
 }
 
-// buildDrivers makes the drivers named by --drivers, in the order that
-// works: VIPs first (HAProxy binds to them), then IPVS, netfilter, HAProxy.
+// buildDrivers makes the drivers named by --drivers, each a plane of the
+// loop serving one part of every service's state; netfilter is the guard
+// (a service's filter is in force before the others expose it).
 func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg prometheus.Registerer, dataDir string) (*driverSet, error) {
 	set := &driverSet{runners: map[string]func(context.Context) error{}}
 	want, err := wantedDrivers(c.StringSlice("drivers"))
@@ -61,7 +63,7 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		if err != nil {
 			return nil, err
 		}
-		set.drivers = append(set.drivers, d)
+		set.planes = append(set.planes, agent.Plane{Driver: agent.Whole(d), Part: render.PartVIP})
 	}
 	if want["ipvs"] {
 		kernel := ipvs.NewNetlink("")
@@ -70,7 +72,7 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		if err != nil {
 			return nil, err
 		}
-		set.drivers = append(set.drivers, d)
+		set.planes = append(set.planes, agent.Plane{Driver: agent.Whole(d), Part: render.PartIPVS})
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name:        "switchman_dataplane_writes_total",
 			Help:        "Changes the driver made to its data plane since the agent started.",
@@ -78,14 +80,14 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		}, func() float64 { return float64(d.Writes()) }))
 	}
 	if want["netfilter"] {
-		set.drivers = append(set.drivers, netfilter.New(log.With("driver", "netfilter")))
+		set.planes = append(set.planes, agent.Plane{Driver: netfilter.New(log.With("driver", "netfilter")), Part: render.PartNetfilter, Guard: true})
 	}
 	if want["haproxy"] {
 		d, run, closeFn, err := newHAProxy(c, log.With("driver", "haproxy"), dataDir)
 		if err != nil {
 			return nil, err
 		}
-		set.drivers = append(set.drivers, d)
+		set.planes = append(set.planes, agent.Plane{Driver: agent.Whole(d), Part: render.PartHAProxy})
 		if run != nil {
 			set.runners["haproxy"] = run
 		}
@@ -94,34 +96,71 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		}
 	}
 	sched := health.New(health.Options{Logger: log.With("component", "health"), Registerer: reg, MaxConcurrent: c.Int("health-concurrency")})
-	set.health = healthView{sched}
+	set.health = newHealthView(sched)
 	set.runners["health"] = sched.Run
 	return set, nil
 }
 
-// healthView adapts the health scheduler to the loop: it turns services
-// into check targets and the scheduler's states into the render view.
-type healthView struct{ s *health.Scheduler }
+// healthView adapts the health scheduler to the loop. (Interim: it keeps
+// every target and diffs snapshots; the scheduler's keyed API replaces it.)
+type healthView struct {
+	s       *health.Scheduler
+	mu      sync.Mutex
+	targets map[string][]health.Target
+	last    map[health.Key]health.Status
+}
 
-// SetServices checks every backend of every service whose health protocol
-// is not none.
-func (h healthView) SetServices(services []*spec.Service) { h.s.Update(health.TargetsFor(services)) }
+func newHealthView(s *health.Scheduler) *healthView {
+	return &healthView{s: s, targets: map[string][]health.Target{}, last: map[health.Key]health.Status{}}
+}
 
-// View reports every checked backend; one still pending counts as down
-// unless it was healthy before its settings changed.
-func (h healthView) View() map[render.BackendRef]agent.BackendHealth {
+// SetService checks every backend of the service (nil: none).
+func (h *healthView) SetService(name string, svc *spec.Service) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if svc == nil {
+		delete(h.targets, name)
+	} else {
+		h.targets[name] = health.TargetsFor([]*spec.Service{svc})
+	}
+	var all []health.Target
+	for _, t := range h.targets {
+		all = append(all, t...)
+	}
+	h.s.Update(all)
+}
+
+// TakeChanged names the backends whose state changed since the last call.
+func (h *healthView) TakeChanged() []render.BackendRef {
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	snap := h.s.Snapshot()
-	out := make(map[render.BackendRef]agent.BackendHealth, len(snap))
+	var out []render.BackendRef
 	for k, st := range snap {
-		out[render.BackendRef(k)] = agent.BackendHealth{
-			Healthy: st.Healthy, LastError: st.LastError, LastTransition: st.LastTransition,
-			// A target restarted by a settings change keeps its state while
-			// its first new check runs; only one with no state is pending.
-			Pending: st.Pending && !st.Healthy,
+		if old, ok := h.last[k]; !ok || old.Healthy != st.Healthy || old.Pending != st.Pending {
+			out = append(out, render.BackendRef(k))
 		}
 	}
+	for k := range h.last {
+		if _, ok := snap[k]; !ok {
+			out = append(out, render.BackendRef(k))
+		}
+	}
+	h.last = snap
 	return out
 }
 
-func (h healthView) Changed() <-chan struct{}              { return h.s.Changed() }
-func (h healthView) WaitSettled(ctx context.Context) error { return h.s.WaitSettled(ctx) }
+// Backend reports one backend; one still pending counts as down unless it
+// was healthy before its settings changed.
+func (h *healthView) Backend(ref render.BackendRef) (render.Health, bool) {
+	st, ok := h.s.Status(health.Key(ref))
+	if !ok {
+		return render.Health{}, false
+	}
+	// A target restarted by a settings change keeps its state while its
+	// first new check runs; only one with no state is pending.
+	return render.Health{Healthy: st.Healthy, Pending: st.Pending && !st.Healthy, LastError: st.LastError, LastTransition: st.LastTransition}, true
+}
+
+func (h *healthView) Changed() <-chan struct{}              { return h.s.Changed() }
+func (h *healthView) WaitSettled(ctx context.Context) error { return h.s.WaitSettled(ctx) }
