@@ -29,11 +29,12 @@ import (
 
 func agentCommand() *cli.Command {
 	hostname, _ := os.Hostname()
-	flags := append(etcdFlags(),
+	flags := append(etcdFlags("etcd client URLs; when none is given, the agent starts an embedded single-node etcd (--embedded-etcd-client-url)"),
 		&cli.StringFlag{Name: "node", Value: hostname, Usage: "this host's name in status keys", EnvVars: env("node")},
 		&cli.StringFlag{Name: "data-dir", Value: "/var/lib/switchman", Usage: "state files and the embedded etcd's data", EnvVars: env("data-dir")},
 		&cli.StringFlag{Name: "embedded-etcd-client-url", Value: "http://127.0.0.1:2379", Usage: "client URL of the embedded etcd (used when no --etcd-endpoints)", EnvVars: env("embedded-etcd-client-url")},
 		&cli.StringFlag{Name: "embedded-etcd-peer-url", Value: "http://127.0.0.1:2380", Usage: "peer URL of the embedded etcd", EnvVars: env("embedded-etcd-peer-url")},
+		&cli.BoolFlag{Name: "embedded-etcd-allow-remote", Usage: "let the embedded etcd listen on addresses other than loopback; it has no TLS and no authentication, so whoever reaches it controls this load balancer", EnvVars: env("embedded-etcd-allow-remote")},
 		&cli.StringFlag{Name: "metrics-addr", Value: "127.0.0.1:9469", Usage: "Prometheus /metrics listen address; empty disables", EnvVars: env("metrics-addr")},
 		&cli.StringSliceFlag{Name: "vip-cidrs", Usage: "ranges VIPs must fall in (default: any, with a warning)", EnvVars: env("vip-cidrs")},
 		&cli.StringSliceFlag{Name: "backend-cidrs", Usage: "ranges backend addresses must fall in (default: any, with a warning)", EnvVars: env("backend-cidrs")},
@@ -46,6 +47,7 @@ func agentCommand() *cli.Command {
 		Name:   "agent",
 		Usage:  "run the agent: watch etcd, program IPVS/HAProxy, check health, write status",
 		Flags:  flags,
+		Before: noArgs,
 		Action: runAgent,
 	}
 }
@@ -58,6 +60,10 @@ func runAgent(c *cli.Context) error {
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
+	// Before anything waits for etcd.
+	if _, err := wantedDrivers(c.StringSlice("drivers")); err != nil {
+		return err
+	}
 	vipCIDRs, err := parsePrefixes("--vip-cidrs", c.StringSlice("vip-cidrs"))
 	if err != nil {
 		return err
@@ -88,6 +94,8 @@ func runAgent(c *cli.Context) error {
 			ClientURL: c.String("embedded-etcd-client-url"),
 			PeerURL:   c.String("embedded-etcd-peer-url"),
 			Name:      node,
+			// Refused off loopback unless asked for: no TLS, no auth.
+			AllowRemote: c.Bool("embedded-etcd-allow-remote"),
 		})
 		if err != nil {
 			return err
@@ -173,6 +181,21 @@ func runAgent(c *cli.Context) error {
 	log.Info("shutting down; the data plane keeps its state")
 	wg.Wait()
 	return nil
+}
+
+// wantedDrivers reads --drivers: the set of drivers to run.
+func wantedDrivers(names []string) (map[string]bool, error) {
+	want := map[string]bool{}
+	for _, name := range names {
+		switch name {
+		case "none":
+		case "ipvs", "nftables", "vip", "netfilter", "haproxy":
+			want[name] = true
+		default:
+			return nil, fmt.Errorf("--drivers: %q is not one of ipvs, nftables, vip, netfilter, haproxy, none", name)
+		}
+	}
+	return want, nil
 }
 
 func parsePrefixes(flag string, list []string) ([]netip.Prefix, error) {

@@ -77,15 +77,9 @@ func driverFlags() []cli.Flag {
 // (a service's filter is in force before the others expose it).
 func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg prometheus.Registerer, dataDir string) (*driverSet, error) {
 	set := &driverSet{runners: map[string]func(context.Context) error{}}
-	want := map[string]bool{}
-	for _, name := range c.StringSlice("drivers") {
-		switch name {
-		case "none":
-		case "ipvs", "nftables", "vip", "netfilter", "haproxy":
-			want[name] = true
-		default:
-			return nil, fmt.Errorf("--drivers: %q is not one of ipvs, nftables, vip, netfilter, haproxy, none", name)
-		}
+	want, err := wantedDrivers(c.StringSlice("drivers"))
+	if err != nil {
+		return nil, err
 	}
 	if want["vip"] {
 		links := vip.NewNetlink("")

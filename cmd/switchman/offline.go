@@ -190,7 +190,7 @@ func planCommand() *cli.Command {
 		Name:      "plan",
 		Usage:     "print what the agent would program (ipvsadm -S lines, the nft ruleset, haproxy.cfg), touching nothing",
 		ArgsUsage: "[FILE|DIR|- ...]  (with none, read the definitions from etcd at --etcd-endpoints)",
-		Flags:     append(etcdFlags(), policyFlags()...),
+		Flags:     append(etcdFlags("etcd client URLs to read the definitions from when no FILE is given (plan starts no etcd)"), policyFlags()...),
 		Action: func(c *cli.Context) error {
 			pol, err := policyFrom(c)
 			if err != nil {
@@ -262,6 +262,10 @@ func judgeEtcd(c *cli.Context, p agent.Policy) (judgement, error) {
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(c.Context, 15*time.Second)
 	defer cancel()
+	// At once, with the cause, when etcd cannot be reached.
+	if err := watcher.Check(ctx, cli, p.Prefix); err != nil {
+		return judgement{}, err
+	}
 	snap, err := watcher.ReadOnce(ctx, cli, p.Prefix)
 	if err != nil {
 		return judgement{}, watcher.Explain(err, cli.Endpoints())

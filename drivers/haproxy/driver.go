@@ -23,8 +23,13 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/switchman-lb/switchman/internal/atomicfile"
 	"github.com/switchman-lb/switchman/render"
 )
+
+// maxCertificateFile bounds a tls.certificate file: a certificate chain
+// and its key take a few KiB, so 1 MiB leaves room for any real bundle.
+const maxCertificateFile = 1 << 20
 
 // Options configure the driver.
 type Options struct {
@@ -75,6 +80,7 @@ type Driver struct {
 	// record of what the running HAProxy holds, which Apply alone reads
 	// and writes.
 	mu       sync.Mutex
+	dirOK    bool // Dir and Dir/certs exist
 	running  bool
 	skeleton string                       // running config without server lines
 	loaded   map[string]prepared          // services in the running structure
@@ -92,7 +98,9 @@ type prepared struct {
 }
 
 // New returns a driver. It creates Dir but starts nothing: HAProxy is
-// started by the first Apply that has a HAProxy service.
+// started by the first Apply that has a HAProxy service. A Dir that cannot
+// be created does not fail New: every HAProxy service fails with that
+// reason instead (and Apply tries again), so the agent serves the rest.
 func New(opts Options) (*Driver, error) {
 	if opts.Bin == "" {
 		opts.Bin = "haproxy"
@@ -120,9 +128,6 @@ func New(opts Options) (*Driver, error) {
 		return nil, err
 	}
 	opts.Dir = dir
-	if err := os.MkdirAll(filepath.Join(dir, "certs"), 0o700); err != nil {
-		return nil, fmt.Errorf("haproxy dir: %w", err)
-	}
 	admin := filepath.Join(dir, "admin.sock")
 	master := filepath.Join(dir, "master.sock")
 	if opts.AttachSocket != "" {
@@ -167,7 +172,11 @@ func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]er
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	errs := map[string]error{}
-	if err := d.proc.Available(); err != nil {
+	err := d.proc.Available()
+	if err == nil && len(desired.HAProxy) > 0 {
+		err = d.makeDir()
+	}
+	if err != nil {
 		for _, s := range desired.HAProxy {
 			errs[s.Name] = err
 		}
@@ -251,6 +260,18 @@ func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]er
 	return errs
 }
 
+// makeDir creates the working directory and its certs folder once.
+func (d *Driver) makeDir() error {
+	if d.dirOK {
+		return nil
+	}
+	if err := os.MkdirAll(filepath.Join(d.opts.Dir, "certs"), 0o700); err != nil {
+		return fmt.Errorf("the HAProxy working directory (--haproxy-dir %s) cannot be created: %w", d.opts.Dir, err)
+	}
+	d.dirOK = true
+	return nil
+}
+
 // prepare resolves a service's certificate and renders it alone, which
 // both checks every value and gives its structural skeleton.
 func (d *Driver) prepare(s render.HAProxyService) (prepared, error) {
@@ -272,9 +293,11 @@ func (d *Driver) prepare(s render.HAProxyService) (prepared, error) {
 		if err := render.CheckHAProxyPath("tls.certificate", s.Certificate); err != nil {
 			return p, err
 		}
-		raw, err := os.ReadFile(s.Certificate)
+		// A regular file of bounded size, opened without blocking: the
+		// definition's writer chooses the path (/dev/zero, a FIFO).
+		raw, err := atomicfile.ReadBounded(s.Certificate, maxCertificateFile)
 		if err != nil {
-			return p, fmt.Errorf("tls.certificate: %w", err)
+			return p, fmt.Errorf("tls.certificate %q cannot be used: %w", s.Certificate, err)
 		}
 		pem, err := canonicalPEM(raw)
 		if err != nil {

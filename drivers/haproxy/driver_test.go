@@ -3,13 +3,17 @@ package haproxy
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io/fs"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/switchman-lb/switchman/internal/atomicfile"
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/spec"
 )
@@ -289,5 +293,101 @@ func TestParseServersState(t *testing.T) {
 	}
 	if _, err := parseServersState("Can't find backend.\n"); !errors.Is(err, ErrNoBackend) {
 		t.Errorf("missing backend: %v", err)
+	}
+}
+
+// TestApplyCertificateFileUntrusted: tls.certificate names a file chosen by
+// whoever writes definitions. One that is not a regular file of bounded
+// size fails its service at once, naming the field and the path (reading
+// /dev/zero used to grow without bound and a FIFO blocked Apply forever);
+// the other services are loaded.
+func TestApplyCertificateFileUntrusted(t *testing.T) {
+	dir := t.TempDir()
+	fifo := filepath.Join(dir, "fifo.pem")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	big := filepath.Join(dir, "big.pem")
+	pemA, _ := makeCert(t, "a")
+	if err := os.WriteFile(big, append(pemA, make([]byte, 1<<20)...), 0o600); err != nil { // over the 1 MiB limit
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name, path string
+		is         error
+	}{
+		{"device", "/dev/zero", atomicfile.ErrNotRegular},
+		{"fifo", fifo, atomicfile.ErrNotRegular},
+		{"directory", dir, atomicfile.ErrNotRegular},
+		{"too large", big, atomicfile.ErrTooLarge},
+		{"missing", filepath.Join(dir, "missing.pem"), fs.ErrNotExist},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			d, _, _ := newFakeDriver(t)
+			bad := render.HAProxyService{Name: "api", Bind: netip.MustParseAddrPort("192.0.2.10:443"), Certificate: tc.path,
+				Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1)}}
+			good := render.HAProxyService{Name: "tcp", Bind: netip.MustParseAddrPort("192.0.2.11:80"),
+				Servers: []render.HAProxyServer{fsrv("10.0.0.2", 80, 1)}}
+			done := make(chan map[string]error, 1)
+			go func() {
+				done <- d.Apply(context.Background(), &render.State{HAProxy: []render.HAProxyService{bad, good}})
+			}()
+			var errs map[string]error
+			select {
+			case errs = <-done:
+			case <-time.After(20 * time.Second):
+				t.Fatalf("Apply with tls.certificate %s did not return within 20s", tc.path)
+			}
+			err := errs["api"]
+			if !errors.Is(err, tc.is) || !strings.Contains(fmt.Sprint(err), "tls.certificate") || !strings.Contains(fmt.Sprint(err), tc.path) {
+				t.Errorf("error of api = %v; want one naming tls.certificate and %s, wrapping %v", err, tc.path, tc.is)
+			}
+			if errs["tcp"] != nil {
+				t.Errorf("the other service failed: %v", errs["tcp"])
+			}
+			if _, ok := d.loaded["tcp"]; !ok {
+				t.Error("the other service was not loaded")
+			}
+		})
+	}
+}
+
+// TestApplyWithoutWorkingDirectory: a --haproxy-dir that cannot be created
+// does not fail New (the agent used to exit); each HAProxy service fails
+// with the reason, and Apply works once the directory can be created.
+func TestApplyWithoutWorkingDirectory(t *testing.T) {
+	base := t.TempDir()
+	blocker := filepath.Join(base, "file")
+	if err := os.WriteFile(blocker, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// /bin/false as haproxy: available, and refuses every configuration.
+	d, err := New(Options{Dir: filepath.Join(blocker, "haproxy"), Bin: "/bin/false"})
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	if errs := d.Apply(context.Background(), &render.State{}); len(errs) > 0 {
+		t.Errorf("Apply without HAProxy services: %v", errs)
+	}
+	svc := render.HAProxyService{Name: "api", Bind: netip.MustParseAddrPort("192.0.2.10:443"),
+		Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1)}}
+	errs := d.Apply(context.Background(), &render.State{HAProxy: []render.HAProxyService{svc}})
+	if err := errs["api"]; !errors.Is(err, syscall.ENOTDIR) || !strings.Contains(err.Error(), "--haproxy-dir "+filepath.Join(blocker, "haproxy")) {
+		t.Fatalf("error of api = %v; want ENOTDIR naming --haproxy-dir", err)
+	}
+	// Once the directory can be made, the next Apply makes it.
+	if err := os.Remove(blocker); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(blocker, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	errs = d.Apply(context.Background(), &render.State{HAProxy: []render.HAProxyService{svc}})
+	if err := errs["api"]; err == nil || errors.Is(err, syscall.ENOTDIR) {
+		t.Errorf("error of api after the directory was fixed = %v; want the configuration check's", err)
+	}
+	if st, err := os.Stat(filepath.Join(blocker, "haproxy", "certs")); err != nil || !st.IsDir() {
+		t.Fatalf("certs directory: %v", err)
 	}
 }
