@@ -109,16 +109,35 @@ type genlConn struct {
 // openGenl opens a socket in the network namespace at nsPath ("" for the
 // current one) and looks up the IPVS family.
 func openGenl(nsPath string, stats *batchCounters) (*genlConn, error) {
+	c, err := dialGenl(nsPath, genlSocketBuffer, stats)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), familyLookupTimeout)
+	defer cancel()
+	if c.family, err = c.lookupFamily(ctx, ipvsGenlName); err != nil {
+		c.close()
+		if errors.Is(err, syscall.ENOENT) {
+			return nil, fmt.Errorf("%w (generic netlink family %s: %w)", ErrUnavailable, ipvsGenlName, err)
+		}
+		return nil, fmt.Errorf("look up the %s generic netlink family: %w", ipvsGenlName, err)
+	}
+	return c, nil
+}
+
+// dialGenl opens and binds a generic-netlink socket asking for buffers of
+// bufSize bytes each way.
+func dialGenl(nsPath string, bufSize int, stats *batchCounters) (*genlConn, error) {
 	fd, err := socketIn(nsPath)
 	if err != nil {
 		return nil, fmt.Errorf("open generic netlink socket: %w", err)
 	}
 	// Best effort: a smaller buffer means smaller sends, not failure.
-	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, genlSocketBuffer) != nil {
-		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, genlSocketBuffer)
+	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, bufSize) != nil {
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, bufSize)
 	}
-	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, genlSocketBuffer) != nil {
-		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, genlSocketBuffer)
+	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, bufSize) != nil {
+		_ = unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, bufSize)
 	}
 	// Short acknowledgements (no copy of the request) with the kernel's
 	// message when it refuses one; both optional.
@@ -134,20 +153,7 @@ func openGenl(nsPath string, stats *batchCounters) (*genlConn, error) {
 		unix.Close(fd)
 		return nil, fmt.Errorf("read generic netlink socket buffers: %w", err)
 	}
-	c, err := newGenlConn(fd, rcv, snd, stats)
-	if err != nil {
-		return nil, err
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), familyLookupTimeout)
-	defer cancel()
-	if c.family, err = c.lookupFamily(ctx, ipvsGenlName); err != nil {
-		c.close()
-		if errors.Is(err, syscall.ENOENT) {
-			return nil, fmt.Errorf("%w (generic netlink family %s: %w)", ErrUnavailable, ipvsGenlName, err)
-		}
-		return nil, fmt.Errorf("look up the %s generic netlink family: %w", ipvsGenlName, err)
-	}
-	return c, nil
+	return newGenlConn(fd, rcv, snd, stats)
 }
 
 // newGenlConn wraps a non-blocking datagram socket whose buffers are rcv
