@@ -1,6 +1,7 @@
 package ipvs
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -246,8 +248,12 @@ func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]er
 // later writes are skipped. After a call times out, the rest of the pass is
 // given up (the kernel is not answering) and retried on the next Apply.
 // It updates next for created and deleted services and reports whether it
-// did.
+// did. When the kernel is a Batcher the writes go in batches (applyBatched)
+// with the same outcome.
 func (d *Driver) apply(ctx context.Context, ops []Op, next map[Key]string, errs map[string]error) bool {
+	if b, ok := d.kernel.(Batcher); ok {
+		return d.applyBatched(ctx, b, ops, next, errs)
+	}
 	changed := false
 	var stop error
 	for _, op := range ops {
@@ -261,40 +267,141 @@ func (d *Driver) apply(ctx context.Context, ops []Op, next map[Key]string, errs 
 			continue
 		}
 		d.writes.Add(1)
-		err := d.write(ctx, op)
-		switch {
-		case err == nil:
-			if op.Kind == DeleteService {
-				delete(next, op.Service.Key())
-				changed = true
+		c, s := d.settle(ctx, op, d.write(ctx, op), next, errs)
+		changed = changed || c
+		stop = cmp.Or(stop, s)
+	}
+	return changed
+}
+
+// BatchSize is the most writes the driver hands a Batcher in one call; each
+// call is bounded by Config.CallTimeout.
+const BatchSize = 4096
+
+// applyBatched is apply for a Batcher, in two phases so that a write is
+// never sent after one it depends on has failed: first every service write
+// (deletions, creations, updates: each on a key of its own), then, once
+// their answers are in, the destination writes of the services whose
+// service writes all succeeded. A destination write depends only on its
+// service, so a service's destination writes go out together; the first
+// to fail fails the service (its siblings in the same batch are sent all
+// the same, and are harmless: they are retried with the service). Answers
+// are handled in op order exactly as apply handles them, and after a batch
+// times out, nothing more is sent.
+func (d *Driver) applyBatched(ctx context.Context, b Batcher, ops []Op, next map[Key]string, errs map[string]error) bool {
+	var services, dests []Op
+	for _, op := range ops {
+		switch op.Kind {
+		case AddService, UpdateService, DeleteService:
+			services = append(services, op)
+		default:
+			dests = append(dests, op)
+		}
+	}
+	changed := false
+	var stop error
+	for _, phase := range [][]Op{services, dests} {
+		var send []Op
+		for _, op := range phase {
+			if _, failed := errs[op.Owner]; failed && op.Owner != "" {
+				continue
 			}
-			continue
-		case op.Kind == DeleteService && errors.Is(err, syscall.ESRCH):
-			delete(next, op.Service.Key()) // already gone
-			changed = true
-			continue
-		case op.Kind == AddService && errors.Is(err, syscall.EEXIST):
-			// Someone else created it since we listed: not ours.
-			delete(next, op.Service.Key())
-			changed = true
-			err = &ForeignServiceError{Key: op.Service.Key()}
-		case op.Kind == AddService && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled):
-			// The kernel refused it, so it does not exist. (After a
-			// time-out it may: the record stays, and the next pass sees.)
-			delete(next, op.Service.Key())
-			changed = true
+			if stop != nil {
+				if op.Owner != "" {
+					errs[op.Owner] = stop
+				}
+				continue
+			}
+			send = append(send, op)
 		}
-		d.log.Warn("IPVS write failed", "op", op.String(), "service", op.Owner, "error", err)
-		if op.Owner != "" {
-			errs[op.Owner] = err
-		}
-		if ctx.Err() != nil {
-			stop = fmt.Errorf("not applied: %w", ctx.Err())
-		} else if errors.Is(err, context.DeadlineExceeded) {
-			stop = fmt.Errorf("not applied: an earlier IPVS call timed out (%w); retried on the next apply", err)
+		for part := range slices.Chunk(send, BatchSize) {
+			if stop != nil {
+				for _, op := range part {
+					if _, failed := errs[op.Owner]; !failed && op.Owner != "" {
+						errs[op.Owner] = stop
+					}
+				}
+				continue
+			}
+			d.writes.Add(uint64(len(part)))
+			c, cancel := context.WithTimeout(ctx, d.timeout)
+			answers := b.ApplyBatch(c, part)
+			cancel()
+			if len(answers) != len(part) {
+				answers = batchMismatch(answers, len(part))
+			}
+			for i, op := range part {
+				err := answers[i]
+				if err != nil && stop != nil {
+					// Unanswered after the time-out: not logged one by one.
+					if _, failed := errs[op.Owner]; !failed && op.Owner != "" {
+						errs[op.Owner] = stop
+					}
+					continue
+				}
+				ch, s := d.settle(ctx, op, err, next, errs)
+				changed = changed || ch
+				stop = cmp.Or(stop, s)
+			}
 		}
 	}
 	return changed
+}
+
+// batchMismatch stands in for the answers of a Batcher that broke its
+// contract (one answer per op): every op fails.
+func batchMismatch(answers []error, n int) []error {
+	err := fmt.Errorf("IPVS batch returned %d answers for %d writes", len(answers), n)
+	out := make([]error, n)
+	for i := range out {
+		out[i] = err
+	}
+	return out
+}
+
+// settle records the outcome of one write: it updates next for services
+// created or deleted, fails the write's owner (keeping the owner's first
+// error), and returns whether next changed and, when the rest of the pass
+// must be given up (ctx ended, or a call timed out), why.
+func (d *Driver) settle(ctx context.Context, op Op, err error, next map[Key]string, errs map[string]error) (changed bool, stop error) {
+	switch {
+	case err == nil:
+		if op.Kind == DeleteService {
+			delete(next, op.Service.Key())
+			return true, nil
+		}
+		return false, nil
+	case op.Kind == DeleteService && errors.Is(err, syscall.ESRCH):
+		delete(next, op.Service.Key()) // already gone
+		return true, nil
+	case op.Kind == AddService && errors.Is(err, syscall.EEXIST):
+		// Someone else created it since we listed: not ours.
+		delete(next, op.Service.Key())
+		changed = true
+		err = &ForeignServiceError{Key: op.Service.Key()}
+	case op.Kind == AddService && !uncertain(err):
+		// The kernel refused it, so it does not exist. (After a
+		// time-out it may: the record stays, and the next pass sees.)
+		delete(next, op.Service.Key())
+		changed = true
+	}
+	d.log.Warn("IPVS write failed", "op", op.String(), "service", op.Owner, "error", err)
+	if _, failed := errs[op.Owner]; !failed && op.Owner != "" {
+		errs[op.Owner] = err
+	}
+	if ctx.Err() != nil {
+		stop = fmt.Errorf("not applied: %w", ctx.Err())
+	} else if errors.Is(err, context.DeadlineExceeded) {
+		stop = fmt.Errorf("not applied: an earlier IPVS call timed out (%w); retried on the next apply", err)
+	}
+	return changed, stop
+}
+
+// uncertain tells whether a write that failed with err may have taken
+// effect all the same: it timed out, was cancelled, or its acknowledgement
+// was lost (ENOBUFS).
+func uncertain(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || errors.Is(err, syscall.ENOBUFS)
 }
 
 func (d *Driver) write(ctx context.Context, op Op) error {

@@ -349,36 +349,51 @@ func TestOneServiceFailingDoesNotFailOthers(t *testing.T) {
 	}
 }
 
+// TestHungCallTimesOut: when a call (or a batch) times out, the write
+// fails its service with the deadline, nothing more is sent in that pass,
+// and a service whose creation went unanswered stays recorded (it may
+// exist).
 func TestHungCallTimesOut(t *testing.T) {
-	k := ipvsfake.New()
-	d, err := ipvs.New(ipvs.Config{Kernel: k, DataDir: t.TempDir(), CallTimeout: 50 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
+	for _, hang := range []ipvsfake.Method{ipvsfake.AddDestination, ipvsfake.AddService} {
+		t.Run(string(hang), func(t *testing.T) {
+			bothWays(t, func(t *testing.T, k *ipvsfake.Kernel, kernel ipvs.Kernel, _ bool) {
+				d, err := ipvs.New(ipvs.Config{Kernel: kernel, DataDir: t.TempDir(), CallTimeout: 50 * time.Millisecond})
+				if err != nil {
+					t.Fatal(err)
+				}
+				st := &render.State{IPVS: []render.L4Service{
+					webService("a", vip4, 80, rdst(be1, 80, 1)),
+					webService("b", vip4, 81, rdst(be1, 80, 1)),
+				}}
+				k.Hang(hang, true)
+				start := time.Now()
+				errs := d.Apply(context.Background(), st)
+				if el := time.Since(start); el > 5*time.Second {
+					t.Errorf("apply with a hung call took %v", el)
+				}
+				if !errors.Is(errs["a"], context.DeadlineExceeded) {
+					t.Errorf("a: %v, want a deadline error", errs["a"])
+				}
+				if errs["b"] == nil || !strings.Contains(errs["b"].Error(), "timed out") {
+					t.Errorf("b: %v, want not applied because of the time-out", errs["b"])
+				}
+				if k.Calls(hang) != 1 {
+					t.Errorf("%d %s calls after the hang, want 1 (the rest given up)", k.Calls(hang), hang)
+				}
+				if hang == ipvsfake.AddService && k.Calls(ipvsfake.AddDestination) != 0 {
+					t.Errorf("%d destination adds after the service add hung", k.Calls(ipvsfake.AddDestination))
+				}
+				if _, ok := d.Owned()[key(ipvs.TCP, vip4, 80)]; !ok {
+					t.Error("a's record dropped after a time-out (it may exist)")
+				}
+				k.Hang(hang, false)
+				if errs := d.Apply(context.Background(), st); len(errs) != 0 {
+					t.Fatalf("after the hang cleared: %v", errs)
+				}
+				checkState(t, k, st.IPVS)
+			})
+		})
 	}
-	st := &render.State{IPVS: []render.L4Service{
-		webService("a", vip4, 80, rdst(be1, 80, 1)),
-		webService("b", vip4, 81, rdst(be1, 80, 1)),
-	}}
-	k.Hang(ipvsfake.AddDestination, true)
-	start := time.Now()
-	errs := d.Apply(context.Background(), st)
-	if el := time.Since(start); el > 5*time.Second {
-		t.Errorf("apply with a hung call took %v", el)
-	}
-	if !errors.Is(errs["a"], context.DeadlineExceeded) {
-		t.Errorf("a: %v, want a deadline error", errs["a"])
-	}
-	if errs["b"] == nil || !strings.Contains(errs["b"].Error(), "timed out") {
-		t.Errorf("b: %v, want not applied because of the time-out", errs["b"])
-	}
-	if k.Calls(ipvsfake.AddDestination) != 1 {
-		t.Errorf("%d AddDestination calls after the hang, want 1 (the rest given up)", k.Calls(ipvsfake.AddDestination))
-	}
-	k.Hang(ipvsfake.AddDestination, false)
-	if errs := d.Apply(context.Background(), st); len(errs) != 0 {
-		t.Fatalf("after the hang cleared: %v", errs)
-	}
-	checkState(t, k, st.IPVS)
 }
 
 func TestMissingIPVS(t *testing.T) {
