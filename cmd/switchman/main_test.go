@@ -218,12 +218,12 @@ func TestPlanFailsOnInvalidFiles(t *testing.T) {
 		files map[string]string
 		want  string // in stdout
 	}{
-		{"every file invalid", map[string]string{"a.yaml": "vip: 192.0.2.300\nport: 80\n", "b.yaml": "port: 0120\n"}, "# IPVS: 0 virtual service(s)"},
+		{"every file invalid", map[string]string{"a.yaml": "vip: 192.0.2.300\nport: 80\n", "b.yaml": "port: 0120\n"}, "# nothing to program"},
 		{"one valid, one invalid", map[string]string{"web.yaml": valid, "bad.yaml": "vip: 255.255.255.255\nport: 80\n"}, "-A -t 192.0.2.10:80 -s rr"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			stdout, stderr, err := run(t, append([]string{"plan"}, writeDefs(t, tc.files)...)...)
+			stdout, stderr, err := run(t, append([]string{"plan", "--l4-driver", "ipvs"}, writeDefs(t, tc.files)...)...)
 			if ec, ok := err.(cli.ExitCoder); !ok || ec.ExitCode() != 1 {
 				t.Fatalf("err = %v; want exit code 1", err)
 			}
