@@ -114,7 +114,7 @@ func BenchmarkPoolChanges(b *testing.B) {
 				certPEM, _ := makeCert(b, "bench")
 				svc := render.HAProxyService{Name: "bench", Bind: vip, CertificateKey: "/k", CertificatePEM: certPEM, Scheduler: spec.RoundRobin, Servers: pools[0]}
 				ctx := context.Background()
-				if errs := d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{svc}}); len(errs) > 0 {
+				if errs := d.Apply(ctx, states(svc)); len(errs) > 0 {
 					b.Fatal(errs)
 				}
 				l := startLoad(vip.String(), 4, true)
@@ -125,7 +125,7 @@ func BenchmarkPoolChanges(b *testing.B) {
 					svc.Servers = pool
 					switch mode {
 					case "switchman":
-						if errs := d.Apply(ctx, &render.State{HAProxy: []render.HAProxyService{svc}}); len(errs) > 0 {
+						if errs := d.Apply(ctx, states(svc)); len(errs) > 0 {
 							b.Fatal(errs)
 						}
 					case "confd":

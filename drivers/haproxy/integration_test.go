@@ -244,16 +244,28 @@ func (c *clientLoop) resetRecent() {
 func workerPIDs(t testing.TB, d *Driver) string {
 	t.Helper()
 	p := d.proc.(*execProcess)
-	ws, err := p.showProc(context.Background())
+	st, err := p.showProc(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	return fmt.Sprint(ws)
+	return fmt.Sprint(st.workers)
+}
+
+// masterPID is the pid of the HAProxy master the driver supervises.
+func masterPID(t testing.TB, d *Driver) int {
+	t.Helper()
+	p := d.proc.(*execProcess)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cur == nil {
+		t.Fatal("no supervised haproxy")
+	}
+	return p.cur.pid
 }
 
 func newRealDriver(t testing.TB, dir string) *Driver {
 	t.Helper()
-	d, err := New(Options{Dir: dir, RemoveWait: 2 * time.Second, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	d, err := New(Options{Dir: dir, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,7 +277,7 @@ func apply(t testing.TB, d *Driver, svcs ...render.HAProxyService) map[string]er
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	return d.Apply(ctx, &render.State{HAProxy: svcs})
+	return d.Apply(ctx, states(svcs...))
 }
 
 func TestRealHAProxyPoolChangesWithoutReload(t *testing.T) {
@@ -397,8 +409,10 @@ func TestRealHAProxyPoolChangesWithoutReload(t *testing.T) {
 
 // TestRealHAProxyRestartAndAdopt kills HAProxy's master: the driver starts
 // it again from the on-disk config, which holds the runtime-added servers.
-// A second driver on the same directory adopts a running HAProxy without
-// a reload.
+// Then the agent "exits" (supervision ends, HAProxy keeps serving) and a
+// second driver on the same directory adopts the running HAProxy: its
+// first Sync reloads nothing and writes nothing. When the adopted master
+// dies, the second driver brings HAProxy back (issue 10, item 8).
 func TestRealHAProxyRestartAndAdopt(t *testing.T) {
 	requireHAProxy(t)
 	dir := shortDir(t)
@@ -413,39 +427,83 @@ func TestRealHAProxyRestartAndAdopt(t *testing.T) {
 	if errs := apply(t, d, svc); len(errs) > 0 {
 		t.Fatal(errs)
 	}
-	p := d.proc.(*execProcess)
-	p.mu.Lock()
-	master := p.cmd.Process.Pid
-	p.mu.Unlock()
+	master := masterPID(t, d)
 	if err := syscallKill(master); err != nil {
 		t.Fatal(err)
 	}
+	p := d.proc.(*execProcess)
 	waitFor(t, "haproxy restarted", func() bool {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return p.cmd != nil && p.cmd.Process.Pid != master && p.Running(context.Background())
+		return p.Restarts() == 1 && p.Alive() && p.Running(context.Background())
 	})
 	waitFor(t, "b2 serves after the restart", func() bool { n, _, err := ask(vip, false); return err == nil && n == "b2" })
 
-	// A second driver (the agent restarted) adopts the running HAProxy.
-	d2, err := New(Options{Dir: dir})
+	// The agent exits: HAProxy keeps serving, unsupervised.
+	restarted := masterPID(t, d)
+	p.release()
+	pids := workerPIDs(t, d)
+	cfg, err := os.Stat(dir + "/haproxy.cfg")
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc.Servers = []render.HAProxyServer{b1.server(3), b2.server(7)}
-	if errs := apply(t, d2, svc); len(errs) > 0 {
+
+	// A second driver (the agent restarted) adopts the running HAProxy.
+	d2, err := New(Options{Dir: dir, RestartBackoff: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(d2.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if errs := d2.Sync(ctx, states(svc)); len(errs) > 0 {
 		t.Fatal(errs)
 	}
-	if d2.Reloads() != 0 {
-		t.Errorf("adopting driver reloaded %d times", d2.Reloads())
+	if d2.Reloads() != 0 || workerPIDs(t, d2) != pids {
+		t.Errorf("adopting driver reloaded (%d reloads, workers %s -> %s)", d2.Reloads(), pids, workerPIDs(t, d2))
 	}
-	st, err := d2.rt.ServersState(context.Background(), "be_tcp")
+	if cfg2, err := os.Stat(dir + "/haproxy.cfg"); err != nil || !os.SameFile(cfg, cfg2) || !cfg2.ModTime().Equal(cfg.ModTime()) {
+		t.Errorf("the adopting Sync rewrote haproxy.cfg (%v)", err)
+	}
+	svc.Servers = []render.HAProxyServer{b1.server(3), b2.server(7)}
+	if errs := d2.Apply(ctx, states(svc)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	st, err := d2.rt.ServersState(ctx, "be_tcp")
 	if err != nil || len(st) != 2 {
 		t.Fatalf("servers: %+v %v", st, err)
 	}
-	conns, err := d2.Connections(context.Background(), map[string]bool{"tcp": true})
+	conns, err := d2.Connections(ctx, map[string]bool{"tcp": true})
 	if err != nil || len(conns) != 2 {
 		t.Errorf("connections: %v %v", conns, err)
+	}
+
+	// The adopted master dies: the second driver starts HAProxy again.
+	adopted := masterPID(t, d2)
+	if adopted != restarted {
+		t.Fatalf("the second driver supervises pid %d, want the running master %d", adopted, restarted)
+	}
+	if err := syscallKill(adopted); err != nil {
+		t.Fatal(err)
+	}
+	p2 := d2.proc.(*execProcess)
+	waitFor(t, "the adopted haproxy started again", func() bool {
+		return p2.Restarts() == 1 && p2.Alive() && p2.Running(context.Background())
+	})
+	if got := masterPID(t, d2); got == adopted {
+		t.Errorf("master pid %d unchanged", got)
+	}
+	seen := map[string]bool{}
+	waitFor(t, "both servers answer after the restart", func() bool {
+		if n, _, err := ask(vip, false); err == nil {
+			seen[n] = true
+		}
+		return seen["b2"] // source hashing: one client address reaches one server
+	})
+	// The next pass reads back what the restarted HAProxy holds.
+	if errs := d2.Apply(ctx, states(svc)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if st, err := d2.rt.ServersState(ctx, "be_tcp"); err != nil || len(st) != 2 {
+		t.Errorf("servers after the restart: %+v %v", st, err)
 	}
 }
 
@@ -456,7 +514,7 @@ func TestMissingHAProxyBinary(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	errs := d.Apply(context.Background(), &render.State{HAProxy: []render.HAProxyService{{Name: "a"}, {Name: "b"}}})
+	errs := d.Apply(context.Background(), states(render.HAProxyService{Name: "a"}, render.HAProxyService{Name: "b"}))
 	for _, n := range []string{"a", "b"} {
 		if errs[n] == nil || !strings.Contains(errs[n].Error(), "apt-get install haproxy") || !strings.Contains(errs[n].Error(), "--haproxy-bin") {
 			t.Errorf("%s: %v", n, errs[n])
