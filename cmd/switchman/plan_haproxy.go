@@ -30,7 +30,7 @@ func haproxyFlags() []cli.Flag {
 // first HAProxy service. The driver is not closed when the agent stops:
 // HAProxy (in its own process group) keeps serving through an agent restart,
 // and the next agent adopts it without a reload.
-func newHAProxy(c *cli.Context, log *slog.Logger, _ string) (agent.StateDriver, func(context.Context) error, func(), error) {
+func newHAProxy(c *cli.Context, log *slog.Logger, _ string) (agent.Driver, func(context.Context) error, func(), error) {
 	d, err := haproxy.New(haproxy.Options{
 		Bin: c.String("haproxy-bin"), Dir: c.String("haproxy-dir"),
 		AttachSocket: c.String("haproxy-socket"), AttachMasterSocket: c.String("haproxy-master-socket"),

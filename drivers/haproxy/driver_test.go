@@ -42,8 +42,10 @@ func newFakeDriverOn(t *testing.T, dir string, rt *fakeRuntime, proc *fakeProces
 }
 
 // st is the state of a HAProxy service; gone is the removal of one.
-func st(s render.HAProxyService) *render.ServiceState { return &render.ServiceState{Name: s.Name, HAProxy: &s} }
-func gone(name string) *render.ServiceState        { return &render.ServiceState{Name: name} }
+func st(s render.HAProxyService) *render.ServiceState {
+	return &render.ServiceState{Name: s.Name, HAProxy: &s}
+}
+func gone(name string) *render.ServiceState { return &render.ServiceState{Name: name} }
 
 func states(svcs ...render.HAProxyService) []*render.ServiceState {
 	out := make([]*render.ServiceState, len(svcs))
@@ -517,5 +519,263 @@ func TestApplyWithoutWorkingDirectory(t *testing.T) {
 	}
 	if st, err := os.Stat(filepath.Join(blocker, "haproxy", "certs")); err != nil || !st.IsDir() {
 		t.Fatalf("certs directory: %v", err)
+	}
+}
+
+// TestSyncAfterRestartWritesNothing: an agent restarts while HAProxy keeps
+// running; the new driver's first Sync, with nothing changed, adopts it:
+// no runtime write, no reload, no start, haproxy.cfg and the certificate
+// files untouched.
+func TestSyncAfterRestartWritesNothing(t *testing.T) {
+	d, rt, proc := newFakeDriver(t)
+	ctx := context.Background()
+	pemA, _ := makeCert(t, "a")
+	fileCert := filepath.Join(t.TempDir(), "b.pem")
+	pemB, _ := makeCert(t, "b")
+	if err := os.WriteFile(fileCert, pemB, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	all := []render.HAProxyService{
+		{Name: "a", Bind: netip.MustParseAddrPort("192.0.2.10:443"), CertificateKey: "/k/a", CertificatePEM: pemA, Scheduler: spec.LeastConnection,
+			Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 3), fsrv("10.0.0.2", 80, 0)}},
+		{Name: "b", Bind: netip.MustParseAddrPort("[2001:db8::1]:443"), Certificate: fileCert, Persistence: time.Minute,
+			Servers: []render.HAProxyServer{fsrv("2001:db8::2", 8443, 70000)}},
+		{Name: "c", Bind: netip.MustParseAddrPort("192.0.2.10:80")},
+	}
+	if errs := d.Sync(ctx, states(all...)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	// A runtime pool change after the start, recorded in haproxy.cfg.
+	all[2].Servers = []render.HAProxyServer{fsrv("10.0.0.9", 80, 5)}
+	if errs := d.Apply(ctx, states(all[2])); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	before := statFiles(t, proc.cfgPath, filepath.Join(d.opts.Dir, "certs", "a.pem"))
+	rt.takeCalls()
+	starts, reloads := proc.starts, proc.reloads
+
+	d2 := newFakeDriverOn(t, d.opts.Dir, rt, proc) // the agent restarted; HAProxy did not
+	if errs := d2.Sync(ctx, states(all...)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if w := rt.writes(); len(w) > 0 {
+		t.Errorf("the first Sync after a restart wrote %q", w)
+	}
+	if proc.starts != starts || proc.reloads != reloads || proc.adopts != 1 {
+		t.Errorf("starts %d -> %d, reloads %d -> %d, adopts %d; want no start, no reload, one adoption", starts, proc.starts, reloads, proc.reloads, proc.adopts)
+	}
+	if after := statFiles(t, proc.cfgPath, filepath.Join(d.opts.Dir, "certs", "a.pem")); !slices.Equal(before, after) {
+		t.Errorf("files rewritten: %v -> %v", before, after)
+	}
+	// And the adopted record serves the next pool change without a read.
+	rt.takeCalls()
+	all[0].Servers = []render.HAProxyServer{fsrv("10.0.0.1", 80, 3), fsrv("10.0.0.2", 80, 1)}
+	if errs := d2.Apply(ctx, states(all[0])); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if calls := rt.takeCalls(); !slices.Equal(calls, []string{"weight be_a/s10.0.0.2_80 1"}) {
+		t.Errorf("pool change after the adoption made calls %q", calls)
+	}
+}
+
+// statFiles identifies each file's content version: inode and mtime.
+func statFiles(t *testing.T, paths ...string) []string {
+	t.Helper()
+	var out []string
+	for _, p := range paths {
+		st, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, fmt.Sprint(st.Sys().(*syscall.Stat_t).Ino, st.ModTime().UnixNano()))
+	}
+	return out
+}
+
+// TestApplyBindFailureFailsOnlyItsService (issue 10, defect 4): a service
+// whose bind cannot be made (taken by another process, not local, a
+// link-local address without a zone) fails alone with the cause, at once,
+// before any reload; the others are loaded, and it is retried alone.
+func TestApplyBindFailureFailsOnlyItsService(t *testing.T) {
+	d, rt, proc := newFakeDriver(t)
+	ctx := context.Background()
+	taken := netip.MustParseAddrPort("127.0.0.1:2379")
+	proc.taken = map[netip.AddrPort]bool{taken: true}
+	good := render.HAProxyService{Name: "good", Bind: netip.MustParseAddrPort("192.0.2.10:443"), Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1)}}
+	bad := render.HAProxyService{Name: "bad", Bind: taken, Servers: []render.HAProxyServer{fsrv("10.0.0.2", 80, 1)}}
+
+	// At the start: HAProxy starts with good alone.
+	errs := d.Apply(ctx, states(good, bad))
+	var be *BindError
+	if !errors.As(errs["bad"], &be) || !errors.Is(errs["bad"], syscall.EADDRINUSE) || !strings.Contains(errs["bad"].Error(), "cannot bind socket 127.0.0.1:2379") {
+		t.Fatalf("error of bad = %v; want a BindError wrapping EADDRINUSE", errs["bad"])
+	}
+	if errs["good"] != nil || proc.starts != 1 {
+		t.Fatalf("good: %v, starts %d", errs["good"], proc.starts)
+	}
+	assertServers(t, rt, "be_good", map[string]wantServer{"s10.0.0.1_80": {"10.0.0.1:80", 1, false}})
+
+	// While running: the bad service is refused before any check or
+	// reload, alongside a structural change of good that is loaded.
+	validated := proc.validate
+	good.Scheduler = spec.LeastConnection
+	errs = d.Apply(ctx, states(good, bad))
+	if !errors.Is(errs["bad"], syscall.EADDRINUSE) || errs["good"] != nil {
+		t.Fatalf("errs = %v", errs)
+	}
+	if proc.reloads != 1 || proc.validate != validated+1 {
+		t.Errorf("%d reloads, %d checks; want one of each, for good", proc.reloads, proc.validate-validated)
+	}
+	errs = d.Apply(ctx, states(bad))
+	if !errors.Is(errs["bad"], syscall.EADDRINUSE) || proc.reloads != 1 || proc.validate != validated+1 {
+		t.Errorf("retry of bad alone: %v, %d reloads, %d checks", errs, proc.reloads, proc.validate-validated)
+	}
+	if _, ok := rt.backends["be_bad"]; ok {
+		t.Error("be_bad was loaded")
+	}
+	// The address is free again: the retry loads it.
+	delete(proc.taken, taken)
+	if errs := d.Apply(ctx, states(bad)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	assertServers(t, rt, "be_bad", map[string]wantServer{"s10.0.0.2_80": {"10.0.0.2:80", 1, false}})
+	// A bind the running HAProxy holds is handed over, not probed.
+	probes := len(proc.probes)
+	bad.Scheduler = spec.LeastConnection
+	if errs := d.Apply(ctx, states(bad)); len(errs) > 0 || len(proc.probes) != probes {
+		t.Errorf("reload of a held bind: %v, %d probes", errs, len(proc.probes)-probes)
+	}
+}
+
+// TestApplyBindTakenAfterProbe: a bind taken between the probe and the
+// reload makes HAProxy refuse the reload; probing again names the service,
+// and the others of the batch are loaded by a second reload.
+func TestApplyBindTakenAfterProbe(t *testing.T) {
+	d, rt, proc := newFakeDriver(t)
+	ctx := context.Background()
+	a := render.HAProxyService{Name: "a", Bind: netip.MustParseAddrPort("192.0.2.10:443"), Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1)}}
+	if errs := d.Apply(ctx, states(a)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	late := netip.MustParseAddrPort("192.0.2.11:443")
+	proc.taken = map[netip.AddrPort]bool{late: true}
+	proc.hidden = map[netip.AddrPort]bool{late: true}
+	b := render.HAProxyService{Name: "b", Bind: late, Servers: []render.HAProxyServer{fsrv("10.0.0.2", 80, 1)}}
+	c := render.HAProxyService{Name: "c", Bind: netip.MustParseAddrPort("192.0.2.12:443"), Servers: []render.HAProxyServer{fsrv("10.0.0.3", 80, 1)}}
+	errs := d.Apply(ctx, states(b, c))
+	if !errors.Is(errs["b"], syscall.EADDRINUSE) || errs["c"] != nil || len(errs) != 1 {
+		t.Fatalf("errs = %v; want b failed with EADDRINUSE alone", errs)
+	}
+	if _, ok := rt.backends["be_c"]; !ok || proc.reloads != 1 {
+		t.Errorf("c not loaded by one reload (reloads %d)", proc.reloads)
+	}
+	cfg, _ := os.ReadFile(proc.cfgPath)
+	if strings.Contains(string(cfg), late.String()) {
+		t.Errorf("the refused bind is in haproxy.cfg:\n%s", cfg)
+	}
+}
+
+// TestApplyRefusedWithoutCause: HAProxy refuses a reload without a bind
+// to blame; the changes are then loaded one at a time, so only the one
+// refused fails and the others are served.
+func TestApplyRefusedWithoutCause(t *testing.T) {
+	d, rt, proc := newFakeDriver(t)
+	ctx := context.Background()
+	a := render.HAProxyService{Name: "a", Bind: netip.MustParseAddrPort("192.0.2.10:443"), Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1)}}
+	if errs := d.Apply(ctx, states(a)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	proc.refuse = "frontend fe_c\n"
+	var batch []render.HAProxyService
+	for _, n := range []string{"b", "c", "d"} {
+		batch = append(batch, render.HAProxyService{Name: n, Bind: netip.MustParseAddrPort("192.0.2." + map[string]string{"b": "11", "c": "12", "d": "13"}[n] + ":443"),
+			Servers: []render.HAProxyServer{fsrv("10.0.0.2", 80, 1)}})
+	}
+	errs := d.Apply(ctx, states(batch...))
+	if !errors.Is(errs["c"], ErrReloadFailed) || errs["b"] != nil || errs["d"] != nil {
+		t.Fatalf("errs = %v; want c failed alone with ErrReloadFailed", errs)
+	}
+	for _, be := range []string{"be_a", "be_b", "be_d"} {
+		if _, ok := rt.backends[be]; !ok {
+			t.Errorf("%s not loaded", be)
+		}
+	}
+	if _, ok := rt.backends["be_c"]; ok {
+		t.Error("be_c loaded")
+	}
+}
+
+// TestApplyAfterHAProxyDied: a HAProxy that died and was not started again
+// yet is started by the next pass, with every recorded service; one that
+// supervision started again is read back before its record is trusted.
+func TestApplyAfterHAProxyDied(t *testing.T) {
+	d, rt, proc := newFakeDriver(t)
+	ctx := context.Background()
+	a := render.HAProxyService{Name: "a", Bind: netip.MustParseAddrPort("192.0.2.10:443"), Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1)}}
+	b := render.HAProxyService{Name: "b", Bind: netip.MustParseAddrPort("192.0.2.11:443"), Servers: []render.HAProxyServer{fsrv("10.0.0.2", 80, 1)}}
+	if errs := d.Apply(ctx, states(a, b)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	// Died: a pool change of b starts HAProxy again with a and b.
+	proc.running, proc.alive = false, false
+	rt.load(nil)
+	b.Servers = []render.HAProxyServer{fsrv("10.0.0.2", 80, 4)}
+	if errs := d.Apply(ctx, states(b)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if proc.starts != 2 {
+		t.Errorf("%d starts, want 2", proc.starts)
+	}
+	assertServers(t, rt, "be_a", map[string]wantServer{"s10.0.0.1_80": {"10.0.0.1:80", 1, false}})
+	assertServers(t, rt, "be_b", map[string]wantServer{"s10.0.0.2_80": {"10.0.0.2:80", 4, false}})
+	// Restarted by supervision (from an older file, say): the next pass
+	// reads the backend before changing it.
+	proc.restarts++
+	rt.mu.Lock()
+	rt.backends["be_b"]["s10.0.0.2_80"].weight = 1
+	rt.mu.Unlock()
+	rt.takeCalls()
+	b.Servers = []render.HAProxyServer{fsrv("10.0.0.2", 80, 4), fsrv("10.0.0.3", 80, 1)}
+	if errs := d.Apply(ctx, states(b)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	assertServers(t, rt, "be_b", map[string]wantServer{"s10.0.0.2_80": {"10.0.0.2:80", 4, false}, "s10.0.0.3_80": {"10.0.0.3:80", 1, false}})
+	if calls := rt.takeCalls(); len(calls) == 0 || calls[0] != "read servers be_b" {
+		t.Errorf("calls after a restart %q; want a read of be_b first", calls)
+	}
+}
+
+// TestParseConfig: the sections of a haproxy.cfg the driver wrote read
+// back into the same services.
+func TestParseConfig(t *testing.T) {
+	d, _, _ := newFakeDriver(t)
+	pemA, _ := makeCert(t, "a")
+	var set = map[string]*service{}
+	for _, s := range []render.HAProxyService{
+		{Name: "a", Bind: netip.MustParseAddrPort("192.0.2.10:443"), CertificateKey: "/k", CertificatePEM: pemA, Scheduler: spec.MaglevHashing,
+			Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1), fsrv("10.0.0.2", 81, 256)}},
+		{Name: "b", Bind: netip.MustParseAddrPort("[2001:db8::1]:443"), Persistence: time.Second, Servers: []render.HAProxyServer{fsrv("2001:db8::2", 80, 0)}},
+		{Name: "c", Bind: netip.MustParseAddrPort("192.0.2.10:80")},
+	} {
+		p, err := d.prepare(s)
+		if err != nil {
+			t.Fatal(err)
+		}
+		set[s.Name] = p
+	}
+	cfg := assemble(d.header, set)
+	header, got := parseConfig(cfg, d.opts.Dir)
+	if string(header) != string(d.header) || len(got) != len(set) {
+		t.Fatalf("header %q, %d services", header, len(got))
+	}
+	for n, want := range set {
+		g := got[n]
+		if g == nil || g.skeleton != want.skeleton || string(g.section) != string(want.section) || g.svc.Bind != want.svc.Bind ||
+			g.certPath != want.certPath || g.fromEtcd != want.fromEtcd || !samePool(g.svc.Servers, want.svc.Servers) {
+			t.Errorf("%s: read back %+v, want %+v", n, g, want)
+		}
+	}
+	if string(assemble(header, got)) != string(cfg) {
+		t.Error("the sections read back do not assemble into the same file")
 	}
 }

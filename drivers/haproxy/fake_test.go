@@ -342,7 +342,7 @@ func (p *fakeProcess) ProbeBind(addr netip.AddrPort) error {
 }
 
 func (p *fakeProcess) Running(context.Context) bool { return p.running }
-func (p *fakeProcess) Alive() bool                  { return !p.running || p.alive }
+func (p *fakeProcess) Alive() bool                  { return p.alive }
 func (p *fakeProcess) Restarts() uint64             { return p.restarts }
 
 func (p *fakeProcess) Adopt(context.Context) error {

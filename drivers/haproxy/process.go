@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -69,6 +70,35 @@ var ErrReloadFailed = errors.New("haproxy refused the new configuration and keep
 // ErrStartFailed: HAProxy exited while starting.
 var ErrStartFailed = errors.New("haproxy exited while starting")
 
+// ErrCheckFailed: haproxy -c rejected the configuration.
+var ErrCheckFailed = errors.New("haproxy -c rejected the configuration")
+
+// ConfigError is HAProxy refusing a configuration file, with what it said
+// about it. Err wraps ErrCheckFailed, ErrReloadFailed or ErrStartFailed.
+type ConfigError struct {
+	Err  error
+	File string   // the configuration file HAProxy read
+	Said []string // HAProxy's messages, oldest first
+}
+
+func (e *ConfigError) Error() string {
+	var alerts []string
+	for _, l := range e.Said {
+		if strings.Contains(l, "[ALERT]") {
+			alerts = append(alerts, strings.TrimSpace(l))
+		}
+	}
+	if len(alerts) == 0 {
+		alerts = e.Said
+	}
+	if len(alerts) == 0 {
+		return e.Err.Error()
+	}
+	return e.Err.Error() + ": haproxy said: " + strings.Join(alerts, " | ")
+}
+
+func (e *ConfigError) Unwrap() error { return e.Err }
+
 // stopGrace bounds how long a HAProxy asked to stop (SIGTERM) may take
 // before it is killed.
 const stopGrace = 10 * time.Second
@@ -125,7 +155,8 @@ func (p *execProcess) Available() error {
 func (p *execProcess) Validate(ctx context.Context, path string) error {
 	out, err := exec.CommandContext(ctx, p.bin, "-c", "-q", "-f", path).CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("haproxy -c rejected the configuration: %w: %s", err, strings.TrimSpace(string(out)))
+		said := strings.Split(strings.TrimSpace(string(out)), "\n")
+		return &ConfigError{Err: fmt.Errorf("%w (%v)", ErrCheckFailed, err), File: path, Said: said}
 	}
 	return nil
 }
@@ -246,7 +277,7 @@ func (p *execProcess) Start(ctx context.Context) error {
 	}
 	if err := p.waitWorker(ctx, t, procState{}); err != nil {
 		p.terminate(t)
-		return fmt.Errorf("%w: %v%s", ErrStartFailed, err, p.stderr.since(mark))
+		return &ConfigError{Err: fmt.Errorf("%w: %v", ErrStartFailed, err), File: p.cfgPath, Said: p.stderr.since(mark)}
 	}
 	p.supervise(t)
 	return nil
@@ -440,7 +471,7 @@ func (p *execProcess) waitWorker(ctx context.Context, t *target, before procStat
 				return ErrReloadFailed
 			}
 			for _, w := range st.workers {
-				if !containsInt(before.workers, w) && p.Running(ctx) {
+				if !slices.Contains(before.workers, w) && p.Running(ctx) {
 					return nil
 				}
 			}
@@ -454,15 +485,6 @@ func (p *execProcess) waitWorker(ctx context.Context, t *target, before procStat
 		}
 	}
 	return fmt.Errorf("haproxy did not come up with a new worker: %v", last)
-}
-
-func containsInt(s []int, v int) bool {
-	for _, x := range s {
-		if x == v {
-			return true
-		}
-	}
-	return false
 }
 
 func (p *execProcess) Reload(ctx context.Context) error {
@@ -482,7 +504,7 @@ func (p *execProcess) Reload(ctx context.Context) error {
 	p.mu.Unlock()
 	if err := p.waitWorker(ctx, t, before); err != nil {
 		if errors.Is(err, ErrReloadFailed) {
-			return fmt.Errorf("%w%s", err, p.stderr.since(mark))
+			return &ConfigError{Err: err, File: p.cfgPath, Said: p.stderr.since(mark)}
 		}
 		return fmt.Errorf("reload: %w", err)
 	}
@@ -538,14 +560,13 @@ func (l *lineLog) mark() uint64 {
 	return l.next
 }
 
-// since quotes the lines from mark on that are still kept ("" when none),
-// for an error message.
-func (l *lineLog) since(mark uint64) string {
+// since returns the lines from mark on that are still kept.
+func (l *lineLog) since(mark uint64) []string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	n := int(min(l.next-mark, uint64(len(l.lines))))
 	if n <= 0 {
-		return ""
+		return nil
 	}
-	return ": haproxy said: " + strings.Join(l.lines[len(l.lines)-n:], " | ")
+	return slices.Clone(l.lines[len(l.lines)-n:])
 }

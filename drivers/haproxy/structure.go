@@ -1,6 +1,7 @@
 package haproxy
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -9,6 +10,8 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
+	"strings"
 )
 
 // maxLoadAttempts bounds the reloads one pass makes to find which of
@@ -31,6 +34,25 @@ func (d *Driver) restructure(ctx context.Context, changes []change, forceAll boo
 	if d.running {
 		for _, e := range d.loaded {
 			held[e.svc.Bind] = true
+		}
+	}
+	if !d.running {
+		// A fresh start binds every listener anew, those of the recorded
+		// services too: one that cannot be bound any more is left out (the
+		// next Sync reports it, as a service to load).
+		changing := map[string]bool{}
+		for _, c := range changes {
+			changing[c.name] = true
+		}
+		for _, n := range slices.Sorted(maps.Keys(d.loaded)) {
+			if changing[n] {
+				continue
+			}
+			if err := d.proc.ProbeBind(d.loaded[n].svc.Bind); err != nil {
+				errs[n] = err
+				d.log.Warn("haproxy service left out of the start: its bind fails", "service", n, "err", err)
+				changes = append(changes, change{name: n})
+			}
 		}
 	}
 	var pending []change
@@ -88,10 +110,28 @@ func (d *Driver) restructure(ctx context.Context, changes []change, forceAll boo
 			continue
 		}
 		last = err
-		// Which change did HAProxy refuse? A bind taken since it was
-		// probed shows by probing it again.
+		// Which change did HAProxy refuse? It may say, naming lines of
+		// the file; a bind taken since it was probed shows by probing it
+		// again.
 		found := false
+		for _, n := range blame(err, d.header, proposed) {
+			switch {
+			case slices.ContainsFunc(pending, func(c change) bool { return c.name == n }):
+				errs[n] = err
+				found = true
+				pending = without(pending, func(c change) bool { return c.name == n })
+			case !d.running && d.loaded[n] != nil:
+				// A recorded service HAProxy cannot start with any more
+				// is left out of the start.
+				errs[n] = err
+				found = true
+				pending = append(pending, change{name: n})
+			}
+		}
 		for _, c := range batch {
+			if found {
+				break
+			}
 			if c.next == nil || held[c.next.svc.Bind] {
 				continue
 			}
@@ -251,4 +291,44 @@ func (d *Driver) commit(proposed map[string]*service, batch []change) {
 	d.running = len(proposed) > 0 || d.running
 	d.recorded = true
 	d.dirty = false
+}
+
+// blame names the services whose sections hold the lines HAProxy's refusal
+// refers to ("[<file>:<line>]"), in set assembled after header.
+func blame(err error, header []byte, set map[string]*service) []string {
+	var ce *ConfigError
+	if !errors.As(err, &ce) || ce.File == "" {
+		return nil
+	}
+	var refs []int
+	tag := "[" + ce.File + ":"
+	for _, l := range ce.Said {
+		for {
+			i := strings.Index(l, tag)
+			if i < 0 {
+				break
+			}
+			l = l[i+len(tag):]
+			end := strings.IndexByte(l, ']')
+			if end < 0 {
+				break
+			}
+			if n, err := strconv.Atoi(l[:end]); err == nil {
+				refs = append(refs, n)
+			}
+		}
+	}
+	if len(refs) == 0 {
+		return nil
+	}
+	var out []string
+	line := bytes.Count(header, []byte("\n")) // lines before the first section
+	for _, n := range slices.Sorted(maps.Keys(set)) {
+		last := line + bytes.Count(set[n].section, []byte("\n"))
+		if slices.ContainsFunc(refs, func(r int) bool { return r > line && r <= last }) {
+			out = append(out, n)
+		}
+		line = last
+	}
+	return out
 }
