@@ -3,7 +3,9 @@ package haproxy
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -174,4 +176,46 @@ func confdApply(ctx context.Context, d *Driver, svc render.HAProxyService) error
 		return err
 	}
 	return d.proc.Reload(ctx)
+}
+
+// benchDir holds BenchmarkApplyPoolChange's haproxy.cfg: /dev/shm, a
+// tmpfs like /run where --haproxy-dir lives by default.
+const benchDir = "/dev/shm"
+
+// BenchmarkApplyPoolChange measures the driver's own work for one
+// service's pool change (the fake runtime stands in for HAProxy) with
+// 100, 2,000 and 10,000 services loaded.
+func BenchmarkApplyPoolChange(b *testing.B) {
+	for _, n := range []int{100, 2000, 10000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			dir, err := os.MkdirTemp(benchDir, "swbench")
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { os.RemoveAll(dir) })
+			rt := newFakeRuntime()
+			proc := &fakeProcess{rt: rt, cfgPath: dir + "/haproxy.cfg"}
+			d, err := newDriver(Options{Dir: dir, Logger: discardLogger()}, rt, proc, dir+"/admin.sock")
+			if err != nil {
+				b.Fatal(err)
+			}
+			svcs := make([]render.HAProxyService, n)
+			for i := range svcs {
+				svcs[i] = render.HAProxyService{Name: fmt.Sprintf("s%05d", i), Bind: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 443),
+					Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1), fsrv("10.0.0.2", 80, 1), fsrv("10.0.0.3", 80, 1), fsrv("10.0.0.4", 80, 1)}}
+			}
+			if errs := d.Sync(context.Background(), states(svcs...)); len(errs) > 0 {
+				b.Fatal(errs)
+			}
+			svc := svcs[n/2]
+			b.ResetTimer()
+			for i := range b.N {
+				svc.Servers = slices.Clone(svc.Servers)
+				svc.Servers[0].Weight = 1 + i%2
+				if errs := d.Apply(context.Background(), states(svc)); len(errs) > 0 {
+					b.Fatal(errs)
+				}
+			}
+		})
+	}
 }

@@ -90,7 +90,9 @@ type Driver struct {
 	// content on disk; absent: not known.
 	files map[string][sha256.Size]byte
 	// onDisk is the content of cfgPath; dirty says a section of loaded
-	// changed since it was written.
+	// changed since it was written. Pool changes only mark it dirty: the
+	// file is brought up to date by loads, by each Sync and before
+	// supervision starts HAProxy again, not by every change.
 	onDisk []byte
 	dirty  bool
 	// loads counts the structures loaded (reloads and starts).
@@ -138,7 +140,12 @@ func New(opts Options) (*Driver, error) {
 		timeout: opts.CommandTimeout, restart: [2]time.Duration{opts.RestartBackoff, opts.MaxRestartBackoff},
 		stderr: lineLog{log: log},
 	}
-	return newDriver(opts, newSocketRuntime(admin, opts.CommandTimeout), proc, admin)
+	d, err := newDriver(opts, newSocketRuntime(admin, opts.CommandTimeout), proc, admin)
+	if err != nil {
+		return nil, err
+	}
+	proc.beforeRestart = d.flush
+	return d, nil
 }
 
 func newDriver(opts Options, rt Runtime, proc process, adminSock string) (*Driver, error) {
@@ -321,8 +328,21 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 			errs[n] = errors.Join(errs[n], err)
 		}
 	}
-	d.persist(full)
+	if full {
+		d.persist(true)
+	}
 	return errs
+}
+
+// flush brings haproxy.cfg up to date before supervision starts HAProxy
+// again. It does not wait for a pass in progress: that pass, or the next,
+// notices the restart and reads back what HAProxy holds.
+func (d *Driver) flush() {
+	if !d.mu.TryLock() {
+		return
+	}
+	defer d.mu.Unlock()
+	d.persist(false)
 }
 
 // observe notes what happened to HAProxy since the last pass: it died

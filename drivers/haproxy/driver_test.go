@@ -115,7 +115,9 @@ func TestApplyPoolChangesUseRuntimeAPI(t *testing.T) {
 	if proc.starts != 1 || proc.reloads != 0 || d.Reloads() != 0 {
 		t.Errorf("starts %d, reloads %d/%d; want 1 start and no reload", proc.starts, proc.reloads, d.Reloads())
 	}
-	// The on-disk config holds the current pool, for a restart.
+	// Before supervision starts HAProxy again, the on-disk config gets the
+	// current pool.
+	d.flush()
 	cfg, _ := os.ReadFile(proc.cfgPath)
 	if !strings.Contains(string(cfg), "server s10.0.0.3_80 10.0.0.3:80 weight 1") || strings.Contains(string(cfg), "10.0.0.1") {
 		t.Errorf("haproxy.cfg not current:\n%s", cfg)
@@ -209,6 +211,7 @@ func TestApplyPoolChangeTouchesOnlyItsBackend(t *testing.T) {
 		t.Fatal(errs)
 	}
 	validated := proc.validate
+	files := statFiles(t, proc.cfgPath)
 	rt.takeCalls()
 	changed := svcs[7]
 	changed.Servers = []render.HAProxyServer{fsrv("10.0.0.1", 80, 0), fsrv("10.0.0.3", 80, 2)} // a failed server, a new one, one removed
@@ -227,6 +230,12 @@ func TestApplyPoolChangeTouchesOnlyItsBackend(t *testing.T) {
 	if proc.validate != validated || proc.reloads != 0 {
 		t.Errorf("a pool change checked the configuration %d times and reloaded %d times", proc.validate-validated, proc.reloads)
 	}
+	// haproxy.cfg is brought up to date later (by a Sync, or before a
+	// restart), not by each change.
+	if now := statFiles(t, proc.cfgPath); !slices.Equal(now, files) {
+		t.Error("a pool change rewrote haproxy.cfg")
+	}
+	d.flush()
 	cfg, _ := os.ReadFile(proc.cfgPath)
 	if !strings.Contains(string(cfg), "server s10.0.0.3_80 10.0.0.3:80 weight 2") {
 		t.Errorf("haproxy.cfg does not hold the new pool:\n%s", cfg)
@@ -545,9 +554,13 @@ func TestSyncAfterRestartWritesNothing(t *testing.T) {
 	if errs := d.Sync(ctx, states(all...)); len(errs) > 0 {
 		t.Fatal(errs)
 	}
-	// A runtime pool change after the start, recorded in haproxy.cfg.
+	// A runtime pool change after the start, recorded in haproxy.cfg by
+	// the periodic Sync.
 	all[2].Servers = []render.HAProxyServer{fsrv("10.0.0.9", 80, 5)}
 	if errs := d.Apply(ctx, states(all[2])); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if errs := d.Sync(ctx, states(all...)); len(errs) > 0 {
 		t.Fatal(errs)
 	}
 	before := statFiles(t, proc.cfgPath, filepath.Join(d.opts.Dir, "certs", "a.pem"))

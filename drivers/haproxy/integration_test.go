@@ -693,10 +693,10 @@ func TestRealHAProxyRemovalDoesNotWait(t *testing.T) {
 	}
 	defer conn.Close()
 	waitFor(t, "the connection reaches the backend", func() bool { return open.Load() == 1 })
-	conns, err := d.Connections(context.Background(), map[string]bool{"web": true})
-	if err != nil || conns[render.BackendRef{Service: "web", Addr: hold}] != 1 {
-		t.Fatalf("Connections = %v, %v", conns, err)
-	}
+	waitFor(t, "Connections counts the open connection", func() bool {
+		conns, err := d.Connections(context.Background(), map[string]bool{"web": true})
+		return err == nil && conns[render.BackendRef{Service: "web", Addr: hold}] == 1
+	})
 
 	svc.Servers = []render.HAProxyServer{b1.server(1)}
 	t0 := time.Now()

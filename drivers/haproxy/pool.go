@@ -212,7 +212,7 @@ func (d *Driver) ensureFile(path string, content []byte, verify bool) error {
 	return nil
 }
 
-// persist keeps haproxy.cfg equal to what runs, servers included, so a
+// persist makes haproxy.cfg equal to what runs, servers included, so a
 // restart of HAProxy brings the current pools back. Only server lines
 // differ from the file that was checked, so no new check is needed. A
 // Sync (full) compares with the file on disk, not the record of it.

@@ -119,6 +119,9 @@ type execProcess struct {
 	attach     bool
 	timeout    time.Duration
 	restart    [2]time.Duration // first and longest restart delay
+	// beforeRestart runs before supervision starts HAProxy again (the
+	// driver brings haproxy.cfg up to date); it must not block.
+	beforeRestart func()
 
 	stderr   lineLog
 	restarts atomic.Uint64
@@ -340,6 +343,9 @@ func (p *execProcess) run(s *supervision, t *target) {
 			timer.Stop()
 			return
 		case <-timer.C:
+		}
+		if p.beforeRestart != nil {
+			p.beforeRestart()
 		}
 		nt, err := p.spawn()
 		if err != nil {
