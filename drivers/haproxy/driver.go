@@ -214,17 +214,9 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 		desired[st.Name] = st.HAProxy
 		wantAny = wantAny || st.HAProxy != nil
 	}
-	if full {
-		for n := range d.loaded {
-			if _, ok := desired[n]; !ok {
-				desired[n] = nil
-			}
-		}
-	}
-	names := slices.Sorted(maps.Keys(desired))
 	failAll := func(err error) map[string]error {
-		for _, n := range names {
-			if desired[n] != nil || d.loaded[n] != nil {
+		for n, h := range desired {
+			if h != nil || d.loaded[n] != nil {
 				errs[n] = err
 			}
 		}
@@ -237,16 +229,25 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 	if err != nil {
 		return failAll(err)
 	}
-	d.observe(ctx, wantAny)
+	d.observe(ctx, wantAny || (full && !d.recorded))
 	if !d.running && !wantAny && len(d.loaded) == 0 {
 		return errs
 	}
+	if full {
+		for n := range d.loaded {
+			if _, ok := desired[n]; !ok {
+				desired[n] = nil // not in all: removed
+			}
+		}
+	}
+	names := slices.Sorted(maps.Keys(desired))
 
 	// A Sync reads back what HAProxy holds: a backend missing from it, or
 	// one it holds that the record does not, is structural drift.
 	forced := map[string]bool{}
 	forceAll := d.running && string(d.runHeader) != string(d.header)
 	var actual map[string][]ServerState
+	readBack := full
 	if full && d.running {
 		var err error
 		actual, forceAll, err = d.readBack(ctx, forced, forceAll)
@@ -290,7 +291,7 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 		loads := d.loads
 		err := d.restructure(ctx, changes, forceAll, errs)
 		if d.loads != loads {
-			actual, full = nil, false // new workers hold the recorded pools
+			actual, readBack = nil, false // new workers hold the recorded pools
 		}
 		if err != nil {
 			for _, n := range names {
@@ -312,16 +313,17 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 			continue
 		}
 		act, seen := actual[render.HAProxyBackendName(n)]
-		if err := d.syncPool(ctx, e, servers, act, full, seen); err != nil {
+		if err := d.syncPool(ctx, e, servers, act, readBack, seen); err != nil {
 			errs[n] = errors.Join(errs[n], err)
 		}
 		p := prepared[n]
-		if p == nil || e.certPath == "" || e.certPath != p.certPath {
-			continue
+		if p == nil || p.certPath == "" || e.certPath != p.certPath {
+			continue // plain TCP, or a new certificate path that did not load
 		}
+		e.pem, e.fromEtcd = p.pem, p.fromEtcd
 		err, done := certDone[e.certPath]
 		if !done {
-			err = d.syncCert(ctx, e, full)
+			err = d.syncCert(ctx, e, readBack)
 			certDone[e.certPath] = err
 		}
 		if err != nil {
@@ -348,8 +350,9 @@ func (d *Driver) flush() {
 // observe notes what happened to HAProxy since the last pass: it died
 // (then it is started again by this pass), supervision restarted it (what
 // it holds is read back before it is trusted), or it runs without this
-// driver having started it (it is adopted, without a reload).
-func (d *Driver) observe(ctx context.Context, wantAny bool) {
+// driver having started it (it is adopted, without a reload). look asks
+// to look for a running HAProxy even when no service is recorded.
+func (d *Driver) observe(ctx context.Context, look bool) {
 	if d.running && !d.proc.Alive() {
 		d.log.Warn("haproxy is not running; starting it again")
 		d.running = false
@@ -358,7 +361,7 @@ func (d *Driver) observe(ctx context.Context, wantAny bool) {
 		d.restarts = r
 		d.unverify()
 	}
-	if d.running || (!wantAny && len(d.loaded) == 0) || !d.proc.Running(ctx) {
+	if d.running || (!look && len(d.loaded) == 0) || !d.proc.Running(ctx) {
 		return
 	}
 	if !d.recorded {

@@ -792,3 +792,21 @@ func TestParseConfig(t *testing.T) {
 		t.Error("the sections read back do not assemble into the same file")
 	}
 }
+
+// TestSyncAdoptsToRemove: services deleted while the agent was down are
+// removed by its first Sync, even when it has no HAProxy service left.
+func TestSyncAdoptsToRemove(t *testing.T) {
+	d, rt, proc := newFakeDriver(t)
+	ctx := context.Background()
+	a := render.HAProxyService{Name: "a", Bind: netip.MustParseAddrPort("192.0.2.10:443"), Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1)}}
+	if errs := d.Sync(ctx, states(a)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	d2 := newFakeDriverOn(t, d.opts.Dir, rt, proc)
+	if errs := d2.Sync(ctx, nil); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if _, ok := rt.backends["be_a"]; ok || proc.adopts != 1 || proc.reloads != 1 {
+		t.Errorf("be_a still served (adopts %d, reloads %d)", proc.adopts, proc.reloads)
+	}
+}
