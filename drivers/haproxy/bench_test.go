@@ -96,7 +96,11 @@ func (l *load) end() { close(l.stop); l.wg.Wait() }
 // BenchmarkPoolChanges applies 100 pool changes (adds, removes, weights)
 // to a TLS service under a steady client load, once with the driver
 // (runtime API) and once the confd way (re-render, haproxy -c, reload per
-// change), and reports reloads and failed connections of each. Run it with
+// change), and reports reloads, failed connections and the time per change
+// of each. A removal goes as the agent makes it: the leaving servers at
+// weight 0 first, until Connections reports them idle (the agent's drain),
+// then without them; ms/change counts the driver's Applies, drain-ms the
+// waits for the drains. Run it with
 //
 //	go test -run '^$' -bench BenchmarkPoolChanges -benchtime 1x ./drivers/haproxy/
 func BenchmarkPoolChanges(b *testing.B) {
@@ -122,22 +126,37 @@ func BenchmarkPoolChanges(b *testing.B) {
 				l := startLoad(vip.String(), 4, true)
 				time.Sleep(200 * time.Millisecond) // warm up: let the load reach steady state
 				reloads := uint64(0)
-				t0 := time.Now()
+				var elapsed, drained time.Duration
+				apply := func(servers []render.HAProxyServer) {
+					svc.Servers = servers
+					t0 := time.Now()
+					if errs := d.Apply(ctx, states(svc)); len(errs) > 0 {
+						b.Fatal(errs)
+					}
+					elapsed += time.Since(t0)
+				}
+				prev := pools[0]
 				for _, pool := range pools {
-					svc.Servers = pool
 					switch mode {
 					case "switchman":
-						if errs := d.Apply(ctx, states(svc)); len(errs) > 0 {
-							b.Fatal(errs)
+						if leaving := draining(prev, pool); len(leaving) > 0 {
+							apply(slices.Concat(pool, leaving))
+							t0 := time.Now()
+							waitIdle(b, d, leaving)
+							drained += time.Since(t0)
 						}
+						apply(pool)
 					case "confd":
+						svc.Servers = pool
+						t0 := time.Now()
 						if err := confdApply(ctx, d, svc); err != nil {
 							b.Fatal(err)
 						}
+						elapsed += time.Since(t0)
 						reloads++
 					}
+					prev = pool
 				}
-				elapsed := time.Since(t0)
 				time.Sleep(200 * time.Millisecond) // connections in flight at the last change
 				l.end()
 				if mode == "switchman" {
@@ -146,13 +165,47 @@ func BenchmarkPoolChanges(b *testing.B) {
 				b.ReportMetric(float64(reloads), "reloads")
 				b.ReportMetric(float64(l.failed.Load()), "failed-conns")
 				b.ReportMetric(float64(l.ok.Load()), "ok-conns")
-				b.ReportMetric(float64(elapsed.Milliseconds())/changes, "ms/change")
+				b.ReportMetric(float64(elapsed.Microseconds())/1000/changes, "ms/change")
+				b.ReportMetric(float64(drained.Milliseconds()), "drain-ms")
 				if f := l.first.Load(); f != nil {
 					b.Logf("%s: first failure: %v", mode, f)
 				}
 				d.Close()
 			}
 		})
+	}
+}
+
+// draining lists the servers of prev that are not in next, at weight 0:
+// what the agent's drain keeps rendering until their connections end.
+func draining(prev, next []render.HAProxyServer) []render.HAProxyServer {
+	var out []render.HAProxyServer
+	for _, s := range prev {
+		if !slices.ContainsFunc(next, func(n render.HAProxyServer) bool { return n.Name == s.Name }) {
+			s.Weight = 0
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// waitIdle waits, as the agent's drain does, until Connections reports no
+// connection left on the given servers (at most 5 s, a drain timeout).
+func waitIdle(b *testing.B, d *Driver, servers []render.HAProxyServer) {
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		conns, err := d.Connections(context.Background(), map[string]bool{"bench": true})
+		if err != nil {
+			b.Fatal(err)
+		}
+		busy := false
+		for _, s := range servers {
+			busy = busy || conns[render.BackendRef{Service: "bench", Addr: netip.AddrPortFrom(s.Address, s.Port)}] > 0
+		}
+		if !busy {
+			return
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
 
