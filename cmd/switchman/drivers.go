@@ -97,7 +97,7 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		if err != nil {
 			return nil, err
 		}
-		set.planes = append(set.planes, agent.Plane{Driver: agent.Whole(d), Part: render.PartIPVS})
+		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartIPVS})
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name:        "switchman_dataplane_writes_total",
 			Help:        "Changes the driver made to its data plane since the agent started.",
