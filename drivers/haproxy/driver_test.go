@@ -810,3 +810,31 @@ func TestSyncAdoptsToRemove(t *testing.T) {
 		t.Errorf("be_a still served (adopts %d, reloads %d)", proc.adopts, proc.reloads)
 	}
 }
+
+// TestStartAgainLeavesOutWhatCannotBind: HAProxy died and a recorded
+// service's port was taken meanwhile: HAProxy starts again with the others,
+// and that service fails with the bind cause.
+func TestStartAgainLeavesOutWhatCannotBind(t *testing.T) {
+	d, rt, proc := newFakeDriver(t)
+	ctx := context.Background()
+	a := render.HAProxyService{Name: "a", Bind: netip.MustParseAddrPort("192.0.2.10:443"), Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1)}}
+	b := render.HAProxyService{Name: "b", Bind: netip.MustParseAddrPort("192.0.2.11:443"), Servers: []render.HAProxyServer{fsrv("10.0.0.2", 80, 1)}}
+	if errs := d.Apply(ctx, states(a, b)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	proc.running, proc.alive = false, false
+	proc.taken = map[netip.AddrPort]bool{a.Bind: true}
+	errs := d.Sync(ctx, states(a, b))
+	if !errors.Is(errs["a"], syscall.EADDRINUSE) || errs["b"] != nil {
+		t.Fatalf("errs = %v; want a failed with EADDRINUSE alone", errs)
+	}
+	if _, ok := rt.backends["be_a"]; ok || proc.starts != 2 {
+		t.Errorf("a loaded, or %d starts", proc.starts)
+	}
+	assertServers(t, rt, "be_b", map[string]wantServer{"s10.0.0.2_80": {"10.0.0.2:80", 1, false}})
+	// Free again: the next pass loads it with a reload.
+	delete(proc.taken, a.Bind)
+	if errs := d.Apply(ctx, states(a)); len(errs) > 0 || proc.reloads != 1 {
+		t.Errorf("errs %v, reloads %d", errs, proc.reloads)
+	}
+}

@@ -16,6 +16,7 @@ type BindError struct {
 	Err  error
 }
 
+// Error says which address, why, and what usually causes it.
 func (e *BindError) Error() string {
 	msg := fmt.Sprintf("cannot bind socket %s: %v", e.Addr, e.Err)
 	switch {
@@ -29,6 +30,7 @@ func (e *BindError) Error() string {
 	return msg
 }
 
+// Unwrap returns the errno.
 func (e *BindError) Unwrap() error { return e.Err }
 
 // probeBind makes the bind HAProxy makes for a new TCP listener on Linux

@@ -81,6 +81,8 @@ type ConfigError struct {
 	Said []string // HAProxy's messages, oldest first
 }
 
+// Error is Err followed by HAProxy's alerts (all it said when it raised
+// none).
 func (e *ConfigError) Error() string {
 	var alerts []string
 	for _, l := range e.Said {
@@ -97,6 +99,7 @@ func (e *ConfigError) Error() string {
 	return e.Err.Error() + ": haproxy said: " + strings.Join(alerts, " | ")
 }
 
+// Unwrap returns Err.
 func (e *ConfigError) Unwrap() error { return e.Err }
 
 // stopGrace bounds how long a HAProxy asked to stop (SIGTERM) may take
@@ -266,7 +269,12 @@ func watchPID(pid int) (*target, error) {
 
 func (p *execProcess) Start(ctx context.Context) error {
 	if p.Running(ctx) {
-		return p.Adopt(ctx) // a survivor of an agent restart, or attached
+		// Started again by supervision meanwhile, a survivor of an agent
+		// restart, or attached: it loads the file by a reload.
+		if err := p.Adopt(ctx); err != nil {
+			return err
+		}
+		return p.Reload(ctx)
 	}
 	if p.attach {
 		return fmt.Errorf("attached HAProxy does not answer on %s", p.adminSock)

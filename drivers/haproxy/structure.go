@@ -35,36 +35,38 @@ func (d *Driver) restructure(ctx context.Context, changes []change, forceAll boo
 		for _, e := range d.loaded {
 			held[e.svc.Bind] = true
 		}
-	}
-	if !d.running {
-		// A fresh start binds every listener anew, those of the recorded
-		// services too: one that cannot be bound any more is left out (the
-		// next Sync reports it, as a service to load).
+	} else {
+		// A fresh start binds every listener anew: the recorded services
+		// are started again like new ones.
 		changing := map[string]bool{}
 		for _, c := range changes {
 			changing[c.name] = true
 		}
 		for _, n := range slices.Sorted(maps.Keys(d.loaded)) {
-			if changing[n] {
-				continue
-			}
-			if err := d.proc.ProbeBind(d.loaded[n].svc.Bind); err != nil {
-				errs[n] = err
-				d.log.Warn("haproxy service left out of the start: its bind fails", "service", n, "err", err)
-				changes = append(changes, change{name: n})
+			if !changing[n] {
+				changes = append(changes, change{name: n, next: d.loaded[n]})
 			}
 		}
 	}
 	var pending []change
+	// drop fails a change: the service keeps its last good structure, or,
+	// when HAProxy is to be started, is left out of it.
+	drop := func(name string, err error) {
+		errs[name] = err
+		removal := slices.ContainsFunc(pending, func(c change) bool { return c.name == name && c.next == nil })
+		pending = without(pending, func(c change) bool { return c.name == name })
+		if !d.running && d.loaded[name] != nil && !removal {
+			pending = append(pending, change{name: name})
+		}
+	}
+	pending = changes
 	for _, c := range changes {
 		if c.next != nil && !held[c.next.svc.Bind] {
 			if err := d.proc.ProbeBind(c.next.svc.Bind); err != nil {
-				errs[c.name] = err
 				d.log.Warn("haproxy service not loaded: its bind fails", "service", c.name, "err", err)
-				continue
+				drop(c.name, err)
 			}
 		}
-		pending = append(pending, c)
 	}
 
 	need := forceAll || !d.running
@@ -78,9 +80,8 @@ func (d *Driver) restructure(ctx context.Context, changes []change, forceAll boo
 		proposed := d.propose(batch)
 		if bad := bindConflicts(proposed, batch); len(bad) > 0 {
 			for n, err := range bad {
-				errs[n] = err
+				drop(n, err)
 			}
-			pending = without(pending, func(c change) bool { return bad[c.name] != nil })
 			continue
 		}
 		if !d.running && len(proposed) == 0 {
@@ -98,9 +99,10 @@ func (d *Driver) restructure(ctx context.Context, changes []change, forceAll boo
 		}
 		attempts++
 		bad, err := d.tryLoad(ctx, proposed, batch)
+		for n, err := range bad {
+			drop(n, err)
+		}
 		if len(bad) > 0 {
-			maps.Copy(errs, bad)
-			pending = without(pending, func(c change) bool { return bad[c.name] != nil })
 			continue
 		}
 		if err == nil {
@@ -115,30 +117,18 @@ func (d *Driver) restructure(ctx context.Context, changes []change, forceAll boo
 		// again.
 		found := false
 		for _, n := range blame(err, d.header, proposed) {
-			switch {
-			case slices.ContainsFunc(pending, func(c change) bool { return c.name == n }):
-				errs[n] = err
+			if slices.ContainsFunc(batch, func(c change) bool { return c.name == n }) {
+				drop(n, err)
 				found = true
-				pending = without(pending, func(c change) bool { return c.name == n })
-			case !d.running && d.loaded[n] != nil:
-				// A recorded service HAProxy cannot start with any more
-				// is left out of the start.
-				errs[n] = err
-				found = true
-				pending = append(pending, change{name: n})
 			}
 		}
 		for _, c := range batch {
-			if found {
-				break
-			}
-			if c.next == nil || held[c.next.svc.Bind] {
+			if found || c.next == nil || held[c.next.svc.Bind] {
 				continue
 			}
 			if perr := d.proc.ProbeBind(c.next.svc.Bind); perr != nil {
-				errs[c.name] = perr
+				drop(c.name, perr)
 				found = true
-				pending = without(pending, func(x change) bool { return x.name == c.name })
 			}
 		}
 		switch {
@@ -146,8 +136,7 @@ func (d *Driver) restructure(ctx context.Context, changes []change, forceAll boo
 		case len(batch) == 0:
 			return err // the running structure itself cannot be loaded
 		case len(batch) == 1:
-			errs[batch[0].name] = err
-			pending = pending[1:]
+			drop(batch[0].name, err)
 		default:
 			d.log.Warn("haproxy refused the new structure without saying which service; loading the changes one at a time", "changes", len(batch), "err", err)
 			alone = true
