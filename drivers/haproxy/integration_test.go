@@ -715,6 +715,72 @@ func TestRealHAProxyRemovalDoesNotWait(t *testing.T) {
 	}
 }
 
+// TestRealHAProxyAttach: attached to a HAProxy the operator runs on
+// Dir/haproxy.cfg (with its own sockets), the driver loads structure
+// through the operator's master socket, changes pools through the admin
+// socket, and neither supervises nor stops it.
+func TestRealHAProxyAttach(t *testing.T) {
+	requireHAProxy(t)
+	dir := shortDir(t)
+	admin, master := dir+"/op-admin.sock", dir+"/op-master.sock"
+	cfg, err := render.HAProxyConfig(nil, baseOptions(dir, admin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dir+"/haproxy.cfg", cfg, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	op := exec.Command("haproxy", "-W", "-db", "-f", dir+"/haproxy.cfg", "-S", master+",mode,600")
+	if err := op.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = op.Wait(); close(exited) }()
+	t.Cleanup(func() { _ = op.Process.Kill(); <-exited })
+	running := func() bool {
+		_, err := cliExchange(context.Background(), admin, time.Second, "show info", nil, false)
+		return err == nil
+	}
+	waitFor(t, "the operator's haproxy answers", running)
+
+	d, err := New(Options{Dir: dir, AttachSocket: admin, AttachMasterSocket: master})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b1, b2 := startNameServer(t, "b1"), startNameServer(t, "b2")
+	svc := render.HAProxyService{Name: "web", Bind: freeVIP(t), Servers: []render.HAProxyServer{b1.server(1)}}
+	if errs := apply(t, d, svc); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if name, _, err := ask(svc.Bind, false); err != nil || name != "b1" || d.Reloads() != 1 {
+		t.Fatalf("web: %q %v, %d reloads", name, err, d.Reloads())
+	}
+	svc.Servers = []render.HAProxyServer{b2.server(1)}
+	if errs := apply(t, d, svc); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	waitFor(t, "b2 serves", func() bool { n, _, err := ask(svc.Bind, false); return err == nil && n == "b2" })
+	if d.Reloads() != 1 {
+		t.Errorf("%d reloads for a pool change", d.Reloads())
+	}
+	d.Close()
+	if !running() {
+		t.Fatal("Close stopped the operator's haproxy")
+	}
+	// It dies: the driver does not start it; the next structural change
+	// fails, naming the operator's master socket.
+	_ = op.Process.Kill()
+	<-exited
+	svc.Scheduler = spec.LeastConnection
+	errs := apply(t, d, svc)
+	if err := errs["web"]; !errors.Is(err, syscall.ECONNREFUSED) || !strings.Contains(err.Error(), master) {
+		t.Errorf("error of web = %v; want the master socket refusing", err)
+	}
+	if running() {
+		t.Error("the driver started an attached haproxy")
+	}
+}
+
 // TestMissingHAProxyBinary: every HAProxy service gets an error that says
 // what is missing and how to fix it.
 func TestMissingHAProxyBinary(t *testing.T) {
