@@ -2,6 +2,7 @@ package render
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -41,6 +42,12 @@ type HAProxyOptions struct {
 	// HardStopAfter bounds how long a worker replaced by a reload keeps
 	// serving its old connections; zero leaves it unbounded.
 	HardStopAfter time.Duration
+	// StateDir holds the files of http frontends: routing maps under
+	// maps/, crt-lists and default certificates under certs/.
+	StateDir string
+	// HTTPSpareSlots is how many spare backend slots HAProxyConfig lays
+	// out per pool (0: DefaultHTTPSpareSlots).
+	HTTPSpareSlots int
 }
 
 var (
@@ -181,12 +188,14 @@ type haproxyServerView struct {
 var haproxyTemplate = template.Must(template.New("haproxy.cfg.tmpl").ParseFS(templates.FS, "haproxy.cfg.tmpl"))
 
 // HAProxyConfig renders haproxy.cfg for services: the header, then a
-// section (a frontend and a backend) per service, in the order given, with
-// the servers and weights given. It is pure. Every value is checked before
+// section (a frontend and a backend) per tcp service, in the order given,
+// with the servers and weights given, then the http part for the http
+// services (HAProxyHTTPSections, laid out afresh by LayoutHTTP with
+// opts.HTTPSpareSlots spares). It is pure. Every value is checked before
 // it is written; anything that could break out of its token (whitespace,
 // newline, '#', ';', quotes) is refused with an error, even though spec
 // validation already rules it out. The result is HAProxyHeader followed by
-// each service's HAProxySection.
+// each tcp service's HAProxySection and the http sections.
 func HAProxyConfig(services []HAProxyService, opts HAProxyOptions) ([]byte, error) {
 	head, err := HAProxyHeader(opts)
 	var errs []error
@@ -195,14 +204,24 @@ func HAProxyConfig(services []HAProxyService, opts HAProxyOptions) ([]byte, erro
 	}
 	b := bytes.NewBuffer(head)
 	names := map[string]bool{}
-	binds := map[netip.AddrPort]bool{}
+	binds := map[netip.AddrPort]string{} // bind -> "tcp" or "http"
+	var web []HAProxyService
 	for _, s := range services {
+		mode := "tcp"
+		if s.HTTP() {
+			mode = "http"
+		}
 		if names[s.Name] {
 			errs = append(errs, fmt.Errorf("service %q appears twice", s.Name))
 			continue
 		}
-		if binds[s.Bind] {
+		if m, taken := binds[s.Bind]; taken && (m == "tcp" || mode == "tcp") {
 			errs = append(errs, fmt.Errorf("service %q: bind %s is claimed twice", s.Name, s.Bind))
+			continue
+		}
+		names[s.Name], binds[s.Bind] = true, mode
+		if s.HTTP() {
+			web = append(web, s)
 			continue
 		}
 		sec, err := HAProxySection(s, opts)
@@ -210,8 +229,20 @@ func HAProxyConfig(services []HAProxyService, opts HAProxyOptions) ([]byte, erro
 			errs = append(errs, err)
 			continue
 		}
-		names[s.Name], binds[s.Bind] = true, true
 		b.Write(sec)
+	}
+	if len(web) > 0 {
+		layout, err := LayoutHTTP(web, HTTPLayout{}, cmp.Or(opts.HTTPSpareSlots, DefaultHTTPSpareSlots), nil)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		parts, err := HAProxyHTTPSections(layout, web, opts)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		for _, p := range parts {
+			b.Write(p.Text)
+		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
@@ -246,7 +277,7 @@ func HAProxyHeader(opts HAProxyOptions) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-// HAProxySection renders one service's section of haproxy.cfg: a blank
+// HAProxySection renders one tcp service's section of haproxy.cfg: a blank
 // line, its frontend and its backend with the servers given, ending with a
 // newline. Every value is checked as HAProxyConfig says.
 func HAProxySection(s HAProxyService, opts HAProxyOptions) ([]byte, error) {
@@ -298,32 +329,39 @@ func haproxyServiceViewOf(s HAProxyService, opts HAProxyOptions) (haproxyService
 	case s.Persistence < 0:
 		return fail(fmt.Errorf("persistence: negative %s", s.Persistence))
 	case s.Persistence > 0:
-		sv.StickType = "ip"
-		if s.Bind.Addr().Is6() && !s.Bind.Addr().Is4In6() {
-			sv.StickType = "ipv6"
-		}
+		sv.StickType = stickType(s.Bind.Addr())
 		sv.StickExpire = haproxyDuration(s.Persistence)
 	}
+	if sv.Servers, err = serverViews(s.Servers); err != nil {
+		return fail(err)
+	}
+	return sv, nil
+}
+
+// serverViews checks the servers of a backend and writes them for the
+// template.
+func serverViews(servers []HAProxyServer) ([]haproxyServerView, error) {
 	seen := map[string]bool{}
-	for _, srv := range s.Servers {
+	var out []haproxyServerView
+	for _, srv := range servers {
 		if err := CheckHAProxyServerName(srv.Name); err != nil {
-			return fail(err)
+			return nil, err
 		}
 		if seen[srv.Name] {
-			return fail(fmt.Errorf("server %q appears twice", srv.Name))
+			return nil, fmt.Errorf("server %q appears twice", srv.Name)
 		}
 		seen[srv.Name] = true
 		if err := CheckHAProxyAddr("server "+srv.Name, srv.Address); err != nil {
-			return fail(err)
+			return nil, err
 		}
 		if srv.Port == 0 {
-			return fail(fmt.Errorf("server %s: port 0", srv.Name))
+			return nil, fmt.Errorf("server %s: port 0", srv.Name)
 		}
-		sv.Servers = append(sv.Servers, haproxyServerView{
+		out = append(out, haproxyServerView{
 			Name:   srv.Name,
 			Addr:   netip.AddrPortFrom(srv.Address, srv.Port).String(),
 			Weight: HAProxyWeight(srv.Weight),
 		})
 	}
-	return sv, nil
+	return out, nil
 }

@@ -185,7 +185,9 @@ type L4Destination struct {
 	Forwarding spec.Forwarding
 }
 
-// HAProxyService is one frontend and its backend in haproxy.cfg.
+// HAProxyService is one service of HAProxy: in mode tcp a frontend and a
+// backend of its own in haproxy.cfg; in mode http a backend slot and its
+// routes in the routing map of the frontend of its bind.
 type HAProxyService struct {
 	Name           string
 	Bind           netip.AddrPort
@@ -197,6 +199,11 @@ type HAProxyService struct {
 	Scheduler      spec.Scheduler
 	Persistence    time.Duration
 	Servers        []HAProxyServer // sorted by address and port
+	// Mode is spec.ModeHTTP for a service on a shared http frontend,
+	// routed by Host and path; tcp (or "") for a frontend of its own.
+	Mode spec.Mode
+	// Routes are the routes of an http service, in definition order.
+	Routes []spec.Route
 }
 
 // HAProxyServer is one server line of a HAProxy backend.
@@ -413,6 +420,8 @@ func haproxyService(s *spec.Service, rep ServiceReport) HAProxyService {
 		Bind:        netip.AddrPortFrom(s.VIP, s.Port),
 		Scheduler:   s.Scheduler,
 		Persistence: s.Persistence,
+		Mode:        s.Mode,
+		Routes:      slices.Clone(s.Routes),
 	}
 	if s.TLS != nil {
 		h.Certificate = s.TLS.Certificate

@@ -193,7 +193,9 @@ func checkInvariants(t *testing.T, s *Service) {
 		// characters and one of path characters.
 		if seenRoutes[r] || r.Host != "" && !routeHostRE.MatchString(r.Host) || !strings.HasPrefix(r.PathPrefix, "/") ||
 			r.PathPrefix != "/" && strings.HasSuffix(r.PathPrefix, "/") || strings.Contains(r.PathPrefix, "//") ||
-			strings.ContainsFunc(r.PathPrefix, func(c rune) bool { return !strings.ContainsRune("/._~%-", c) && !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9') }) {
+			strings.ContainsFunc(r.PathPrefix, func(c rune) bool {
+				return !strings.ContainsRune("/._~%-", c) && !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9')
+			}) {
 			fail("route %+v", r)
 		}
 		seenRoutes[r] = true
