@@ -219,8 +219,8 @@ func (l HTTPLayout) Frontend(bind netip.AddrPort) (HTTPFrontend, bool) {
 }
 
 // LayoutHTTP lays out the http services (the others are ignored): one
-// frontend per bind, and one slot per service in the pool of its shape. It
-// is pure and deterministic. Every service keeps the slot it holds in prev
+// frontend per bind, and one slot per service in the pool of its shape;
+// with no http service the layout is empty. It is pure and deterministic. Every service keeps the slot it holds in prev
 // when its shape is the same; the others take the lowest spare slot of
 // their pool, in name order. A slot in busy (a leaving service's servers
 // still closing their connections) is not given out. A pool without a
@@ -240,7 +240,7 @@ func LayoutHTTP(services []HAProxyService, prev HTTPLayout, spare int, busy map[
 		}
 		sh, err := HTTPShapeOf(s)
 		if err == nil {
-			err = checkService(s)
+			err = CheckHTTPService(s)
 		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("haproxy service %q: %w", s.Name, err))
@@ -252,6 +252,9 @@ func LayoutHTTP(services []HAProxyService, prev HTTPLayout, spare int, busy map[
 	}
 	if err := errors.Join(errs...); err != nil {
 		return HTTPLayout{}, err
+	}
+	if len(want) == 0 {
+		return HTTPLayout{}, nil
 	}
 	for _, b := range slices.SortedFunc(maps.Keys(tls), netip.AddrPort.Compare) {
 		out.Frontends = append(out.Frontends, HTTPFrontend{Bind: b, TLS: tls[b]})
@@ -308,17 +311,14 @@ func LayoutHTTP(services []HAProxyService, prev HTTPLayout, spare int, busy map[
 	return out, nil
 }
 
-// checkService checks what of an http service reaches haproxy.cfg, a map
-// or the runtime API: its name, bind, routes and servers.
-func checkService(s HAProxyService) error {
+// CheckHTTPService checks what of an http service reaches haproxy.cfg, a
+// map or the runtime API: its name, bind, routes and servers.
+func CheckHTTPService(s HAProxyService) error {
 	if err := CheckHAProxyName(s.Name); err != nil {
 		return err
 	}
 	if err := CheckHAProxyAddr("bind", s.Bind.Addr()); err != nil || s.Bind.Port() == 0 {
 		return fmt.Errorf("bind %s is not an address and port", s.Bind)
-	}
-	if len(s.Routes) == 0 {
-		return errors.New("no routes")
 	}
 	for _, r := range s.Routes {
 		if err := CheckHTTPMapKey(HTTPMapKey(r)); err != nil {

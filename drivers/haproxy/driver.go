@@ -57,6 +57,11 @@ type Options struct {
 	// HardStopAfter bounds how long workers replaced by a reload keep
 	// serving old connections (0: until they end).
 	HardStopAfter time.Duration
+	// HTTPSpareSlots is how many spare backend slots a pool of http
+	// services keeps when it is created or grown by a reload (default
+	// render.DefaultHTTPSpareSlots): the new http services a HAProxy can
+	// take without a reload.
+	HTTPSpareSlots int
 	// Logger receives the driver's and HAProxy's messages.
 	Logger *slog.Logger
 }
@@ -97,6 +102,21 @@ type Driver struct {
 	dirty  bool
 	// loads counts the structures loaded (reloads and starts).
 	loads uint64
+
+	// layout is the http part of the running structure: its frontends,
+	// pools of backend slots, and which http service holds which slot.
+	layout render.HTTPLayout
+	// spare is Options.HTTPSpareSlots with its default.
+	spare int
+	// maps is the content of each routing map file as HAProxy holds it;
+	// a path that is absent is not known (it is pushed again).
+	maps map[string][]byte
+	// crtLists is the certificates of each crt-list as HAProxy holds
+	// them; absent: not known (read back first).
+	crtLists map[string][]string
+	// releasing are the slots whose former service's servers are still
+	// closing connections: not given out again until they are empty.
+	releasing map[string]bool
 }
 
 // New returns a driver. It creates Dir but starts nothing: HAProxy is
@@ -156,6 +176,11 @@ func newDriver(opts Options, rt Runtime, proc process, adminSock string) (*Drive
 		loaded:  map[string]*service{},
 		certs:   map[string][sha256.Size]byte{},
 		files:   map[string][sha256.Size]byte{},
+		maps:    map[string][]byte{}, crtLists: map[string][]string{}, releasing: map[string]bool{},
+		spare: opts.HTTPSpareSlots,
+	}
+	if d.spare <= 0 {
+		d.spare = render.DefaultHTTPSpareSlots
 	}
 	d.base.HardStopAfter = opts.HardStopAfter
 	h, err := render.HAProxyHeader(d.base)
@@ -259,10 +284,14 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 	var changes []change
 	pools := map[string][]render.HAProxyServer{}
 	prepared := map[string]*service{}
+	web := map[string]*service{} // http services that change: at run time when the layout's skeleton allows
 	for _, n := range names {
 		h, e := desired[n], d.loaded[n]
 		if h == nil {
-			if e != nil {
+			switch {
+			case e != nil && e.http:
+				web[n] = nil
+			case e != nil:
 				changes = append(changes, change{name: n})
 			}
 			continue
@@ -272,7 +301,7 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 			errs[n] = err
 			if e != nil {
 				pools[n] = h.Servers // the last good structure serves the current pool
-				if forced[n] {
+				if forced[n] && !e.http {
 					changes = append(changes, change{name: n, next: e})
 				}
 			}
@@ -280,10 +309,27 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 		}
 		prepared[n] = p
 		pools[n] = h.Servers
-		if e == nil || e.skeleton != p.skeleton || forced[n] {
+		switch {
+		case e != nil && e.http != p.http: // tcp <-> http: a section comes or goes
 			changes = append(changes, change{name: n, next: p})
-		} else {
+		case p.http:
+			web[n] = p
+		case e == nil || e.skeleton != p.skeleton || forced[n]:
+			changes = append(changes, change{name: n, next: p})
+		default:
 			e.adoptStructure(p)
+		}
+	}
+	if len(web) > 0 {
+		// A change of the layout's skeleton (a vip:port, TLS, a pool that
+		// runs out) is loaded with the structural changes; the rest is
+		// made at run time.
+		l, err := d.layoutOf(d.withHTTP(web))
+		if err != nil || l.Skeleton() != d.layout.Skeleton() || !d.running || forceAll || len(forced) > 0 {
+			for _, n := range slices.Sorted(maps.Keys(web)) {
+				changes = append(changes, change{name: n, next: web[n]})
+			}
+			web = nil
 		}
 	}
 
@@ -304,6 +350,9 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 	if !d.running {
 		return errs
 	}
+	if len(web) > 0 {
+		d.applyHTTP(ctx, web, pools, full, errs)
+	}
 
 	certDone := map[string]error{}
 	for _, n := range names {
@@ -312,7 +361,7 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 		if e == nil || !ok {
 			continue
 		}
-		act, seen := actual[render.HAProxyBackendName(n)]
+		act, seen := actual[e.backend()]
 		if err := d.syncPool(ctx, e, servers, act, readBack, seen); err != nil {
 			errs[n] = errors.Join(errs[n], err)
 		}
@@ -331,7 +380,10 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 		}
 	}
 	if full {
+		d.syncHTTP(ctx, actual, errs)
 		d.persist(true)
+	} else {
+		d.retryReleases(ctx)
 	}
 	return errs
 }
@@ -371,7 +423,8 @@ func (d *Driver) observe(ctx context.Context, look bool) {
 		if err != nil {
 			d.log.Warn("a running haproxy was found but haproxy.cfg cannot be read; its structure will be loaded again", "err", err)
 		}
-		d.runHeader, d.loaded = parseConfig(cfg, d.opts.Dir)
+		d.runHeader, d.loaded, d.layout = parseConfig(cfg, d.opts.Dir)
+		d.adoptHTTPFiles()
 		d.onDisk = cfg
 		d.recorded = true
 		d.log.Info("adopted a running haproxy", "services", len(d.loaded))
@@ -390,6 +443,8 @@ func (d *Driver) unverify() {
 		e.poolKnown = false
 	}
 	clear(d.certs)
+	clear(d.maps)
+	clear(d.crtLists)
 }
 
 // readBack reads the backends and every server HAProxy holds. It marks in
@@ -405,22 +460,41 @@ func (d *Driver) readBack(ctx context.Context, forced map[string]bool, forceAll 
 		return nil, forceAll, err
 	}
 	have := map[string]bool{}
+	recorded := map[string]bool{}
+	for _, be := range d.layout.Backends() {
+		recorded[be] = true
+	}
+	for _, e := range d.loaded {
+		if !e.http {
+			recorded[e.backend()] = true
+		}
+	}
 	for _, be := range backends {
 		have[be] = true
-		if name, ok := strings.CutPrefix(be, "be_"); ok && d.loaded[name] == nil {
+		if strings.HasPrefix(be, "be_") && !recorded[be] {
 			d.log.Warn("haproxy holds a backend switchman did not record; loading the recorded structure", "backend", be)
 			forceAll = true
 		}
 	}
-	for n := range d.loaded {
-		be := render.HAProxyBackendName(n)
+	for be := range recorded {
 		if !have[be] {
 			d.log.Warn("haproxy lacks a recorded backend; loading the recorded structure", "backend", be)
+			forceAll = true
+		}
+	}
+	for n, e := range d.loaded {
+		be := e.backend()
+		if !have[be] {
 			forced[n] = true
 			continue
 		}
 		if actual[be] == nil {
 			actual[be] = []ServerState{} // present, without servers
+		}
+	}
+	for be := range recorded {
+		if have[be] && actual[be] == nil {
+			actual[be] = []ServerState{}
 		}
 	}
 	return actual, forceAll, nil
@@ -431,8 +505,10 @@ func (d *Driver) makeDir() error {
 	if d.dirOK {
 		return nil
 	}
-	if err := os.MkdirAll(filepath.Join(d.opts.Dir, "certs"), 0o700); err != nil {
-		return fmt.Errorf("the HAProxy working directory (--haproxy-dir %s) cannot be created: %w", d.opts.Dir, err)
+	for _, sub := range []string{"certs", "maps"} {
+		if err := os.MkdirAll(filepath.Join(d.opts.Dir, sub), 0o700); err != nil {
+			return fmt.Errorf("the HAProxy working directory (--haproxy-dir %s) cannot be created: %w", d.opts.Dir, err)
+		}
 	}
 	d.dirOK = true
 	return nil
@@ -450,7 +526,7 @@ func (d *Driver) Connections(ctx context.Context, services map[string]bool) (map
 		if e == nil || !services[name] {
 			continue
 		}
-		st, err := d.rt.Sessions(ctx, render.HAProxyBackendName(name))
+		st, err := d.rt.Sessions(ctx, e.backend())
 		if err != nil {
 			return nil, err
 		}

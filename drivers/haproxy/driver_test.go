@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"syscall"
@@ -769,6 +770,12 @@ func TestParseConfig(t *testing.T) {
 			Servers: []render.HAProxyServer{fsrv("10.0.0.1", 80, 1), fsrv("10.0.0.2", 81, 256)}},
 		{Name: "b", Bind: netip.MustParseAddrPort("[2001:db8::1]:443"), Persistence: time.Second, Servers: []render.HAProxyServer{fsrv("2001:db8::2", 80, 0)}},
 		{Name: "c", Bind: netip.MustParseAddrPort("192.0.2.10:80")},
+		httpSvc("w1", "192.0.2.20:80", "www.example.com/", fsrv("10.0.0.5", 80, 3)),
+		func() render.HAProxyService {
+			s := httpSvc("w2", "[2001:db8::20]:80", "*/", fsrv("10.0.0.6", 80, 1))
+			s.Persistence, s.Scheduler = 90*time.Second, spec.LeastConnection
+			return s
+		}(),
 	} {
 		p, err := d.prepare(s)
 		if err != nil {
@@ -776,21 +783,52 @@ func TestParseConfig(t *testing.T) {
 		}
 		set[s.Name] = p
 	}
-	cfg := assemble(d.header, set)
-	header, got := parseConfig(cfg, d.opts.Dir)
+	layout, err := d.layoutOf(set)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for n, e := range set {
+		if e.http {
+			e.slot = layout.Slot(n)
+		}
+	}
+	cfg, _, err := d.assemble(d.header, set, layout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	header, got, gotLayout := parseConfig(cfg, d.opts.Dir)
 	if string(header) != string(d.header) || len(got) != len(set) {
 		t.Fatalf("header %q, %d services", header, len(got))
+	}
+	if !reflect.DeepEqual(gotLayout, layout) {
+		t.Errorf("layout read back %+v, want %+v", gotLayout, layout)
 	}
 	for n, want := range set {
 		g := got[n]
 		if g == nil || g.skeleton != want.skeleton || string(g.section) != string(want.section) || g.svc.Bind != want.svc.Bind ||
-			g.certPath != want.certPath || g.fromEtcd != want.fromEtcd || !samePool(g.svc.Servers, want.svc.Servers) {
+			g.certPath != want.certPath || g.fromEtcd != want.fromEtcd || !samePool(g.svc.Servers, want.svc.Servers) ||
+			g.http != want.http || g.slot != want.slot {
 			t.Errorf("%s: read back %+v, want %+v", n, g, want)
 		}
 	}
-	if string(assemble(header, got)) != string(cfg) {
-		t.Error("the sections read back do not assemble into the same file")
+	again, _, err := d.assemble(header, got, gotLayout)
+	if err != nil || string(again) != string(cfg) {
+		t.Errorf("the sections read back do not assemble into the same file (%v)", err)
 	}
+}
+
+// httpSvc is a mode http service with routes written host/path ("*" for
+// any host).
+func httpSvc(name, bind, routes string, servers ...render.HAProxyServer) render.HAProxyService {
+	s := render.HAProxyService{Name: name, Bind: netip.MustParseAddrPort(bind), Mode: spec.ModeHTTP, Scheduler: spec.RoundRobin, Servers: servers}
+	for _, r := range strings.Fields(routes) {
+		host, path, _ := strings.Cut(r, "/")
+		if host == "*" {
+			host = ""
+		}
+		s.Routes = append(s.Routes, spec.Route{Host: host, PathPrefix: "/" + path})
+	}
+	return s
 }
 
 // TestSyncAdoptsToRemove: services deleted while the agent was down are

@@ -15,6 +15,7 @@ func baseOptions(dir, adminSock string) render.HAProxyOptions {
 	return render.HAProxyOptions{
 		AdminSocket: adminSock,
 		PIDFile:     filepath.Join(dir, "haproxy.pid"),
+		StateDir:    dir,
 	}
 }
 

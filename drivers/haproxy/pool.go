@@ -24,7 +24,7 @@ import (
 // `show servers state` of the backend. Nothing is sent when nothing
 // differs.
 func (d *Driver) syncPool(ctx context.Context, e *service, want []render.HAProxyServer, actual []ServerState, readBack, seen bool) error {
-	be := render.HAProxyBackendName(e.svc.Name)
+	be := e.backend()
 	switch {
 	case readBack && seen:
 	case e.poolKnown:
@@ -141,38 +141,44 @@ func (d *Driver) removeServer(ctx context.Context, be string, a ServerState) (le
 	return false, err
 }
 
-// syncCert makes HAProxy serve e's certificate: written first (for an etcd
-// key, so a restart loads it too), then swapped in memory with `set ssl
-// cert` + `commit ssl cert`, without a reload. What HAProxy serves is read
-// back (its leaf's fingerprint) when the record does not know it, and
-// always with verify (a Sync).
+// syncCert makes HAProxy serve e's certificate (syncCertAt).
 func (d *Driver) syncCert(ctx context.Context, e *service, verify bool) error {
-	if e.pem == nil {
+	return d.syncCertAt(ctx, e.certPath, e.pem, e.fromEtcd, verify)
+}
+
+// syncCertAt makes HAProxy serve pem from the certificate file path:
+// written first when the driver owns the file (a certificate from an etcd
+// key, a default certificate), so a restart loads it too, then swapped in
+// memory with `set ssl cert` + `commit ssl cert`, without a reload. What
+// HAProxy serves is read back (its leaf's fingerprint) when the record
+// does not know it, and always with verify (a Sync).
+func (d *Driver) syncCertAt(ctx context.Context, path string, pem []byte, write, verify bool) error {
+	if pem == nil {
 		return nil
 	}
-	sum := sha256.Sum256(e.pem)
-	if e.fromEtcd {
-		if err := d.ensureFile(e.certPath, e.pem, verify); err != nil {
+	sum := sha256.Sum256(pem)
+	if write {
+		if err := d.ensureFile(path, pem, verify); err != nil {
 			return err
 		}
 	}
-	served, known := d.certs[e.certPath]
+	served, known := d.certs[path]
 	if known && served == sum && !verify {
 		return nil
 	}
 	if !known || verify {
-		fp, err := d.rt.CertificateFingerprint(ctx, e.certPath)
-		if want, ferr := leafFingerprint(e.pem); err == nil && ferr == nil && fp == want {
-			d.certs[e.certPath] = sum
+		fp, err := d.rt.CertificateFingerprint(ctx, path)
+		if want, ferr := leafFingerprint(pem); err == nil && ferr == nil && fp == want {
+			d.certs[path] = sum
 			return nil
 		}
 	}
-	if err := d.rt.SetCertificate(ctx, e.certPath, e.pem); err != nil {
-		delete(d.certs, e.certPath)
-		return fmt.Errorf("certificate %s: %w", e.certPath, err)
+	if err := d.rt.SetCertificate(ctx, path, pem); err != nil {
+		delete(d.certs, path)
+		return fmt.Errorf("certificate %s: %w", path, err)
 	}
-	d.certs[e.certPath] = sum
-	d.log.Info("certificate replaced without reload", "service", e.svc.Name, "path", e.certPath)
+	d.certs[path] = sum
+	d.log.Info("certificate replaced without reload", "path", path)
 	return nil
 }
 
@@ -220,7 +226,11 @@ func (d *Driver) persist(full bool) {
 	if !d.running || (!d.dirty && !full) {
 		return
 	}
-	cfg := assemble(d.runHeader, d.loaded)
+	cfg, _, err := d.assemble(d.runHeader, d.loaded, d.layout)
+	if err != nil {
+		d.log.Warn("haproxy.cfg not updated with the current pool", "err", err)
+		return
+	}
 	cur := d.onDisk
 	if full {
 		cur, _ = os.ReadFile(d.cfgPath)

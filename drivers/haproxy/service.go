@@ -3,6 +3,7 @@ package haproxy
 import (
 	"bytes"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -25,6 +26,19 @@ type service struct {
 	// poolKnown says svc.Servers is what HAProxy holds, so a pool change
 	// is the difference, without reading the backend first.
 	poolKnown bool
+	// http says the service shares the http frontend of its bind: it has
+	// no section of its own, and its backend is slot, a backend slot of
+	// the layout.
+	http bool
+	slot string
+}
+
+// backend is the backend that holds the service's servers.
+func (e *service) backend() string {
+	if e.http {
+		return e.slot
+	}
+	return render.HAProxyBackendName(e.svc.Name)
 }
 
 // adoptStructure takes the certificate and definition of p, whose
@@ -36,12 +50,18 @@ func (e *service) adoptStructure(p *service) {
 	e.certPath, e.fromEtcd, e.pem = p.certPath, p.fromEtcd, p.pem
 }
 
-// prepare resolves a service's certificate and renders its section, which
-// checks every value and gives its skeleton.
+// prepare resolves a service's certificate and renders its section (an
+// http service has none: it is checked), which checks every value and
+// gives its skeleton.
 func (d *Driver) prepare(s render.HAProxyService) (*service, error) {
-	p := &service{svc: s}
+	p := &service{svc: s, http: s.HTTP()}
 	if err := render.CheckHAProxyName(s.Name); err != nil {
 		return nil, err
+	}
+	if p.http {
+		if err := render.CheckHTTPService(s); err != nil {
+			return nil, err
+		}
 	}
 	switch {
 	case s.CertificateKey != "":
@@ -75,8 +95,12 @@ func (d *Driver) prepare(s render.HAProxyService) (*service, error) {
 	return p, nil
 }
 
-// render renders e's section from e.svc.
+// render renders e's section from e.svc; an http service has none (its
+// frontend and slot are rendered from the layout).
 func (d *Driver) render(e *service) error {
+	if e.http {
+		return nil
+	}
 	o := d.base
 	if e.fromEtcd {
 		o.Certificates = map[string]string{e.svc.Name: e.certPath}
@@ -100,36 +124,81 @@ func skeletonOf(sec []byte) string {
 	return b.String()
 }
 
-// assemble is haproxy.cfg: the header, then the sections in name order.
-func assemble(header []byte, set map[string]*service) []byte {
-	names := make([]string, 0, len(set))
+// assemble is haproxy.cfg: the header, the sections of the tcp services
+// of set in name order, then the http part of layout (its frontends and
+// slots with the servers of the http services of set). parts are the
+// pieces after the header with the services each serves.
+func (d *Driver) assemble(header []byte, set map[string]*service, layout render.HTTPLayout) ([]byte, []render.HAProxyPart, error) {
+	var parts []render.HAProxyPart
 	size := len(header)
-	for n, e := range set {
-		names = append(names, n)
-		size += len(e.section)
+	for _, n := range slices.Sorted(maps.Keys(set)) {
+		if e := set[n]; !e.http {
+			parts = append(parts, render.HAProxyPart{Services: []string{n}, Text: e.section})
+			size += len(e.section)
+		}
 	}
-	slices.Sort(names)
-	b := make([]byte, 0, size)
+	web, err := render.HAProxyHTTPSections(layout, httpServices(set), d.httpOptions(set))
+	if err != nil {
+		return nil, nil, err
+	}
+	parts = append(parts, web...)
+	b := make([]byte, 0, size+len(web)*256)
 	b = append(b, header...)
-	for _, n := range names {
-		b = append(b, set[n].section...)
+	for _, p := range parts {
+		b = append(b, p.Text...)
 	}
-	return b
+	return b, parts, nil
 }
 
-// sectionStart marks where a service's section begins in haproxy.cfg: a
-// blank line, then its frontend.
+// httpServices lists the http services of set, sorted by name.
+func httpServices(set map[string]*service) []render.HAProxyService {
+	var out []render.HAProxyService
+	for _, n := range slices.Sorted(maps.Keys(set)) {
+		if e := set[n]; e.http {
+			out = append(out, e.svc)
+		}
+	}
+	return out
+}
+
+// httpOptions are the render options of the http part of set: the
+// driver's directory, and the files certificates from etcd keys are
+// written to.
+func (d *Driver) httpOptions(set map[string]*service) render.HAProxyOptions {
+	o := d.base
+	o.Certificates = map[string]string{}
+	for n, e := range set {
+		if e.http && e.fromEtcd {
+			o.Certificates[n] = e.certPath
+		}
+	}
+	return o
+}
+
+// httpStart marks where the http part of haproxy.cfg begins: its first
+// frontend.
+var httpStart = []byte("\n\nfrontend fe_http_")
+
+// sectionStart marks where a tcp service's section begins in haproxy.cfg:
+// a blank line, then its frontend.
 var sectionStart = []byte("\n\nfrontend fe_")
 
-// parseConfig reads a haproxy.cfg this driver wrote back into its header
-// and its services (what a HAProxy started on it runs): each section's
-// name, bind, certificate path and servers. A section it cannot read is
-// left out, so the service is loaded again.
-func parseConfig(cfg []byte, dir string) ([]byte, map[string]*service) {
+// parseConfig reads a haproxy.cfg this driver wrote back into its header,
+// its services (what a HAProxy started on it runs) and its http layout:
+// each tcp section's name, bind, certificate path and servers, and each
+// http frontend and slot, with the service in it, its bind and servers. A
+// section it cannot read is left out, so the service is loaded again.
+// The routes of http services are in the map files, read by the caller.
+func parseConfig(cfg []byte, dir string) ([]byte, map[string]*service, render.HTTPLayout) {
 	out := map[string]*service{}
+	var layout render.HTTPLayout
+	if i := bytes.Index(cfg, httpStart); i >= 0 {
+		layout = parseHTTP(cfg[i+1:], out)
+		cfg = cfg[:i+1]
+	}
 	i := bytes.Index(cfg, sectionStart)
 	if i < 0 {
-		return cfg, out
+		return cfg, out, layout
 	}
 	header := cfg[:i+1]
 	rest := cfg[i+1:]
@@ -145,7 +214,7 @@ func parseConfig(cfg []byte, dir string) ([]byte, map[string]*service) {
 			out[e.svc.Name] = e
 		}
 	}
-	return header, out
+	return header, out, layout
 }
 
 func parseSection(sec []byte, dir string) (*service, bool) {
@@ -164,13 +233,12 @@ func parseSection(sec []byte, dir string) (*service, bool) {
 			if len(f) == 5 && f[2] == "ssl" && f[3] == "crt" {
 				e.certPath = f[4]
 			}
-		case len(f) == 5 && f[0] == "server" && f[3] == "weight":
-			ap, err1 := netip.ParseAddrPort(f[2])
-			w, err2 := strconv.Atoi(f[4])
-			if err1 != nil || err2 != nil {
+		default:
+			if srv, ok := parseServer(f); ok {
+				e.svc.Servers = append(e.svc.Servers, srv)
+			} else if len(f) > 0 && f[0] == "server" {
 				return nil, false
 			}
-			e.svc.Servers = append(e.svc.Servers, render.HAProxyServer{Name: f[1], Address: ap.Addr(), Port: ap.Port(), Weight: w})
 		}
 	}
 	if render.CheckHAProxyName(e.svc.Name) != nil || !e.svc.Bind.IsValid() {
@@ -178,4 +246,17 @@ func parseSection(sec []byte, dir string) (*service, bool) {
 	}
 	e.fromEtcd = e.certPath != "" && e.certPath == certPath(dir, e.svc.Name)
 	return e, true
+}
+
+// parseServer reads a server line as the templates write it.
+func parseServer(f []string) (render.HAProxyServer, bool) {
+	if len(f) != 5 || f[0] != "server" || f[3] != "weight" {
+		return render.HAProxyServer{}, false
+	}
+	ap, err1 := netip.ParseAddrPort(f[2])
+	w, err2 := strconv.Atoi(f[4])
+	if err1 != nil || err2 != nil {
+		return render.HAProxyServer{}, false
+	}
+	return render.HAProxyServer{Name: f[1], Address: ap.Addr(), Port: ap.Port(), Weight: w}, true
 }

@@ -350,3 +350,170 @@ func parseStat(out string) (map[string]map[string]int, error) {
 	}
 	return res, nil
 }
+
+// mapChunk bounds the payload of one `add map` command: HAProxy reads a
+// command with its payload into one buffer (tune.bufsize, 16 KiB by
+// default).
+const mapChunk = 8 << 10
+
+func checkMapEntries(entries []render.HTTPMapEntry) error {
+	for _, e := range entries {
+		if err := render.CheckHTTPMapKey(e.Key); err != nil {
+			return err
+		}
+		if err := render.CheckHTTPSlot(e.Backend); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (r *socketRuntime) ReplaceMap(ctx context.Context, path string, entries []render.HTTPMapEntry) error {
+	if err := render.CheckHAProxyPath("map", path); err != nil {
+		return err
+	}
+	if err := checkMapEntries(entries); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, "prepare map "+path, nil)
+	if err != nil {
+		return err
+	}
+	_, v, ok := strings.Cut(strings.TrimSpace(out), "New version created:")
+	ver, verr := strconv.ParseUint(strings.TrimSpace(v), 10, 32)
+	if !ok || verr != nil {
+		return fmt.Errorf("haproxy refused prepare map %s: %s", path, strings.TrimSpace(out))
+	}
+	at := "@" + strconv.FormatUint(ver, 10) + " " + path
+	var chunk bytes.Buffer
+	flush := func() error {
+		if chunk.Len() == 0 {
+			return nil
+		}
+		defer chunk.Reset()
+		return r.expect(ctx, "add map "+at, chunk.Bytes(), "")
+	}
+	for _, e := range entries {
+		if chunk.Len()+len(e.Key)+len(e.Backend)+2 > mapChunk {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+		chunk.WriteString(e.Key + " " + e.Backend + "\n")
+	}
+	if err := flush(); err != nil {
+		return err
+	}
+	// Committing an empty version clears the map atomically.
+	return r.expect(ctx, "commit map "+at, nil, "")
+}
+
+func (r *socketRuntime) ShowMap(ctx context.Context, path string) ([]render.HTTPMapEntry, error) {
+	if err := render.CheckHAProxyPath("map", path); err != nil {
+		return nil, err
+	}
+	out, err := r.do(ctx, "show map "+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	var entries []render.HTTPMapEntry
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		f := strings.Fields(l)
+		switch {
+		case len(f) == 0:
+		case len(f) == 3 && strings.HasPrefix(f[0], "0x"):
+			entries = append(entries, render.HTTPMapEntry{Key: f[1], Backend: f[2]})
+		default:
+			return nil, fmt.Errorf("show map %s: unexpected answer: %.120q", path, out)
+		}
+	}
+	return entries, nil
+}
+
+func (r *socketRuntime) NewCertificate(ctx context.Context, path string) error {
+	if err := render.CheckHAProxyPath("certificate", path); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, "new ssl cert "+path, nil)
+	if err != nil {
+		return err
+	}
+	switch got := strings.TrimSpace(out); {
+	case strings.HasPrefix(got, "New empty certificate store"):
+		return nil
+	case strings.Contains(got, "already exists"):
+		return fmt.Errorf("new ssl cert %s: %w", path, ErrCertExists)
+	default:
+		return fmt.Errorf("haproxy refused new ssl cert %s: %s", path, got)
+	}
+}
+
+func (r *socketRuntime) DelCertificate(ctx context.Context, path string) error {
+	if err := render.CheckHAProxyPath("certificate", path); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, "del ssl cert "+path, nil)
+	if err != nil {
+		return err
+	}
+	if got := strings.TrimSpace(out); !strings.HasSuffix(got, "deleted!") {
+		return fmt.Errorf("haproxy refused del ssl cert %s: %s", path, got)
+	}
+	return nil
+}
+
+func checkCrtList(list, cert string) error {
+	if err := render.CheckHAProxyPath("crt-list", list); err != nil {
+		return err
+	}
+	return render.CheckHAProxyPath("certificate", cert)
+}
+
+func (r *socketRuntime) AddCrtListEntry(ctx context.Context, list, cert string) error {
+	if err := checkCrtList(list, cert); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, "add ssl crt-list "+list+" "+cert, nil)
+	if err != nil {
+		return err
+	}
+	if !strings.Contains(out, "Success!") {
+		return fmt.Errorf("haproxy refused add ssl crt-list %s %s: %s", list, cert, strings.TrimSpace(out))
+	}
+	return nil
+}
+
+func (r *socketRuntime) DelCrtListEntry(ctx context.Context, list, cert string) error {
+	if err := checkCrtList(list, cert); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, "del ssl crt-list "+list+" "+cert, nil)
+	if err != nil {
+		return err
+	}
+	if got := strings.TrimSpace(out); !strings.HasSuffix(got, "deleted in crtlist '"+list+"'!") {
+		return fmt.Errorf("haproxy refused del ssl crt-list %s %s: %s", list, cert, got)
+	}
+	return nil
+}
+
+func (r *socketRuntime) CrtList(ctx context.Context, list string) ([]string, error) {
+	if err := render.CheckHAProxyPath("crt-list", list); err != nil {
+		return nil, err
+	}
+	out, err := r.do(ctx, "show ssl crt-list "+list, nil)
+	if err != nil {
+		return nil, err
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) == 0 || lines[0] != "# "+list {
+		return nil, fmt.Errorf("show ssl crt-list %s: unexpected answer: %.120q", list, out)
+	}
+	var certs []string
+	for _, l := range lines[1:] {
+		if f := strings.Fields(l); len(f) > 0 {
+			certs = append(certs, f[0])
+		}
+	}
+	return certs, nil
+}

@@ -12,6 +12,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/switchman-lb/switchman/render"
 )
 
 // maxLoadAttempts bounds the reloads one pass makes to find which of
@@ -84,8 +86,17 @@ func (d *Driver) restructure(ctx context.Context, changes []change, forceAll boo
 			}
 			continue
 		}
+		layout, err := d.layoutOf(proposed)
+		if err != nil {
+			for _, c := range batch {
+				if c.next != nil && c.next.http {
+					drop(c.name, err)
+				}
+			}
+			continue
+		}
 		if !d.running && len(proposed) == 0 {
-			d.commit(proposed, batch) // nothing to start
+			d.commit(proposed, layout, batch, nil, nil) // nothing to start
 			pending = without(pending, inBatch(batch))
 			need = false
 			continue
@@ -98,15 +109,15 @@ func (d *Driver) restructure(ctx context.Context, changes []change, forceAll boo
 			return err
 		}
 		attempts++
-		bad, err := d.tryLoad(ctx, proposed, batch)
-		for n, err := range bad {
+		loaded, err := d.tryLoad(ctx, proposed, layout, batch)
+		for n, err := range loaded.bad {
 			drop(n, err)
 		}
-		if len(bad) > 0 {
+		if len(loaded.bad) > 0 {
 			continue
 		}
 		if err == nil {
-			d.commit(proposed, batch)
+			d.commit(proposed, layout, batch, loaded.maps, loaded.lists)
 			pending = without(pending, inBatch(batch))
 			need = false
 			continue
@@ -116,7 +127,7 @@ func (d *Driver) restructure(ctx context.Context, changes []change, forceAll boo
 		// the file; a bind taken since it was probed shows by probing it
 		// again.
 		found := false
-		for _, n := range blame(err, d.header, proposed) {
+		for _, n := range blame(err, d.header, loaded.parts) {
 			if slices.ContainsFunc(batch, func(c change) bool { return c.name == n }) {
 				drop(n, err)
 				found = true
@@ -166,7 +177,8 @@ func (d *Driver) propose(batch []change) map[string]*service {
 
 // bindConflicts finds the changes in batch whose bind another service of
 // proposed holds: the one already loaded (or, between two new ones, the
-// first by name) keeps it.
+// first by name) keeps it. http services share the bind of their frontend
+// with each other, never with a tcp service.
 func bindConflicts(proposed map[string]*service, batch []change) map[string]error {
 	changed := map[string]bool{}
 	for _, c := range batch {
@@ -174,8 +186,8 @@ func bindConflicts(proposed map[string]*service, batch []change) map[string]erro
 	}
 	owner := map[netip.AddrPort]string{}
 	for _, n := range slices.Sorted(maps.Keys(proposed)) {
-		if !changed[n] {
-			owner[proposed[n].svc.Bind] = n
+		if b := proposed[n].svc.Bind; !changed[n] && (owner[b] == "" || !proposed[n].http) {
+			owner[b] = n
 		}
 	}
 	bad := map[string]error{}
@@ -184,11 +196,13 @@ func bindConflicts(proposed map[string]*service, batch []change) map[string]erro
 			continue
 		}
 		b := proposed[n].svc.Bind
-		if o, taken := owner[b]; taken {
+		if o, taken := owner[b]; taken && !(proposed[o].http && proposed[n].http) {
 			bad[n] = fmt.Errorf("bind %s is held by HAProxy service %q", b, o)
 			continue
 		}
-		owner[b] = n
+		if owner[b] == "" {
+			owner[b] = n
+		}
 	}
 	return bad
 }
@@ -203,30 +217,51 @@ func without(cs []change, drop func(change) bool) []change {
 	return slices.DeleteFunc(slices.Clone(cs), drop)
 }
 
-// tryLoad writes the certificate files of proposed, renders it, checks it
-// and loads it: a reload, or a start when HAProxy is not running. bad
-// names the changes that failed on their own (a certificate file that
-// cannot be written); err says why the whole did not load, and then the
-// last good haproxy.cfg is put back.
-func (d *Driver) tryLoad(ctx context.Context, proposed map[string]*service, batch []change) (bad map[string]error, err error) {
-	bad = map[string]error{}
+// loadResult is what tryLoad wrote: the parts of haproxy.cfg (for
+// blame), the routing maps and crt-lists a HAProxy loading it holds, and
+// the changes that failed on their own.
+type loadResult struct {
+	parts []render.HAProxyPart
+	maps  map[string][]byte
+	lists map[string][]string
+	bad   map[string]error
+}
+
+// tryLoad writes the certificate files of proposed, the files of its http
+// frontends, renders it, checks it and loads it: a reload, or a start when
+// HAProxy is not running. res.bad names the changes that failed on their
+// own (a certificate file that cannot be written); err says why the whole
+// did not load, and then the last good haproxy.cfg and http files are put
+// back.
+func (d *Driver) tryLoad(ctx context.Context, proposed map[string]*service, layout render.HTTPLayout, batch []change) (res loadResult, err error) {
+	res.bad = map[string]error{}
 	for _, c := range batch {
 		if e := c.next; e != nil && e.fromEtcd {
 			if err := d.ensureFile(e.certPath, e.pem, false); err != nil {
-				bad[c.name] = err
+				res.bad[c.name] = err
 			}
 		}
 	}
-	if len(bad) > 0 {
-		return bad, nil
+	if len(res.bad) > 0 {
+		return res, nil
 	}
-	cfg := assemble(d.header, proposed)
+	cfg, parts, err := d.assemble(d.header, proposed, layout)
+	if err != nil {
+		return res, err
+	}
+	res.parts = parts
+	if res.maps, res.lists, err = d.writeHTTPFiles(proposed, layout); err != nil {
+		d.restoreHTTPFiles()
+		return res, err
+	}
 	if err := d.check(ctx, cfg); err != nil {
-		return nil, err
+		d.restoreHTTPFiles()
+		return res, err
 	}
 	prev := d.onDisk
 	if err := writeAtomic(d.cfgPath, cfg); err != nil {
-		return nil, fmt.Errorf("write haproxy.cfg: %w", err)
+		d.restoreHTTPFiles()
+		return res, fmt.Errorf("write haproxy.cfg: %w", err)
 	}
 	d.onDisk = cfg
 	if d.running {
@@ -242,9 +277,18 @@ func (d *Driver) tryLoad(ctx context.Context, proposed map[string]*service, batc
 		if prev != nil && writeAtomic(d.cfgPath, prev) == nil {
 			d.onDisk = prev
 		}
-		return nil, fmt.Errorf("load haproxy.cfg: %w", err)
+		d.restoreHTTPFiles()
+		return res, fmt.Errorf("load haproxy.cfg: %w", err)
 	}
-	return nil, nil
+	return res, nil
+}
+
+// restoreHTTPFiles writes back the files of the running structure's http
+// frontends after a structure that did not load.
+func (d *Driver) restoreHTTPFiles() {
+	if _, _, err := d.writeHTTPFiles(d.loaded, d.layout); err != nil {
+		d.log.Warn("the http files of the running structure could not be written back", "err", err)
+	}
 }
 
 // check validates cfg with haproxy -c before it replaces the running file.
@@ -257,9 +301,10 @@ func (d *Driver) check(ctx context.Context, cfg []byte) error {
 	return d.proc.Validate(ctx, next)
 }
 
-// commit records that HAProxy runs proposed: the new workers hold the
-// pools of its sections and the certificates of its files.
-func (d *Driver) commit(proposed map[string]*service, batch []change) {
+// commit records that HAProxy runs proposed with layout: the new workers
+// hold the pools of its sections and slots, the certificates of its files,
+// and the routing maps and crt-lists written for it.
+func (d *Driver) commit(proposed map[string]*service, layout render.HTTPLayout, batch []change, written map[string][]byte, lists map[string][]string) {
 	for _, c := range batch {
 		if c.next == nil {
 			d.log.Info("haproxy service removed", "service", c.name)
@@ -269,10 +314,34 @@ func (d *Driver) commit(proposed map[string]*service, batch []change) {
 	}
 	d.loaded = proposed
 	clear(d.certs)
-	for _, e := range proposed {
+	for n, e := range proposed {
 		e.poolKnown = true
 		if e.certPath != "" && e.pem != nil {
 			d.certs[e.certPath] = sha256.Sum256(e.pem)
+		}
+		if e.http {
+			e.slot = layout.Slot(n)
+		}
+	}
+	// Slots start empty (or with their service's servers) in new workers.
+	d.layout = layout
+	clear(d.releasing)
+	d.maps, d.crtLists = written, lists
+	if d.maps == nil {
+		d.maps = map[string][]byte{}
+	}
+	if d.crtLists == nil {
+		d.crtLists = map[string][]string{}
+	}
+	for _, f := range layout.Frontends {
+		if f.TLS {
+			// The default certificate is a copy of the crt-list's first.
+			def := render.HTTPDefaultCertPath(d.base, f)
+			if l := d.crtLists[render.HTTPCrtListPath(d.base, f)]; len(l) > 0 {
+				if sum, ok := d.certs[l[0]]; ok {
+					d.certs[def] = sum
+				}
+			}
 		}
 	}
 	d.runHeader = d.header
@@ -282,9 +351,9 @@ func (d *Driver) commit(proposed map[string]*service, batch []change) {
 	d.dirty = false
 }
 
-// blame names the services whose sections hold the lines HAProxy's refusal
-// refers to ("[<file>:<line>]"), in set assembled after header.
-func blame(err error, header []byte, set map[string]*service) []string {
+// blame names the services whose parts of haproxy.cfg (after header)
+// hold the lines HAProxy's refusal refers to ("[<file>:<line>]").
+func blame(err error, header []byte, parts []render.HAProxyPart) []string {
 	var ce *ConfigError
 	if !errors.As(err, &ce) || ce.File == "" {
 		return nil
@@ -311,11 +380,15 @@ func blame(err error, header []byte, set map[string]*service) []string {
 		return nil
 	}
 	var out []string
-	line := bytes.Count(header, []byte("\n")) // lines before the first section
-	for _, n := range slices.Sorted(maps.Keys(set)) {
-		last := line + bytes.Count(set[n].section, []byte("\n"))
+	line := bytes.Count(header, []byte("\n")) // lines before the first part
+	for _, p := range parts {
+		last := line + bytes.Count(p.Text, []byte("\n"))
 		if slices.ContainsFunc(refs, func(r int) bool { return r > line && r <= last }) {
-			out = append(out, n)
+			for _, n := range p.Services {
+				if !slices.Contains(out, n) {
+					out = append(out, n)
+				}
+			}
 		}
 		line = last
 	}
