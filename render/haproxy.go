@@ -197,12 +197,27 @@ var haproxyTemplate = template.Must(template.New("haproxy.cfg.tmpl").ParseFS(tem
 // validation already rules it out. The result is HAProxyHeader followed by
 // each tcp service's HAProxySection and the http sections.
 func HAProxyConfig(services []HAProxyService, opts HAProxyOptions) ([]byte, error) {
+	head, parts, _, err := HAProxyConfigParts(services, opts)
+	if err != nil {
+		return nil, err
+	}
+	b := bytes.NewBuffer(head)
+	for _, p := range parts {
+		b.Write(p.Text)
+	}
+	return b.Bytes(), nil
+}
+
+// HAProxyConfigParts is HAProxyConfig in pieces: the header, the parts
+// after it (each tcp service's section, then the http sections), and the
+// http layout they follow.
+func HAProxyConfigParts(services []HAProxyService, opts HAProxyOptions) ([]byte, []HAProxyPart, HTTPLayout, error) {
 	head, err := HAProxyHeader(opts)
 	var errs []error
 	if err != nil {
 		errs = append(errs, err)
 	}
-	b := bytes.NewBuffer(head)
+	var parts []HAProxyPart
 	names := map[string]bool{}
 	binds := map[netip.AddrPort]string{} // bind -> "tcp" or "http"
 	var web []HAProxyService
@@ -229,25 +244,23 @@ func HAProxyConfig(services []HAProxyService, opts HAProxyOptions) ([]byte, erro
 			errs = append(errs, err)
 			continue
 		}
-		b.Write(sec)
+		parts = append(parts, HAProxyPart{Services: []string{s.Name}, Text: sec})
 	}
+	var layout HTTPLayout
 	if len(web) > 0 {
-		layout, err := LayoutHTTP(web, HTTPLayout{}, cmp.Or(opts.HTTPSpareSlots, DefaultHTTPSpareSlots), nil)
+		if layout, err = LayoutHTTP(web, HTTPLayout{}, cmp.Or(opts.HTTPSpareSlots, DefaultHTTPSpareSlots), nil); err != nil {
+			errs = append(errs, err)
+		}
+		webParts, err := HAProxyHTTPSections(layout, web, opts)
 		if err != nil {
 			errs = append(errs, err)
 		}
-		parts, err := HAProxyHTTPSections(layout, web, opts)
-		if err != nil {
-			errs = append(errs, err)
-		}
-		for _, p := range parts {
-			b.Write(p.Text)
-		}
+		parts = append(parts, webParts...)
 	}
 	if err := errors.Join(errs...); err != nil {
-		return nil, err
+		return nil, nil, HTTPLayout{}, err
 	}
-	return b.Bytes(), nil
+	return head, parts, layout, nil
 }
 
 // HAProxyHeader renders the part of haproxy.cfg that does not depend on
