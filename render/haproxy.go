@@ -236,6 +236,10 @@ func HAProxyConfigParts(services []HAProxyService, opts HAProxyOptions) ([]byte,
 		}
 		names[s.Name], binds[s.Bind] = true, mode
 		if s.HTTP() {
+			if err := CheckHTTPService(s); err != nil {
+				errs = append(errs, fmt.Errorf("haproxy service %q: %w", s.Name, err))
+				continue
+			}
 			web = append(web, s)
 			continue
 		}

@@ -76,12 +76,51 @@ func HTTPRouteOfKey(key string) (spec.Route, error) {
 }
 
 // CheckHTTPMapKey checks a routing map key before it reaches a map file or
-// the runtime API.
+// the runtime API: it must match httpKeyRE (checked here byte by byte, as
+// it runs for every route of every map).
 func CheckHTTPMapKey(key string) error {
-	if len(key) > 1300 || !httpKeyRE.MatchString(key) {
+	if len(key) > 1300 || !httpKey(key) {
 		return fmt.Errorf("route key %q does not match %s", key, httpKeyRE)
 	}
 	return nil
+}
+
+// httpKey reports whether key matches httpKeyRE.
+func httpKey(key string) bool {
+	host, path, ok := strings.Cut(key, "/")
+	if !ok || host == "" || !strings.HasSuffix(key, "/") {
+		return false
+	}
+	if host != "*" {
+		host = strings.TrimPrefix(host, "*.")
+		if host == "" || host[0] == '.' || host[0] == '-' || host[len(host)-1] == '.' || host[len(host)-1] == '-' {
+			return false
+		}
+		for i := 0; i < len(host); i++ {
+			if c := host[i]; !('a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '.' || c == '-') {
+				return false
+			}
+		}
+	}
+	if path == "" {
+		return true
+	}
+	// Segments of [A-Za-z0-9._~%-]+, each followed by '/'.
+	prev := byte('/')
+	for i := 0; i < len(path); i++ {
+		c := path[i]
+		switch {
+		case c == '/':
+			if prev == '/' {
+				return false
+			}
+		case 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("._~%-", c) >= 0:
+		default:
+			return false
+		}
+		prev = c
+	}
+	return true
 }
 
 // CheckHTTPSlot checks a slot backend's name.
@@ -184,6 +223,19 @@ func (l HTTPLayout) Skeleton() string {
 	return b.String()
 }
 
+// Slots maps each service that holds a slot to its backend slot.
+func (l HTTPLayout) Slots() map[string]string {
+	out := map[string]string{}
+	for _, p := range l.Pools {
+		for i, occ := range p.Slots {
+			if occ != "" {
+				out[occ] = HTTPSlotName(p.Shape.Name(), i+1)
+			}
+		}
+	}
+	return out
+}
+
 // Slot returns the backend slot service holds, or "".
 func (l HTTPLayout) Slot(service string) string {
 	for _, p := range l.Pools {
@@ -239,9 +291,6 @@ func LayoutHTTP(services []HAProxyService, prev HTTPLayout, spare int, busy map[
 			continue
 		}
 		sh, err := HTTPShapeOf(s)
-		if err == nil {
-			err = CheckHTTPService(s)
-		}
 		if err != nil {
 			errs = append(errs, fmt.Errorf("haproxy service %q: %w", s.Name, err))
 			continue
@@ -366,11 +415,12 @@ type HTTPMapEntry struct {
 func HTTPMapEntries(l HTTPLayout, f HTTPFrontend, services []HAProxyService) ([]HTTPMapEntry, error) {
 	seen := map[string]bool{}
 	var out []HTTPMapEntry
+	slots := l.Slots()
 	for _, s := range sortedByName(services) {
 		if !s.HTTP() || s.Bind != f.Bind {
 			continue
 		}
-		slot := l.Slot(s.Name)
+		slot := slots[s.Name]
 		if slot == "" {
 			continue
 		}

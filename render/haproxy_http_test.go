@@ -197,3 +197,16 @@ func TestHAProxyConfigHTTPRefuses(t *testing.T) {
 		t.Errorf("a state directory with a space: %v", err)
 	}
 }
+
+// FuzzHTTPMapKey: the byte-by-byte check of map keys accepts exactly what
+// httpKeyRE does.
+func FuzzHTTPMapKey(f *testing.F) {
+	for _, s := range []string{"www.example.com/", "*.example.com/a/b/", "*/", "*/x%2F~_.-/", "a-.b/", "-a/", "*./", "a//", "a/b", "A/", "*.*.a/", "a/b c/"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, key string) {
+		if got, want := httpKey(key), httpKeyRE.MatchString(key); got != want {
+			t.Fatalf("httpKey(%q) = %t, httpKeyRE says %t", key, got, want)
+		}
+	})
+}

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"slices"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -218,6 +219,12 @@ func confdApply(ctx context.Context, d *Driver, svc render.HAProxyService) error
 	if err != nil {
 		return err
 	}
+	return confdLoad(ctx, d, cfg)
+}
+
+// confdLoad replaces haproxy.cfg with cfg once haproxy -c accepts it, and
+// reloads.
+func confdLoad(ctx context.Context, d *Driver, cfg []byte) error {
 	next := d.cfgPath + ".next"
 	if err := os.WriteFile(next, cfg, 0o600); err != nil {
 		return err
@@ -235,23 +242,33 @@ func confdApply(ctx context.Context, d *Driver, svc render.HAProxyService) error
 // tmpfs like /run where --haproxy-dir lives by default.
 const benchDir = "/dev/shm"
 
+// benchDriver is a driver on the fake runtime working in a directory under
+// benchDir, with spare spare slots per http pool.
+func benchDriver(b *testing.B, spare int) *Driver {
+	dir, err := os.MkdirTemp(benchDir, "swbench")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { os.RemoveAll(dir) })
+	rt := newFakeRuntime()
+	proc := &fakeProcess{rt: rt, cfgPath: dir + "/haproxy.cfg"}
+	d, err := newDriver(Options{Dir: dir, Logger: discardLogger(), HTTPSpareSlots: spare}, rt, proc, dir+"/admin.sock")
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := d.makeDir(); err != nil {
+		b.Fatal(err)
+	}
+	return d
+}
+
 // BenchmarkApplyPoolChange measures the driver's own work for one
 // service's pool change (the fake runtime stands in for HAProxy) with
 // 100, 2,000 and 10,000 services loaded.
 func BenchmarkApplyPoolChange(b *testing.B) {
 	for _, n := range []int{100, 2000, 10000} {
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
-			dir, err := os.MkdirTemp(benchDir, "swbench")
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.Cleanup(func() { os.RemoveAll(dir) })
-			rt := newFakeRuntime()
-			proc := &fakeProcess{rt: rt, cfgPath: dir + "/haproxy.cfg"}
-			d, err := newDriver(Options{Dir: dir, Logger: discardLogger()}, rt, proc, dir+"/admin.sock")
-			if err != nil {
-				b.Fatal(err)
-			}
+			d := benchDriver(b, 0)
 			svcs := make([]render.HAProxyService, n)
 			for i := range svcs {
 				svcs[i] = render.HAProxyService{Name: fmt.Sprintf("s%05d", i), Bind: netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 1, byte(i >> 8), byte(i)}), 443),
@@ -265,6 +282,34 @@ func BenchmarkApplyPoolChange(b *testing.B) {
 			for i := range b.N {
 				svc.Servers = slices.Clone(svc.Servers)
 				svc.Servers[0].Weight = 1 + i%2
+				if errs := d.Apply(context.Background(), states(svc)); len(errs) > 0 {
+					b.Fatal(errs)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkApplyRouteChange measures the driver's own work for one route
+// change of one http service (the fake runtime stands in for HAProxy; the
+// map file is written to /dev/shm) with 10, 1,000 and 5,000 http services
+// sharing one vip:port.
+func BenchmarkApplyRouteChange(b *testing.B) {
+	for _, n := range []int{10, 1000, 5000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			d := benchDriver(b, 16)
+			svcs := make([]render.HAProxyService, n)
+			for i := range svcs {
+				name := fmt.Sprintf("s%05d", i)
+				svcs[i] = httpSvc(name, "192.0.2.80:80", name+".example.com/ www.example.com/"+name, fsrv("10.0.0.1", 80, 1), fsrv("10.0.0.2", 80, 1))
+			}
+			if errs := d.Sync(context.Background(), states(svcs...)); len(errs) > 0 {
+				b.Fatal(errs)
+			}
+			svc := svcs[n/2]
+			b.ResetTimer()
+			for i := range b.N {
+				svc.Routes = append(svc.Routes[:2:2], spec.Route{Host: "x.example.com", PathPrefix: "/" + strconv.Itoa(i%2)})
 				if errs := d.Apply(context.Background(), states(svc)); len(errs) > 0 {
 					b.Fatal(errs)
 				}

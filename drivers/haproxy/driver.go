@@ -320,12 +320,14 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 			e.adoptStructure(p)
 		}
 	}
+	var webLayout render.HTTPLayout
 	if len(web) > 0 {
 		// A change of the layout's skeleton (a vip:port, TLS, a pool that
 		// runs out) is loaded with the structural changes; the rest is
 		// made at run time.
-		l, err := d.layoutOf(d.withHTTP(web))
-		if err != nil || l.Skeleton() != d.layout.Skeleton() || !d.running || forceAll || len(forced) > 0 {
+		var err error
+		webLayout, err = d.layoutOf(d.withHTTP(web))
+		if err != nil || webLayout.Skeleton() != d.layout.Skeleton() || !d.running || forceAll || len(forced) > 0 {
 			for _, n := range slices.Sorted(maps.Keys(web)) {
 				changes = append(changes, change{name: n, next: web[n]})
 			}
@@ -351,7 +353,7 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 		return errs
 	}
 	if len(web) > 0 {
-		d.applyHTTP(ctx, web, pools, full, errs)
+		d.applyHTTP(ctx, web, webLayout, pools, full, errs)
 	}
 
 	certDone := map[string]error{}

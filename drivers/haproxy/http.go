@@ -62,31 +62,27 @@ func (d *Driver) withHTTP(next map[string]*service) map[string]*service {
 }
 
 // applyHTTP makes the http changes in next (nil: the service leaves) at
-// run time; the layout's skeleton is the running one. pools holds the
-// servers each service wants. verify (a Sync) reads back the maps and
-// crt-lists it touches rather than trusting the record. Errors go to errs
-// by service.
-func (d *Driver) applyHTTP(ctx context.Context, next map[string]*service, pools map[string][]render.HAProxyServer, verify bool, errs map[string]error) {
-	layout, err := d.layoutOf(d.withHTTP(next))
-	if err != nil {
-		for n := range next {
-			errs[n] = errors.Join(errs[n], err)
-		}
-		return
-	}
+// run time, laid out in layout (the running structure with next made, of
+// the running skeleton). pools holds the servers each service wants.
+// verify (a Sync) reads back the maps and crt-lists it touches rather than
+// trusting the record. Errors go to errs by service.
+func (d *Driver) applyHTTP(ctx context.Context, next map[string]*service, layout render.HTTPLayout, pools map[string][]render.HAProxyServer, verify bool, errs map[string]error) {
+	slots := layout.Slots()
 	touched := map[netip.AddrPort][]string{} // frontends whose map or crt-list may change, with the services that changed
 	touch := func(b netip.AddrPort, n string) { touched[b] = append(touched[b], n) }
 	var leaving []string // slots to empty once no route points at them
+	moved := false       // a service took, left or changed its slot: haproxy.cfg records it
 	for _, n := range slices.Sorted(maps.Keys(next)) {
 		p, e := next[n], d.loaded[n]
 		if p == nil {
 			touch(e.svc.Bind, n)
 			leaving = append(leaving, e.slot)
 			delete(d.loaded, n)
+			moved = true
 			d.log.Info("haproxy http service removed", "service", n, "slot", e.slot)
 			continue
 		}
-		slot := layout.Slot(n)
+		slot := slots[n]
 		if e != nil && e.slot == slot {
 			if e.svc.Bind != p.svc.Bind || !sameRoutes(e.svc.Routes, p.svc.Routes) || e.certPath != p.certPath || !bytes.Equal(e.pem, p.pem) {
 				touch(e.svc.Bind, n)
@@ -111,6 +107,7 @@ func (d *Driver) applyHTTP(ctx context.Context, next map[string]*service, pools 
 		}
 		touch(p.svc.Bind, n)
 		d.loaded[n] = p
+		moved = true
 		d.log.Info("haproxy http service loaded without reload", "service", n, "slot", slot, "bind", p.svc.Bind)
 	}
 	// The layout of what is now loaded: a service that could not be
@@ -132,8 +129,12 @@ func (d *Driver) applyHTTP(ctx context.Context, next map[string]*service, pools 
 	for _, slot := range leaving {
 		d.release(ctx, slot, false)
 	}
-	d.dirty = true
-	d.persist(false) // haproxy.cfg records who holds which slot
+	if moved {
+		// haproxy.cfg records who holds which slot, for an adoption; a
+		// route change alone leaves it as it is (the maps are files).
+		d.dirty = true
+		d.persist(false)
+	}
 }
 
 // occupy is layout with its slots held by the http services of set, each
