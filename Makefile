@@ -5,7 +5,7 @@ PKGS    := ./...
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build test unit lint cli-check e2e vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy fuzz demo clean
+.PHONY: all build test unit lint cli-check e2e vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-http fuzz demo clean
 
 all: build
 
@@ -42,7 +42,7 @@ demo: build
 	mkdir -p /tmp/switchman-demo
 	$(BIN) agent --data-dir /tmp/switchman-demo --node demo
 
-bench: bench-scale bench-ipvs bench-convergence bench-health bench-haproxy
+bench: bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-http
 	@echo "figures: docs/BENCHMARKS.md"
 
 ## bench-scale: 10,000 definitions in one burst; agent RSS with 40,000 backends.
@@ -65,6 +65,11 @@ bench-health:
 ## bench-haproxy: 100 pool changes under load, runtime API vs reload per change.
 bench-haproxy:
 	$(GO) test -run '^$$' -bench BenchmarkPoolChanges -benchtime 1x ./drivers/haproxy/
+
+## bench-http: 1,000 route changes and 100 new mode http services under load,
+## runtime API (maps, spare slots) vs render + reload per change (confd).
+bench-http:
+	$(GO) test -run '^$$' -bench BenchmarkHTTPChanges -benchtime 1x -timeout 30m ./drivers/haproxy/
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 60s ./spec/

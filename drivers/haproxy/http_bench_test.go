@@ -73,7 +73,9 @@ func routesString(s render.HAProxyService) string {
 // (re-render haproxy.cfg and the maps, haproxy -c, reload per change, as
 // the Kontena load balancer does), and reports per way: reloads, failed
 // and answered requests, the time per route change and per new service,
-// and the memory of HAProxy's current worker at the end. A request fails
+// and the memory of HAProxy's current worker at the end. The driver's way
+// runs a second time without the clients (switchman-noload), whose load
+// saturates the machine's 2 cores, for its time per change alone. A request fails
 // on a transport error, a 5xx answer, or a stable route answered by
 // another service. Run it with
 //
@@ -85,7 +87,7 @@ func BenchmarkHTTPChanges(b *testing.B) {
 	for i := range backends {
 		backends[i] = startWebServer(b, fmt.Sprintf("b%d", i))
 	}
-	for _, mode := range []string{"switchman", "confd"} {
+	for _, mode := range []string{"switchman", "switchman-noload", "confd"} {
 		b.Run(mode, func(b *testing.B) {
 			for range b.N {
 				dir := shortDir(b)
@@ -112,15 +114,18 @@ func BenchmarkHTTPChanges(b *testing.B) {
 				for _, s := range base {
 					cur[s.Name] = s
 				}
-				l := startWebLoop(vip, urls, stable)
-				waitFor(b, "clients served", func() bool { return l.total.Load() > 100 })
+				l := &webLoop{stopC: make(chan struct{})} // no clients: the time per change alone
+				if mode != "switchman-noload" {
+					l = startWebLoop(vip, urls, stable)
+					waitFor(b, "clients served", func() bool { return l.total.Load() > 100 })
+				}
 				pids := workerPIDs(b, d)
 				var routeTime, serviceTime time.Duration
 				for _, c := range changes {
 					cur[c.svc.Name] = c.svc
 					t0 := time.Now()
 					switch mode {
-					case "switchman":
+					case "switchman", "switchman-noload":
 						if errs := d.Apply(ctx, states(c.svc)); len(errs) > 0 {
 							b.Fatal(errs)
 						}
