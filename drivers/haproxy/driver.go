@@ -326,7 +326,11 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full b
 		// runs out) is loaded with the structural changes; the rest is
 		// made at run time.
 		var err error
-		webLayout, err = d.layoutOf(d.withHTTP(web))
+		if d.keepSlots(web) {
+			webLayout = d.layout // routes, pools, certificate contents: no slot moves
+		} else {
+			webLayout, err = d.layoutOf(d.withHTTP(web))
+		}
 		if err != nil || webLayout.Skeleton() != d.layout.Skeleton() || !d.running || forceAll || len(forced) > 0 {
 			for _, n := range slices.Sorted(maps.Keys(web)) {
 				changes = append(changes, change{name: n, next: web[n]})

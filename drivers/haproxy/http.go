@@ -47,6 +47,24 @@ func (d *Driver) layoutOf(set map[string]*service) (render.HTTPLayout, error) {
 	return render.LayoutHTTP(httpServices(set), d.layout, d.spare, d.releasing)
 }
 
+// keepSlots reports whether the http changes in next keep every service in
+// its slot and on its frontend: none comes or goes, changes its bind, its
+// shape or whether it has a certificate. The layout is then the running one.
+func (d *Driver) keepSlots(next map[string]*service) bool {
+	for n, p := range next {
+		e := d.loaded[n]
+		if p == nil || e == nil || !e.http || e.svc.Bind != p.svc.Bind || (e.certPath == "") != (p.certPath == "") {
+			return false
+		}
+		a, errA := render.HTTPShapeOf(e.svc)
+		b, errB := render.HTTPShapeOf(p.svc)
+		if errA != nil || errB != nil || a != b {
+			return false
+		}
+	}
+	return true
+}
+
 // withHTTP is the running structure with the http changes in next made
 // (nil: the service leaves).
 func (d *Driver) withHTTP(next map[string]*service) map[string]*service {
@@ -110,9 +128,11 @@ func (d *Driver) applyHTTP(ctx context.Context, next map[string]*service, layout
 		moved = true
 		d.log.Info("haproxy http service loaded without reload", "service", n, "slot", slot, "bind", p.svc.Bind)
 	}
-	// The layout of what is now loaded: a service that could not be
-	// placed leaves its slot spare.
-	d.layout = occupy(layout, d.loaded)
+	if moved {
+		// The layout of what is now loaded: a service that could not be
+		// placed leaves its slot spare.
+		d.layout = occupy(layout, d.loaded)
+	}
 	for _, b := range slices.SortedFunc(maps.Keys(touched), netip.AddrPort.Compare) {
 		f, ok := d.layout.Frontend(b)
 		if !ok {
