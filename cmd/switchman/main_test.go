@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -144,6 +145,7 @@ func TestPlanPrintsHTTPFrontend(t *testing.T) {
 		"b-api.yaml": "vip: 192.0.2.60\nport: 80\nmode: http\nroutes: [{host: www.example.com, path_prefix: /api}]\nbackends: [{address: 10.1.1.3, port: 9000}]\n",
 		"c-dup.yaml": "vip: 192.0.2.60\nport: 80\nmode: http\nroutes: [{host: WWW.example.com, path_prefix: /api/}]\nbackends: [{address: 10.1.1.4, port: 9000}]\n",
 	})
+	slices.Sort(paths) // the order of the arguments is the order of creation
 	stdout, stderr, err := run(t, append([]string{"plan"}, paths...)...)
 	if err == nil {
 		t.Fatalf("plan accepted a route claimed twice:\n%s", stdout)
