@@ -893,3 +893,20 @@ func TestNetnsMany(t *testing.T) {
 		t.Error("the kernel does not hold the 500 services")
 	}
 }
+
+// TestNetnsCallersNamespace: a negative descriptor (what the agent
+// passes) means the caller's namespace, as 0 does.
+func TestNetnsCallersNamespace(t *testing.T) {
+	requireNetns(t)
+	ns := newNetns(t, "own")
+	for _, fd := range []int{-1, 0} {
+		if err := netns.Do(ns, func() error {
+			k := nftables.NewNetlink(fd)
+			defer k.Close()
+			_, err := k.Tables(t.Context())
+			return err
+		}); err != nil {
+			t.Errorf("NewNetlink(%d) in the caller's namespace: %v", fd, err)
+		}
+	}
+}
