@@ -72,8 +72,9 @@ type Driver struct {
 
 	writes, commits atomic.Uint64
 
-	mu   sync.Mutex
-	keys map[string]ConnKey // service -> its vip:port/proto, from the record
+	mu       sync.Mutex
+	keys     map[string]ConnKey          // service -> its vip:port/proto, from the record
+	backends map[string][]netip.AddrPort // service -> its backends (DNAT targets), from the record
 }
 
 // New returns a Driver.
@@ -288,10 +289,11 @@ func failAll(errs map[string]error, want map[string]*render.NFTService, err erro
 	}
 }
 
-// refreshKeys notes each recorded service's vip:port/proto for
-// Connections.
+// refreshKeys notes each recorded service's vip:port/proto and backends
+// for Connections.
 func (d *Driver) refreshKeys() {
 	keys := map[string]ConnKey{}
+	backends := map[string][]netip.AddrPort{}
 	for _, t := range d.record {
 		if s := t.Sets[render.NFTServicesMap]; s != nil {
 			for _, e := range s.Elements {
@@ -300,26 +302,42 @@ func (d *Driver) refreshKeys() {
 				}
 			}
 		}
+		for name, c := range t.Chains {
+			owner, ok := render.NFTOwner(name)
+			if !ok {
+				continue
+			}
+			for _, r := range c.Rules {
+				if r.Known && r.Spec.Kind == render.NFTDNAT {
+					backends[owner] = append(backends[owner], netip.AddrPortFrom(r.Spec.Addr, r.Spec.Port))
+				}
+			}
+		}
 	}
 	d.mu.Lock()
-	d.keys = keys
+	d.keys, d.backends = keys, backends
 	d.mu.Unlock()
 }
 
 // Connections returns the connections conntrack holds for the named
-// services, by backend: for TCP those not yet closing, for UDP all. One
+// services, by backend: for TCP those not yet closing, for UDP all. Every
+// backend the tables hold for a service is in the answer, 0 when it has
+// no connection (the agent ends a drain early only on a counted 0). One
 // conntrack dump, filtered by the kernel to the service's vip:port, per
 // service.
 func (d *Driver) Connections(ctx context.Context, services map[string]bool) (map[render.BackendRef]int, error) {
 	d.mu.Lock()
 	keys := map[string]ConnKey{}
+	out := map[render.BackendRef]int{}
 	for name := range services {
 		if k, ok := d.keys[name]; ok {
 			keys[name] = k
+			for _, b := range d.backends[name] {
+				out[render.BackendRef{Service: name, Addr: b}] = 0
+			}
 		}
 	}
 	d.mu.Unlock()
-	out := map[render.BackendRef]int{}
 	for _, name := range sortedKeys(keys) {
 		c, cancel := context.WithTimeout(ctx, d.timeout)
 		counts, err := d.kernel.Connections(c, keys[name])

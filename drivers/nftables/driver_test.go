@@ -236,7 +236,7 @@ func TestDriverCanceled(t *testing.T) {
 func TestDriverConnections(t *testing.T) {
 	k := nftfake.New()
 	d := newDriver(t, k)
-	web := l4("web", "192.0.2.10:80", spec.TCP, spec.RoundRobin, dest("10.1.1.2:8080", 1), dest("10.1.1.3:8080", 0))
+	web := l4("web", "192.0.2.10:80", spec.TCP, spec.RoundRobin, dest("10.1.1.2:8080", 1), dest("10.1.1.3:8080", 0), dest("10.1.1.4:8080", 0))
 	dns := l4("dns", "192.0.2.11:53", spec.UDP, spec.RoundRobin, dest("10.1.1.2:53", 1))
 	noErrors(t, "Apply", d.Apply(t.Context(), []*render.ServiceState{state(web), state(dns)}))
 	b1, b2 := netip.MustParseAddrPort("10.1.1.2:8080"), netip.MustParseAddrPort("10.1.1.3:8080")
@@ -246,7 +246,10 @@ func TestDriverConnections(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[render.BackendRef]int{{Service: "web", Addr: b1}: 2, {Service: "web", Addr: b2}: 1}
+	// A backend without connections is counted with 0: a drain of it can
+	// end at once.
+	b3 := netip.MustParseAddrPort("10.1.1.4:8080")
+	want := map[render.BackendRef]int{{Service: "web", Addr: b1}: 2, {Service: "web", Addr: b2}: 1, {Service: "web", Addr: b3}: 0}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("Connections = %v, want %v", got, want)
 	}
