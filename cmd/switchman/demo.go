@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"slices"
@@ -20,9 +19,9 @@ import (
 
 	"github.com/urfave/cli/v2"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"google.golang.org/grpc"
 
 	"github.com/switchman-lb/switchman/internal/netns"
+	"github.com/switchman-lb/switchman/internal/nsagent"
 	"github.com/switchman-lb/switchman/status"
 )
 
@@ -35,7 +34,7 @@ import (
 // balancer's namespace and go with it.
 
 const (
-	demoNS       = "swm-demo"           // namespaces: swm-demo-lb, -client, -be1..3
+	demoNS       = "swm-demo"            // namespaces: swm-demo-lb, -client, -be1..3
 	demoDir      = "/run/switchman-demo" // the agent's data, its log and pid
 	demoLock     = "/run/switchman-demo.lock"
 	demoVIP      = "203.0.113.10" // TEST-NET-3, on the load balancer's lo
@@ -154,9 +153,7 @@ type demo struct {
 	out     io.Writer
 	self    string
 	servers []*http.Server
-	lb      *netns.Thread // the agent's parent thread, in swm-demo-lb
-	agent   *exec.Cmd
-	exited  chan struct{} // closed when the agent has exited
+	agent   *nsagent.Agent
 	etcd    *clientv3.Client
 }
 
@@ -286,19 +283,11 @@ func (d *demo) serveBackends() error {
 }
 
 // startAgent runs this binary's agent in the load balancer's namespace,
-// on its embedded etcd. It gets SIGTERM if the demo dies (its parent
-// thread is the namespace's thread, which lives as long as the demo).
+// on its embedded etcd, in a process group of its own (so Ctrl-C reaches
+// the demo, which stops it in order). It gets SIGTERM if the demo dies.
 func (d *demo) startAgent() error {
-	t, err := netns.NewThread(demoNamespace("lb"))
-	if err != nil {
-		return err
-	}
-	d.lb = t
-	logf, err := os.OpenFile(filepath.Join(demoDir, "agent.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		return err
-	}
-	cmd := exec.Command(d.self, "--log-level", "info", "agent",
+	a, err := nsagent.Start(demoNamespace("lb"), d.self, filepath.Join(demoDir, "agent.log"), syscall.SIGTERM, true,
+		"--log-level", "info", "agent",
 		"--node", demoNode,
 		"--data-dir", filepath.Join(demoDir, "data"),
 		// The VIP is on the namespace's lo already (the demo put it there),
@@ -309,32 +298,18 @@ func (d *demo) startAgent() error {
 		"--vip-cidrs", demoVIP+"/32",
 		"--backend-cidrs", "192.0.2.0/24",
 	)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
-	if err := t.Start(cmd); err != nil {
-		logf.Close()
-		return fmt.Errorf("start the agent: %w", err)
+	if err != nil {
+		return err
 	}
-	d.agent, d.exited = cmd, make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		logf.Close()
-		close(d.exited)
-	}()
-	return os.WriteFile(filepath.Join(demoDir, "agent.pid"), []byte(strconv.Itoa(cmd.Process.Pid)+"\n"), 0o600)
+	d.agent = a
+	return os.WriteFile(filepath.Join(demoDir, "agent.pid"), []byte(strconv.Itoa(a.Cmd.Process.Pid)+"\n"), 0o600)
 }
 
 // putService writes the service and its three pool members to the agent's
 // etcd and waits until the agent reports it applied with every backend
 // healthy; it returns the driver that serves it.
 func (d *demo) putService(ctx context.Context) (string, error) {
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   []string{"http://" + demoEtcd},
-		DialTimeout: 5 * time.Second,
-		DialOptions: []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
-			return netns.Dial(ctx, demoNamespace("lb"), nil, "tcp", addr)
-		})},
-	})
+	cli, err := nsagent.Client(demoNamespace("lb"), demoEtcd)
 	if err != nil {
 		return "", err
 	}
@@ -398,7 +373,7 @@ func (d *demo) untilDone(ctx context.Context, timeout time.Duration, what string
 			return nil
 		}
 		select {
-		case <-d.exited:
+		case <-d.agent.Done():
 			return fmt.Errorf("the agent exited; see %s", filepath.Join(demoDir, "agent.log"))
 		case <-ctx.Done():
 			return fmt.Errorf("%s: interrupted", what)
@@ -463,7 +438,7 @@ func (d *demo) requests(ctx context.Context, limit, interval time.Duration) (ans
 		select {
 		case <-ctx.Done():
 			return answers, failed
-		case <-d.exited:
+		case <-d.agent.Done():
 			d.say("the agent exited; see %s", filepath.Join(demoDir, "agent.log"))
 			return answers, failed + 1
 		case <-tick.C:
@@ -520,16 +495,9 @@ func (d *demo) cleanup() {
 		d.etcd.Close()
 	}
 	if d.agent != nil {
-		_ = d.agent.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-d.exited:
-		case <-time.After(demoStopWait):
-			_ = d.agent.Process.Kill()
-			<-d.exited
+		if err := d.agent.Stop(demoStopWait); err != nil {
+			d.say("cleanup: %v", err)
 		}
-	}
-	if d.lb != nil {
-		d.lb.Close()
 	}
 	for _, s := range d.servers {
 		s.Close()

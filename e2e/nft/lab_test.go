@@ -10,20 +10,17 @@
 package nft
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -32,11 +29,11 @@ import (
 	"time"
 
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"google.golang.org/grpc"
 
 	"github.com/switchman-lb/switchman/drivers/nftables"
 	"github.com/switchman-lb/switchman/internal/netns"
 	"github.com/switchman-lb/switchman/internal/netnstest"
+	"github.com/switchman-lb/switchman/internal/nsagent"
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher/embedded"
@@ -145,20 +142,12 @@ type lab struct {
 	backends map[string]*backend
 	dir      string
 	logPath  string
-	http     *http.Client // into the lb namespace (metrics)
 	cli      *clientv3.Client
 	kernel   *nftables.Netlink // switchman's tables in the lb namespace
 
-	mu          sync.Mutex
-	etcd        *embedded.Server
-	agent       *agentProc
-	agentThread *netns.Thread
-}
-
-type agentProc struct {
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
+	mu    sync.Mutex
+	etcd  *embedded.Server
+	agent *nsagent.Agent
 }
 
 func newLab(t *testing.T) *lab {
@@ -189,16 +178,8 @@ func newLab(t *testing.T) *lab {
 	t.Cleanup(func() { f.Close() })
 	l.kernel = nftables.NewNetlink(int(f.Fd()))
 	t.Cleanup(func() { l.kernel.Close() })
-	l.http = &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: netns.Dialer(l.lb), DisableKeepAlives: true}}
-
 	l.startEtcd()
-	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   []string{"http://" + etcdAddr},
-		DialTimeout: 5 * time.Second,
-		DialOptions: []grpc.DialOption{grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
-			return netns.Dial(ctx, l.lb, nil, "tcp", addr)
-		})},
-	})
+	cli, err := nsagent.Client(l.lb, etcdAddr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -290,16 +271,9 @@ func peerOf(hostport string) string {
 // loopback), on the lab's data dir: a restart keeps the data.
 func (l *lab) startEtcd() {
 	l.t.Helper()
-	var srv *embedded.Server
-	if err := netns.Do(l.lb, func() (err error) {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		srv, err = embedded.Start(ctx, slog.New(slog.DiscardHandler), embedded.Options{
-			Dir: filepath.Join(l.dir, "etcd"), ClientURL: "http://" + etcdAddr, PeerURL: "http://" + etcdPeer, Name: "e2e",
-		})
-		return err
-	}); err != nil {
-		l.t.Fatalf("start etcd: %v", err)
+	srv, err := nsagent.StartEtcd(l.lb, filepath.Join(l.dir, "etcd"), etcdAddr, etcdPeer)
+	if err != nil {
+		l.t.Fatal(err)
 	}
 	l.mu.Lock()
 	l.etcd = srv
@@ -320,12 +294,8 @@ func (l *lab) stopEtcd() {
 // to the lab's log file.
 func (l *lab) startAgent(t testing.TB) {
 	t.Helper()
-	logf, err := os.OpenFile(l.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fmt.Fprintf(logf, "=== e2e: starting the agent at %s\n", time.Now().Format(time.RFC3339Nano))
-	cmd := exec.Command(switchmanBin(t), "--log-level", "info", "agent",
+	a, err := nsagent.Start(l.lb, switchmanBin(t), l.logPath, syscall.SIGKILL, false,
+		"--log-level", "info", "agent",
 		"--etcd-endpoints", "http://"+etcdAddr,
 		"--prefix", prefix,
 		"--node", node,
@@ -337,25 +307,11 @@ func (l *lab) startAgent(t testing.TB) {
 		"--backend-cidrs", "10.1.1.0/24,fd00:1::/64",
 		"--lease-ttl", leaseTTL.String(),
 	)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	th, err := netns.NewThread(l.lb)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := th.Start(cmd); err != nil {
-		th.Close()
-		logf.Close()
-		t.Fatalf("start the agent: %v", err)
-	}
-	p := &agentProc{cmd: cmd, done: make(chan struct{})}
-	go func() {
-		p.err = cmd.Wait()
-		logf.Close()
-		close(p.done)
-	}()
 	l.mu.Lock()
-	l.agent, l.agentThread = p, th
+	l.agent = a
 	l.mu.Unlock()
 }
 
@@ -363,24 +319,14 @@ func (l *lab) startAgent(t testing.TB) {
 func (l *lab) stopAgent(t testing.TB) {
 	t.Helper()
 	l.mu.Lock()
-	p, th := l.agent, l.agentThread
-	l.agent, l.agentThread = nil, nil
+	a := l.agent
+	l.agent = nil
 	l.mu.Unlock()
-	if p == nil {
-		return
-	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-		if p.err != nil {
-			t.Errorf("agent exited with %v after SIGTERM", p.err)
+	if a != nil {
+		if err := a.Stop(waitLong); err != nil {
+			t.Errorf("stopping the agent: %v", err)
 		}
-	case <-time.After(waitLong):
-		_ = p.cmd.Process.Kill()
-		<-p.done
-		t.Errorf("agent did not exit within %s of SIGTERM; killed", waitLong)
 	}
-	th.Close()
 }
 
 func (l *lab) restartAgent(t testing.TB) {
@@ -392,47 +338,19 @@ func (l *lab) restartAgent(t testing.TB) {
 // alive returns an error when the agent has exited.
 func (l *lab) alive() error {
 	l.mu.Lock()
-	p := l.agent
+	a := l.agent
 	l.mu.Unlock()
-	if p == nil {
+	if a == nil {
 		return errors.New("the agent is not running")
 	}
-	select {
-	case <-p.done:
-		return fmt.Errorf("the agent exited: %v\n%s", p.err, tail(l.logPath, 40))
-	default:
-		return nil
+	if err := a.Exited(); err != nil {
+		return fmt.Errorf("%w\n%s", err, tail(l.logPath, 40))
 	}
+	return nil
 }
 
-// metrics scrapes the agent's /metrics: `name{labels}` -> value.
-func (l *lab) metrics() (map[string]float64, error) {
-	resp, err := l.http.Get("http://" + metricsAddr + "/metrics")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET /metrics: %s", resp.Status)
-	}
-	out := map[string]float64{}
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 64*1024), 1024*1024)
-	for sc.Scan() {
-		line := sc.Text()
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if i < 0 {
-			continue
-		}
-		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
-			out[line[:i]] = v
-		}
-	}
-	return out, sc.Err()
-}
+// metrics scrapes the agent's /metrics.
+func (l *lab) metrics() (map[string]float64, error) { return nsagent.Metrics(l.lb, metricsAddr) }
 
 // metric waits until the agent serves its metrics and returns one.
 func (l *lab) metric(t testing.TB, name string) float64 {
