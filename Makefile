@@ -8,7 +8,7 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_SECONDS ?= 0
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build test unit lint cli-check e2e e2e-nft demo-check vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-nftables fuzz demo clean
+.PHONY: all build test unit lint cli-check e2e e2e-nft demo-check vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-nftables bench-nftables-lab fuzz demo clean
 
 all: build
 
@@ -38,7 +38,8 @@ cli-check: build
 ## e2e-nft: the agent binary on the host's nf_tables, end to end, in network
 ## namespaces (root; about a minute and a half; no QEMU).
 e2e-nft: build
-	$(SUDO) env SWITCHMAN_BIN=$(BIN) $(GO) test -count=1 -timeout 15m -tags nft_e2e ./e2e/nft/
+	$(GO) test -c -tags nft_e2e -o bin/e2e-nft.test ./e2e/nft/
+	cd e2e/nft && $(SUDO) env SWITCHMAN_BIN=$(abspath $(BIN)) $(abspath bin/e2e-nft.test) -test.count=1 -test.timeout 15m
 
 ## e2e: boot a Debian kernel with IPVS under QEMU and run the e2e suite in it.
 e2e:
@@ -83,10 +84,16 @@ bench-haproxy:
 	$(GO) test -run '^$$' -bench BenchmarkPoolChanges -benchtime 1x ./drivers/haproxy/
 
 ## bench-nftables: 10,000 services x 4 backends through the agent on nf_tables
-## (root, host, namespaces): cold start, 100 one-weight changes to the kernel,
-## a full nft -f re-render per change, agent RSS. docs/bench/nftables.md.
+## (root, host, a namespace of its own): cold start, 100 one-weight changes to
+## the kernel, a full nft -f re-render per change, agent RSS.
+## bench-nftables-lab: 2,000 services, nf_tables and IPVS in one VM run.
+## Figures: docs/bench/nftables.md.
 bench-nftables: build
-	$(SUDO) env SWITCHMAN_BIN=$(BIN) $(GO) test -count=1 -timeout 60m -tags nft_e2e -run '^TestBenchNFTables$$' -v ./e2e/nft/ -bench-nftables
+	$(GO) build -o bin/bench-nftables ./bench/nftables
+	$(SUDO) bin/bench-nftables -agent $(BIN) -services 10000 -changes 100
+
+bench-nftables-lab:
+	bash e2e/lab/run.sh -run 'NFTablesVsIPVS'
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 60s ./spec/
