@@ -3,7 +3,7 @@
 package e2e
 
 import (
-	"bytes"
+	"bufio"
 	"context"
 	"os"
 	"os/exec"
@@ -35,11 +35,32 @@ func TestLabDemo(t *testing.T) {
 	bin := labOnlyBin(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	var out bytes.Buffer
 	cmd := exec.CommandContext(ctx, bin, "demo", "--seconds", "6")
-	cmd.Stdout, cmd.Stderr = &out, &out
+	pipe, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = cmd.Stdout
 	start := time.Now()
-	err := cmd.Run()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var out strings.Builder
+	sc := bufio.NewScanner(pipe)
+	listed := false
+	for sc.Scan() {
+		out.WriteString(sc.Text() + "\n")
+		if !listed && strings.Contains(sc.Text(), "-> be") {
+			// While it balances: what IPVS holds in the demo's namespace.
+			listed = true
+			list, err := exec.CommandContext(ctx, "/sbin/ip", "netns", "exec", "swm-demo-lb", "/sbin/ipvsadm", "-Ln").CombinedOutput()
+			t.Logf("ipvsadm -Ln in swm-demo-lb:\n%s", list)
+			if err != nil || !strings.Contains(string(list), "TCP  203.0.113.10:80 rr") || strings.Count(string(list), "Masq") != 3 {
+				t.Errorf("IPVS in the demo's namespace: %v, want 203.0.113.10:80 rr with three Masq destinations", err)
+			}
+		}
+	}
+	err = cmd.Wait()
 	t.Logf("switchman demo --seconds 6 took %s:\n%s", time.Since(start).Round(time.Millisecond), out.String())
 	if err != nil {
 		t.Fatalf("switchman demo: %v", err)
