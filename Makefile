@@ -38,6 +38,7 @@ cli-check: build
 ## e2e-nft: the agent binary on the host's nf_tables, end to end, in network
 ## namespaces (root; about a minute and a half; no QEMU).
 e2e-nft: build
+	@command -v nft >/dev/null || { echo "e2e-nft needs nft (apt-get install nftables)"; exit 1; }
 	$(GO) test -c -tags nft_e2e -o bin/e2e-nft.test ./e2e/nft/
 	cd e2e/nft && $(SUDO) env SWITCHMAN_BIN=$(abspath $(BIN)) $(abspath bin/e2e-nft.test) -test.count=1 -test.timeout 15m
 
