@@ -3,9 +3,12 @@ GO      ?= go
 BIN     := bin/switchman
 PKGS    := ./...
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+# The demo, the namespace suite and the nf_tables benchmark need root.
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO_SECONDS ?= 0
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build test unit lint cli-check e2e vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy fuzz demo clean
+.PHONY: all build test unit lint cli-check e2e e2e-nft demo-check vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-nftables bench-nftables-lab fuzz demo clean
 
 all: build
 
@@ -13,8 +16,9 @@ build:
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/switchman
 
 ## test: everything CI runs: lint, unit and integration tests (real etcd,
-## HAProxy, iptables in namespaces), the CLI checks, and the QEMU IPVS lab.
-test: lint unit cli-check e2e vagrant-validate
+## HAProxy, iptables in namespaces), the CLI checks, the agent on nf_tables
+## in namespaces, the demo for 5 seconds, and the QEMU IPVS lab.
+test: lint unit cli-check e2e-nft demo-check e2e vagrant-validate
 
 unit:
 	$(GO) test -count=1 -timeout 20m $(PKGS)
@@ -23,12 +27,20 @@ lint:
 	@fmt=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$fmt" ]; then echo "gofmt needed:"; echo "$$fmt"; exit 1; fi
 	$(GO) vet $(PKGS)
 	$(GO) vet -tags e2e ./e2e/...
+	$(GO) vet -tags nft_e2e ./e2e/nft/
 
 ## cli-check: the operator-facing promises of the CLI on the examples.
 cli-check: build
 	$(BIN) validate examples/*.yaml examples/*.json
 	@if $(BIN) validate examples/broken/* >/dev/null 2>&1; then echo "validate accepted broken examples"; exit 1; fi
 	$(BIN) plan examples/*.yaml examples/*.json >/dev/null
+
+## e2e-nft: the agent binary on the host's nf_tables, end to end, in network
+## namespaces (root; about a minute and a half; no QEMU).
+e2e-nft: build
+	@command -v nft >/dev/null || { echo "e2e-nft needs nft (apt-get install nftables)"; exit 1; }
+	$(GO) test -c -tags nft_e2e -o bin/e2e-nft.test ./e2e/nft/
+	cd e2e/nft && $(SUDO) env SWITCHMAN_BIN=$(abspath $(BIN)) $(abspath bin/e2e-nft.test) -test.count=1 -test.timeout 15m
 
 ## e2e: boot a Debian kernel with IPVS under QEMU and run the e2e suite in it.
 e2e:
@@ -37,12 +49,18 @@ e2e:
 vagrant-validate:
 	bash e2e/lab/validate-vagrant.sh
 
-## demo: the agent on its embedded etcd (etcdctl works against 127.0.0.1:2379).
+## demo: a load balancer, three backends and a client in network namespaces of
+## its own, the agent on its embedded etcd in the first, requests printed as
+## they are balanced; Ctrl-C removes it all. DEMO_SECONDS=N stops after N
+## seconds and fails unless the backends took turns.
 demo: build
-	mkdir -p /tmp/switchman-demo
-	$(BIN) agent --data-dir /tmp/switchman-demo --node demo
+	$(SUDO) $(BIN) demo --seconds $(DEMO_SECONDS)
 
-bench: bench-scale bench-ipvs bench-convergence bench-health bench-haproxy
+## demo-check: the README's first command, bounded (what make test runs).
+demo-check:
+	$(MAKE) demo DEMO_SECONDS=5
+
+bench: bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-nftables
 	@echo "figures: docs/BENCHMARKS.md"
 
 ## bench-scale: 10,000 definitions in one burst; agent RSS with 40,000 backends.
@@ -65,6 +83,18 @@ bench-health:
 ## bench-haproxy: 100 pool changes under load, runtime API vs reload per change.
 bench-haproxy:
 	$(GO) test -run '^$$' -bench BenchmarkPoolChanges -benchtime 1x ./drivers/haproxy/
+
+## bench-nftables: 10,000 services x 4 backends through the agent on nf_tables
+## (root, host, a namespace of its own): cold start, 100 one-weight changes to
+## the kernel, a full nft -f re-render per change, agent RSS.
+## bench-nftables-lab: 2,000 services, nf_tables and IPVS in one VM run.
+## Figures: docs/bench/nftables.md.
+bench-nftables: build
+	$(GO) build -o bin/bench-nftables ./bench/nftables
+	$(SUDO) bin/bench-nftables -agent $(BIN) -services 10000 -changes 100
+
+bench-nftables-lab:
+	bash e2e/lab/run.sh -run 'NFTablesVsIPVS'
 
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 60s ./spec/
