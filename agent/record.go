@@ -180,6 +180,10 @@ func (a *Agent) handle(res result) {
 	}
 	if res.kind == workSync && !a.synced[res.plane] {
 		a.synced[res.plane] = true
+		a.syncLeft--
+		if a.syncLeft == 0 {
+			a.ready()
+		}
 		if p.Guard {
 			a.guardLeft--
 			if a.guardLeft == 0 {
@@ -196,6 +200,10 @@ func (a *Agent) handle(res result) {
 func (a *Agent) firstSync() {
 	a.started = true
 	a.synced = make([]bool, len(a.planes))
+	a.syncLeft = len(a.planes)
+	if a.syncLeft == 0 {
+		a.ready() // no driver: nothing to apply
+	}
 	lists := make([][]*render.ServiceState, len(a.planes))
 	for _, name := range slices.Sorted(mapKeys(a.records)) {
 		r := a.records[name]
@@ -229,6 +237,13 @@ func (a *Agent) firstSync() {
 	}
 	for _, name := range slices.Sorted(mapKeys(a.records)) {
 		a.publish(a.records[name]) // those no driver owes a report on
+	}
+}
+
+// ready tells Options.Ready that the first pass is done.
+func (a *Agent) ready() {
+	if a.opts.Ready != nil {
+		a.opts.Ready()
 	}
 }
 
