@@ -252,6 +252,14 @@ func (a *Agent) syncExposure() {
 	lists := make([][]*render.ServiceState, len(a.planes))
 	for _, name := range slices.Sorted(mapKeys(a.records)) {
 		r := a.records[name]
+		// A service whose guards reported went on to the other drivers
+		// already (advance, as an Apply); their first Sync must list it
+		// too, or the Sync would remove it from what they hold.
+		for i, p := range a.planes {
+			if !p.Guard && r.state != nil && r.planes[i].sent == r.state {
+				lists[i] = append(lists[i], r.state)
+			}
+		}
 		ready := true
 		for _, i := range r.first {
 			if ps := r.planes[i]; ps.wait || ps.err != nil {
