@@ -4,8 +4,12 @@ BIN     := bin/switchman
 PKGS    := ./...
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
+# The Debian package's version: ordered by commit time, so that a later
+# build upgrades an earlier one.
+DEB_VERSION ?= $(shell git log -1 --format='0.1.0~git%cd.%h' --date=format:%Y%m%d%H%M%S 2>/dev/null || echo 0.1.0~dev)
+DEB_DIR := bin/deb
 
-.PHONY: all build test unit lint cli-check e2e vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy fuzz demo clean
+.PHONY: all build test unit lint cli-check packaging-check deb e2e vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy fuzz demo clean
 
 all: build
 
@@ -14,7 +18,7 @@ build:
 
 ## test: everything CI runs: lint, unit and integration tests (real etcd,
 ## HAProxy, iptables in namespaces), the CLI checks, and the QEMU IPVS lab.
-test: lint unit cli-check e2e vagrant-validate
+test: lint unit cli-check packaging-check e2e vagrant-validate
 
 unit:
 	$(GO) test -count=1 -timeout 20m $(PKGS)
@@ -29,6 +33,23 @@ cli-check: build
 	$(BIN) validate examples/*.yaml examples/*.json
 	@if $(BIN) validate examples/broken/* >/dev/null 2>&1; then echo "validate accepted broken examples"; exit 1; fi
 	$(BIN) plan examples/*.yaml examples/*.json >/dev/null
+
+## deb: the Debian package (dpkg-deb), in bin/deb/: the binary, the unit,
+## /etc/default/switchman, the man page, examples, alert rules, dashboard.
+deb:
+	rm -rf $(DEB_DIR)
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w -X main.version=$(DEB_VERSION)' -o $(DEB_DIR)/bin/switchman ./cmd/switchman
+	bash packaging/deb/build.sh $(DEB_DIR)/bin/switchman $(DEB_VERSION) $(DEB_DIR)
+
+## packaging-check: the alert rules (promtool), then the package installed
+## and run under systemd in a lab host, upgraded under load (root).
+packaging-check: deb
+	promtool check rules packaging/prometheus/switchman-alerts.yaml
+	promtool test rules packaging/prometheus/switchman-alerts.test.yaml
+	bash packaging/deb/build.sh $(DEB_DIR)/bin/switchman $(DEB_VERSION)+upgrade $(DEB_DIR)/upgrade
+	CGO_ENABLED=0 $(GO) build -o $(DEB_DIR)/bin/labserver ./e2e/topology/labserver
+	bash packaging/test/run.sh $(DEB_DIR)/switchman_$(DEB_VERSION)_$$(dpkg --print-architecture).deb \
+		$(DEB_DIR)/upgrade/switchman_$(DEB_VERSION)+upgrade_$$(dpkg --print-architecture).deb $(DEB_DIR)/bin/labserver
 
 ## e2e: boot a Debian kernel with IPVS under QEMU and run the e2e suite in it.
 e2e:
