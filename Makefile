@@ -9,7 +9,7 @@ LDFLAGS := -X main.version=$(VERSION)
 DEB_VERSION ?= $(shell git log -1 --format='0.1.0~git%cd.%h' --date=format:%Y%m%d%H%M%S 2>/dev/null || echo 0.1.0~dev)
 DEB_DIR := bin/deb
 
-.PHONY: all build test unit lint cli-check packaging-check deb e2e vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy fuzz demo clean
+.PHONY: all build test unit lint cli-check packaging-check deb deb-bin e2e vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy fuzz demo clean
 
 all: build
 
@@ -36,20 +36,25 @@ cli-check: build
 
 ## deb: the Debian package (dpkg-deb), in bin/deb/: the binary, the unit,
 ## /etc/default/switchman, the man page, examples, alert rules, dashboard.
-deb:
-	rm -rf $(DEB_DIR)
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '-s -w -X main.version=$(DEB_VERSION)' -o $(DEB_DIR)/bin/switchman ./cmd/switchman
+deb: deb-bin
+	rm -f $(DEB_DIR)/*.deb
 	bash packaging/deb/build.sh $(DEB_DIR)/bin/switchman $(DEB_VERSION) $(DEB_DIR)
 
-## packaging-check: the alert rules (promtool), then the package installed
-## and run under systemd in a lab host, upgraded under load (root).
-packaging-check: deb
+deb-bin:
+	CGO_ENABLED=0 $(GO) build -ldflags '-s -w -X main.version=$(DEB_VERSION)' -o $(DEB_DIR)/bin/switchman ./cmd/switchman
+
+## packaging-check: the alert rules (promtool), then the package (built as
+## by make deb, with light compression) installed and run under systemd in
+## a lab host, upgraded under load and removed (root).
+packaging-check: deb-bin
 	promtool check rules packaging/prometheus/switchman-alerts.yaml
 	promtool test rules packaging/prometheus/switchman-alerts.test.yaml
-	bash packaging/deb/build.sh $(DEB_DIR)/bin/switchman $(DEB_VERSION)+upgrade $(DEB_DIR)/upgrade
+	rm -rf $(DEB_DIR)/test
+	DEB_COMPRESS_LEVEL=0 bash packaging/deb/build.sh $(DEB_DIR)/bin/switchman $(DEB_VERSION) $(DEB_DIR)/test
+	DEB_COMPRESS_LEVEL=0 bash packaging/deb/build.sh $(DEB_DIR)/bin/switchman $(DEB_VERSION)+upgrade $(DEB_DIR)/test/upgrade
 	CGO_ENABLED=0 $(GO) build -o $(DEB_DIR)/bin/labserver ./e2e/topology/labserver
-	bash packaging/test/run.sh $(DEB_DIR)/switchman_$(DEB_VERSION)_$$(dpkg --print-architecture).deb \
-		$(DEB_DIR)/upgrade/switchman_$(DEB_VERSION)+upgrade_$$(dpkg --print-architecture).deb $(DEB_DIR)/bin/labserver
+	bash packaging/test/run.sh $(DEB_DIR)/test/switchman_$(DEB_VERSION)_*.deb \
+		$(DEB_DIR)/test/upgrade/switchman_$(DEB_VERSION)+upgrade_*.deb $(DEB_DIR)/bin/labserver
 
 ## e2e: boot a Debian kernel with IPVS under QEMU and run the e2e suite in it.
 e2e:

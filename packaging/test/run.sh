@@ -54,10 +54,10 @@ done
 field Depends | grep -qw adduser && ok "Depends adduser" || fail "Depends lacks adduser"
 listing=$(dpkg-deb -c "$deb" | awk '{print $1, $2, $6}' | sed 's|^\(.*\) \./|\1 /|')
 while read -r mode owner path; do
-	if grep -qxF "$mode $owner $path" <<<"$listing"; then
+	if grep -qxF -- "$mode $owner $path" <<<"$listing"; then
 		ok "$mode $owner $path"
 	else
-		fail "$path: want $mode $owner, have: $(grep " $path\$" <<<"$listing" || echo missing)"
+		fail "$path: want $mode $owner, have: $(grep -- " $path\$" <<<"$listing" || echo missing)"
 	fi
 done <<'FILES'
 -rwxr-xr-x root/root /usr/bin/switchman
