@@ -205,6 +205,12 @@ done
 writes=$(lab_run curl -s http://127.0.0.1:9469/metrics | awk '/^switchman_dataplane_writes_total\{driver="nftables"\}/ {print $2}')
 [ "$writes" = 0 ] && ok "the new agent wrote nothing to nf_tables" || fail "the new agent made $writes nf_tables writes after the upgrade"
 
+# A structural change reloads HAProxy (master CLI, re-exec) under the
+# unit's restrictions (system call filter, capabilities).
+lab_run etcdctl put /switchman/services/web-reload "{\"vip\":\"127.0.0.12\",\"port\":443,\"driver\":\"haproxy\",$backends}" >/dev/null
+eventually "web-reload applied (HAProxy reloaded by the new agent)" applied web-reload
+[ "$(answers 127.0.0.12:443)" = "be1 be2 " ] && ok "127.0.0.12:443 answers after the reload" || fail "127.0.0.12:443 answers: $(answers 127.0.0.12:443)"
+
 echo "== 6. stop, remove, purge"
 lab_run systemctl stop switchman
 [ "$(answers 127.0.0.10)" = "be1 be2 " ] && [ "$(answers 127.0.0.11)" = "be1 be2 " ] && ok "after systemctl stop both VIPs still answer (the data plane stays)" || fail "after stop: $(answers 127.0.0.10) / $(answers 127.0.0.11)"
