@@ -125,7 +125,7 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		if err != nil {
 			return nil, err
 		}
-		set.planes = append(set.planes, agent.Plane{Driver: agent.Whole(d), Part: render.PartHAProxy})
+		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartHAProxy})
 		if run != nil {
 			set.runners["haproxy"] = run
 		}
