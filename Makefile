@@ -52,6 +52,7 @@ packaging-check: deb-bin
 	rm -rf $(DEB_DIR)/test
 	DEB_COMPRESS_LEVEL=0 bash packaging/deb/build.sh $(DEB_DIR)/bin/switchman $(DEB_VERSION) $(DEB_DIR)/test
 	DEB_COMPRESS_LEVEL=0 bash packaging/deb/build.sh $(DEB_DIR)/bin/switchman $(DEB_VERSION)+upgrade $(DEB_DIR)/test/upgrade
+	lintian --fail-on error,warning $(DEB_DIR)/test/switchman_$(DEB_VERSION)_*.deb
 	CGO_ENABLED=0 $(GO) build -o $(DEB_DIR)/bin/labserver ./e2e/topology/labserver
 	bash packaging/test/run.sh $(DEB_DIR)/test/switchman_$(DEB_VERSION)_*.deb \
 		$(DEB_DIR)/test/upgrade/switchman_$(DEB_VERSION)+upgrade_*.deb $(DEB_DIR)/bin/labserver

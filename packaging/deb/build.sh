@@ -29,6 +29,7 @@ install -m 0644 "$top/README.md" "$top/docs/operations.md" "$doc/"
 install -m 0644 "$top"/examples/*.yaml "$top"/examples/*.json "$top/examples/README.md" "$doc/examples/"
 install -D -m 0644 "$top/packaging/prometheus/switchman-alerts.yaml" "$root/usr/share/switchman/prometheus/switchman-alerts.yaml"
 install -D -m 0644 "$top/packaging/grafana/switchman.json" "$root/usr/share/switchman/grafana/switchman.json"
+install -D -m 0644 "$here/lintian-overrides" "$root/usr/share/lintian/overrides/switchman"
 "$here/copyright.sh" "$bin" > "$doc/copyright"
 chmod 0644 "$doc/copyright"
 
