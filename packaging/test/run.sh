@@ -17,7 +17,8 @@
 # 5. A package upgrade under a client loop: no request fails, an
 #    established connection goes on, HAProxy is not restarted and the new
 #    agent writes nothing to nf_tables.
-# 6. A stop leaves the data plane serving; removal and purge.
+# 6. A stop leaves the data plane serving; the documented backup and
+#    restore of the data directory; removal and purge.
 set -euo pipefail
 deb=$(readlink -f "$1")
 deb2=$(readlink -f "$2")
@@ -211,11 +212,22 @@ lab_run etcdctl put /switchman/services/web-reload "{\"vip\":\"127.0.0.12\",\"po
 eventually "web-reload applied (HAProxy reloaded by the new agent)" applied web-reload
 [ "$(answers 127.0.0.12:443)" = "be1 be2 " ] && ok "127.0.0.12:443 answers after the reload" || fail "127.0.0.12:443 answers: $(answers 127.0.0.12:443)"
 
-echo "== 6. stop, remove, purge"
+echo "== 6. backup, stop, restore, remove, purge"
+# The backup and restore of docs/operations.md, word for word.
+lab_run mkdir -p /backup
+lab_run etcdctl snapshot save /backup/switchman-etcd.db >/dev/null 2>&1
+lab_run tar -C /var/lib/switchman -czf /backup/switchman-state.tgz --ignore-failed-read lastgood ipvs-owned.json 2>/dev/null
 lab_run systemctl stop switchman
 [ "$(answers 127.0.0.10)" = "be1 be2 " ] && [ "$(answers 127.0.0.11)" = "be1 be2 " ] && ok "after systemctl stop both VIPs still answer (the data plane stays)" || fail "after stop: $(answers 127.0.0.10) / $(answers 127.0.0.11)"
+lab_run rm -rf /var/lib/switchman/etcd /var/lib/switchman/lastgood
+lab_run sh -c 'etcdctl snapshot restore /backup/switchman-etcd.db --data-dir /var/lib/switchman/etcd --name "$(hostname)" --initial-cluster "$(hostname)=http://127.0.0.1:2380" --initial-advertise-peer-urls http://127.0.0.1:2380' >/dev/null 2>&1
+lab_run tar -C /var/lib/switchman -xzf /backup/switchman-state.tgz
+lab_run chown -R switchman:switchman /var/lib/switchman
 lab_run systemctl start switchman
-[ "$(lab_run systemctl is-active switchman)" = active ] && ok "started again" || fail "start after stop"
+[ "$(lab_run systemctl is-active switchman)" = active ] && ok "started again on the restored data dir" || fail "start after restore"
+# The agent's own count, not the status keys (the snapshot holds the old ones).
+applied3() { lab_run curl -s http://127.0.0.1:9469/metrics | grep -qx 'switchman_services{state="applied"} 3'; }
+eventually "the three definitions back from the snapshot and applied by the new agent" applied3
 lab_run dpkg -r switchman >/dev/null
 [ "$(lab_run systemctl is-active switchman)" != active ] && ok "removal stops the agent" || fail "agent still active after removal"
 lab_run dpkg -P switchman >/dev/null 2>&1
