@@ -74,7 +74,15 @@ done <<'FILES'
 -rw-r--r-- root/root /usr/share/switchman/grafana/switchman.json
 FILES
 unpacked=$(mktemp -d)
-trap 'rm -rf "$unpacked"; lab_stop' EXIT
+# On a failure, what the lab's agent says, before the lab goes.
+diagnose() {
+	if [ "$fails" != 0 ] && [ -n "$LAB_PID" ]; then
+		echo "--- switchman status and the agent's last log lines:" >&2
+		lab_run switchman status >&2 || true
+		lab_run journalctl -u switchman --no-pager -n 30 >&2 || true
+	fi
+}
+trap 'diagnose; rm -rf "$unpacked"; lab_stop' EXIT
 dpkg-deb -R "$deb" "$unpacked"
 [ "$(cat "$unpacked/DEBIAN/conffiles")" = /etc/default/switchman ] && ok "conffiles: /etc/default/switchman" || fail "conffiles: $(cat "$unpacked/DEBIAN/conffiles")"
 (cd "$unpacked" && md5sum --quiet -c DEBIAN/md5sums) && ok "md5sums" || fail "md5sums"
