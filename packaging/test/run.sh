@@ -90,6 +90,17 @@ cmp -s "$unpacked/lib/systemd/system/switchman.service" "$top/packaging/switchma
 warn=$(zcat "$unpacked/usr/share/man/man8/switchman.8.gz" | groff -man -Tutf8 -ww -z 2>&1 || true)
 [ -z "$warn" ] && ok "man page renders without warnings" || fail "man page: $warn"
 zcat "$unpacked/usr/share/doc/switchman/changelog.gz" | head -1 | grep -qF "($(field Version))" && ok "changelog names $(field Version)" || fail "changelog: $(zcat "$unpacked/usr/share/doc/switchman/changelog.gz" | head -1)"
+# Every query of the dashboard parses as PromQL: promtool checks them as
+# recording rules.
+queries=$unpacked/dashboard-queries.yaml
+{
+	echo "groups: [{name: dashboard, rules: ["
+	grep -o '"expr": ".*",$' "$top/packaging/grafana/switchman.json" | sed -e 's/^"expr": "//' -e 's/",$//' -e 's/\\"/"/g' |
+		awk '{printf "{record: q%d, expr: '"'"'%s'"'"'},\n", NR, $0}'
+	echo "]}]"
+} >"$queries"
+n=$(grep -c '"expr":' "$top/packaging/grafana/switchman.json")
+promtool check rules "$queries" >/dev/null && ok "the dashboard's $n queries parse (promtool)" || fail "dashboard queries: $(promtool check rules "$queries" 2>&1 | tail -3)"
 grep -q "^License: UNKNOWN" "$unpacked/usr/share/doc/switchman/copyright" && fail "copyright: a module's license is UNKNOWN" || ok "copyright: every module's license identified"
 
 echo "== 2. installed in a lab host with systemd"
