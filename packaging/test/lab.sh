@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # lab.sh (sourced): a throwaway Debian host for the packaging tests. A
 # systemd runs as PID 1 in namespaces of its own (mount, PID, network, UTS,
 # IPC, cgroup) on an overlay of this machine's root with a tmpfs on top:

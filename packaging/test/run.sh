@@ -156,7 +156,8 @@ if lab_run switchman agent --help | grep -q -- '--ha-interface'; then
 	lab_run etcdctl put /switchman/services/web-ha "{\"vip\":\"192.0.2.10\",\"port\":80,\"ha_group\":\"g1\",$backends}" >/dev/null
 	lab_run systemctl restart switchman
 	eventually "web-ha applied with --ha-interface ha0" applied web-ha
-	eventually "HA group g1 held" sh -c "nsenter --target $LAB_PID --all --root --wd -- curl -s http://127.0.0.1:9469/metrics | grep -q '^switchman_ha_group_held{group=\"g1\"} 1'"
+	ha_held() { lab_run curl -s http://127.0.0.1:9469/metrics | grep -qx 'switchman_ha_group_held{group="g1"} 1'; }
+	eventually "HA group g1 held by the agent" ha_held
 else
 	echo "SKIP: HA metrics (switchman_ha_*): this build has no --ha-interface yet; only the others are checked"
 fi
@@ -165,7 +166,7 @@ for n in $names; do
 	if [ -z "$ha" ] && [[ $n == switchman_ha_* ]]; then
 		continue
 	fi
-	grep -q "^$n[{ ]" <<<"$metrics" && ok "metric $n" || fail "metric $n named by the rules or the dashboard is not exported"
+	grep -q "^${n}[{ ]" <<<"$metrics" && ok "metric $n" || fail "metric $n named by the rules or the dashboard is not exported"
 done
 
 echo "== 5. package upgrade under load"
