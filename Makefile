@@ -12,11 +12,7 @@ LDFLAGS := -X main.version=$(VERSION)
 DEB_VERSION ?= $(shell git log -1 --format='0.1.0~git%cd.%h' --date=format:%Y%m%d%H%M%S 2>/dev/null || echo 0.1.0~dev)
 DEB_DIR := bin/deb
 
-<<<<<<< HEAD
-.PHONY: all build test unit lint cli-check e2e e2e-nft demo-check vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-nftables bench-nftables-lab fuzz demo clean
-=======
-.PHONY: all build test unit lint cli-check packaging-check deb deb-bin e2e vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy fuzz demo clean
->>>>>>> pkg
+.PHONY: all build test unit lint cli-check packaging-check deb deb-bin e2e e2e-nft demo-check vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-nftables bench-nftables-lab fuzz demo clean
 
 all: build
 
@@ -24,14 +20,10 @@ build:
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/switchman
 
 ## test: everything CI runs: lint, unit and integration tests (real etcd,
-<<<<<<< HEAD
-## HAProxy, iptables in namespaces), the CLI checks, the agent on nf_tables
-## in namespaces, the demo for 5 seconds, and the QEMU IPVS lab.
-test: lint unit cli-check e2e-nft demo-check e2e vagrant-validate
-=======
-## HAProxy, iptables in namespaces), the CLI checks, and the QEMU IPVS lab.
-test: lint unit cli-check packaging-check e2e vagrant-validate
->>>>>>> pkg
+## HAProxy, iptables in namespaces), the CLI checks, the Debian package
+## under systemd, the agent on nf_tables in namespaces, the demo for 5 seconds,
+## and the QEMU IPVS lab.
+test: lint unit cli-check packaging-check e2e-nft demo-check e2e vagrant-validate
 
 unit:
 	$(GO) test -count=1 -timeout 20m $(PKGS)
@@ -48,14 +40,13 @@ cli-check: build
 	@if $(BIN) validate examples/broken/* >/dev/null 2>&1; then echo "validate accepted broken examples"; exit 1; fi
 	$(BIN) plan examples/*.yaml examples/*.json >/dev/null
 
-<<<<<<< HEAD
 ## e2e-nft: the agent binary on the host's nf_tables, end to end, in network
 ## namespaces (root; about a minute and a half; no QEMU).
 e2e-nft: build
 	@command -v nft >/dev/null || { echo "e2e-nft needs nft (apt-get install nftables)"; exit 1; }
 	$(GO) test -c -tags nft_e2e -o bin/e2e-nft.test ./e2e/nft/
 	cd e2e/nft && $(SUDO) env SWITCHMAN_BIN=$(abspath $(BIN)) $(abspath bin/e2e-nft.test) -test.count=1 -test.timeout 15m
-=======
+
 ## deb: the Debian package (dpkg-deb), in bin/deb/: the binary, the unit,
 ## /etc/default/switchman, the man page, examples, alert rules, dashboard.
 deb: deb-bin
@@ -78,7 +69,6 @@ packaging-check: deb-bin
 	CGO_ENABLED=0 $(GO) build -o $(DEB_DIR)/bin/labserver ./e2e/topology/labserver
 	bash packaging/test/run.sh $(DEB_DIR)/test/switchman_$(DEB_VERSION)_*.deb \
 		$(DEB_DIR)/test/upgrade/switchman_$(DEB_VERSION)+upgrade_*.deb $(DEB_DIR)/bin/labserver
->>>>>>> pkg
 
 ## e2e: boot a Debian kernel with IPVS under QEMU and run the e2e suite in it.
 e2e:
