@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/urfave/cli/v2"
@@ -101,22 +102,40 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		}
 	}
 	sched := health.New(health.Options{Logger: log.With("component", "health"), Registerer: reg, MaxConcurrent: c.Int("health-concurrency")})
-	set.health = healthView{sched}
+	set.health = &healthView{s: sched}
 	set.runners["health"] = sched.Run
 	return set, nil
 }
 
 // healthView adapts the health scheduler to the loop: it turns services
 // into check targets and the scheduler's states into the render view.
-type healthView struct{ s *health.Scheduler }
+type healthView struct {
+	s     *health.Scheduler
+	mu    sync.Mutex
+	names map[string]bool // the services last set
+}
 
-// SetServices checks every backend of every service whose health protocol
-// is not none.
-func (h healthView) SetServices(services []*spec.Service) { h.s.Update(health.TargetsFor(services)) }
+// SetServices sets the targets of every service given and removes those
+// of services no longer given.
+func (h *healthView) SetServices(services []*spec.Service) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	next := make(map[string]bool, len(services))
+	for _, svc := range services {
+		next[svc.Name] = true
+		h.s.SetService(svc.Name, health.TargetsFor(svc))
+	}
+	for name := range h.names {
+		if !next[name] {
+			h.s.SetService(name, nil)
+		}
+	}
+	h.names = next
+}
 
 // View reports every checked backend; one still pending counts as down
 // unless it was healthy before its settings changed.
-func (h healthView) View() map[render.BackendRef]agent.BackendHealth {
+func (h *healthView) View() map[render.BackendRef]agent.BackendHealth {
 	snap := h.s.Snapshot()
 	out := make(map[render.BackendRef]agent.BackendHealth, len(snap))
 	for k, st := range snap {
@@ -130,5 +149,5 @@ func (h healthView) View() map[render.BackendRef]agent.BackendHealth {
 	return out
 }
 
-func (h healthView) Changed() <-chan struct{}              { return h.s.Changed() }
-func (h healthView) WaitSettled(ctx context.Context) error { return h.s.WaitSettled(ctx) }
+func (h *healthView) Changed() <-chan struct{}              { return h.s.Changed() }
+func (h *healthView) WaitSettled(ctx context.Context) error { return h.s.WaitSettled(ctx) }

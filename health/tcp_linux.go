@@ -1,0 +1,197 @@
+//go:build linux
+
+package health
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// tcpChecker succeeds when the backend answers a TCP connection attempt
+// (SYN-ACK). It completes no handshake at the backend (see openConnect) and
+// resets the connection at once.
+//
+// The Scheduler runs its checks on its connect poller (one epoll instance
+// and one goroutine for every tcp check); Check runs one check on its own,
+// with the same socket set-up.
+type tcpChecker struct {
+	addr   netip.AddrPort
+	desc   string
+	family int
+	// sa is the poller's copy of the address: unix.Connect writes into it,
+	// so only the scheduler's dispatcher (one goroutine, one check of this
+	// target at a time) uses it. Check makes its own.
+	sa unix.Sockaddr
+
+	timeout time.Duration // for the timeout's error text
+
+	// The last error the poller reported, reused while the cause repeats
+	// (a backend that is down fails the same way every interval), so a
+	// failing check allocates nothing. Only the poller's goroutine uses
+	// them.
+	lastErrno  unix.Errno
+	lastErr    error
+	timeoutErr error
+}
+
+func newTCPChecker(addr netip.AddrPort, timeout time.Duration) (*tcpChecker, error) {
+	family, sa, err := sockaddrOf(addr)
+	if err != nil {
+		return nil, err
+	}
+	return &tcpChecker{addr: addr, desc: "tcp " + addr.String(), family: family, sa: sa, timeout: timeout}, nil
+}
+
+func (c *tcpChecker) String() string { return c.desc }
+
+// sockaddrOf converts an address for connect(2).
+func sockaddrOf(ap netip.AddrPort) (int, unix.Sockaddr, error) {
+	a := ap.Addr()
+	if a.Is4() || a.Is4In6() {
+		return unix.AF_INET, &unix.SockaddrInet4{Port: int(ap.Port()), Addr: a.Unmap().As4()}, nil
+	}
+	sa := &unix.SockaddrInet6{Port: int(ap.Port()), Addr: a.As16()}
+	if z := a.Zone(); z != "" {
+		if ifi, err := net.InterfaceByName(z); err == nil {
+			sa.ZoneId = uint32(ifi.Index)
+		} else if n, nerr := strconv.ParseUint(z, 10, 32); nerr == nil {
+			sa.ZoneId = uint32(n)
+		} else {
+			return 0, nil, fmt.Errorf("address %s: zone %q: %w", ap, z, err)
+		}
+	}
+	return unix.AF_INET6, sa, nil
+}
+
+// noLinger is SO_LINGER on with a zero timeout: the kernel only reads it.
+var noLinger = unix.Linger{Onoff: 1, Linger: 0}
+
+// openConnect makes a non-blocking TCP socket set up for a check and starts
+// connecting it to sa. It returns the socket, or the error of a connect
+// that failed at once (the socket is then closed).
+//
+// The socket has TCP_QUICKACK off, so the kernel holds back the last ACK of
+// the handshake (waiting for data to carry it): the check learns that the
+// backend answered (SYN-ACK) and then resets the connection, so the
+// backend's kernel drops the half-open request and its application is
+// never woken to accept a connection that carries nothing. It has
+// SO_LINGER 0, so close sends RST instead of FIN and leaves no TIME_WAIT:
+// thousands of checks a second do not use up ephemeral ports. HAProxy's
+// tcp checks work the same way.
+func openConnect(family int, sa unix.Sockaddr) (int, error) {
+	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	if err != nil {
+		return -1, fmt.Errorf("socket: %w", err)
+	}
+	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, 0); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("setsockopt TCP_QUICKACK: %w", err)
+	}
+	if err := unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &noLinger); err != nil {
+		unix.Close(fd)
+		return -1, fmt.Errorf("setsockopt SO_LINGER: %w", err)
+	}
+	if err := unix.Connect(fd, sa); err != nil && !errors.Is(err, unix.EINPROGRESS) {
+		unix.Close(fd)
+		return -1, err
+	}
+	return fd, nil
+}
+
+// connectError is the error of a check whose connect failed with errno.
+func (c *tcpChecker) connectError(err error) error {
+	if errors.Is(err, unix.ECONNREFUSED) {
+		return fmt.Errorf("tcp connect %s: refused: %w", c.addr, err)
+	}
+	return fmt.Errorf("tcp connect %s: %w", c.addr, err)
+}
+
+// errnoError is the error of a check whose connect failed with errno: the
+// same value as last time while the cause repeats. Only the poller's
+// goroutine calls it.
+func (c *tcpChecker) errnoError(errno unix.Errno) error {
+	if errno != c.lastErrno || c.lastErr == nil {
+		c.lastErrno, c.lastErr = errno, c.connectError(errno)
+	}
+	return c.lastErr
+}
+
+// timeoutError is the error of a check that got no answer in time. Only
+// the poller's goroutine calls it.
+func (c *tcpChecker) timeoutError() error {
+	if c.timeoutErr == nil {
+		c.timeoutErr = fmt.Errorf("tcp connect %s: no answer within %v: %w", c.addr, c.timeout, os.ErrDeadlineExceeded)
+	}
+	return c.timeoutErr
+}
+
+// Check runs one check on its own: the Scheduler's poller is not involved.
+// It waits for the connect on Go's network poller, until ctx is done: a
+// timeout's error wraps os.ErrDeadlineExceeded (as the poller's does), a
+// cancellation's wraps context.Canceled.
+func (c *tcpChecker) Check(ctx context.Context) error {
+	_, sa, err := sockaddrOf(c.addr)
+	if err != nil {
+		return err
+	}
+	fd, err := openConnect(c.family, sa)
+	if err != nil {
+		return c.connectError(err)
+	}
+	// A non-blocking descriptor: os.NewFile registers it with Go's poller.
+	f := os.NewFile(uintptr(fd), "tcp-check")
+	defer f.Close() // SO_LINGER 0: a reset
+	if dl, ok := ctx.Deadline(); ok {
+		_ = f.SetWriteDeadline(dl)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = f.SetWriteDeadline(time.Unix(1, 0)) })
+	defer stop()
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return c.connectError(err)
+	}
+	var cerr error
+	werr := rc.Write(func(fd uintptr) bool {
+		// Look at the socket itself: a connect that ended before the wait
+		// began has no edge left for Go's poller to report.
+		pfd := [1]unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+		n, err := unix.Poll(pfd[:], 0)
+		for errors.Is(err, unix.EINTR) {
+			n, err = unix.Poll(pfd[:], 0)
+		}
+		switch {
+		case err != nil:
+			cerr = err
+			return true
+		case n == 0:
+			return false // still connecting: wait until it is writable
+		}
+		errno, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR)
+		switch {
+		case err != nil:
+			cerr = err
+		case errno != 0:
+			cerr = unix.Errno(errno)
+		case pfd[0].Revents&unix.POLLOUT == 0:
+			cerr = unix.ECONNRESET // hung up without an error
+		}
+		return true
+	})
+	switch {
+	case werr != nil && errors.Is(ctx.Err(), context.Canceled):
+		return fmt.Errorf("tcp connect %s: %w", c.addr, ctx.Err())
+	case werr != nil:
+		return c.connectError(werr)
+	case cerr != nil:
+		return c.connectError(cerr)
+	}
+	return nil
+}
