@@ -1,15 +1,17 @@
 package health
 
-// placed is what a keyedHeap holds: a pointer that remembers its place in
-// the heap, so it can leave the heap in O(log n).
-type placed interface{ setHeapIndex(int) }
-
 // keyedHeap is a binary min-heap ordered by an int64 key kept next to each
-// element (comparisons read no element). The scheduler's due times and
-// the connect poller's deadlines are both kept in one.
-type keyedHeap[P placed] struct{ items []heapItem[P] }
+// element, so sifting reads and moves only the heap's own array. When
+// place is set, each element is told its place after every move (so it can
+// leave the heap in O(log n)); the scheduler's due heap does without (it
+// drops removed entries lazily, when they come up) and so never touches an
+// entry while sifting.
+type keyedHeap[P any] struct {
+	items []heapItem[P]
+	place func(P, int) // nil: places are not tracked
+}
 
-type heapItem[P placed] struct {
+type heapItem[P any] struct {
 	key int64
 	p   P
 }
@@ -23,7 +25,7 @@ func (h *keyedHeap[P]) min() (P, int64) { return h.items[0].p, h.items[0].key }
 func (h *keyedHeap[P]) push(p P, key int64) {
 	h.items = append(h.items, heapItem[P]{key: key, p: p})
 	i := len(h.items) - 1
-	p.setHeapIndex(i)
+	h.moved(i)
 	h.up(i)
 }
 
@@ -34,13 +36,15 @@ func (h *keyedHeap[P]) pop() P {
 	return p
 }
 
-// remove takes out the element at place i; it is told its place is -1.
+// remove takes out the element at place i (it is told its place is -1).
 func (h *keyedHeap[P]) remove(i int) {
 	last := len(h.items) - 1
-	h.items[i].p.setHeapIndex(-1)
+	if h.place != nil {
+		h.place(h.items[i].p, -1)
+	}
 	if i != last {
 		h.items[i] = h.items[last]
-		h.items[i].p.setHeapIndex(i)
+		h.moved(i)
 	}
 	var zero heapItem[P]
 	h.items[last] = zero // no stale pointer in the spare capacity
@@ -51,20 +55,30 @@ func (h *keyedHeap[P]) remove(i int) {
 	}
 }
 
-// clear empties the heap, telling every element.
-func (h *keyedHeap[P]) clear() {
-	for i := range h.items {
-		h.items[i].p.setHeapIndex(-1)
-		var zero heapItem[P]
-		h.items[i] = zero
+// take empties the heap and returns what it held, in no order.
+func (h *keyedHeap[P]) take() []heapItem[P] {
+	out := h.items
+	h.items = nil
+	if h.place != nil {
+		for _, it := range out {
+			h.place(it.p, -1)
+		}
 	}
-	h.items = h.items[:0]
+	return out
+}
+
+func (h *keyedHeap[P]) moved(i int) {
+	if h.place != nil {
+		h.place(h.items[i].p, i)
+	}
 }
 
 func (h *keyedHeap[P]) swap(i, j int) {
 	h.items[i], h.items[j] = h.items[j], h.items[i]
-	h.items[i].p.setHeapIndex(i)
-	h.items[j].p.setHeapIndex(j)
+	if h.place != nil {
+		h.place(h.items[i].p, i)
+		h.place(h.items[j].p, j)
+	}
 }
 
 func (h *keyedHeap[P]) up(i int) {

@@ -9,8 +9,8 @@ type checkResult struct {
 	err error
 }
 
-// errPollerStopped is the connect poller's answer to start once it is
-// stopped: the check has not run (the Scheduler runs it on a worker).
+// errPollerStopped is the connect poller's answer for a check it did not
+// run (it is closed, or epoll failed): the Scheduler runs it on a worker.
 var errPollerStopped = errors.New("health: connect poller stopped")
 
 // errCheckCanceled is the result of a check canceled in flight.

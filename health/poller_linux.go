@@ -5,7 +5,6 @@ package health
 import (
 	"errors"
 	"fmt"
-	"math"
 	"sync"
 	"time"
 
@@ -14,38 +13,35 @@ import (
 
 // connectPoller runs tcp checks the way HAProxy's event loop does: each
 // check is a non-blocking connect whose socket is watched by one epoll
-// instance, and one goroutine (run) waits for all of them, enforces their
-// timeouts from one deadline heap, closes their sockets and hands the
-// results over in batches. A check costs no goroutine, dialer, context or
-// timer of its own, and nothing on its way allocates.
+// instance, and one loop (the Scheduler's Run) starts the checks that are
+// due and, in the same turn, reads the connects that are done (epoll_wait
+// with no timeout), enforces the timeouts from one deadline heap and closes
+// the sockets. A check costs no goroutine, dialer, context, timer or
+// wake-up of its own, and nothing on its way allocates; when checks are in
+// flight the loop comes back every loopTick.
 //
-// Every check that start accepted gets exactly one result through deliver
-// (success, failure, timeout, or errCheckCanceled after cancel), unless the
-// poller is stopped first. Only run closes the sockets of accepted checks,
-// so a descriptor it reads is never one that was closed and reused.
+// start, harvest, pending and close belong to that one loop; cancel may be
+// called from any goroutine. Every check that start accepted comes out of
+// harvest exactly once (success, failure, timeout, or errCheckCanceled
+// after cancel), unless the poller is closed first. Only harvest and close
+// close the sockets of accepted checks.
 type connectPoller struct {
-	epfd, evfd int
-	base       time.Time // deadlines are nanoseconds since base (monotonic)
-	deliver    func([]checkResult)
-	done       chan struct{} // closed when run returns
-
-	mu        sync.Mutex
+	epfd      int
+	base      time.Time // deadlines are nanoseconds since base (monotonic)
 	slots     []*connSlot
 	free      []int32
 	deadlines keyedHeap[*connSlot] // live slots by deadline
-	canceled  []uint64             // ids for run to close
-	// sleepUntil is when run's epoll_wait returns at the latest
-	// (math.MaxInt64: only on an event). A check due to time out earlier
-	// wakes run through evfd.
-	sleepUntil int64
-	// minTimeout is the shortest timeout seen: with nothing in flight, run
-	// sleeps that long, so a check started meanwhile never needs a wake-up.
-	minTimeout int64
-	woken      bool            // evfd holds an unread wake-up
-	stopping   bool            // run ends (stop, or epoll failed)
-	released   bool            // stop was called
-	ev         unix.EpollEvent // epoll_ctl's argument
-	one, buf   [8]byte         // evfd's write and read buffers
+	live      int
+	closed    bool
+	// Buffers reused from turn to turn.
+	evs     []unix.EpollEvent
+	res     []checkResult
+	closing []pendingClose
+	fds     []int
+	ev      unix.EpollEvent // epoll_ctl's argument
+
+	mu       sync.Mutex
+	canceled []uint64 // ids for harvest to close
 }
 
 // connSlot is one check in flight.
@@ -59,263 +55,190 @@ type connSlot struct {
 	deadline int64
 }
 
-func (sl *connSlot) setHeapIndex(i int) { sl.hidx = i }
-
-// newConnectPoller returns a poller that hands results to deliver (from
-// run's goroutine; deliver must not keep the slice).
-func newConnectPoller(deliver func([]checkResult)) (*connectPoller, error) {
-	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
-	if err != nil {
-		return nil, fmt.Errorf("epoll_create1: %w", err)
-	}
-	evfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-	if err != nil {
-		unix.Close(epfd)
-		return nil, fmt.Errorf("eventfd: %w", err)
-	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: int32(evfd)}
-	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, evfd, &ev); err != nil {
-		unix.Close(epfd)
-		unix.Close(evfd)
-		return nil, fmt.Errorf("epoll_ctl eventfd: %w", err)
-	}
-	p := &connectPoller{
-		epfd: epfd, evfd: evfd, base: time.Now(), deliver: deliver,
-		done: make(chan struct{}), sleepUntil: math.MaxInt64,
-	}
-	p.one[0] = 1 // eventfd adds the 8-byte integer written; any non-zero value wakes
-	return p, nil
-}
-
-func (p *connectPoller) now() int64 { return int64(time.Since(p.base)) }
-
-// start begins one check of e (whose checker is a tcpChecker) and returns
-// its id for cancel. An error means no result will come: errPollerStopped
-// (the check has not run), or the check's failure when the connect failed
-// at once.
-func (p *connectPoller) start(e *entry, timeout time.Duration) (uint64, error) {
-	fd, err := openConnect(e.tcp.family, e.tcp.sa)
-	if err != nil {
-		return 0, e.tcp.connectError(err)
-	}
-	deadline := p.now() + int64(timeout)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.stopping {
-		unix.Close(fd)
-		return 0, errPollerStopped
-	}
-	idx := p.alloc()
-	sl := p.slots[idx]
-	sl.e, sl.fd, sl.deadline, sl.live = e, int32(fd), deadline, true
-	// Under mu, so run cannot see the event before the slot is filled in.
-	p.ev = unix.EpollEvent{Events: unix.EPOLLOUT, Fd: int32(fd), Pad: idx}
-	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, fd, &p.ev); err != nil {
-		p.release(idx)
-		unix.Close(fd)
-		return 0, fmt.Errorf("tcp connect %s: epoll_ctl: %w", e.tcp.addr, err)
-	}
-	p.deadlines.push(sl, deadline)
-	if t := int64(timeout); p.minTimeout == 0 || t < p.minTimeout {
-		p.minTimeout = t
-	}
-	if deadline < p.sleepUntil {
-		p.wakeLocked()
-	}
-	return uint64(sl.gen)<<32 | uint64(idx), nil
-}
-
-// cancel ends the check id early: run closes its socket at once and
-// delivers errCheckCanceled, unless its result is already on its way.
-func (p *connectPoller) cancel(id uint64) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	idx, gen := int(uint32(id)), uint32(id>>32)
-	if p.stopping || idx >= len(p.slots) || !p.slots[idx].live || p.slots[idx].gen != gen {
-		return
-	}
-	p.canceled = append(p.canceled, id)
-	p.wakeLocked()
-}
-
-// stop ends run, closing the sockets of the checks in flight without
-// results, and releases the poller. run must have been started; a second
-// stop does nothing.
-func (p *connectPoller) stop() {
-	p.mu.Lock()
-	if p.released {
-		p.mu.Unlock()
-		return
-	}
-	p.released = true
-	p.stopping = true
-	p.wakeLocked()
-	p.mu.Unlock()
-	<-p.done
-	unix.Close(p.epfd)
-	unix.Close(p.evfd)
-}
-
-// wakeLocked makes run's epoll_wait return. p.mu is held.
-func (p *connectPoller) wakeLocked() {
-	if !p.woken {
-		p.woken = true
-		_, _ = unix.Write(p.evfd, p.one[:])
-	}
-}
-
-// pendingClose is a socket run closes after it lets go of mu.
+// pendingClose is a socket harvest closes.
 type pendingClose struct {
 	fd       int32
 	res      int  // its result's index
 	askError bool // read SO_ERROR first: the result's error
 }
 
-// run waits for the checks' sockets and their deadlines until stop.
-func (p *connectPoller) run() {
-	defer close(p.done)
-	evs := make([]unix.EpollEvent, 256)
-	var res []checkResult
-	var closing []pendingClose
-	idle := false
-	for {
-		p.mu.Lock()
-		if p.stopping {
-			p.closeAllLocked()
-			p.mu.Unlock()
-			return
-		}
-		timeout := p.sleepLocked(p.now(), idle)
-		p.mu.Unlock()
+// newConnectPoller returns a poller with nothing in flight.
+func newConnectPoller() (*connectPoller, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, fmt.Errorf("epoll_create1: %w", err)
+	}
+	p := &connectPoller{epfd: epfd, base: time.Now(), evs: make([]unix.EpollEvent, 256)}
+	p.deadlines.place = func(sl *connSlot, i int) { sl.hidx = i }
+	return p, nil
+}
 
-		n, err := unix.EpollWait(p.epfd, evs, timeout)
+func (p *connectPoller) now() int64 { return int64(time.Since(p.base)) }
+
+// pending returns how many checks are in flight.
+func (p *connectPoller) pending() int { return p.live }
+
+// start begins the checks of batch (entries whose checker is a
+// tcpChecker) and fills res with each one's id for cancel, or an error:
+// errPollerStopped (the check has not run), or the check's failure when
+// its connect failed at once. An id means its result comes out of harvest.
+func (p *connectPoller) start(batch []*entry, res []startedCheck) {
+	now := p.now()
+	for i, e := range batch {
+		if p.closed {
+			res[i] = startedCheck{err: errPollerStopped}
+			continue
+		}
+		fd, err := openConnect(e.tcp.family, e.tcp.sa)
 		if err != nil {
-			if errors.Is(err, unix.EINTR) {
-				continue
-			}
-			p.fail(fmt.Errorf("epoll_wait: %w", err))
-			return
+			res[i] = startedCheck{err: e.tcp.connectError(err)}
+			continue
 		}
-		now := p.now()
-		res, closing = res[:0], closing[:0]
-		p.mu.Lock()
-		for _, ev := range evs[:n] {
-			if int(ev.Fd) == p.evfd {
-				_, _ = unix.Read(p.evfd, p.buf[:])
-				p.woken = false
-				continue
-			}
-			idx := ev.Pad
-			sl := p.slots[idx]
-			c := pendingClose{fd: sl.fd, res: len(res)}
-			r := checkResult{e: sl.e}
-			switch {
-			case ev.Events&unix.EPOLLERR != 0:
-				c.askError = true
-			case ev.Events&unix.EPOLLOUT != 0: // connected: the backend answered
-			default: // hung up without an error
-				r.err = sl.e.tcp.connectError(unix.ECONNRESET)
-			}
-			closing = append(closing, c)
-			res = append(res, r)
+		idx := p.alloc()
+		sl := p.slots[idx]
+		sl.e, sl.fd, sl.deadline, sl.live = e, int32(fd), now+int64(e.tcp.timeout), true
+		// One report per socket (EPOLLONESHOT), however long it stays
+		// writable before harvest closes it.
+		p.ev = unix.EpollEvent{Events: unix.EPOLLOUT | unix.EPOLLONESHOT, Fd: int32(fd), Pad: idx}
+		if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, fd, &p.ev); err != nil {
 			p.release(idx)
+			unix.Close(fd)
+			res[i] = startedCheck{err: fmt.Errorf("tcp connect %s: epoll_ctl: %w", e.tcp.addr, err)}
+			continue
 		}
-		for p.deadlines.len() > 0 {
-			sl, deadline := p.deadlines.min()
-			if deadline > now {
-				break
-			}
-			closing = append(closing, pendingClose{fd: sl.fd, res: len(res)})
-			res = append(res, checkResult{e: sl.e, err: sl.e.tcp.timeoutError()})
-			p.release(sl.idx)
-		}
-		for _, id := range p.canceled {
-			idx, gen := int32(uint32(id)), uint32(id>>32)
-			sl := p.slots[idx]
-			if !sl.live || sl.gen != gen {
-				continue // its result came first
-			}
-			closing = append(closing, pendingClose{fd: sl.fd, res: len(res)})
-			res = append(res, checkResult{e: sl.e, err: errCheckCanceled})
-			p.release(idx)
-		}
-		p.canceled = p.canceled[:0]
-		idle = n == 0 && len(res) == 0
-		p.mu.Unlock()
+		p.deadlines.push(sl, sl.deadline)
+		p.live++
+		res[i] = startedCheck{id: uint64(sl.gen)<<32 | uint64(idx)}
+	}
+}
 
-		for _, c := range closing {
-			if c.askError {
-				r := &res[c.res]
-				v, err := unix.GetsockoptInt(int(c.fd), unix.SOL_SOCKET, unix.SO_ERROR)
-				switch {
-				case err != nil:
-					r.err = r.e.tcp.connectError(err)
-				case v != 0:
-					r.err = r.e.tcp.errnoError(unix.Errno(v))
-				default:
-					r.err = r.e.tcp.errnoError(unix.ECONNRESET)
+// cancel ends the check id early: the next harvest closes its socket and
+// returns errCheckCanceled for it, unless its result came first.
+func (p *connectPoller) cancel(id uint64) {
+	p.mu.Lock()
+	p.canceled = append(p.canceled, id)
+	p.mu.Unlock()
+}
+
+// harvest returns the checks that ended since the last call: the connects
+// that are done, the checks past their deadline and the canceled ones, and
+// closes their sockets. The slice is valid until the next call. An error
+// means epoll failed: every check in flight is returned with
+// errPollerStopped (it has no result), and the poller is closed.
+func (p *connectPoller) harvest() ([]checkResult, error) {
+	p.res, p.closing = p.res[:0], p.closing[:0]
+	if p.live == 0 {
+		p.mu.Lock()
+		p.canceled = p.canceled[:0] // stale: nothing is in flight
+		p.mu.Unlock()
+		return nil, nil
+	}
+	// Read every event that is ready before looking at deadlines: a turn
+	// that comes late must not time out checks whose connect is done.
+	for {
+		n, err := unix.EpollWait(p.epfd, p.evs, 0)
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil {
+			for _, sl := range p.slots {
+				if sl.live {
+					p.done(sl, checkResult{e: sl.e, err: errPollerStopped}, false)
 				}
 			}
-			unix.Close(int(c.fd))
+			p.finish()
+			p.close()
+			return p.res, fmt.Errorf("epoll_wait: %w", err)
 		}
-		if len(res) > 0 {
-			p.deliver(res)
+		for _, ev := range p.evs[:n] {
+			sl := p.slots[ev.Pad]
+			switch {
+			case ev.Events&unix.EPOLLERR != 0:
+				p.done(sl, checkResult{e: sl.e}, true)
+			case ev.Events&unix.EPOLLOUT != 0: // connected: the backend answered
+				p.done(sl, checkResult{e: sl.e}, false)
+			default: // hung up without an error
+				p.done(sl, checkResult{e: sl.e, err: sl.e.tcp.errnoError(unix.ECONNRESET)}, false)
+			}
 		}
+		if n < len(p.evs) {
+			break
+		}
+		// A full batch: read on. The sockets above are still open, but
+		// EPOLLONESHOT reports each socket once.
 	}
-}
-
-// sleepLocked returns how long run's epoll_wait may sleep, in
-// milliseconds, and records until when. p.mu is held.
-func (p *connectPoller) sleepLocked(now int64, idle bool) int {
-	switch {
-	case p.deadlines.len() > 0:
-		_, p.sleepUntil = p.deadlines.min()
-	case idle || p.minTimeout == 0:
-		// Nothing in flight and nothing happened since the last wake-up:
-		// sleep until an event (start wakes run when it must).
-		p.sleepUntil = math.MaxInt64
-		return -1
-	default:
-		p.sleepUntil = now + p.minTimeout
+	now := p.now()
+	for p.deadlines.len() > 0 {
+		sl, deadline := p.deadlines.min()
+		if deadline > now {
+			break
+		}
+		p.done(sl, checkResult{e: sl.e, err: sl.e.tcp.timeoutError()}, false)
 	}
-	d := p.sleepUntil - now
-	if d <= 0 {
-		return 0
-	}
-	return int((d + int64(time.Millisecond) - 1) / int64(time.Millisecond))
-}
-
-// fail ends run after an epoll error: every check in flight fails with
-// err, and later starts are refused (the Scheduler then runs them on its
-// workers).
-func (p *connectPoller) fail(err error) {
 	p.mu.Lock()
-	p.stopping = true
-	var res []checkResult
-	for _, sl := range p.slots {
-		if sl.live {
-			unix.Close(int(sl.fd))
-			res = append(res, checkResult{e: sl.e, err: err})
-			p.release(sl.idx)
+	for _, id := range p.canceled {
+		idx, gen := int(uint32(id)), uint32(id>>32)
+		if idx < len(p.slots) {
+			if sl := p.slots[idx]; sl.live && sl.gen == gen {
+				p.done(sl, checkResult{e: sl.e, err: errCheckCanceled}, false)
+			}
 		}
 	}
+	p.canceled = p.canceled[:0]
 	p.mu.Unlock()
-	if len(res) > 0 {
-		p.deliver(res)
-	}
+	p.finish()
+	return p.res, nil
 }
 
-// closeAllLocked closes every socket in flight. p.mu is held.
-func (p *connectPoller) closeAllLocked() {
+// done takes a check out of flight with its result; its socket is closed
+// by finish.
+func (p *connectPoller) done(sl *connSlot, r checkResult, askError bool) {
+	p.closing = append(p.closing, pendingClose{fd: sl.fd, res: len(p.res), askError: askError})
+	p.res = append(p.res, r)
+	p.release(sl.idx)
+	p.live--
+}
+
+// finish reads the errors of the failed connects and closes the sockets
+// of the checks done.
+func (p *connectPoller) finish() {
+	for _, c := range p.closing {
+		if c.askError {
+			r := &p.res[c.res]
+			v, err := unix.GetsockoptInt(int(c.fd), unix.SOL_SOCKET, unix.SO_ERROR)
+			switch {
+			case err != nil:
+				r.err = r.e.tcp.connectError(err)
+			case v != 0:
+				r.err = r.e.tcp.errnoError(unix.Errno(v))
+			default:
+				r.err = r.e.tcp.errnoError(unix.ECONNRESET)
+			}
+		}
+		unix.Close(int(c.fd))
+	}
+	clear(p.closing)
+	p.closing = p.closing[:0]
+}
+
+// close closes every socket in flight (their checks have no result) and
+// the poller; later starts are refused. A second close does nothing.
+func (p *connectPoller) close() {
+	if p.closed {
+		return
+	}
+	p.closed = true
 	for _, sl := range p.slots {
 		if sl.live {
 			unix.Close(int(sl.fd))
 			p.release(sl.idx)
+			p.live--
 		}
 	}
+	unix.Close(p.epfd)
 }
 
-// alloc returns a free slot. p.mu is held.
+// alloc returns a free slot.
 func (p *connectPoller) alloc() int32 {
 	if n := len(p.free); n > 0 {
 		idx := p.free[n-1]
@@ -327,7 +250,7 @@ func (p *connectPoller) alloc() int32 {
 	return idx
 }
 
-// release frees a slot (its socket is the caller's to close). p.mu is held.
+// release frees a slot (its socket is the caller's to close).
 func (p *connectPoller) release(idx int32) {
 	sl := p.slots[idx]
 	if sl.hidx >= 0 {

@@ -53,27 +53,27 @@ func openFDs(t *testing.T) int {
 	return len(ents)
 }
 
-// pollerHarness runs a connectPoller whose results arrive on a channel.
+// startOne starts one check of e.
+func startOne(p *connectPoller, e *entry) (uint64, error) {
+	var res [1]startedCheck
+	p.start([]*entry{e}, res[:])
+	return res[0].id, res[0].err
+}
+
+// pollerHarness drives a connectPoller as the Scheduler's loop does.
 type pollerHarness struct {
 	p       *connectPoller
-	results chan checkResult
+	results []checkResult
 }
 
 func newPollerHarness(t *testing.T) *pollerHarness {
 	t.Helper()
-	h := &pollerHarness{results: make(chan checkResult, 4096)}
-	p, err := newConnectPoller(func(rs []checkResult) {
-		for _, r := range rs {
-			h.results <- r
-		}
-	})
+	p, err := newConnectPoller()
 	if err != nil {
 		t.Fatal(err)
 	}
-	h.p = p
-	go p.run()
-	t.Cleanup(p.stop)
-	return h
+	t.Cleanup(p.close)
+	return &pollerHarness{p: p}
 }
 
 // tcpEntry is an entry of a tcp target at addr, as the Scheduler makes it.
@@ -86,15 +86,41 @@ func tcpEntry(t *testing.T, addr netip.AddrPort, timeout time.Duration) *entry {
 	return &entry{target: Target{Service: "s", Addr: addr}, checker: c, tcp: c}
 }
 
-// next waits for one result.
+// next harvests (every millisecond) until a result comes.
 func (h *pollerHarness) next(t *testing.T) checkResult {
 	t.Helper()
-	select {
-	case r := <-h.results:
-		return r
-	case <-time.After(10 * time.Second):
-		t.Fatal("no result from the poller within 10s")
-		return checkResult{}
+	deadline := time.Now().Add(10 * time.Second)
+	for len(h.results) == 0 {
+		rs, err := h.p.harvest()
+		if err != nil {
+			t.Fatalf("harvest: %v", err)
+		}
+		h.results = append(h.results, rs...)
+		if len(h.results) > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no result from the poller within 10s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	r := h.results[0]
+	h.results = h.results[1:]
+	return r
+}
+
+// none checks that no result comes for a while.
+func (h *pollerHarness) none(t *testing.T, what string) {
+	t.Helper()
+	for range 50 {
+		rs, err := h.p.harvest()
+		if err != nil {
+			t.Fatalf("harvest: %v", err)
+		}
+		if len(rs) > 0 || len(h.results) > 0 {
+			t.Fatalf("%s: a result %+v", what, append(h.results, rs...)[0])
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
 
@@ -120,7 +146,7 @@ func TestConnectPoller(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			e := tcpEntry(t, tt.addr, tt.timeout)
 			start := time.Now()
-			if _, err := h.p.start(e, tt.timeout); err != nil {
+			if _, err := startOne(h.p, e); err != nil {
 				t.Fatalf("start: %v", err)
 			}
 			r := h.next(t)
@@ -163,7 +189,7 @@ func TestConnectPollerManyAtOnce(t *testing.T) {
 		default:
 			e = tcpEntry(t, open[i%len(open)], 5*time.Second)
 		}
-		if _, err := h.p.start(e, e.tcp.timeout); err != nil {
+		if _, err := startOne(h.p, e); err != nil {
 			t.Fatalf("start %d: %v", i, err)
 		}
 		want[e] = wantErr
@@ -177,14 +203,10 @@ func TestConnectPollerManyAtOnce(t *testing.T) {
 		delete(want, r.e)
 		checkErr(t, r.err, wantErr)
 	}
-	select {
-	case r := <-h.results:
-		t.Fatalf("an extra result: %+v", r)
-	case <-time.After(50 * time.Millisecond):
-	}
-	// Every socket is closed once its result is out (plus epoll and
-	// eventfd while the poller lives).
-	if got := openFDs(t); got > before+2 {
+	h.none(t, "after every check's result")
+	// Every socket is closed once its result is out (the epoll instance
+	// stays while the poller lives).
+	if got := openFDs(t); got != before+1 {
 		t.Errorf("%d descriptors open after every result, %d before the poller", got, before)
 	}
 }
@@ -194,7 +216,7 @@ func TestConnectPollerCancelAndStop(t *testing.T) {
 	before := openFDs(t)
 	h := newPollerHarness(t)
 	e := tcpEntry(t, silent, time.Minute)
-	id, err := h.p.start(e, time.Minute)
+	id, err := startOne(h.p, e)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -208,28 +230,22 @@ func TestConnectPollerCancelAndStop(t *testing.T) {
 	}
 	// A second cancel of the same id (its slot may be reused) does nothing.
 	e2 := tcpEntry(t, silent, time.Minute)
-	if _, err := h.p.start(e2, time.Minute); err != nil {
+	if _, err := startOne(h.p, e2); err != nil {
 		t.Fatal(err)
 	}
 	h.p.cancel(id)
-	select {
-	case r := <-h.results:
-		t.Fatalf("a stale cancel ended another check: %+v", r)
-	case <-time.After(100 * time.Millisecond):
+	h.none(t, "a stale cancel")
+	if h.p.pending() != 1 {
+		t.Errorf("%d checks in flight, want 1", h.p.pending())
 	}
 
-	// stop closes what is in flight, delivers nothing, and refuses starts.
-	h.p.stop()
-	if _, err := h.p.start(tcpEntry(t, silent, time.Minute), time.Minute); !errors.Is(err, errPollerStopped) {
-		t.Errorf("start after stop: %v, want errPollerStopped", err)
-	}
-	select {
-	case r := <-h.results:
-		t.Fatalf("a result after stop: %+v", r)
-	default:
+	// close closes what is in flight, and refuses starts.
+	h.p.close()
+	if _, err := startOne(h.p, tcpEntry(t, silent, time.Minute)); !errors.Is(err, errPollerStopped) {
+		t.Errorf("start after close: %v, want errPollerStopped", err)
 	}
 	if got := openFDs(t); got != before {
-		t.Errorf("%d descriptors open after stop, %d before the poller", got, before)
+		t.Errorf("%d descriptors open after close, %d before the poller", got, before)
 	}
 }
 
@@ -242,23 +258,24 @@ func TestConnectPollerNoAllocations(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer l.Close()
-	done := make(chan struct{}, 1)
-	p, err := newConnectPoller(func(rs []checkResult) {
-		for range rs {
-			done <- struct{}{}
-		}
-	})
+	p, err := newConnectPoller()
 	if err != nil {
 		t.Fatal(err)
 	}
-	go p.run()
-	defer p.stop()
+	defer p.close()
 	e := tcpEntry(t, addrOf(t, l.Addr()), time.Second)
+	batch := []*entry{e}
+	res := make([]startedCheck, 1)
 	check := func() {
-		if _, err := p.start(e, time.Second); err != nil {
-			t.Fatal(err)
+		p.start(batch, res)
+		if res[0].err != nil {
+			t.Fatal(res[0].err)
 		}
-		<-done
+		for p.pending() > 0 {
+			if _, err := p.harvest(); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
 	for range 10 { // grow the slot table and result buffers
 		check()
@@ -269,7 +286,7 @@ func TestConnectPollerNoAllocations(t *testing.T) {
 }
 
 // BenchmarkConnectPoller runs checks of a loopback listener through the
-// poller, 64 in flight at a time.
+// poller in batches of 64, as one turn of the Scheduler's loop does.
 func BenchmarkConnectPoller(b *testing.B) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -277,42 +294,76 @@ func BenchmarkConnectPoller(b *testing.B) {
 	}
 	defer l.Close()
 	addr := netip.MustParseAddrPort(l.Addr().String())
-	done := make(chan struct{}, 64)
-	p, err := newConnectPoller(func(rs []checkResult) {
-		for _, r := range rs {
-			if r.err != nil {
-				b.Error(r.err)
-			}
-			done <- struct{}{}
-		}
-	})
+	p, err := newConnectPoller()
 	if err != nil {
 		b.Fatal(err)
 	}
-	go p.run()
-	defer p.stop()
-	var es []*entry
+	defer p.close()
+	var batch []*entry
 	for range 64 {
 		c, _ := newTCPChecker(addr, time.Second)
-		es = append(es, &entry{checker: c, tcp: c})
+		batch = append(batch, &entry{checker: c, tcp: c})
 	}
+	res := make([]startedCheck, len(batch))
 	b.ReportAllocs()
 	b.ResetTimer()
-	inFlight := 0
-	for i := range b.N {
-		if inFlight == len(es) {
-			<-done
-			inFlight--
+	for done := 0; done < b.N; {
+		n := min(len(batch), b.N-done)
+		p.start(batch[:n], res[:n])
+		for p.pending() > 0 {
+			rs, err := p.harvest()
+			if err != nil {
+				b.Fatal(err)
+			}
+			for _, r := range rs {
+				if r.err != nil {
+					b.Fatal(r.err)
+				}
+			}
 		}
-		if _, err := p.start(es[i%len(es)], time.Second); err != nil {
-			b.Fatal(err)
-		}
-		inFlight++
-	}
-	for ; inFlight > 0; inFlight-- {
-		<-done
+		done += n
 	}
 }
 
 // unanswered is unansweredAddr for tests shared with other systems.
 func unanswered(t *testing.T) (netip.AddrPort, bool) { return unansweredAddr(t), true }
+
+// TestConnectPollerLateTurn: a turn that comes after the checks' deadlines
+// reports connects that were done as successes, however many they are
+// (more than one epoll_wait returns), and reports each once.
+func TestConnectPollerLateTurn(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	addr := addrOf(t, l.Addr())
+	h := newPollerHarness(t)
+	const n = 600 // > 256, the events one epoll_wait returns
+	var batch []*entry
+	for range n {
+		batch = append(batch, tcpEntry(t, addr, 20*time.Millisecond))
+	}
+	res := make([]startedCheck, n)
+	h.p.start(batch, res)
+	for i, r := range res {
+		if r.err != nil {
+			t.Fatalf("start %d: %v", i, r.err)
+		}
+	}
+	// Wait past every deadline, and until every connect is done (the
+	// listener's kernel answers them all: nothing accepts, nothing needs to).
+	time.Sleep(100 * time.Millisecond)
+	seen := map[*entry]bool{}
+	for range n {
+		r := h.next(t)
+		if seen[r.e] {
+			t.Fatal("a check reported twice")
+		}
+		seen[r.e] = true
+		if r.err != nil {
+			t.Errorf("a connect done before a late turn: %v, want success", r.err)
+		}
+	}
+	h.none(t, "after every check's result")
+}

@@ -2,20 +2,21 @@
 
 package health
 
-import (
-	"errors"
-	"time"
-)
+import "errors"
 
 // connectPoller exists only on Linux (epoll): elsewhere tcp checks run on
 // the Scheduler's workers.
 type connectPoller struct{}
 
-func newConnectPoller(func([]checkResult)) (*connectPoller, error) {
-	return nil, errors.ErrUnsupported
+func newConnectPoller() (*connectPoller, error) { return nil, errors.ErrUnsupported }
+
+func (*connectPoller) start(batch []*entry, res []startedCheck) {
+	for i := range batch {
+		res[i] = startedCheck{err: errPollerStopped}
+	}
 }
 
-func (*connectPoller) start(*entry, time.Duration) (uint64, error) { return 0, errPollerStopped }
-func (*connectPoller) cancel(uint64)                               {}
-func (*connectPoller) run()                                        {}
-func (*connectPoller) stop()                                       {}
+func (*connectPoller) harvest() ([]checkResult, error) { return nil, nil }
+func (*connectPoller) pending() int                    { return 0 }
+func (*connectPoller) cancel(uint64)                   {}
+func (*connectPoller) close()                          {}

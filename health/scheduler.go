@@ -27,12 +27,16 @@ const (
 // counts as late in the metrics.
 const lateAfter = 100 * time.Millisecond
 
-// dispatchSlack: with the checks that are due, the dispatcher starts those
-// due within this much more, so checks due close together share one
-// wake-up (Go's timers sleep in whole milliseconds anyway). A check's
-// schedule does not drift by it: the next check is due one interval after
-// the previous one was due.
-const dispatchSlack = time.Millisecond
+// loopTick is the shortest time between two timed turns of Run's loop:
+// a turn starts every check that is due and reads the connect poller's
+// checks that ended, and the next one comes when the next check is due
+// or, with checks in flight on the poller, to read them, but no sooner
+// than loopTick after. So checks due close together share one turn (at a
+// few thousand checks a second, waking per check costs more than the
+// check), a check starts at most loopTick late, never early, and a
+// result is read at most loopTick after it came. Schedules do not drift:
+// a check is due one interval after the previous one was due.
+const loopTick = 10 * time.Millisecond
 
 // Options configure a Scheduler. The zero value is usable.
 type Options struct {
@@ -96,7 +100,7 @@ type Scheduler struct {
 
 	mu       sync.Mutex
 	services map[string]*service
-	queue    keyedHeap[*entry] // by due time
+	queue    keyedHeap[*entry] // by due time; holds dropped entries until they come up
 	flipped  map[Key]struct{}  // for TakeChanged
 	inFlight int
 	pending  int
@@ -133,8 +137,6 @@ type entry struct {
 	cancel  context.CancelFunc // of a check in flight on a worker
 	conn    uint64             // id of a check in flight on the poller; 0 when none
 }
-
-func (e *entry) setHeapIndex(i int) { e.index = i }
 
 func (e *entry) status() Status {
 	st := Status{
@@ -252,7 +254,7 @@ func (s *Scheduler) SetService(name string, targets []Target) {
 
 // add starts checking t. s.mu is held.
 func (s *Scheduler) add(svc *service, t Target, healthy bool, now time.Time) *entry {
-	e := &entry{target: t, svc: svc, index: -1}
+	e := &entry{target: t, svc: svc}
 	if t.Health.Protocol == spec.HealthNone {
 		e.checker = noneChecker{}
 		e.st = state{healthy: true, lastCheck: now, lastTransition: now}
@@ -296,13 +298,10 @@ func (s *Scheduler) remove(e *entry) {
 	delete(s.flipped, k)
 }
 
-// drop stops checking e: out of the queue, its check in flight canceled
-// (its result will be ignored). s.mu is held.
+// drop stops checking e: it leaves the queue when it comes up, and its
+// check in flight is canceled (its result will be ignored). s.mu is held.
 func (s *Scheduler) drop(e *entry) {
 	e.dropped = true
-	if e.index >= 0 {
-		s.queue.remove(e.index)
-	}
 	if e.cancel != nil {
 		e.cancel()
 	}
@@ -356,10 +355,11 @@ func (s *Scheduler) Run(ctx context.Context) error {
 	// Targets added before Run: spread their first checks from now, not
 	// from when they were added.
 	now := s.since(s.clock.Now())
-	queued := slices.Clone(s.queue.items)
-	s.queue.clear()
-	for _, it := range queued {
+	for _, it := range s.queue.take() {
 		e := it.p
+		if e.dropped {
+			continue
+		}
 		if e.st.pending {
 			e.due = now + s.jitter(e.target.Health.Interval)
 		}
@@ -367,7 +367,7 @@ func (s *Scheduler) Run(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 
-	p, err := newConnectPoller(s.record)
+	p, err := newConnectPoller()
 	if err != nil {
 		if !errors.Is(err, errors.ErrUnsupported) {
 			s.log.Warn("tcp checks run on worker goroutines: no connect poller", "error", err)
@@ -376,14 +376,13 @@ func (s *Scheduler) Run(ctx context.Context) error {
 		s.mu.Lock()
 		s.poller = p
 		s.mu.Unlock()
-		go p.run()
 	}
 
 	var wg sync.WaitGroup
 	timer := s.clock.NewTimer()
 	defer timer.Stop()
 	for {
-		if next, ok := s.dispatch(ctx, &wg); ok {
+		if next, ok := s.turn(ctx, &wg); ok {
 			timer.ResetAt(s.base.Add(time.Duration(next)))
 		} else {
 			timer.Stop()
@@ -391,12 +390,12 @@ func (s *Scheduler) Run(ctx context.Context) error {
 		select {
 		case <-ctx.Done():
 			timer.Stop()
-			if p != nil {
-				s.mu.Lock()
+			s.mu.Lock()
+			if s.poller != nil {
+				s.poller.close()
 				s.poller = nil
-				s.mu.Unlock()
-				p.stop()
 			}
+			s.mu.Unlock()
 			wg.Wait()
 			return ctx.Err()
 		case <-s.wake:
@@ -405,10 +404,10 @@ func (s *Scheduler) Run(ctx context.Context) error {
 	}
 }
 
-// dispatch starts every check that is due, as far as the concurrency limit
-// allows, and returns when the next one is due (false: none queued, or the
-// limit is reached and a finishing check will wake the loop).
-func (s *Scheduler) dispatch(ctx context.Context, wg *sync.WaitGroup) (int64, bool) {
+// turn is one turn of Run's loop: it starts every check that is due, as
+// far as the concurrency limit allows, reads the poller's checks that
+// ended, and returns when to come back (false: not before a kick).
+func (s *Scheduler) turn(ctx context.Context, wg *sync.WaitGroup) (int64, bool) {
 	s.mu.Lock()
 	if ctx.Err() != nil {
 		s.mu.Unlock()
@@ -417,15 +416,15 @@ func (s *Scheduler) dispatch(ctx context.Context, wg *sync.WaitGroup) (int64, bo
 	p := s.poller
 	now := s.since(s.clock.Now())
 	s.blocked = false
-	s.armed = math.MaxInt64
-	var next int64
-	queued := false
 	batch := s.batch[:0]
 	for s.queue.len() > 0 {
 		e, due := s.queue.min()
-		if due > now+int64(dispatchSlack) {
-			next, queued = due, true
+		if due > now {
 			break
+		}
+		if e.dropped {
+			s.queue.pop()
+			continue
 		}
 		if s.inFlight >= s.limit {
 			s.blocked = true
@@ -443,74 +442,91 @@ func (s *Scheduler) dispatch(ctx context.Context, wg *sync.WaitGroup) (int64, bo
 		}
 		s.startWorker(ctx, wg, e)
 	}
-	if queued {
-		s.armed = next
-	}
-	s.m.running(s.inFlight)
 	s.mu.Unlock()
 
-	if len(batch) > 0 {
-		s.startPolled(ctx, wg, p, batch)
+	// The poller's work happens outside s.mu: making and connecting the
+	// sockets, reading which connects are done, closing them.
+	starts := slices.Grow(s.starts[:0], len(batch))[:len(batch)]
+	var results []checkResult
+	var perr error
+	if p != nil {
+		p.start(batch, starts)
+		results, perr = p.harvest()
 	}
-	clear(batch)
-	s.batch = batch[:0]
-	return next, queued
-}
 
-// startedCheck is what the poller said to one start.
-type startedCheck struct {
-	id  uint64
-	err error
-}
-
-// startPolled starts batch's checks on the poller, outside s.mu (each
-// start makes a socket and connects it), then records what happened.
-func (s *Scheduler) startPolled(ctx context.Context, wg *sync.WaitGroup, p *connectPoller, batch []*entry) {
-	res := s.starts[:0]
-	for _, e := range batch {
-		id, err := p.start(e, timeout(e.target.Health))
-		res = append(res, startedCheck{id: id, err: err})
-	}
 	var changes []change
-	kick := false
 	s.mu.Lock()
+	nowT := s.clock.Now()
 	for i, e := range batch {
-		r := res[i]
+		r := starts[i]
 		switch {
 		case r.err == nil:
-			// Its result may have come already (then it is not running).
 			if e.dropped {
 				p.cancel(r.id)
 			} else if e.running {
 				e.conn = r.id
 			}
 		case errors.Is(r.err, errPollerStopped):
-			// The poller failed: this and later checks run on workers.
-			if s.poller == p {
-				s.poller = nil
-			}
-			if e.dropped {
-				s.inFlight--
-				e.running = false
-				continue
-			}
-			s.startWorker(ctx, wg, e)
+			s.requeueLocked(ctx, wg, e)
 		default: // the connect failed at once: that is the check's result
-			s.inFlight--
-			e.running = false
-			if !e.dropped && s.finishLocked(e, r.err, s.clock.Now(), &changes) {
-				kick = true
-			}
+			s.recordLocked(checkResult{e: e, err: r.err}, nowT, &changes)
 		}
+	}
+	for _, r := range results {
+		if errors.Is(r.err, errPollerStopped) {
+			s.requeueLocked(ctx, wg, r.e)
+			continue
+		}
+		s.recordLocked(r, nowT, &changes)
+	}
+	if perr != nil && s.poller == p {
+		s.poller = nil
+	}
+	next, queued := int64(0), false
+	if s.queue.len() > 0 && !s.blocked { // blocked: a result kicks the loop
+		_, next = s.queue.min()
+		queued = true
+	}
+	if p != nil && p.pending() > 0 {
+		next, queued = now, true // read them at the next tick
+	}
+	if queued {
+		next = max(next, now+int64(loopTick))
+	}
+	s.armed = math.MaxInt64
+	if queued {
+		s.armed = next
 	}
 	s.m.running(s.inFlight)
 	s.mu.Unlock()
-	clear(res)
-	s.starts = res[:0]
-	s.logChanges(changes)
-	if kick {
-		s.kick()
+
+	clear(batch)
+	s.batch = batch[:0]
+	clear(starts)
+	s.starts = starts[:0]
+	if perr != nil {
+		s.log.Warn("tcp checks move to worker goroutines: the connect poller failed", "error", perr)
 	}
+	s.logChanges(changes)
+	return next, queued
+}
+
+// requeueLocked runs e's check, which the poller did not run, on a worker.
+// s.mu is held.
+func (s *Scheduler) requeueLocked(ctx context.Context, wg *sync.WaitGroup, e *entry) {
+	e.conn = 0
+	if e.dropped {
+		s.inFlight--
+		e.running = false
+		return
+	}
+	s.startWorker(ctx, wg, e)
+}
+
+// startedCheck is what the poller said to one start.
+type startedCheck struct {
+	id  uint64
+	err error
 }
 
 // startWorker runs e's check on a worker goroutine. s.mu is held.
@@ -547,7 +563,7 @@ func (s *Scheduler) worker(ctx context.Context, wg *sync.WaitGroup, j job) {
 	for {
 		err := j.e.checker.Check(j.ctx)
 		j.cancel()
-		s.record([]checkResult{{e: j.e, err: err}})
+		s.record(checkResult{e: j.e, err: err})
 		idle.Reset(workerIdle)
 		select {
 		case j = <-s.jobs:
@@ -559,27 +575,31 @@ func (s *Scheduler) worker(ctx context.Context, wg *sync.WaitGroup, j job) {
 	}
 }
 
-// record records a batch of results: the poller's (from its goroutine) or
-// one of a worker's.
-func (s *Scheduler) record(rs []checkResult) {
+// record records the result of a worker's check.
+func (s *Scheduler) record(r checkResult) {
 	var changes []change
 	s.mu.Lock()
-	now := s.clock.Now()
-	kick := s.blocked
-	for _, r := range rs {
-		e := r.e
-		s.inFlight--
-		e.running, e.conn, e.cancel = false, 0, nil
-		if !e.dropped && s.finishLocked(e, r.err, now, &changes) {
-			kick = true
-		}
-	}
+	blocked := s.blocked
+	kick := s.recordLocked(r, s.clock.Now(), &changes) || blocked
 	s.m.running(s.inFlight)
 	s.mu.Unlock()
 	s.logChanges(changes)
 	if kick {
 		s.kick()
 	}
+}
+
+// recordLocked records the result of a check that was in flight (ignored
+// when its entry was dropped meanwhile) and reports whether the entry's
+// next check is due before the loop's timer fires. s.mu is held.
+func (s *Scheduler) recordLocked(r checkResult, now time.Time, changes *[]change) bool {
+	e := r.e
+	s.inFlight--
+	e.running, e.conn, e.cancel = false, 0, nil
+	if e.dropped {
+		return false
+	}
+	return s.finishLocked(e, r.err, now, changes)
 }
 
 // change is a state change to log.

@@ -114,11 +114,12 @@ func (s *Scheduler) idle() bool {
 	if s.inFlight != 0 {
 		return false
 	}
-	if s.queue.len() == 0 {
-		return true
+	for _, it := range s.queue.items {
+		if !it.p.dropped && it.key <= s.since(s.clock.Now()) {
+			return false
+		}
 	}
-	_, due := s.queue.min()
-	return due > s.since(s.clock.Now())
+	return true
 }
 
 // status returns k's state, failing the test when k is unknown.
@@ -464,12 +465,12 @@ func metricValue(t *testing.T, m prometheus.Metric) float64 {
 	return out.GetCounter().GetValue()
 }
 
-// dueOf returns when k's next check is due (false: unknown or not queued).
+// dueOf returns when k's next check is due (false: unknown or running).
 func dueOf(s *Scheduler, k Key) (int64, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	svc := s.services[k.Service]
-	if svc == nil || svc.targets[k.Addr] == nil || svc.targets[k.Addr].index < 0 {
+	if svc == nil || svc.targets[k.Addr] == nil || svc.targets[k.Addr].running {
 		return 0, false
 	}
 	return svc.targets[k.Addr].due, true

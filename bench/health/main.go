@@ -585,7 +585,8 @@ func runScheduler(cfg config, ch *child, r *result) error {
 		for _, k := range s.TakeChanged() {
 			at, ok := closedAt[k]
 			if !ok {
-				return fmt.Errorf("%s flipped, but its listener is up", k)
+				st, _ := s.Status(k)
+				return fmt.Errorf("%s flipped, but its listener is up: %+v", k, st)
 			}
 			if st, _ := s.Status(k); !st.Healthy {
 				lat = append(lat, st.LastTransition.Sub(at))
