@@ -3,7 +3,6 @@
 package health
 
 import (
-	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -89,7 +88,7 @@ func (p *connectPoller) start(batch []*entry, res []startedCheck) {
 			res[i] = startedCheck{err: errPollerStopped}
 			continue
 		}
-		fd, err := openConnect(e.tcp.family, e.tcp.sa)
+		fd, err := openConnect(e.tcp.sa)
 		if err != nil {
 			res[i] = startedCheck{err: e.tcp.connectError(err)}
 			continue
@@ -100,9 +99,9 @@ func (p *connectPoller) start(batch []*entry, res []startedCheck) {
 		// One report per socket (EPOLLONESHOT), however long it stays
 		// writable before harvest closes it.
 		p.ev = unix.EpollEvent{Events: unix.EPOLLOUT | unix.EPOLLONESHOT, Fd: int32(fd), Pad: idx}
-		if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, fd, &p.ev); err != nil {
+		if err := epollAdd(p.epfd, fd, &p.ev); err != nil {
 			p.release(idx)
-			unix.Close(fd)
+			closeFD(fd)
 			res[i] = startedCheck{err: fmt.Errorf("tcp connect %s: epoll_ctl: %w", e.tcp.addr, err)}
 			continue
 		}
@@ -136,10 +135,7 @@ func (p *connectPoller) harvest() ([]checkResult, error) {
 	// Read every event that is ready before looking at deadlines: a turn
 	// that comes late must not time out checks whose connect is done.
 	for {
-		n, err := unix.EpollWait(p.epfd, p.evs, 0)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
+		n, err := epollReady(p.epfd, p.evs)
 		if err != nil {
 			for _, sl := range p.slots {
 				if sl.live {
@@ -215,7 +211,7 @@ func (p *connectPoller) finish() {
 				r.err = r.e.tcp.errnoError(unix.ECONNRESET)
 			}
 		}
-		unix.Close(int(c.fd))
+		closeFD(int(c.fd))
 	}
 	clear(p.closing)
 	p.closing = p.closing[:0]
@@ -230,7 +226,7 @@ func (p *connectPoller) close() {
 	p.closed = true
 	for _, sl := range p.slots {
 		if sl.live {
-			unix.Close(int(sl.fd))
+			closeFD(int(sl.fd))
 			p.release(sl.idx)
 			p.live--
 		}

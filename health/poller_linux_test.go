@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -366,4 +367,63 @@ func TestConnectPollerLateTurn(t *testing.T) {
 		}
 	}
 	h.none(t, "after every check's result")
+}
+
+func TestSockaddrOf(t *testing.T) {
+	tests := []struct {
+		addr   string
+		family int
+		raw    []byte // family (host order), port (network order), address
+	}{
+		{"10.1.2.3:8080", unix.AF_INET, []byte{10, 1, 2, 3}},
+		{"[::ffff:10.1.2.3]:8080", unix.AF_INET, []byte{10, 1, 2, 3}},
+		{"[2001:db8::1]:8080", unix.AF_INET6, netip.MustParseAddr("2001:db8::1").AsSlice()},
+	}
+	for _, tt := range tests {
+		sa, err := sockaddrOf(netip.MustParseAddrPort(tt.addr))
+		if err != nil {
+			t.Fatalf("%s: %v", tt.addr, err)
+		}
+		if sa.family != tt.family {
+			t.Errorf("%s: family %d, want %d", tt.addr, sa.family, tt.family)
+		}
+		p, n := sa.ptr()
+		b := unsafe.Slice((*byte)(p), n)
+		if port := b[2:4]; port[0] != 8080>>8 || port[1] != 8080&0xff {
+			t.Errorf("%s: port bytes %v, want 8080 in network order", tt.addr, port)
+		}
+		off := 4 // sin_addr
+		if tt.family == unix.AF_INET6 {
+			off = 8 // after sin6_flowinfo
+		}
+		if got := b[off : off+len(tt.raw)]; string(got) != string(tt.raw) {
+			t.Errorf("%s: address bytes %v, want %v", tt.addr, got, tt.raw)
+		}
+	}
+	sa, err := sockaddrOf(netip.MustParseAddrPort("[fe80::1%7]:80"))
+	if err != nil || sa.v6.Scope_id != 7 {
+		t.Errorf("numeric zone: %+v, %v; want scope 7", sa, err)
+	}
+	if _, err := sockaddrOf(netip.MustParseAddrPort("[fe80::1%no-such-if]:80")); err == nil {
+		t.Error("an unknown zone was accepted")
+	}
+}
+
+func TestConnectPollerIPv6(t *testing.T) {
+	l, err := net.Listen("tcp6", "[::1]:0")
+	if err != nil {
+		t.Skipf("no IPv6 loopback: %v", err)
+	}
+	defer l.Close()
+	h := newPollerHarness(t)
+	for _, c := range []struct {
+		addr    netip.AddrPort
+		wantErr error
+	}{{addrOf(t, l.Addr()), nil}, {netip.AddrPortFrom(netip.IPv6Loopback(), closedPort(t, "tcp").Port()), syscall.ECONNREFUSED}} {
+		e := tcpEntry(t, c.addr, 5*time.Second)
+		if _, err := startOne(h.p, e); err != nil {
+			t.Fatal(err)
+		}
+		checkErr(t, h.next(t).err, c.wantErr)
+	}
 }

@@ -6,10 +6,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
-	"strconv"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -23,13 +21,9 @@ import (
 // and one goroutine for every tcp check); Check runs one check on its own,
 // with the same socket set-up.
 type tcpChecker struct {
-	addr   netip.AddrPort
-	desc   string
-	family int
-	// sa is the poller's copy of the address: unix.Connect writes into it,
-	// so only the scheduler's dispatcher (one goroutine, one check of this
-	// target at a time) uses it. Check makes its own.
-	sa unix.Sockaddr
+	addr netip.AddrPort
+	desc string
+	sa   *rawSockaddr // read-only
 
 	timeout time.Duration // for the timeout's error text
 
@@ -43,68 +37,14 @@ type tcpChecker struct {
 }
 
 func newTCPChecker(addr netip.AddrPort, timeout time.Duration) (*tcpChecker, error) {
-	family, sa, err := sockaddrOf(addr)
+	sa, err := sockaddrOf(addr)
 	if err != nil {
 		return nil, err
 	}
-	return &tcpChecker{addr: addr, desc: "tcp " + addr.String(), family: family, sa: sa, timeout: timeout}, nil
+	return &tcpChecker{addr: addr, desc: "tcp " + addr.String(), sa: sa, timeout: timeout}, nil
 }
 
 func (c *tcpChecker) String() string { return c.desc }
-
-// sockaddrOf converts an address for connect(2).
-func sockaddrOf(ap netip.AddrPort) (int, unix.Sockaddr, error) {
-	a := ap.Addr()
-	if a.Is4() || a.Is4In6() {
-		return unix.AF_INET, &unix.SockaddrInet4{Port: int(ap.Port()), Addr: a.Unmap().As4()}, nil
-	}
-	sa := &unix.SockaddrInet6{Port: int(ap.Port()), Addr: a.As16()}
-	if z := a.Zone(); z != "" {
-		if ifi, err := net.InterfaceByName(z); err == nil {
-			sa.ZoneId = uint32(ifi.Index)
-		} else if n, nerr := strconv.ParseUint(z, 10, 32); nerr == nil {
-			sa.ZoneId = uint32(n)
-		} else {
-			return 0, nil, fmt.Errorf("address %s: zone %q: %w", ap, z, err)
-		}
-	}
-	return unix.AF_INET6, sa, nil
-}
-
-// noLinger is SO_LINGER on with a zero timeout: the kernel only reads it.
-var noLinger = unix.Linger{Onoff: 1, Linger: 0}
-
-// openConnect makes a non-blocking TCP socket set up for a check and starts
-// connecting it to sa. It returns the socket, or the error of a connect
-// that failed at once (the socket is then closed).
-//
-// The socket has TCP_QUICKACK off, so the kernel holds back the last ACK of
-// the handshake (waiting for data to carry it): the check learns that the
-// backend answered (SYN-ACK) and then resets the connection, so the
-// backend's kernel drops the half-open request and its application is
-// never woken to accept a connection that carries nothing. It has
-// SO_LINGER 0, so close sends RST instead of FIN and leaves no TIME_WAIT:
-// thousands of checks a second do not use up ephemeral ports. HAProxy's
-// tcp checks work the same way.
-func openConnect(family int, sa unix.Sockaddr) (int, error) {
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
-	if err != nil {
-		return -1, fmt.Errorf("socket: %w", err)
-	}
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, 0); err != nil {
-		unix.Close(fd)
-		return -1, fmt.Errorf("setsockopt TCP_QUICKACK: %w", err)
-	}
-	if err := unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &noLinger); err != nil {
-		unix.Close(fd)
-		return -1, fmt.Errorf("setsockopt SO_LINGER: %w", err)
-	}
-	if err := unix.Connect(fd, sa); err != nil && !errors.Is(err, unix.EINPROGRESS) {
-		unix.Close(fd)
-		return -1, err
-	}
-	return fd, nil
-}
 
 // connectError is the error of a check whose connect failed with errno.
 func (c *tcpChecker) connectError(err error) error {
@@ -138,11 +78,7 @@ func (c *tcpChecker) timeoutError() error {
 // timeout's error wraps os.ErrDeadlineExceeded (as the poller's does), a
 // cancellation's wraps context.Canceled.
 func (c *tcpChecker) Check(ctx context.Context) error {
-	_, sa, err := sockaddrOf(c.addr)
-	if err != nil {
-		return err
-	}
-	fd, err := openConnect(c.family, sa)
+	fd, err := openConnect(c.sa)
 	if err != nil {
 		return c.connectError(err)
 	}
