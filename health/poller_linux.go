@@ -11,13 +11,18 @@ import (
 )
 
 // connectPoller runs tcp checks the way HAProxy's event loop does: each
-// check is a non-blocking connect whose socket is watched by one epoll
-// instance, and one loop (the Scheduler's Run) starts the checks that are
-// due and, in the same turn, reads the connects that are done (epoll_wait
-// with no timeout), enforces the timeouts from one deadline heap and closes
+// check is a non-blocking connect, and one loop (the Scheduler's Run)
+// starts the checks that are due and, in the same turn, reads the connects
+// that are done, enforces the timeouts from one deadline heap and closes
 // the sockets. A check costs no goroutine, dialer, context, timer or
 // wake-up of its own, and nothing on its way allocates; when checks are in
 // flight the loop comes back every loopTick.
+//
+// At the first turn after its start a check's socket is asked once whether
+// it is connected (getpeername, then SO_ERROR): on loopback and on a LAN
+// the connect is done by then, and the check ends without touching epoll.
+// Only a socket still connecting is registered with the poller's epoll
+// instance, which later turns read (epoll_wait with no timeout).
 //
 // start, harvest, pending and close belong to that one loop; cancel may be
 // called from any goroutine. Every check that start accepted comes out of
@@ -30,14 +35,18 @@ type connectPoller struct {
 	slots     []*connSlot
 	free      []int32
 	deadlines keyedHeap[*connSlot] // live slots by deadline
-	live      int
-	closed    bool
+	live      int                  // checks in flight
+	polled    int                  // of them, registered with epoll
+	// fresh are the checks started since the last harvest; probe those
+	// started before it, which the next harvest asks.
+	fresh, probe []slotRef
+	closed       bool
 	// Buffers reused from turn to turn.
 	evs     []unix.EpollEvent
 	res     []checkResult
 	closing []pendingClose
-	fds     []int
 	ev      unix.EpollEvent // epoll_ctl's argument
+	peer    peerBuf
 
 	mu       sync.Mutex
 	canceled []uint64 // ids for harvest to close
@@ -50,9 +59,19 @@ type connSlot struct {
 	fd       int32
 	gen      uint32 // grows each time the slot is released
 	live     bool
-	hidx     int // in deadlines; -1 when not there
+	polled   bool // registered with epoll
+	hidx     int  // in deadlines; -1 when not there
 	deadline int64
 }
+
+// slotRef names a slot while it holds one check.
+type slotRef struct {
+	idx int32
+	gen uint32
+}
+
+// ref returns the reference to sl's current check.
+func (sl *connSlot) ref() slotRef { return slotRef{idx: sl.idx, gen: sl.gen} }
 
 // pendingClose is a socket harvest closes.
 type pendingClose struct {
@@ -96,15 +115,7 @@ func (p *connectPoller) start(batch []*entry, res []startedCheck) {
 		idx := p.alloc()
 		sl := p.slots[idx]
 		sl.e, sl.fd, sl.deadline, sl.live = e, int32(fd), now+int64(e.tcp.timeout), true
-		// One report per socket (EPOLLONESHOT), however long it stays
-		// writable before harvest closes it.
-		p.ev = unix.EpollEvent{Events: unix.EPOLLOUT | unix.EPOLLONESHOT, Fd: int32(fd), Pad: idx}
-		if err := epollAdd(p.epfd, fd, &p.ev); err != nil {
-			p.release(idx)
-			closeFD(fd)
-			res[i] = startedCheck{err: fmt.Errorf("tcp connect %s: epoll_ctl: %w", e.tcp.addr, err)}
-			continue
-		}
+		p.fresh = append(p.fresh, sl.ref())
 		p.deadlines.push(sl, sl.deadline)
 		p.live++
 		res[i] = startedCheck{id: uint64(sl.gen)<<32 | uint64(idx)}
@@ -132,9 +143,10 @@ func (p *connectPoller) harvest() ([]checkResult, error) {
 		p.mu.Unlock()
 		return nil, nil
 	}
-	// Read every event that is ready before looking at deadlines: a turn
-	// that comes late must not time out checks whose connect is done.
-	for {
+	// Read every event that is ready and ask the sockets to probe before
+	// looking at deadlines: a turn that comes late must not time out
+	// checks whose connect is done.
+	for p.polled > 0 {
 		n, err := epollReady(p.epfd, p.evs)
 		if err != nil {
 			for _, sl := range p.slots {
@@ -163,11 +175,45 @@ func (p *connectPoller) harvest() ([]checkResult, error) {
 		// A full batch: read on. The sockets above are still open, but
 		// EPOLLONESHOT reports each socket once.
 	}
+	for _, ref := range p.probe {
+		sl := p.slots[ref.idx]
+		if !sl.live || sl.gen != ref.gen {
+			continue // ended already (canceled, timed out)
+		}
+		switch connected, errno := p.peer.connectState(int(sl.fd)); {
+		case connected && errno == 0:
+			p.done(sl, checkResult{e: sl.e}, false)
+		case connected:
+			p.done(sl, checkResult{e: sl.e, err: sl.e.tcp.errnoError(errno)}, false)
+		default: // still connecting: epoll reports when it is done
+			// One report per socket (EPOLLONESHOT), however long it
+			// stays writable before harvest closes it.
+			p.ev = unix.EpollEvent{Events: unix.EPOLLOUT | unix.EPOLLONESHOT, Fd: sl.fd, Pad: sl.idx}
+			if err := epollAdd(p.epfd, int(sl.fd), &p.ev); err != nil {
+				p.done(sl, checkResult{e: sl.e, err: fmt.Errorf("tcp connect %s: epoll_ctl: %w", sl.e.tcp.addr, err)}, false)
+				continue
+			}
+			sl.polled = true
+			p.polled++
+		}
+	}
+	clear(p.probe)
+	p.probe, p.fresh = p.fresh, p.probe[:0]
 	now := p.now()
 	for p.deadlines.len() > 0 {
 		sl, deadline := p.deadlines.min()
 		if deadline > now {
 			break
+		}
+		if !sl.polled { // not asked yet: its connect may be done
+			if connected, errno := p.peer.connectState(int(sl.fd)); connected {
+				var err error
+				if errno != 0 {
+					err = sl.e.tcp.errnoError(errno)
+				}
+				p.done(sl, checkResult{e: sl.e, err: err}, false)
+				continue
+			}
 		}
 		p.done(sl, checkResult{e: sl.e, err: sl.e.tcp.timeoutError()}, false)
 	}
@@ -191,6 +237,9 @@ func (p *connectPoller) harvest() ([]checkResult, error) {
 func (p *connectPoller) done(sl *connSlot, r checkResult, askError bool) {
 	p.closing = append(p.closing, pendingClose{fd: sl.fd, res: len(p.res), askError: askError})
 	p.res = append(p.res, r)
+	if sl.polled {
+		p.polled--
+	}
 	p.release(sl.idx)
 	p.live--
 }
@@ -229,6 +278,7 @@ func (p *connectPoller) close() {
 			closeFD(int(sl.fd))
 			p.release(sl.idx)
 			p.live--
+			p.polled = 0
 		}
 	}
 	unix.Close(p.epfd)
@@ -252,7 +302,7 @@ func (p *connectPoller) release(idx int32) {
 	if sl.hidx >= 0 {
 		p.deadlines.remove(sl.hidx)
 	}
-	sl.e, sl.fd, sl.live = nil, -1, false
+	sl.e, sl.fd, sl.live, sl.polled = nil, -1, false, false
 	sl.gen++
 	p.free = append(p.free, idx)
 }

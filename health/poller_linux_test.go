@@ -19,6 +19,14 @@ import (
 // SYN: its accept queue (backlog 0) is kept full by one connection nobody
 // accepts, so the kernel drops further SYNs and a connect times out.
 func unansweredAddr(t *testing.T) netip.AddrPort {
+	addr, _ := droppingListener(t)
+	return addr
+}
+
+// droppingListener is unansweredAddr's listener, and its socket: listen
+// again on it with a larger backlog and it answers the SYNs the clients
+// retransmit (after about a second).
+func droppingListener(t *testing.T) (netip.AddrPort, int) {
 	t.Helper()
 	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
@@ -41,7 +49,7 @@ func unansweredAddr(t *testing.T) netip.AddrPort {
 		t.Fatalf("filling the accept queue of %s: %v", addr, err)
 	}
 	t.Cleanup(func() { filler.Close() })
-	return addr
+	return addr, fd
 }
 
 // openFDs counts this process's open descriptors.
@@ -425,5 +433,64 @@ func TestConnectPollerIPv6(t *testing.T) {
 			t.Fatal(err)
 		}
 		checkErr(t, h.next(t).err, c.wantErr)
+	}
+}
+
+// TestConnectPollerSlowConnects: connects still going on when the poller
+// asks are registered with epoll, which reports each once when it is done,
+// however many finish together (more than one epoll_wait returns), and a
+// turn that comes after their deadlines reports them as successes.
+func TestConnectPollerSlowConnects(t *testing.T) {
+	addr, lfd := droppingListener(t)
+	h := newPollerHarness(t)
+	const n = 300 // > 256, the events one epoll_wait returns
+	// The kernel retransmits a SYN after 1s (then 3s): the deadline falls
+	// between the connect being done and the turn that reads it.
+	const timeout = 1600 * time.Millisecond
+	var batch []*entry
+	for range n {
+		batch = append(batch, tcpEntry(t, addr, timeout))
+	}
+	res := make([]startedCheck, n)
+	start := time.Now()
+	h.p.start(batch, res)
+	for i, r := range res {
+		if r.err != nil {
+			t.Fatalf("start %d: %v", i, r.err)
+		}
+	}
+	for range 2 { // the first turn after the start asks them
+		if rs, err := h.p.harvest(); err != nil || len(rs) != 0 {
+			t.Fatalf("harvest while the SYNs are dropped: %d results, %v", len(rs), err)
+		}
+	}
+	if h.p.polled != n {
+		t.Fatalf("%d checks registered with epoll, want %d", h.p.polled, n)
+	}
+	// Let the listener answer: the retransmitted SYNs connect.
+	if err := unix.Listen(lfd, 1024); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Until(start.Add(timeout + 600*time.Millisecond)))
+	rs, err := h.p.harvest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[*entry]bool{}
+	for _, r := range rs {
+		if seen[r.e] {
+			t.Fatal("a check reported twice")
+		}
+		seen[r.e] = true
+		if r.err != nil {
+			t.Errorf("a slow connect done before a late turn: %v, want success", r.err)
+		}
+	}
+	if len(seen) != n {
+		t.Errorf("%d results in the late turn, want %d", len(seen), n)
+	}
+	h.none(t, "after every check's result")
+	if h.p.polled != 0 || h.p.pending() != 0 {
+		t.Errorf("%d polled, %d in flight after every result", h.p.polled, h.p.pending())
 	}
 }

@@ -130,3 +130,35 @@ func epollReady(epfd int, evs []unix.EpollEvent) (int, error) {
 		}
 	}
 }
+
+// peerBuf holds getpeername's and getsockopt's results (so that asking
+// allocates nothing).
+type peerBuf struct {
+	addr unix.RawSockaddrAny
+	alen uint32
+	v    int32
+	vlen uint32
+}
+
+// connectState tells whether the connect started on fd is done: connected
+// (errno 0), failed (errno), or still going on (done false).
+func (b *peerBuf) connectState(fd int) (done bool, errno unix.Errno) {
+	b.alen = unix.SizeofSockaddrAny
+	_, _, e := unix.RawSyscall(unix.SYS_GETPEERNAME, uintptr(fd), uintptr(unsafe.Pointer(&b.addr)), uintptr(unsafe.Pointer(&b.alen)))
+	switch e {
+	case 0:
+		return true, 0 // it has a peer: the backend answered
+	case unix.ENOTCONN: // connecting, or failed: the socket's error says
+	default:
+		return true, e
+	}
+	b.v, b.vlen = 0, 4
+	if _, _, e := unix.RawSyscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_ERROR,
+		uintptr(unsafe.Pointer(&b.v)), uintptr(unsafe.Pointer(&b.vlen)), 0); e != 0 {
+		return true, e
+	}
+	if b.v != 0 {
+		return true, unix.Errno(b.v)
+	}
+	return false, 0
+}
