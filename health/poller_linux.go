@@ -18,11 +18,14 @@ import (
 // wake-up of its own, and nothing on its way allocates; when checks are in
 // flight the loop comes back every loopTick.
 //
-// At the first turn after its start a check's socket is asked once whether
-// it is connected (getpeername, then SO_ERROR): on loopback and on a LAN
-// the connect is done by then, and the check ends without touching epoll.
-// Only a socket still connecting is registered with the poller's epoll
-// instance, which later turns read (epoll_wait with no timeout).
+// A check's socket is asked whether it is connected (getpeername, then
+// SO_ERROR) at the end of the turn that started it and, if it was still
+// connecting, at the next turn: on loopback and on a LAN the connect is
+// done by then, and the check ends without touching epoll (and, when it
+// ends in its own turn, closes its socket while the socket is still in
+// the CPU's caches). Only a socket still connecting after that is
+// registered with the poller's epoll instance, which later turns read
+// (epoll_wait with no timeout).
 //
 // start, harvest, pending and close belong to that one loop; cancel may be
 // called from any goroutine. Every check that start accepted comes out of
@@ -37,8 +40,8 @@ type connectPoller struct {
 	deadlines keyedHeap[*connSlot] // live slots by deadline
 	live      int                  // checks in flight
 	polled    int                  // of them, registered with epoll
-	// fresh are the checks started since the last harvest; probe those
-	// started before it, which the next harvest asks.
+	// fresh are the checks started since the last harvest; probe those of
+	// the turn before that were still connecting.
 	fresh, probe []slotRef
 	closed       bool
 	// Buffers reused from turn to turn.
@@ -175,30 +178,13 @@ func (p *connectPoller) harvest() ([]checkResult, error) {
 		// A full batch: read on. The sockets above are still open, but
 		// EPOLLONESHOT reports each socket once.
 	}
-	for _, ref := range p.probe {
-		sl := p.slots[ref.idx]
-		if !sl.live || sl.gen != ref.gen {
-			continue // ended already (canceled, timed out)
-		}
-		switch connected, errno := p.peer.connectState(int(sl.fd)); {
-		case connected && errno == 0:
-			p.done(sl, checkResult{e: sl.e}, false)
-		case connected:
-			p.done(sl, checkResult{e: sl.e, err: sl.e.tcp.errnoError(errno)}, false)
-		default: // still connecting: epoll reports when it is done
-			// One report per socket (EPOLLONESHOT), however long it
-			// stays writable before harvest closes it.
-			p.ev = unix.EpollEvent{Events: unix.EPOLLOUT | unix.EPOLLONESHOT, Fd: sl.fd, Pad: sl.idx}
-			if err := epollAdd(p.epfd, int(sl.fd), &p.ev); err != nil {
-				p.done(sl, checkResult{e: sl.e, err: fmt.Errorf("tcp connect %s: epoll_ctl: %w", sl.e.tcp.addr, err)}, false)
-				continue
-			}
-			sl.polled = true
-			p.polled++
-		}
-	}
+	// Ask the sockets of last turn's checks still connecting (those still
+	// connecting now go to epoll), then those of this turn's (those still
+	// connecting are asked again next turn).
+	p.ask(p.probe, true)
 	clear(p.probe)
-	p.probe, p.fresh = p.fresh, p.probe[:0]
+	p.probe = p.ask(p.fresh, false)
+	p.fresh = p.fresh[:0]
 	now := p.now()
 	for p.deadlines.len() > 0 {
 		sl, deadline := p.deadlines.min()
@@ -230,6 +216,39 @@ func (p *connectPoller) harvest() ([]checkResult, error) {
 	p.mu.Unlock()
 	p.finish()
 	return p.res, nil
+}
+
+// ask asks the sockets of refs whether their connects are done and ends
+// the checks that are. Of those still connecting, it registers each with
+// epoll when toEpoll, else returns them (reusing refs' storage).
+func (p *connectPoller) ask(refs []slotRef, toEpoll bool) []slotRef {
+	out := refs[:0]
+	for _, ref := range refs {
+		sl := p.slots[ref.idx]
+		if !sl.live || sl.gen != ref.gen {
+			continue // ended already (canceled, timed out)
+		}
+		connected, errno := p.peer.connectState(int(sl.fd))
+		switch {
+		case connected && errno == 0:
+			p.done(sl, checkResult{e: sl.e}, false)
+		case connected:
+			p.done(sl, checkResult{e: sl.e, err: sl.e.tcp.errnoError(errno)}, false)
+		case !toEpoll:
+			out = append(out, ref)
+		default: // epoll reports when it is done
+			// One report per socket (EPOLLONESHOT), however long it
+			// stays writable before harvest closes it.
+			p.ev = unix.EpollEvent{Events: unix.EPOLLOUT | unix.EPOLLONESHOT, Fd: sl.fd, Pad: sl.idx}
+			if err := epollAdd(p.epfd, int(sl.fd), &p.ev); err != nil {
+				p.done(sl, checkResult{e: sl.e, err: fmt.Errorf("tcp connect %s: epoll_ctl: %w", sl.e.tcp.addr, err)}, false)
+				continue
+			}
+			sl.polled = true
+			p.polled++
+		}
+	}
+	return out
 }
 
 // done takes a check out of flight with its result; its socket is closed

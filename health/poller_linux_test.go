@@ -459,7 +459,7 @@ func TestConnectPollerSlowConnects(t *testing.T) {
 			t.Fatalf("start %d: %v", i, r.err)
 		}
 	}
-	for range 2 { // the first turn after the start asks them
+	for range 2 { // the turn of the start and the next ask them
 		if rs, err := h.p.harvest(); err != nil || len(rs) != 0 {
 			t.Fatalf("harvest while the SYNs are dropped: %d results, %v", len(rs), err)
 		}

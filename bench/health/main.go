@@ -12,7 +12,7 @@
 // process of its own, so one size's memory does not count in the next.
 //
 //	go run ./bench/health                        # 2,000 and 10,000 targets
-//	go run ./bench/health -targets 10000 -window 30s
+//	go run ./bench/health -targets 10000 -window 30s -rounds 3
 package main
 
 import (
@@ -56,6 +56,7 @@ type config struct {
 	window   time.Duration
 	warmup   time.Duration
 	sample   int
+	rounds   int
 	haproxy  string
 
 	cpuprofile string
@@ -72,6 +73,7 @@ func main() {
 	flag.DurationVar(&cfg.window, "window", 30*time.Second, "CPU measurement window")
 	flag.DurationVar(&cfg.warmup, "warmup", 5*time.Second, "time after start before the window opens")
 	flag.IntVar(&cfg.sample, "sample", 200, "targets whose listener is closed to measure detection latency")
+	flag.IntVar(&cfg.rounds, "rounds", 1, "windows of each checker per size, alternating (switchman, HAProxy, switchman, ...), so that a change in the host's load weighs on both")
 	flag.StringVar(&cfg.cpuprofile, "cpuprofile", "", "write a CPU profile of the scheduler's window to this file, -N.prof appended for each size N")
 	flag.StringVar(&cfg.haproxy, "haproxy", "/usr/sbin/haproxy", "haproxy binary to compare with; empty to skip")
 	flag.Parse()
@@ -365,12 +367,32 @@ type result struct {
 	Targets           int
 	LoadStart         string
 	LoadEnd           string
-	Settled           time.Duration
+	Settled           time.Duration // the first round of checks, in the first window's run
 	FirstDown         int
-	Switchman         window
-	HAProxy           *window
-	Latency           []time.Duration // sorted
+	Switchman         []window        // one per round
+	HAProxy           []window        // one per round; none without -haproxy
+	Latency           []time.Duration // sorted, measured in the first round
 	DetectionDeadline time.Duration
+}
+
+// total adds up the windows of several rounds.
+func total(ws []window) window {
+	var t window
+	for _, w := range ws {
+		t.Name = w.Name
+		t.CPU += w.CPU
+		t.Wall += w.Wall
+		t.Checks += w.Checks
+		t.Child += w.Child
+		t.Failed += w.Failed
+		t.RSSKB = max(t.RSSKB, w.RSSKB)
+		if w.Late < 0 || t.Late < 0 {
+			t.Late = -1
+		} else {
+			t.Late += w.Late
+		}
+	}
+	return t
 }
 
 // runSizes runs each size in a process of its own and prints one table.
@@ -422,19 +444,23 @@ func runSizes(cfg config) error {
 	fmt.Println("| targets | checker | window | checks | CPU time | CPU share | CPU per check | RSS | failed checks | late starts | listener child CPU |")
 	fmt.Println("|---|---|---|---|---|---|---|---|---|---|---|")
 	for _, r := range results {
-		fmt.Println(r.Switchman.row(r.Targets))
-		if r.HAProxy != nil {
-			fmt.Println(r.HAProxy.row(r.Targets))
+		for i := range r.Switchman {
+			fmt.Println(r.Switchman[i].row(r.Targets))
+			if i < len(r.HAProxy) {
+				fmt.Println(r.HAProxy[i].row(r.Targets))
+			}
 		}
 	}
 	fmt.Println()
 	for _, r := range results {
-		fmt.Printf("%d targets: load average %s at start, %s at the end; first round settled in %v, %d first checks failed",
+		sw, hw := total(r.Switchman), total(r.HAProxy)
+		fmt.Printf("%d targets: load average %s at start, %s at the end; first round settled in %v, %d first checks failed\n",
 			r.Targets, r.LoadStart, r.LoadEnd, r.Settled.Round(time.Millisecond), r.FirstDown)
-		if r.HAProxy != nil && r.HAProxy.perCheck() > 0 {
-			fmt.Printf("; CPU per check switchman/HAProxy %.2f", float64(r.Switchman.perCheck())/float64(r.HAProxy.perCheck()))
+		fmt.Printf("  CPU per check over %d round(s): switchman %.1f µs", len(r.Switchman), float64(sw.perCheck().Nanoseconds())/1000)
+		if hw.perCheck() > 0 {
+			fmt.Printf(", HAProxy %.1f µs, switchman/HAProxy %.2f", float64(hw.perCheck().Nanoseconds())/1000, float64(sw.perCheck())/float64(hw.perCheck()))
 		}
-		fmt.Println()
+		fmt.Printf("; failed checks %d and %d, late starts %d\n", sw.Failed, hw.Failed, sw.Late)
 		lat := r.Latency
 		fmt.Printf("  detection latency (listener closed -> scheduler reports unhealthy, fall=1, %d targets): p50 %v, p90 %v, p99 %v, max %v\n",
 			len(lat), pct(lat, 50), pct(lat, 90), pct(lat, 99), pct(lat, 100))
@@ -455,15 +481,22 @@ func runOne(cfg config) error {
 	}
 	defer ch.stop()
 
-	if err := runScheduler(cfg, ch, &r); err != nil {
-		return err
-	}
-	if cfg.haproxy != "" {
-		w, err := runHAProxy(cfg, ch)
-		if err != nil {
-			return fmt.Errorf("haproxy: %w", err)
+	for round := 1; round <= max(cfg.rounds, 1); round++ {
+		if cfg.rounds > 1 {
+			fmt.Printf("round %d of %d\n", round, cfg.rounds)
 		}
-		r.HAProxy = &w
+		w, err := runScheduler(cfg, ch, &r, round == 1)
+		if err != nil {
+			return err
+		}
+		r.Switchman = append(r.Switchman, w)
+		if cfg.haproxy != "" {
+			w, err := runHAProxy(cfg, ch)
+			if err != nil {
+				return fmt.Errorf("haproxy: %w", err)
+			}
+			r.HAProxy = append(r.HAProxy, w)
+		}
 	}
 	r.LoadEnd = loadavg()
 	b, err := json.Marshal(r)
@@ -496,7 +529,10 @@ func pct(d []time.Duration, p int) time.Duration {
 	return d[max(0, min(i, len(d)-1))].Round(time.Millisecond)
 }
 
-func runScheduler(cfg config, ch *child, r *result) error {
+// runScheduler runs the scheduler over the targets for one window (and,
+// when detect is set, records the first round and the detection latency
+// in r).
+func runScheduler(cfg config, ch *child, r *result, detect bool) (window, error) {
 	h := spec.Health{Protocol: spec.HealthTCP, Interval: cfg.interval, Timeout: cfg.timeout, Rise: 1, Fall: 1}
 	// Ten services, as the agent would set them: one SetService each.
 	const services = 10
@@ -523,25 +559,29 @@ func runScheduler(cfg config, ch *child, r *result) error {
 	defer scancel()
 	start := time.Now()
 	if err := s.WaitSettled(sctx); err != nil {
-		return fmt.Errorf("first round: %w", err)
+		return window{}, fmt.Errorf("first round: %w", err)
 	}
-	r.Settled = time.Since(start)
-	fmt.Printf("scheduler: first round of %d targets settled in %v\n", cfg.targets, r.Settled.Round(time.Millisecond))
+	settled := time.Since(start)
+	firstDown := 0
 	for _, k := range s.TakeChanged() { // every first result
 		if st, _ := s.Status(k); !st.Healthy {
-			r.FirstDown++
+			firstDown++
 		}
 	}
-	fmt.Printf("scheduler: %d targets failed their first check (all listeners are up)\n", r.FirstDown)
+	fmt.Printf("scheduler: first round of %d targets settled in %v, %d targets failed their first check (all listeners are up)\n",
+		cfg.targets, settled.Round(time.Millisecond), firstDown)
+	if detect {
+		r.Settled, r.FirstDown = settled, firstDown
+	}
 	time.Sleep(cfg.warmup)
-	if cfg.cpuprofile != "" {
+	if cfg.cpuprofile != "" && detect {
 		f, err := os.Create(fmt.Sprintf("%s-%d.prof", cfg.cpuprofile, cfg.targets))
 		if err != nil {
-			return err
+			return window{}, err
 		}
 		defer f.Close()
 		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
+			return window{}, err
 		}
 	}
 	f0 := failures(reg)
@@ -549,13 +589,15 @@ func runScheduler(cfg config, ch *child, r *result) error {
 	w, err := measure("switchman health", os.Getpid(), ch, cfg.window)
 	pprof.StopCPUProfile()
 	if err != nil {
-		return err
+		return w, err
 	}
 	w.Failed = int64(failures(reg) - f0)
 	w.Late = int64(metricSum(reg, "switchman_health_checks_late_total", "") - l0)
 	w.RSSKB = statusKB(os.Getpid(), "VmRSS")
-	r.Switchman = w
 	fmt.Printf("scheduler: %d failed checks in the window (all listeners up), %d checks started late (>100ms)\n", w.Failed, w.Late)
+	if !detect {
+		return w, nil
+	}
 	s.TakeChanged() // nothing should have flipped; start the detection clean
 
 	// Detection latency: close sample listeners 5 ms apart and read when
@@ -566,7 +608,7 @@ func runScheduler(cfg config, ch *child, r *result) error {
 	for _, i := range idx {
 		f, err := ch.call("close " + strconv.Itoa(i))
 		if err != nil || len(f) != 3 {
-			return fmt.Errorf("close: %q %v", f, err)
+			return w, fmt.Errorf("close: %q %v", f, err)
 		}
 		ns, _ := strconv.ParseInt(f[2], 10, 64)
 		closedAt[targets[i].Key()] = time.Unix(0, ns)
@@ -580,13 +622,13 @@ func runScheduler(cfg config, ch *child, r *result) error {
 		select {
 		case <-s.Changed():
 		case <-deadline.C:
-			return fmt.Errorf("%d of %d closed listeners still healthy after %v", len(closedAt)-len(lat), len(closedAt), r.DetectionDeadline)
+			return w, fmt.Errorf("%d of %d closed listeners still healthy after %v", len(closedAt)-len(lat), len(closedAt), r.DetectionDeadline)
 		}
 		for _, k := range s.TakeChanged() {
 			at, ok := closedAt[k]
 			if !ok {
 				st, _ := s.Status(k)
-				return fmt.Errorf("%s flipped, but its listener is up: %+v", k, st)
+				return w, fmt.Errorf("%s flipped, but its listener is up: %+v", k, st)
 			}
 			if st, _ := s.Status(k); !st.Healthy {
 				lat = append(lat, st.LastTransition.Sub(at))
@@ -597,10 +639,10 @@ func runScheduler(cfg config, ch *child, r *result) error {
 	r.Latency = lat
 	for _, i := range idx {
 		if _, err := ch.call("open " + strconv.Itoa(i)); err != nil {
-			return err
+			return w, err
 		}
 	}
-	return nil
+	return w, nil
 }
 
 // failures returns the failed checks counted so far.
