@@ -46,7 +46,8 @@ type Options struct {
 	Registerer prometheus.Registerer
 	// Clock is the time source for scheduling and state times; nil is
 	// clock.Real. (A check's own timeout is always real time: it bounds
-	// real I/O.)
+	// real I/O. tcp checks are read at the loop's turns, which follow
+	// this clock.)
 	Clock clock.Clock
 	// MaxConcurrent bounds the checks running at once (each holds a socket);
 	// default DefaultMaxConcurrent. When every check takes its full timeout,
@@ -95,7 +96,7 @@ type Scheduler struct {
 	m          *metrics
 
 	changed chan struct{} // cap 1: coalesced "TakeChanged has something"
-	wake    chan struct{} // cap 1: the dispatcher has something to look at
+	wake    chan struct{} // cap 1: Run's loop has something to look at
 	jobs    chan job      // unbuffered: to idle workers
 
 	mu       sync.Mutex
@@ -107,10 +108,10 @@ type Scheduler struct {
 	settled  chan struct{} // closed while pending == 0
 	started  bool
 	poller   *connectPoller // runs tcp checks; nil: they run on workers
-	armed    int64          // when the dispatcher's timer fires; math.MaxInt64: not armed
-	blocked  bool           // the dispatcher stopped at the concurrency limit
+	armed    int64          // when the loop's timer fires; math.MaxInt64: not armed
+	blocked  bool           // the loop stopped at the concurrency limit
 
-	// The dispatcher's scratch (only Run's goroutine uses them).
+	// The loop's scratch (only Run's goroutine uses them).
 	batch  []*entry
 	starts []startedCheck
 }
@@ -131,7 +132,6 @@ type entry struct {
 	tcp     *tcpChecker // set when the connect poller can run the checks
 	st      state
 	due     int64              // nanoseconds since the scheduler's base
-	index   int                // in the queue; -1 when not queued
 	running bool               // a check is in flight
 	dropped bool               // removed or restarted: results are ignored
 	cancel  context.CancelFunc // of a check in flight on a worker
@@ -611,7 +611,7 @@ type change struct {
 }
 
 // finishLocked records one result of e (err nil: success) at now, queues
-// its next check, and reports whether that is due before the dispatcher's
+// its next check, and reports whether that is due before the loop's
 // timer fires. s.mu is held.
 func (s *Scheduler) finishLocked(e *entry, err error, now time.Time, changes *[]change) bool {
 	h := e.target.Health
