@@ -11,8 +11,8 @@
 // resets), so counting accepts would miss its checks. Each size runs in a
 // process of its own, so one size's memory does not count in the next.
 //
-//	go run ./bench/health                        # 2,000 and 10,000 targets
-//	go run ./bench/health -targets 10000 -window 30s -rounds 3
+//	go run ./bench/health                  # 2,000 and 10,000 targets, 3 rounds of 20 s
+//	go run ./bench/health -targets 10000 -window 30s -rounds 1
 package main
 
 import (
@@ -70,10 +70,10 @@ func main() {
 	sizes := flag.String("targets", "2000,10000", "numbers of targets (loopback listeners), comma-separated: one run each")
 	flag.DurationVar(&cfg.interval, "interval", time.Second, "check interval")
 	flag.DurationVar(&cfg.timeout, "timeout", 500*time.Millisecond, "check timeout")
-	flag.DurationVar(&cfg.window, "window", 30*time.Second, "CPU measurement window")
+	flag.DurationVar(&cfg.window, "window", 20*time.Second, "CPU measurement window (per round)")
 	flag.DurationVar(&cfg.warmup, "warmup", 5*time.Second, "time after start before the window opens")
 	flag.IntVar(&cfg.sample, "sample", 200, "targets whose listener is closed to measure detection latency")
-	flag.IntVar(&cfg.rounds, "rounds", 1, "windows of each checker per size, alternating (switchman, HAProxy, switchman, ...), so that a change in the host's load weighs on both")
+	flag.IntVar(&cfg.rounds, "rounds", 3, "windows of each checker per size, alternating (switchman, HAProxy, switchman, ...), so that a change in the host's load weighs on both")
 	flag.StringVar(&cfg.cpuprofile, "cpuprofile", "", "write a CPU profile of the scheduler's window to this file, -N.prof appended for each size N")
 	flag.StringVar(&cfg.haproxy, "haproxy", "/usr/sbin/haproxy", "haproxy binary to compare with; empty to skip")
 	flag.Parse()
