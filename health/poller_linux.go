@@ -182,9 +182,9 @@ func (p *connectPoller) harvest() ([]checkResult, error) {
 	// connecting now go to epoll), then those of this turn's (those still
 	// connecting are asked again next turn).
 	p.ask(p.probe, true)
-	clear(p.probe)
+	spare := p.probe[:0] // every one of them ended or went to epoll
 	p.probe = p.ask(p.fresh, false)
-	p.fresh = p.fresh[:0]
+	p.fresh = spare // a storage of its own: probe keeps fresh's
 	now := p.now()
 	for p.deadlines.len() > 0 {
 		sl, deadline := p.deadlines.min()

@@ -494,3 +494,48 @@ func TestConnectPollerSlowConnects(t *testing.T) {
 		t.Errorf("%d polled, %d in flight after every result", h.p.polled, h.p.pending())
 	}
 }
+
+// TestConnectPollerAsksEachTurnsChecks: the checks still connecting at the
+// end of their turn are asked again at the next turn and then registered
+// with epoll, while that turn's own checks wait for theirs.
+func TestConnectPollerAsksEachTurnsChecks(t *testing.T) {
+	silent := unansweredAddr(t)
+	h := newPollerHarness(t)
+	turn := func(n int) []uint64 {
+		var ids []uint64
+		for range n {
+			id, err := startOne(h.p, tcpEntry(t, silent, time.Minute))
+			if err != nil {
+				t.Fatal(err)
+			}
+			ids = append(ids, id)
+		}
+		if rs, err := h.p.harvest(); err != nil || len(rs) != 0 {
+			t.Fatalf("harvest: %d results, %v", len(rs), err)
+		}
+		return ids
+	}
+	polled := func(ids []uint64) (n int) {
+		for _, id := range ids {
+			if h.p.slots[uint32(id)].polled {
+				n++
+			}
+		}
+		return n
+	}
+	first := turn(5)
+	if n := polled(first); n != 0 {
+		t.Fatalf("%d checks in epoll after their own turn, want 0", n)
+	}
+	second := turn(7)
+	if n := polled(first); n != len(first) {
+		t.Errorf("%d of the first turn's %d checks in epoll after the next turn", n, len(first))
+	}
+	if n := polled(second); n != 0 {
+		t.Errorf("%d of the second turn's checks in epoll after their own turn, want 0", n)
+	}
+	turn(0)
+	if n := polled(second); n != len(second) {
+		t.Errorf("%d of the second turn's %d checks in epoll after the next turn", n, len(second))
+	}
+}

@@ -622,7 +622,12 @@ func runScheduler(cfg config, ch *child, r *result, detect bool) (window, error)
 		select {
 		case <-s.Changed():
 		case <-deadline.C:
-			return w, fmt.Errorf("%d of %d closed listeners still healthy after %v", len(closedAt)-len(lat), len(closedAt), r.DetectionDeadline)
+			for k := range closedAt {
+				if st, _ := s.Status(k); st.Healthy {
+					return w, fmt.Errorf("%d of %d closed listeners still healthy after %v, e.g. %s at %s: %+v",
+						len(closedAt)-len(lat), len(closedAt), r.DetectionDeadline, k, time.Now().Format(time.StampMicro), st)
+				}
+			}
 		}
 		for _, k := range s.TakeChanged() {
 			at, ok := closedAt[k]
