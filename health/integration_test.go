@@ -134,3 +134,35 @@ func TestSchedulerCancelsPolledChecks(t *testing.T) {
 		t.Error("the poller is still set after Run returned")
 	}
 }
+
+// TestSchedulerPolledChecksAtTheLimit: with more tcp targets due than the
+// concurrency limit, the loop goes on checking all of them (checks on the
+// poller end within the turn that started them, so no result comes later
+// to wake the loop).
+func TestSchedulerPolledChecksAtTheLimit(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	addr := addrOf(t, l.Addr())
+	h := spec.Health{Protocol: spec.HealthTCP, Interval: 50 * time.Millisecond, Timeout: 40 * time.Millisecond, Rise: 1, Fall: 1}
+	s := New(Options{MaxConcurrent: 2, StartSpread: time.Millisecond})
+	var targets []Target
+	for i := range 10 {
+		// Distinct keys, one listener: health.port sends every check there.
+		hp := h
+		hp.Port = addr.Port()
+		targets = append(targets, Target{Service: "web", Addr: netip.AddrPortFrom(addr.Addr(), uint16(20000+i)), Health: hp})
+	}
+	s.SetService("web", targets)
+	startRun(t, s)
+	waitFor(t, "every target checked 5 times", func() bool {
+		for _, tg := range targets {
+			if st := status(t, s, tg.Key()); st.Successes < 5 {
+				return false
+			}
+		}
+		return true
+	})
+}

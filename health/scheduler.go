@@ -482,8 +482,11 @@ func (s *Scheduler) turn(ctx context.Context, wg *sync.WaitGroup) (int64, bool) 
 	if perr != nil && s.poller == p {
 		s.poller = nil
 	}
+	// Still at the limit after this turn's results: a later result (a
+	// worker's, or the poller's read at the next tick) wakes the loop.
+	s.blocked = s.blocked && s.inFlight >= s.limit
 	next, queued := int64(0), false
-	if s.queue.len() > 0 && !s.blocked { // blocked: a result kicks the loop
+	if s.queue.len() > 0 && !s.blocked {
 		_, next = s.queue.min()
 		queued = true
 	}
