@@ -67,7 +67,8 @@ bench-haproxy:
 	$(GO) test -run '^$$' -bench BenchmarkPoolChanges -benchtime 1x ./drivers/haproxy/
 
 fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime 60s ./spec/
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 60s ./spec/
+	$(GO) test -run '^$$' -fuzz '^FuzzEncode$$' -fuzztime 60s ./status/
 
 clean:
 	rm -rf bin .lab

@@ -2,101 +2,139 @@ package agent
 
 import (
 	"context"
-	"fmt"
 	"log/slog"
-	"net/netip"
-	"sort"
-	"strings"
+	"maps"
+	"reflect"
+	"slices"
 	"time"
 
+	"github.com/switchman-lb/switchman/internal/backoff"
+	"github.com/switchman-lb/switchman/internal/clock"
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/spec"
 	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
 )
 
-// Source is the agent's view of etcd: a copy of the definitions and a
-// signal when it changes.
+// Source is the agent's view of etcd: a local copy read key by key, and
+// the keys that changed.
 type Source interface {
-	Snapshot() watcher.Snapshot
-	Changed() <-chan struct{}
+	// Synced reports whether the first full list has completed.
 	Synced() bool
+	// Changed fires (coalesced) when TakeChanges has something.
+	Changed() <-chan struct{}
+	// TakeChanges returns what changed since the last call.
+	TakeChanges() watcher.Changes
+	// ServiceNames lists every service (definition or pool) in the copy.
+	ServiceNames() []string
+	// Service returns one service's definition and pool members.
+	Service(name string) (def watcher.KV, members map[string]watcher.KV, ok bool)
+	// Value returns another key (a certificate) by its full key.
+	Value(key string) (watcher.KV, bool)
 }
 
-// StatusSink receives every service's status after each reconcile. It must
-// not block on I/O.
+// StatusSink receives each service's status when it changes. It must not
+// block on I/O.
 type StatusSink interface {
-	Publish(map[string]status.Status)
-}
-
-// BackendHealth is the health checker's word on one backend.
-type BackendHealth struct {
-	Healthy bool
-	// Pending is true until the backend's first check has finished.
-	Pending        bool
-	LastError      string
-	LastTransition time.Time
+	Set(name string, st status.Status)
+	Delete(name string)
 }
 
 // HealthSource is the health checker as the loop sees it.
 type HealthSource interface {
-	// SetServices replaces the set of services whose backends are checked.
-	SetServices([]*spec.Service)
-	// View returns every checked backend's state. A backend whose first
-	// check has not finished is reported unhealthy.
-	View() map[render.BackendRef]BackendHealth
-	// Changed fires when any backend changes state.
+	// SetService sets the backends checked for one service; nil stops
+	// checking it.
+	SetService(name string, svc *spec.Service)
+	// Changed fires (coalesced) when TakeChanged has something.
 	Changed() <-chan struct{}
+	// TakeChanged names the backends whose Healthy or Pending changed since
+	// the last call.
+	TakeChanged() []render.BackendRef
+	// Backend returns one backend's state; false when it is not checked.
+	Backend(ref render.BackendRef) (render.Health, bool)
 	// WaitSettled returns once every backend has had its first check, or
 	// when ctx is done.
 	WaitSettled(ctx context.Context) error
 }
 
-// ConnectionCounter is implemented by drivers that can tell how many
-// connections a backend still has, which ends a drain early. It is asked
-// only about the services named, those with draining backends.
-type ConnectionCounter interface {
-	Connections(ctx context.Context, services map[string]bool) (map[render.BackendRef]int, error)
+// GroupSink learns the HA groups the services in force name (the HA
+// elector). SetGroups must not block.
+type GroupSink interface {
+	SetGroups(groups []string)
 }
 
 // Options configure the loop.
 type Options struct {
+	// Groups, when set, is told the set of HA groups of the services in
+	// force whenever it changes.
+	Groups GroupSink
+	// Policy is what definitions are judged by.
+	Policy Policy
 	// Debounce is how long the loop waits after a change for more to come
 	// (coalescing bursts); MaxDelay bounds the wait under a steady stream.
 	Debounce, MaxDelay time.Duration
 	// SettleTimeout bounds how long the first apply waits for the health
 	// checker's first round.
 	SettleTimeout time.Duration
-	// Prefix is the etcd prefix, for certificate keys.
-	Prefix string
-	// VIPCIDRs restricts the VIPs this agent serves; empty means any.
-	VIPCIDRs []netip.Prefix
-	// Resync is the longest the loop waits between passes when nothing
-	// happens: a quiet pass repairs changes made behind the agent's back
+	// Resync is how often every driver runs a Sync, the repair path
 	// (default 30s).
 	Resync time.Duration
-	// Now is the clock; nil means time.Now.
-	Now func() time.Time
+	// RetryMin and RetryMax bound each failed service's own backoff
+	// (default 1s to 30s).
+	RetryMin, RetryMax time.Duration
+	// Clock is the time source; nil is the real clock.
+	Clock clock.Clock
+	// LastGood keeps last good versions across restarts; nil keeps them in
+	// memory only.
+	LastGood *LastGood
+	// Restored are the last good versions read from LastGood at start.
+	Restored map[string]Input
 }
 
 // Agent is the reconcile loop. It owns all state; nothing else mutates it.
 type Agent struct {
 	log     *slog.Logger
 	src     Source
-	drivers []Driver
 	status  StatusSink
 	health  HealthSource
 	metrics *Metrics
 	opts    Options
-	eval    *evaluator
+	clk     clock.Clock
+
+	eval    *Evaluator
 	drain   *drainer
-	// logged is each service's last logged error, so a failure retried
-	// every pass is logged once until it changes.
-	logged map[string]string
+	records map[string]*record
+	// bySecret indexes services by the etcd keys they refer to.
+	bySecret map[string]map[string]bool
+
+	planes  []Plane
+	workers []*worker
+	results chan result
+
+	// dirty are services to re-evaluate; rerender are services to render
+	// again with the verdict they have (health, drains).
+	dirty, rerender map[string]bool
+	// retries holds the services waiting to retry a failed driver.
+	retries map[string]bool
+	// started is set once the first Sync is issued; synced marks the
+	// planes whose first Sync reported; guardLeft counts the guard planes
+	// whose first Sync has not.
+	started   bool
+	synced    []bool
+	guardLeft int
+
+	// groups counts the services in force per HA group.
+	groups map[string]int
+
+	// counting is how many connection counts are outstanding; conns
+	// gathers them.
+	counting   int
+	conns      map[render.BackendRef]int
+	connsKnown bool
 }
 
 // New returns an agent. health and metrics may be nil.
-func New(log *slog.Logger, src Source, drivers []Driver, status StatusSink, health HealthSource, metrics *Metrics, opts Options) *Agent {
+func New(log *slog.Logger, src Source, planes []Plane, st StatusSink, health HealthSource, metrics *Metrics, opts Options) *Agent {
 	if opts.Debounce <= 0 {
 		opts.Debounce = 50 * time.Millisecond
 	}
@@ -106,22 +144,41 @@ func New(log *slog.Logger, src Source, drivers []Driver, status StatusSink, heal
 	if opts.SettleTimeout <= 0 {
 		opts.SettleTimeout = 15 * time.Second
 	}
-	if opts.Now == nil {
-		opts.Now = time.Now
-	}
 	if opts.Resync <= 0 {
 		opts.Resync = 30 * time.Second
 	}
-	return &Agent{log: log, src: src, drivers: drivers, status: status, health: health, metrics: metrics, opts: opts,
-		eval: newEvaluator(opts.Prefix, opts.VIPCIDRs), drain: newDrainer(), logged: map[string]string{}}
+	if opts.RetryMin <= 0 {
+		opts.RetryMin = time.Second
+	}
+	if opts.RetryMax < opts.RetryMin {
+		opts.RetryMax = max(30*time.Second, opts.RetryMin)
+	}
+	if opts.Clock == nil {
+		opts.Clock = clock.Real{}
+	}
+	a := &Agent{
+		log: log, src: src, status: st, health: health, metrics: metrics, opts: opts, clk: opts.Clock,
+		drain: newDrainer(), records: map[string]*record{}, bySecret: map[string]map[string]bool{},
+		planes: planes, results: make(chan result, 4*len(planes)+1),
+		dirty: map[string]bool{}, rerender: map[string]bool{}, retries: map[string]bool{},
+		groups: map[string]int{},
+	}
+	a.eval = NewEvaluator(opts.Policy, func(k string) ([]byte, bool) {
+		kv, ok := src.Value(k)
+		return kv.Value, ok
+	})
+	for i, p := range planes {
+		a.workers = append(a.workers, newWorker(i, p, a.results))
+	}
+	return a
 }
 
 // Run reconciles until ctx is done. It does nothing until the source has
-// completed its first full list, so an empty copy never tears anything down.
+// completed its first full list, so an empty copy never tears anything
+// down; its first pass is a Sync of every driver.
 func (a *Agent) Run(ctx context.Context) error {
-	var healthCh <-chan struct{}
-	if a.health != nil {
-		healthCh = a.health.Changed()
+	for _, w := range a.workers {
+		go w.run(ctx)
 	}
 	for !a.src.Synced() {
 		select {
@@ -130,226 +187,344 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-a.src.Changed():
 		}
 	}
+	a.restore()
+	a.src.TakeChanges() // the first pass reads everything
+	for _, n := range a.src.ServiceNames() {
+		a.dirty[n] = true
+	}
+	for n := range a.opts.Restored {
+		a.dirty[n] = true // restored but deleted from etcd meanwhile: removed
+	}
+	a.evaluateDirty()
 	if a.health != nil {
-		// Tell the checker what to check and let its first round finish, so
-		// a restart does not program weight 0 for healthy backends.
-		a.health.SetServices(inForce(a.eval.evaluate(a.src.Snapshot())))
+		// Let the checker's first round finish, so a restart does not
+		// program weight 0 for healthy backends.
 		sctx, cancel := context.WithTimeout(ctx, a.opts.SettleTimeout)
 		if err := a.health.WaitSettled(sctx); err != nil && ctx.Err() == nil {
 			a.log.Warn("health checks did not all finish their first round; unchecked backends start at weight 0", "waited", a.opts.SettleTimeout)
 		}
 		cancel()
+		// Render again with the first round's results.
+		a.health.TakeChanged()
+		for n := range a.records {
+			a.rerender[n] = true
+		}
+		a.evaluateDirty()
 	}
-	retry := newBackoff(time.Second, 30*time.Second)
-	timer := time.NewTimer(0) // the first pass at once
-	defer timer.Stop()
+	a.firstSync()
+
+	var healthCh <-chan struct{}
+	if a.health != nil {
+		healthCh = a.health.Changed()
+	}
+	debounce := a.clk.NewTimer()
+	defer debounce.Stop()
+	resync := a.clk.NewTimer()
+	defer resync.Stop()
+	resync.ResetAt(a.clk.Now().Add(a.opts.Resync))
+	retry := a.clk.NewTimer()
+	defer retry.Stop()
+	drainT := a.clk.NewTimer()
+	defer drainT.Stop()
+	a.armDrain(drainT)
 	var firstChange time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-a.src.Changed():
-			firstChange = a.debounce(timer, firstChange)
+			firstChange = a.debounce(debounce, firstChange)
 			continue
 		case <-healthCh:
-			firstChange = a.debounce(timer, firstChange)
+			firstChange = a.debounce(debounce, firstChange)
 			continue
-		case <-timer.C:
+		case r := <-a.results:
+			a.handle(r)
+		case <-debounce.C():
+			firstChange = time.Time{}
+			a.collect()
+			a.evaluateDirty()
+		case <-retry.C():
+			a.retryDue()
+		case <-resync.C():
+			a.periodicSync()
+			resync.ResetAt(a.clk.Now().Add(a.opts.Resync))
+		case <-drainT.C():
+			a.checkDrains()
 		}
-		firstChange = time.Time{}
-		res := a.reconcile(ctx)
-		switch {
-		case res.failed:
-			timer.Reset(retry.next())
-		case res.wakeIn > 0:
-			retry.reset()
-			timer.Reset(min(res.wakeIn, a.opts.Resync))
-		default:
-			retry.reset()
-			timer.Reset(a.opts.Resync)
-		}
+		a.armRetry(retry)
+		a.armDrain(drainT)
 	}
 }
 
-// debounce (re)arms the timer after a change: a burst is coalesced into one
-// pass, which comes no later than MaxDelay after the burst's first change.
-func (a *Agent) debounce(timer *time.Timer, firstChange time.Time) time.Time {
-	now := a.opts.Now()
+// debounce (re)arms the timer after a change: a burst is coalesced into
+// one pass, which comes no later than MaxDelay after the burst's first
+// change.
+func (a *Agent) debounce(t clock.Timer, firstChange time.Time) time.Time {
+	now := a.clk.Now()
 	if firstChange.IsZero() {
 		firstChange = now
 	}
-	timer.Reset(max(0, min(a.opts.Debounce, a.opts.MaxDelay-now.Sub(firstChange))))
+	t.ResetAt(now.Add(max(0, min(a.opts.Debounce, a.opts.MaxDelay-now.Sub(firstChange)))))
 	return firstChange
 }
 
-// passResult tells the loop when to come back.
-type passResult struct {
-	failed bool          // a driver failed: retry with backoff
-	wakeIn time.Duration // draining: look again after this long
+// restore seeds the evaluator with the last good versions kept on disk.
+func (a *Agent) restore() {
+	for name, in := range a.opts.Restored {
+		if err := a.eval.Restore(name, in); err != nil {
+			a.log.Warn("last good version on disk is not valid now; not restored", "service", name, "error", err)
+		}
+	}
 }
 
-// reconcile runs one pass: evaluate, render, apply, record.
-func (a *Agent) reconcile(ctx context.Context) passResult {
-	start := a.opts.Now()
-	snap := a.src.Snapshot()
-	verdicts := a.eval.evaluate(snap)
-	services := inForce(verdicts)
+// collect takes the keyed changes of the watcher and the health checker.
+func (a *Agent) collect() {
+	ch := a.src.TakeChanges()
+	for n := range ch.Services {
+		a.dirty[n] = true
+	}
+	for k := range ch.Other {
+		for n := range a.bySecret[k] {
+			a.dirty[n] = true
+		}
+	}
 	if a.health != nil {
-		a.health.SetServices(services)
-	}
-	in := render.Input{Services: services, Secrets: secrets(snap)}
-	var view map[render.BackendRef]BackendHealth
-	if a.health != nil {
-		view = a.health.View()
-		in.Healthy = make(map[render.BackendRef]bool, len(view))
-		in.Pending = map[render.BackendRef]bool{}
-		for ref, h := range view {
-			in.Healthy[ref] = h.Healthy
-			if h.Pending {
-				in.Pending[ref] = true
-			}
+		for _, ref := range a.health.TakeChanged() {
+			a.rerender[ref.Service] = true
 		}
 	}
-	in.Draining = a.drain.update(services, start)
-	desired := render.Render(in)
-
-	failures := map[string][]string{}
-	for _, d := range a.drivers {
-		dctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
-		errs := d.Apply(dctx, desired)
-		cancel()
-		for name, err := range errs {
-			failures[name] = append(failures[name], fmt.Sprintf("%s: %v", d.Name(), err))
-		}
-	}
-	if ctx.Err() != nil {
-		// Shutting down: the drivers were cut off, which says nothing
-		// about the services; report nothing rather than "failed".
-		return passResult{}
-	}
-	wake := a.finishDrains(ctx, start)
-
-	statuses := make(map[string]status.Status, len(verdicts))
-	reports := map[string]render.ServiceReport{}
-	for _, r := range desired.Services {
-		reports[r.Name] = r
-	}
-	counts := map[string]int{}
-	var maxRev int64
-	for name, v := range verdicts {
-		st := status.Status{State: status.StateApplied, Revision: v.revision, Backends: []status.BackendStatus{}}
-		if v.inForce != nil {
-			st.Driver = string(v.inForce.Driver)
-			st.VIP = v.inForce.Key().String()
-		}
-		if r, ok := reports[name]; ok {
-			st.FailingOpen = r.FailingOpen
-			st.Backends = backendStatuses(r, name, view)
-		}
-		var msgs []string
-		if v.rejected != nil {
-			st.State = status.StateRejected
-			msgs = append(msgs, v.rejected.Error())
-			if v.inForce != nil {
-				msgs = append(msgs, fmt.Sprintf("the last good version (revision %d) stays in force", v.revision))
-			}
-		}
-		if f := failures[name]; len(f) > 0 {
-			if st.State == status.StateApplied {
-				st.State = status.StateFailed
-			}
-			sort.Strings(f)
-			msgs = append(msgs, f...)
-		}
-		st.Error = strings.Join(msgs, "; ")
-		if st.State == status.StateApplied {
-			maxRev = max(maxRev, v.revision)
-		}
-		if st.State != status.StateApplied && a.logged[name] != st.Error {
-			a.log.Warn("service not applied", "service", name, "state", st.State, "error", st.Error)
-		}
-		a.logged[name] = st.Error
-		counts[st.State]++
-		if st.FailingOpen {
-			counts["failing_open"]++
-		}
-		statuses[name] = st
-	}
-	for name := range a.logged {
-		if _, ok := verdicts[name]; !ok {
-			delete(a.logged, name)
-		}
-	}
-	if a.status != nil {
-		a.status.Publish(statuses)
-	}
-	a.metrics.observe(a.opts.Now().Sub(start), counts, maxRev)
-	a.log.Debug("reconciled", "services", len(verdicts), "revision", snap.Revision, "took", a.opts.Now().Sub(start))
-	return passResult{failed: len(failures) > 0, wakeIn: wake}
 }
 
-// finishDrains ends the drains whose backends have no connections left or
-// whose time is up, and says when to look again.
-func (a *Agent) finishDrains(ctx context.Context, now time.Time) time.Duration {
-	if a.drain.empty() {
-		return 0
-	}
-	conns := map[render.BackendRef]int{}
-	known := false
-	for _, d := range a.drivers {
-		if cc, ok := d.(ConnectionCounter); ok {
-			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			c, err := cc.Connections(cctx, a.drain.services())
-			cancel()
-			if err != nil {
-				a.log.Warn("read connection counts for draining backends", "driver", d.Name(), "error", err)
-				continue
-			}
-			known = true
-			for k, v := range c {
-				conns[k] += v
+// evaluateDirty re-evaluates the dirty services (and the other claimants
+// of their vip:ports), then renders and dispatches everything affected.
+func (a *Agent) evaluateDirty() {
+	start := a.clk.Now()
+	n := len(a.dirty) + len(a.rerender)
+	for _, name := range slices.Sorted(mapKeys(a.dirty)) {
+		def, members, ok := a.src.Service(name)
+		in := Input{Def: def, Members: members, Exists: ok}
+		for _, affected := range a.eval.Update(name, in) {
+			a.rerender[affected] = true
+		}
+		a.indexSecrets(name)
+		if lg := a.opts.LastGood; lg != nil {
+			switch {
+			case !ok:
+				lg.Delete(name)
+			case a.eval.LatestValid(name):
+				lg.Save(name, in)
 			}
 		}
 	}
-	if a.drain.finish(now, conns, known) {
-		return time.Millisecond // some drains ended: reconcile again to delete them
+	clear(a.dirty)
+	for _, name := range slices.Sorted(mapKeys(a.rerender)) {
+		a.renderOne(name)
 	}
-	return a.drain.nextCheck(now)
+	clear(a.rerender)
+	if n > 0 {
+		a.metrics.observePass(a.clk.Now().Sub(start), n)
+	}
 }
 
-func secrets(snap watcher.Snapshot) map[string][]byte {
-	out := make(map[string][]byte, len(snap.Other))
-	for k, v := range snap.Other {
-		out[k] = v.Value
+func (a *Agent) indexSecrets(name string) {
+	r := a.records[name]
+	var old []string
+	if r != nil {
+		old = r.secrets
 	}
-	return out
+	cur := a.eval.Secrets(name)
+	for _, k := range old {
+		delete(a.bySecret[k], name)
+		if len(a.bySecret[k]) == 0 {
+			delete(a.bySecret, k)
+		}
+	}
+	for _, k := range cur {
+		if a.bySecret[k] == nil {
+			a.bySecret[k] = map[string]bool{}
+		}
+		a.bySecret[k][name] = true
+	}
+	if r == nil && len(cur) > 0 {
+		r = a.record(name)
+	}
+	if r != nil {
+		r.secrets = cur
+	}
 }
 
-func backendStatuses(r render.ServiceReport, name string, view map[render.BackendRef]BackendHealth) []status.BackendStatus {
-	out := make([]status.BackendStatus, 0, len(r.Backends))
-	for _, b := range r.Backends {
-		bs := status.BackendStatus{Address: b.Address.String(), Port: b.Port, Healthy: b.Healthy, Weight: b.Weight, Draining: b.Draining}
-		if h, ok := view[render.BackendRef{Service: name, Addr: netip.AddrPortFrom(b.Address, b.Port)}]; ok {
-			bs.LastError = h.LastError
-			if !h.LastTransition.IsZero() {
-				t := h.LastTransition.UTC()
-				bs.LastTransition = &t
+func (a *Agent) record(name string) *record {
+	r := a.records[name]
+	if r == nil {
+		r = &record{name: name, planes: make([]planeState, len(a.planes)), backoff: backoff.New(a.opts.RetryMin, a.opts.RetryMax, 0.2)}
+		a.records[name] = r
+	}
+	return r
+}
+
+// renderOne renders one service with its current verdict and, when its
+// desired state changed, hands it to the drivers.
+func (a *Agent) renderOne(name string) {
+	v := a.eval.Verdict(name)
+	r := a.record(name)
+	now := a.clk.Now()
+	if v.InForce != r.svc {
+		if a.health != nil {
+			a.health.SetService(name, v.InForce)
+		}
+		a.regroup(r.svc, v.InForce)
+		r.svc = v.InForce
+	}
+	r.verdict = v
+	st := &render.ServiceState{Name: name}
+	if v.InForce != nil {
+		in := render.Input{Draining: map[string][]spec.Backend{name: a.drain.update(name, v.InForce, now)}}
+		if a.health != nil {
+			in.Healthy, in.Pending = map[render.BackendRef]bool{}, map[render.BackendRef]bool{}
+			for _, b := range v.InForce.Backends {
+				a.healthInto(in, render.BackendRef{Service: name, Addr: b.AddrPort()})
+			}
+			for _, b := range in.Draining[name] {
+				a.healthInto(in, render.BackendRef{Service: name, Addr: b.AddrPort()})
 			}
 		}
-		out = append(out, bs)
+		if v.InForce.TLS != nil && v.InForce.TLS.CertificateKey != "" {
+			if kv, ok := a.src.Value(v.InForce.TLS.CertificateKey); ok {
+				in.Secrets = map[string][]byte{v.InForce.TLS.CertificateKey: kv.Value}
+			}
+		}
+		st = render.RenderService(v.InForce, in)
+	} else {
+		a.drain.update(name, nil, now)
 	}
-	return out
+	if r.state != nil && sameState(r.state, st) {
+		a.publish(r)
+		a.forget(r)
+		return
+	}
+	if r.state == nil && st.Removed() {
+		// Never rendered, nothing to remove: a refused new service.
+		r.state = st
+		a.publish(r)
+		a.forget(r)
+		return
+	}
+	r.gen++
+	st.Generation = r.gen
+	r.state = st
+	if a.started {
+		a.dispatch(r)
+	}
+	a.publish(r)
+	a.forget(r)
 }
 
-// backoff doubles a delay up to a bound.
-type backoff struct{ cur, min, max time.Duration }
-
-func newBackoff(lo, hi time.Duration) *backoff { return &backoff{cur: lo, min: lo, max: hi} }
-
-func (b *backoff) next() time.Duration {
-	d := b.cur
-	b.cur = min(b.cur*2, b.max)
-	return d
+// regroup moves one service's count from its old HA group to its new one
+// and tells the group sink when the set of groups changed.
+func (a *Agent) regroup(old, cur *spec.Service) {
+	changed := false
+	if old != nil {
+		if a.groups[old.Group]--; a.groups[old.Group] <= 0 {
+			delete(a.groups, old.Group)
+			changed = true
+		}
+	}
+	if cur != nil {
+		if a.groups[cur.Group]++; a.groups[cur.Group] == 1 {
+			changed = true
+		}
+	}
+	if changed && a.opts.Groups != nil {
+		a.opts.Groups.SetGroups(slices.Sorted(maps.Keys(a.groups)))
+	}
 }
 
-func (b *backoff) reset() { b.cur = b.min }
+func (a *Agent) healthInto(in render.Input, ref render.BackendRef) {
+	if h, ok := a.health.Backend(ref); ok {
+		in.Healthy[ref] = h.Healthy
+		if h.Pending {
+			in.Pending[ref] = true
+		}
+	}
+}
+
+// sameState compares two states of one service, generation aside.
+func sameState(a, b *render.ServiceState) bool {
+	x, y := *a, *b
+	x.Generation, y.Generation = 0, 0
+	return reflect.DeepEqual(x, y)
+}
+
+// forget drops the record of a service that is gone from etcd and from
+// every driver.
+func (a *Agent) forget(r *record) {
+	if r.verdict.Exists || r.busy() || !r.state.Removed() {
+		return
+	}
+	for _, p := range r.planes {
+		if p.served {
+			return
+		}
+	}
+	delete(a.records, r.name)
+	delete(a.retries, r.name)
+}
+
+// armDrain sets t to the next look at draining backends.
+func (a *Agent) armDrain(t clock.Timer) {
+	if a.drain.empty() || a.counting > 0 {
+		t.Stop()
+		return
+	}
+	now := a.clk.Now()
+	t.ResetAt(now.Add(a.drain.nextCheck(now)))
+}
+
+// checkDrains ends the drains whose time is up and asks the drivers that
+// can count connections about the rest; countsIn ends those with none.
+func (a *Agent) checkDrains() {
+	for _, n := range a.drain.finish(a.clk.Now(), nil, false) {
+		a.rerender[n] = true
+	}
+	if !a.drain.empty() && a.counting == 0 {
+		services := a.drain.services()
+		a.conns, a.connsKnown = map[render.BackendRef]int{}, false
+		for i, p := range a.planes {
+			if _, ok := p.Driver.(ConnectionCounter); ok {
+				a.workers[i].countConns(services)
+				a.counting++
+			}
+		}
+	}
+	a.evaluateDirty()
+}
+
+func (a *Agent) countsIn(res result) {
+	a.counting--
+	if res.countErr != nil {
+		a.log.Warn("read connection counts for draining backends", "driver", a.planes[res.plane].Driver.Name(), "error", res.countErr)
+	} else {
+		a.connsKnown = true
+		for k, v := range res.conns {
+			a.conns[k] += v
+		}
+	}
+	if a.counting > 0 {
+		return
+	}
+	for _, n := range a.drain.finish(a.clk.Now(), a.conns, a.connsKnown) {
+		a.rerender[n] = true
+	}
+	a.evaluateDirty()
+}
+
+func mapKeys[V any](m map[string]V) func(func(string) bool) {
+	return func(yield func(string) bool) {
+		for k := range m {
+			if !yield(k) {
+				return
+			}
+		}
+	}
+}

@@ -17,9 +17,9 @@ func svc(name string, drain time.Duration, addrs ...string) *spec.Service {
 	return s
 }
 
-func drainingAddrs(m map[string][]spec.Backend, name string) map[string]bool {
+func drainingAddrs(list []spec.Backend) map[string]bool {
 	out := map[string]bool{}
-	for _, b := range m[name] {
+	for _, b := range list {
 		out[b.Address.String()] = true
 	}
 	return out
@@ -35,64 +35,64 @@ func TestDrainer(t *testing.T) {
 		run  func(t *testing.T, d *drainer)
 	}{
 		{"removed backend drains until its time is up", func(t *testing.T, d *drainer) {
-			d.update([]*spec.Service{svc("web", 30*time.Second, "10.0.0.1", "10.0.0.2")}, t0)
-			got := d.update([]*spec.Service{svc("web", 30*time.Second, "10.0.0.1")}, t0)
-			if !drainingAddrs(got, "web")["10.0.0.2"] {
+			d.update("web", svc("web", 30*time.Second, "10.0.0.1", "10.0.0.2"), t0)
+			got := d.update("web", svc("web", 30*time.Second, "10.0.0.1"), t0)
+			if !drainingAddrs(got)["10.0.0.2"] {
 				t.Fatalf("10.0.0.2 not draining: %v", got)
 			}
-			if d.finish(t0.Add(29*time.Second), nil, false) {
+			if len(d.finish(t0.Add(29*time.Second), nil, false)) > 0 {
 				t.Fatal("drain ended before its time with no counts")
 			}
-			if !d.finish(t0.Add(30*time.Second), nil, false) || !d.empty() {
+			if len(d.finish(t0.Add(30*time.Second), nil, false)) == 0 || !d.empty() {
 				t.Fatal("drain did not end at its deadline")
 			}
 		}},
 		{"no connections left ends the drain early", func(t *testing.T, d *drainer) {
-			d.update([]*spec.Service{svc("web", time.Hour, "10.0.0.1", "10.0.0.2")}, t0)
-			d.update([]*spec.Service{svc("web", time.Hour, "10.0.0.1")}, t0)
-			if d.finish(t0, map[render.BackendRef]int{ref("10.0.0.2"): 3}, true) {
+			d.update("web", svc("web", time.Hour, "10.0.0.1", "10.0.0.2"), t0)
+			d.update("web", svc("web", time.Hour, "10.0.0.1"), t0)
+			if len(d.finish(t0, map[render.BackendRef]int{ref("10.0.0.2"): 3}, true)) > 0 {
 				t.Fatal("ended with 3 connections")
 			}
-			if !d.finish(t0, map[render.BackendRef]int{ref("10.0.0.2"): 0}, true) {
+			if len(d.finish(t0, map[render.BackendRef]int{ref("10.0.0.2"): 0}, true)) == 0 {
 				t.Fatal("did not end with 0 connections")
 			}
 		}},
 		{"a backend the counter does not know keeps draining", func(t *testing.T, d *drainer) {
-			d.update([]*spec.Service{svc("web", time.Hour, "10.0.0.1", "10.0.0.2")}, t0)
-			d.update([]*spec.Service{svc("web", time.Hour, "10.0.0.1")}, t0)
-			if d.finish(t0, map[render.BackendRef]int{}, true) {
+			d.update("web", svc("web", time.Hour, "10.0.0.1", "10.0.0.2"), t0)
+			d.update("web", svc("web", time.Hour, "10.0.0.1"), t0)
+			if len(d.finish(t0, map[render.BackendRef]int{}, true)) > 0 {
 				t.Fatal("ended without a count for the backend")
 			}
 		}},
 		{"a backend that comes back is restored", func(t *testing.T, d *drainer) {
-			d.update([]*spec.Service{svc("web", time.Hour, "10.0.0.1", "10.0.0.2")}, t0)
-			d.update([]*spec.Service{svc("web", time.Hour, "10.0.0.1")}, t0)
-			got := d.update([]*spec.Service{svc("web", time.Hour, "10.0.0.1", "10.0.0.2")}, t0)
-			if len(got["web"]) != 0 || !d.empty() {
+			d.update("web", svc("web", time.Hour, "10.0.0.1", "10.0.0.2"), t0)
+			d.update("web", svc("web", time.Hour, "10.0.0.1"), t0)
+			got := d.update("web", svc("web", time.Hour, "10.0.0.1", "10.0.0.2"), t0)
+			if len(got) != 0 || !d.empty() {
 				t.Fatalf("still draining after coming back: %v", got)
 			}
 		}},
 		{"drain 0 removes at once", func(t *testing.T, d *drainer) {
-			d.update([]*spec.Service{svc("web", 0, "10.0.0.1", "10.0.0.2")}, t0)
-			if got := d.update([]*spec.Service{svc("web", 0, "10.0.0.1")}, t0); len(got) != 0 {
+			d.update("web", svc("web", 0, "10.0.0.1", "10.0.0.2"), t0)
+			if got := d.update("web", svc("web", 0, "10.0.0.1"), t0); len(got) != 0 {
 				t.Fatalf("drained with drain 0: %v", got)
 			}
 		}},
 		{"a deleted service ends its drains", func(t *testing.T, d *drainer) {
-			d.update([]*spec.Service{svc("web", time.Hour, "10.0.0.1", "10.0.0.2")}, t0)
-			d.update([]*spec.Service{svc("web", time.Hour, "10.0.0.1")}, t0)
-			if got := d.update(nil, t0); len(got) != 0 || !d.empty() {
+			d.update("web", svc("web", time.Hour, "10.0.0.1", "10.0.0.2"), t0)
+			d.update("web", svc("web", time.Hour, "10.0.0.1"), t0)
+			if got := d.update("web", nil, t0); len(got) != 0 || !d.empty() {
 				t.Fatalf("drains of a deleted service: %v", got)
 			}
 		}},
 		{"the deadline is not pushed back by later passes", func(t *testing.T, d *drainer) {
-			d.update([]*spec.Service{svc("web", 10*time.Second, "10.0.0.1", "10.0.0.2")}, t0)
-			d.update([]*spec.Service{svc("web", 10*time.Second, "10.0.0.1")}, t0)
-			d.update([]*spec.Service{svc("web", 10*time.Second, "10.0.0.1")}, t0.Add(5*time.Second))
+			d.update("web", svc("web", 10*time.Second, "10.0.0.1", "10.0.0.2"), t0)
+			d.update("web", svc("web", 10*time.Second, "10.0.0.1"), t0)
+			d.update("web", svc("web", 10*time.Second, "10.0.0.1"), t0.Add(5*time.Second))
 			if next := d.nextCheck(t0.Add(9500 * time.Millisecond)); next != 500*time.Millisecond {
 				t.Fatalf("next check in %v, want 500ms", next)
 			}
-			if !d.finish(t0.Add(10*time.Second), nil, false) {
+			if len(d.finish(t0.Add(10*time.Second), nil, false)) == 0 {
 				t.Fatal("deadline moved")
 			}
 		}},

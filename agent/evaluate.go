@@ -1,194 +1,333 @@
 package agent
 
 import (
+	"cmp"
 	"fmt"
 	"net/netip"
-	"sort"
+	"slices"
 	"strings"
 
 	"github.com/switchman-lb/switchman/spec"
 	"github.com/switchman-lb/switchman/watcher"
 )
 
-// verdict is what the loop decided about one service definition.
-type verdict struct {
-	// inForce is the version to program: the new one when valid, the last
-	// good one when the new one was rejected, nil when there is none.
-	inForce *spec.Service
-	// revision is the etcd revision of the version in force (the highest
-	// mod revision of its definition and pool members).
-	revision int64
-	// rejected is why the latest definition was refused, if it was.
-	rejected error
+// Policy is the agent's own rules on top of the schema. `switchman
+// validate`, `switchman plan` and the agent judge definitions with the
+// same Policy and the same Evaluator.
+type Policy struct {
+	// Prefix is the etcd prefix (no trailing slash); certificate keys must
+	// lie under it.
+	Prefix string
+	// VIPCIDRs restricts the VIPs a definition may claim; empty means any.
+	VIPCIDRs []netip.Prefix
+	// BackendCIDRs restricts the backend addresses; empty means any.
+	BackendCIDRs []netip.Prefix
+	// Spec holds the settings that change how a definition is read (the
+	// L4 driver of definitions that name none).
+	Spec spec.Options
 }
 
-// good is a service's last good version.
-type good struct {
-	svc      *spec.Service
-	revision int64
+// Input is what etcd holds for one service: its definition key and its
+// pool members. Exists is false when the definition key is absent (a pool
+// without a definition is not a service).
+type Input struct {
+	Def     watcher.KV
+	Members map[string]watcher.KV
+	Exists  bool
+}
+
+// Verdict is what the Evaluator decided about one service.
+type Verdict struct {
+	// InForce is the version to program: the latest when valid, else the
+	// last good one; nil when there is none or the service lost its
+	// vip:port to another.
+	InForce *spec.Service
+	// Revision is the etcd revision of the version in force (the highest
+	// mod revision of its definition and pool members).
+	Revision int64
+	// Rejected says why the latest definition was refused, if it was; it
+	// includes the loss of a contested vip:port.
+	Rejected error
+	// Exists is false for a service whose definition key is gone.
+	Exists bool
+}
+
+// Evaluator judges service definitions one service at a time: it parses
+// and merges them, applies the policy, keeps each service's last good
+// version, and resolves vip:port/protocol conflicts between the versions
+// in force (the service created first keeps the key). It is not safe for
+// concurrent use; the loop owns it.
+type Evaluator struct {
+	policy Policy
+	// secret returns an etcd key's value for tls.certificate_key; nil
+	// means the keys cannot be looked up (offline files), and only their
+	// place under the prefix is checked.
+	secret func(key string) ([]byte, bool)
+	svcs   map[string]*judged
+	claims map[spec.Key]map[string]*judged
+}
+
+// judged is one service as the evaluator knows it.
+type judged struct {
+	name      string
+	createRev int64
+	def       parsed[*spec.Service]
+	members   map[string]parsed[spec.Member]
+	rejected  error
+	good      *spec.Service // last good version
+	goodRev   int64
+	claim     spec.Key // the key good claims; valid while good != nil
+	exists    bool
+	// secrets are the etcd keys the latest valid or last good version
+	// refers to, for the loop's index.
+	secrets []string
 }
 
 // parsed caches the result of parsing one etcd value by its mod revision,
-// so a burst of unrelated changes does not parse every definition again.
+// so an event re-parses only what changed.
 type parsed[T any] struct {
 	modRev int64
 	val    T
 	err    error
 }
 
-// evaluator turns watcher snapshots into verdicts, keeping the last good
-// version of every service. It is used by one goroutine (the loop).
-type evaluator struct {
-	prefix   string
-	vipCIDRs []netip.Prefix // empty: any VIP
-
-	lastGood map[string]good
-	defs     map[string]parsed[*spec.Service]
-	members  map[string]parsed[spec.Member] // key: service + "/" + member
+// NewEvaluator returns an evaluator with policy p. secret looks up the
+// etcd keys certificate_key names; nil when they cannot be looked up.
+func NewEvaluator(p Policy, secret func(key string) ([]byte, bool)) *Evaluator {
+	p.Prefix = strings.TrimSuffix(p.Prefix, "/")
+	return &Evaluator{policy: p, secret: secret, svcs: map[string]*judged{}, claims: map[spec.Key]map[string]*judged{}}
 }
 
-func newEvaluator(prefix string, vipCIDRs []netip.Prefix) *evaluator {
-	return &evaluator{
-		prefix:   strings.TrimSuffix(prefix, "/"),
-		vipCIDRs: vipCIDRs,
-		lastGood: map[string]good{},
-		defs:     map[string]parsed[*spec.Service]{},
-		members:  map[string]parsed[spec.Member]{},
+// Update judges one service's new input. It returns the names whose
+// verdict may have changed: the service itself and every other claimant of
+// the vip:port it held before or holds now.
+func (e *Evaluator) Update(name string, in Input) []string {
+	j := e.svcs[name]
+	if j == nil {
+		j = &judged{name: name, members: map[string]parsed[spec.Member]{}}
+		e.svcs[name] = j
+	}
+	affected := e.claimants(j)
+	j.exists = in.Exists
+	if !in.Exists {
+		// Deleted: the last good version goes with it.
+		e.unclaim(j)
+		delete(e.svcs, name)
+		return appendUnique(affected, name)
+	}
+	j.createRev = in.Def.CreateRevision
+	svc, rev, err := e.build(j, in)
+	j.rejected = err
+	if err == nil {
+		e.unclaim(j)
+		j.good, j.goodRev = svc, rev
+		e.claim(j)
+		j.secrets = secretKeys(svc)
+	}
+	return appendUnique(append(affected, e.claimants(j)...), name)
+}
+
+// Restore seeds the last good version of a service (from the agent's
+// durable record) as though in had been valid; the next Update decides
+// whether the latest version replaces it. It reports an error when in is
+// not valid under the current policy, and then restores nothing.
+func (e *Evaluator) Restore(name string, in Input) error {
+	j := &judged{name: name, members: map[string]parsed[spec.Member]{}, exists: true, createRev: in.Def.CreateRevision}
+	svc, rev, err := e.build(j, in)
+	if err != nil {
+		return err
+	}
+	j.good, j.goodRev, j.secrets = svc, rev, secretKeys(svc)
+	j.def, j.members = parsed[*spec.Service]{}, map[string]parsed[spec.Member]{} // parse etcd's copy afresh
+	if old := e.svcs[name]; old != nil {
+		e.unclaim(old)
+	}
+	e.svcs[name] = j
+	e.claim(j)
+	return nil
+}
+
+// Verdict returns what is decided about name now.
+func (e *Evaluator) Verdict(name string) Verdict {
+	j := e.svcs[name]
+	if j == nil {
+		return Verdict{}
+	}
+	v := Verdict{Exists: j.exists, Rejected: j.rejected}
+	if j.good == nil {
+		return v
+	}
+	if w := e.winner(j.claim); w != j {
+		lost := &spec.FieldError{Path: "vip", Msg: fmt.Sprintf(
+			"%s is already claimed by service %q (created at revision %d, before this one at %d)",
+			j.claim, w.name, w.createRev, j.createRev)}
+		switch {
+		case v.Rejected == nil:
+			v.Rejected = lost
+		default:
+			v.Rejected = fmt.Errorf("%w; and its last good version: %w", v.Rejected, lost)
+		}
+		return v
+	}
+	v.InForce, v.Revision = j.good, j.goodRev
+	return v
+}
+
+// LatestValid reports whether the latest version of name passed every
+// check by itself (it may still have lost its vip:port to another).
+func (e *Evaluator) LatestValid(name string) bool {
+	j := e.svcs[name]
+	return j != nil && j.exists && j.rejected == nil && j.good != nil
+}
+
+// Secrets names the etcd keys the service refers to (certificate keys).
+func (e *Evaluator) Secrets(name string) []string {
+	if j := e.svcs[name]; j != nil {
+		return j.secrets
+	}
+	return nil
+}
+
+// Names lists every service the evaluator knows, sorted.
+func (e *Evaluator) Names() []string {
+	out := make([]string, 0, len(e.svcs))
+	for n := range e.svcs {
+		out = append(out, n)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// winner is the claimant of k created first (then the lower name).
+func (e *Evaluator) winner(k spec.Key) *judged {
+	var w *judged
+	for _, j := range e.claims[k] {
+		if w == nil || j.createRev < w.createRev || j.createRev == w.createRev && j.name < w.name {
+			w = j
+		}
+	}
+	return w
+}
+
+func (e *Evaluator) claim(j *judged) {
+	if j.good == nil {
+		return
+	}
+	j.claim = j.good.Key()
+	if e.claims[j.claim] == nil {
+		e.claims[j.claim] = map[string]*judged{}
+	}
+	e.claims[j.claim][j.name] = j
+}
+
+func (e *Evaluator) unclaim(j *judged) {
+	if j.good == nil {
+		return
+	}
+	delete(e.claims[j.claim], j.name)
+	if len(e.claims[j.claim]) == 0 {
+		delete(e.claims, j.claim)
 	}
 }
 
-// evaluate decides every service in snap. Services whose key is gone are
-// dropped together with their last good version.
-func (e *evaluator) evaluate(snap watcher.Snapshot) map[string]verdict {
-	out := make(map[string]verdict, len(snap.Services))
-	var claims []spec.Claim
-	created := map[string]int64{}
-	for name, kv := range snap.Services {
-		svc, rev, err := e.build(name, kv, snap.Members[name], snap.Other)
-		v := verdict{}
-		if err != nil {
-			v.rejected = err
-			if g, ok := e.lastGood[name]; ok {
-				v.inForce, v.revision = g.svc, g.revision
-			}
-		} else {
-			e.lastGood[name] = good{svc: svc, revision: rev}
-			v.inForce, v.revision = svc, rev
-		}
-		out[name] = v
-		if v.inForce != nil {
-			claims = append(claims, spec.Claim{Service: v.inForce, CreateRevision: kv.CreateRevision})
-			created[name] = kv.CreateRevision
-		}
+// claimants names the services that claim the same key as j.
+func (e *Evaluator) claimants(j *judged) []string {
+	if j.good == nil {
+		return nil
 	}
-	for name := range e.lastGood {
-		if _, ok := snap.Services[name]; !ok {
-			delete(e.lastGood, name)
-		}
-	}
-	e.prune(snap)
-	for loser, err := range spec.ResolveConflicts(claims) {
-		v := out[loser]
-		v.inForce = nil
-		if v.rejected == nil {
-			v.rejected = err
-		} else {
-			v.rejected = fmt.Errorf("%w; and its last good version: %w", v.rejected, err)
-		}
-		out[loser] = v
+	out := make([]string, 0, len(e.claims[j.claim]))
+	for n := range e.claims[j.claim] {
+		out = append(out, n)
 	}
 	return out
 }
 
-// build parses, merges and checks one service against the agent's policy,
+// build parses, merges and checks one service against the policy,
 // returning it with the revision of its inputs.
-func (e *evaluator) build(name string, kv watcher.KV, members map[string]watcher.KV, other map[string]watcher.KV) (*spec.Service, int64, error) {
-	p, ok := e.defs[name]
-	if !ok || p.modRev != kv.ModRevision {
-		p.modRev = kv.ModRevision
-		p.val, p.err = spec.Parse(name, kv.Value)
-		e.defs[name] = p
+func (e *Evaluator) build(j *judged, in Input) (*spec.Service, int64, error) {
+	if j.def.modRev != in.Def.ModRevision || j.def.val == nil && j.def.err == nil {
+		j.def = parsed[*spec.Service]{modRev: in.Def.ModRevision}
+		j.def.val, j.def.err = spec.ParseWith(j.name, in.Def.Value, e.policy.Spec)
 	}
-	if p.err != nil {
-		return nil, 0, p.err
+	if j.def.err != nil {
+		return nil, 0, j.def.err
 	}
-	rev := kv.ModRevision
-	names := make([]string, 0, len(members))
-	for m := range members {
+	rev := in.Def.ModRevision
+	names := make([]string, 0, len(in.Members))
+	for m := range in.Members {
 		names = append(names, m)
 	}
-	sort.Strings(names)
+	slices.Sort(names)
 	var list []spec.Member
 	var errs spec.Errors
 	for _, m := range names {
-		mkv := members[m]
+		mkv := in.Members[m]
 		rev = max(rev, mkv.ModRevision)
-		key := name + "/" + m
-		pm, ok := e.members[key]
+		pm, ok := j.members[m]
 		if !ok || pm.modRev != mkv.ModRevision {
-			pm.modRev = mkv.ModRevision
+			pm = parsed[spec.Member]{modRev: mkv.ModRevision}
 			pm.val, pm.err = spec.ParseMember(m, mkv.Value)
-			e.members[key] = pm
+			j.members[m] = pm
 		}
 		if pm.err != nil {
-			errs = append(errs, &spec.FieldError{Path: "backends/" + key, Msg: pm.err.Error()})
+			errs = append(errs, &spec.FieldError{Path: "backends/" + j.name + "/" + m, Msg: pm.err.Error()})
 			continue
 		}
 		list = append(list, pm.val)
 	}
+	for m := range j.members {
+		if _, ok := in.Members[m]; !ok {
+			delete(j.members, m)
+		}
+	}
 	if len(errs) > 0 {
 		return nil, 0, errs
 	}
-	svc, err := spec.Merge(p.val, list)
+	svc, err := spec.Merge(j.def.val, list)
 	if err != nil {
 		return nil, 0, err
 	}
-	if err := e.policy(svc, other); err != nil {
+	if err := e.check(svc); err != nil {
 		return nil, 0, err
 	}
 	return svc, rev, nil
 }
 
-// policy applies the agent's own rules: the VIP allowlist, and etcd-held
-// certificates inside the agent's prefix.
-func (e *evaluator) policy(svc *spec.Service, other map[string]watcher.KV) error {
-	if len(e.vipCIDRs) > 0 {
-		allowed := false
-		for _, p := range e.vipCIDRs {
-			if p.Contains(svc.VIP) {
-				allowed = true
-				break
+// check applies the policy: VIP and backend ranges, certificate keys under
+// the prefix (and present, when they can be looked up).
+func (e *Evaluator) check(svc *spec.Service) error {
+	var errs spec.Errors
+	if len(e.policy.VIPCIDRs) > 0 && !contains(e.policy.VIPCIDRs, svc.VIP) {
+		errs = append(errs, &spec.FieldError{Path: "vip", Msg: fmt.Sprintf("%s is outside the ranges this agent may serve (--vip-cidrs %s)", svc.VIP, prefixes(e.policy.VIPCIDRs))})
+	}
+	if len(e.policy.BackendCIDRs) > 0 {
+		for _, b := range svc.Backends {
+			if !contains(e.policy.BackendCIDRs, b.Address) {
+				errs = append(errs, &spec.FieldError{Path: b.Source + ".address", Msg: fmt.Sprintf("%s is outside the ranges backends may use (--backend-cidrs %s)", b.Address, prefixes(e.policy.BackendCIDRs))})
 			}
-		}
-		if !allowed {
-			return &spec.FieldError{Path: "vip", Msg: fmt.Sprintf("%s is outside the ranges this agent may serve (--vip-cidrs %s)", svc.VIP, prefixes(e.vipCIDRs))}
 		}
 	}
 	if svc.TLS != nil && svc.TLS.CertificateKey != "" {
 		k := svc.TLS.CertificateKey
-		if !strings.HasPrefix(k, e.prefix+"/") {
-			return &spec.FieldError{Path: "tls.certificate_key", Msg: fmt.Sprintf("%q is outside the agent's prefix %s/", k, e.prefix)}
-		}
-		if _, ok := other[k]; !ok {
-			return &spec.FieldError{Path: "tls.certificate_key", Msg: fmt.Sprintf("%q does not exist in etcd", k)}
+		switch {
+		case !strings.HasPrefix(k, e.policy.Prefix+"/"):
+			errs = append(errs, &spec.FieldError{Path: "tls.certificate_key", Msg: fmt.Sprintf("%q is outside the agent's prefix %s/", k, e.policy.Prefix)})
+		case e.secret != nil:
+			if _, ok := e.secret(k); !ok {
+				errs = append(errs, &spec.FieldError{Path: "tls.certificate_key", Msg: fmt.Sprintf("%q does not exist in etcd", k)})
+			}
 		}
 	}
-	return nil
+	return errs.Err()
 }
 
-// prune forgets cached parses of keys that are gone.
-func (e *evaluator) prune(snap watcher.Snapshot) {
-	for name := range e.defs {
-		if _, ok := snap.Services[name]; !ok {
-			delete(e.defs, name)
+func contains(ps []netip.Prefix, a netip.Addr) bool {
+	for _, p := range ps {
+		if p.Contains(a) {
+			return true
 		}
 	}
-	for key := range e.members {
-		svc, m, _ := strings.Cut(key, "/")
-		if _, ok := snap.Members[svc][m]; !ok {
-			delete(e.members, key)
-		}
-	}
+	return false
 }
 
 func prefixes(ps []netip.Prefix) string {
@@ -199,29 +338,53 @@ func prefixes(ps []netip.Prefix) string {
 	return strings.Join(s, ",")
 }
 
-// Evaluate decides every service in snap the way the agent does, but with
-// no history: it returns the services that would be programmed, sorted by
-// name, and why each of the others was refused. `switchman plan` uses it.
-func Evaluate(prefix string, vipCIDRs []netip.Prefix, snap watcher.Snapshot) ([]*spec.Service, map[string]error) {
-	verdicts := newEvaluator(prefix, vipCIDRs).evaluate(snap)
-	rejected := map[string]error{}
-	for name, v := range verdicts {
-		if v.rejected != nil {
-			rejected[name] = v.rejected
-			delete(verdicts, name)
-		}
+func secretKeys(svc *spec.Service) []string {
+	if svc.TLS != nil && svc.TLS.CertificateKey != "" {
+		return []string{svc.TLS.CertificateKey}
 	}
-	return inForce(verdicts), rejected
+	return nil
 }
 
-// inForce lists the services to program, sorted by name.
-func inForce(verdicts map[string]verdict) []*spec.Service {
-	out := make([]*spec.Service, 0, len(verdicts))
-	for _, v := range verdicts {
-		if v.inForce != nil {
-			out = append(out, v.inForce)
+func appendUnique(list []string, names ...string) []string {
+	for _, n := range names {
+		if !slices.Contains(list, n) {
+			list = append(list, n)
 		}
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return list
+}
+
+// Judgement is the verdict on a whole set of definitions.
+type Judgement struct {
+	// Services are the versions that would be programmed, sorted by name.
+	Services []*spec.Service
+	// Rejected says why each refused service was refused.
+	Rejected map[string]error
+}
+
+// EvaluateAll judges every service in snap the way the agent does on its
+// first pass (no last good versions), for `switchman plan` and `switchman
+// validate`. With secret nil, certificate keys are checked only for their
+// place under the prefix.
+func EvaluateAll(p Policy, snap watcher.Snapshot, secret func(string) ([]byte, bool)) Judgement {
+	e := NewEvaluator(p, secret)
+	names := make([]string, 0, len(snap.Services))
+	for n := range snap.Services {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	for _, n := range names {
+		e.Update(n, Input{Def: snap.Services[n], Members: snap.Members[n], Exists: true})
+	}
+	out := Judgement{Rejected: map[string]error{}}
+	for _, n := range names {
+		v := e.Verdict(n)
+		if v.Rejected != nil {
+			out.Rejected[n] = v.Rejected
+			continue
+		}
+		out.Services = append(out.Services, v.InForce)
+	}
+	slices.SortFunc(out.Services, func(a, b *spec.Service) int { return cmp.Compare(a.Name, b.Name) })
 	return out
 }

@@ -1,4 +1,4 @@
-package agent_test
+package agent
 
 import (
 	"context"
@@ -16,7 +16,6 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
-	"github.com/switchman-lb/switchman/agent"
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
@@ -30,6 +29,7 @@ type recordingDriver struct {
 	services map[string]render.L4Service
 	fail     map[string]error
 	applies  int
+	syncs    int
 	removals int
 	conns    map[render.BackendRef]int
 }
@@ -58,25 +58,46 @@ func newRecordingDriver() *recordingDriver {
 
 func (d *recordingDriver) Name() string { return "recording" }
 
-func (d *recordingDriver) Apply(_ context.Context, st *render.State) map[string]error {
+func (d *recordingDriver) Apply(_ context.Context, changed []*render.ServiceState) map[string]error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.applies++
-	errs := map[string]error{}
+	return d.apply(changed)
+}
+
+func (d *recordingDriver) Sync(_ context.Context, all []*render.ServiceState) map[string]error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.syncs++
 	want := map[string]bool{}
-	for _, s := range st.IPVS {
-		want[s.Service] = true
-		if err := d.fail[s.Service]; err != nil {
-			errs[s.Service] = err
-			continue
-		}
-		d.services[s.Service] = s
+	for _, s := range all {
+		want[s.Name] = true
 	}
+	var gone []*render.ServiceState
 	for name := range d.services {
 		if !want[name] {
-			delete(d.services, name)
-			d.removals++
+			gone = append(gone, &render.ServiceState{Name: name})
 		}
+	}
+	return d.apply(append(all, gone...))
+}
+
+// apply sets or removes each service's IPVS part. d.mu is held.
+func (d *recordingDriver) apply(states []*render.ServiceState) map[string]error {
+	errs := map[string]error{}
+	for _, st := range states {
+		if err := d.fail[st.Name]; err != nil {
+			errs[st.Name] = err
+			continue
+		}
+		if st.L4 == nil {
+			if _, ok := d.services[st.Name]; ok {
+				delete(d.services, st.Name)
+				d.removals++
+			}
+			continue
+		}
+		d.services[st.Name] = *st.L4
 	}
 	return errs
 }
@@ -227,7 +248,7 @@ func newHarness(t *testing.T, leaseTTL time.Duration) *harness {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := agent.New(log, w, []agent.Driver{h.driver}, pub, nil, nil, agent.Options{Prefix: "/switchman", Debounce: 20 * time.Millisecond})
+	a := New(log, w, []Plane{{Driver: h.driver, Part: render.PartIPVS}}, pub, nil, nil, Options{Policy: Policy{Prefix: "/switchman"}, Debounce: 20 * time.Millisecond, RetryMin: 50 * time.Millisecond})
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel = cancel
 	var wg sync.WaitGroup
@@ -281,21 +302,6 @@ func (h *harness) status(name string) (status.Status, bool) {
 		h.t.Fatalf("status of %s is not JSON: %v", name, err)
 	}
 	return st, true
-}
-
-// eventually polls cond with a generous bound; cond returns a description
-// of what is still wrong, or "" when satisfied.
-func eventually(t *testing.T, what string, cond func() string) {
-	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	last := ""
-	for time.Now().Before(deadline) {
-		if last = cond(); last == "" {
-			return
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	t.Fatalf("%s: still not true after 60s: %s", what, last)
 }
 
 func svcJSON(vip string, port int, backends ...string) string {

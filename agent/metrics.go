@@ -4,24 +4,38 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/switchman-lb/switchman/status"
 )
 
 // Metrics are the loop's Prometheus metrics. A nil *Metrics records nothing.
 type Metrics struct {
-	reconcile    prometheus.Histogram
+	pass         prometheus.Histogram
+	rendered     prometheus.Counter
+	driver       *prometheus.HistogramVec
 	services     *prometheus.GaugeVec
 	watchRestart prometheus.Counter
 	revision     prometheus.Gauge
+	maxRev       int64
 }
 
 // NewMetrics registers the loop's metrics with reg.
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
-		reconcile: prometheus.NewHistogram(prometheus.HistogramOpts{
+		pass: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "switchman_reconcile_duration_seconds",
-			Help:    "Time of one reconcile pass: evaluate, render and apply to every driver.",
-			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 18),
+			Help:    "Time the loop spent evaluating and rendering the services one batch of events touched (drivers run apart).",
+			Buckets: prometheus.ExponentialBuckets(0.00005, 2, 20),
 		}),
+		rendered: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "switchman_services_reconciled_total",
+			Help: "Services evaluated or rendered again because an event named them.",
+		}),
+		driver: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "switchman_driver_duration_seconds",
+			Help:    "Time of one driver call: apply (the services that changed) or sync (the whole system, the repair path).",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 22),
+		}, []string{"driver", "kind"}),
 		services: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "switchman_services",
 			Help: "Services by state (applied, rejected, failed, failing_open).",
@@ -35,7 +49,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "The highest etcd revision of a service definition applied.",
 		}),
 	}
-	reg.MustRegister(m.reconcile, m.services, m.watchRestart, m.revision)
+	reg.MustRegister(m.pass, m.rendered, m.driver, m.services, m.watchRestart, m.revision)
+	for _, s := range []string{status.StateApplied, status.StateRejected, status.StateFailed, "failing_open"} {
+		m.services.WithLabelValues(s)
+	}
 	return m
 }
 
@@ -46,15 +63,51 @@ func (m *Metrics) WatchRestarted(string) {
 	}
 }
 
-func (m *Metrics) observe(took time.Duration, counts map[string]int, rev int64) {
+func (m *Metrics) observePass(took time.Duration, services int) {
 	if m == nil {
 		return
 	}
-	m.reconcile.Observe(took.Seconds())
-	for _, s := range []string{"applied", "rejected", "failed", "failing_open"} {
-		m.services.WithLabelValues(s).Set(float64(counts[s]))
+	m.pass.Observe(took.Seconds())
+	m.rendered.Add(float64(services))
+}
+
+func (m *Metrics) observeDriver(driver string, kind workKind, took time.Duration) {
+	if m == nil {
+		return
 	}
-	if rev > 0 {
-		m.revision.Set(float64(rev))
+	k := "apply"
+	if kind == workSync {
+		k = "sync"
+	}
+	m.driver.WithLabelValues(driver, k).Observe(took.Seconds())
+}
+
+// transition moves one service's count from its old status (when it had
+// one) to its new one.
+func (m *Metrics) transition(old status.Status, hadOld bool, cur status.Status) {
+	if m == nil {
+		return
+	}
+	if hadOld {
+		m.count(old, -1)
+	}
+	m.count(cur, 1)
+	if cur.State == status.StateApplied && cur.Revision > m.maxRev {
+		m.maxRev = cur.Revision
+		m.revision.Set(float64(cur.Revision))
+	}
+}
+
+// forget drops a deleted service's count.
+func (m *Metrics) forget(r *record) {
+	if m != nil && r.published {
+		m.count(r.status, -1)
+	}
+}
+
+func (m *Metrics) count(st status.Status, d float64) {
+	m.services.WithLabelValues(st.State).Add(d)
+	if st.FailingOpen {
+		m.services.WithLabelValues("failing_open").Add(d)
 	}
 }

@@ -9,9 +9,14 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/switchman-lb/switchman/status"
 )
 
 // TestAgentNetfilter runs the agent's netfilter driver in the lab: allow_cidrs
@@ -68,6 +73,115 @@ func TestAgentNetfilter(t *testing.T) {
 		l.putService(t, "acl", def)
 		WaitFor(t, 0, outside+" allowed again once allow_cidrs is gone", func() error {
 			_, err := getFrom(outside, addr, "/", 2*time.Second)
+			return err
+		})
+	})
+
+	// The filter is in place before the VIP answers: an outside client
+	// dialling in a tight loop while the service is created never gets
+	// through (issue 10, defect 5: IPVS used to be programmed first).
+	t.Run("no-window-before-the-filter", func(t *testing.T) {
+		const vip = "192.0.2.173"
+		const outside = "10.20.0.4"
+		MustRunNS(t, ClientNS, IPBin, "addr", "add", outside+"/24", "dev", "eth0")
+		t.Cleanup(func() { _, _ = RunNS(0, ClientNS, IPBin, "addr", "del", outside+"/24", "dev", "eth0") })
+		addr := IPVSHostPort(vip, 80)
+		stop := make(chan struct{})
+		leaked := make(chan string, 1)
+		attempts := make(chan int, 4)
+		for range 4 {
+			go func() {
+				n := 0
+				defer func() { attempts <- n }()
+				for {
+					select {
+					case <-stop:
+						return
+					default:
+					}
+					n++
+					if body, err := getFrom(outside, addr, "/", 300*time.Millisecond); err == nil {
+						select {
+						case leaked <- body:
+						default:
+						}
+						return
+					}
+				}
+			}()
+		}
+		def := svcDef{"vip": vip, "port": 80, "backends": backendsDef(80, 1, all...), "health": httpCheck(), "allow_cidrs": []string{ClientAddr + "/32"}}
+		l.putService(t, "acl-new", def)
+		l.waitUp(t, "acl-new", "TCP", addr, weightsOf(80, 1, all...))
+		WaitFor(t, 0, "the allowed client answered", func() error {
+			_, err := getFrom(ClientAddr, addr, "/", RequestTimeout)
+			return err
+		})
+		close(stop)
+		total := 0
+		for range 4 {
+			total += <-attempts
+		}
+		select {
+		case body := <-leaked:
+			t.Fatalf("an outside client reached the new service before its filter was in place: %q", body)
+		default:
+		}
+		t.Logf("%d dials from %s while the service came up: none answered", total, outside)
+	})
+
+	// A filter that cannot be installed keeps the service unreachable
+	// (failed), never open: with iptables unusable the new service is not
+	// created in IPVS at all; once iptables works again it comes up.
+	t.Run("fail-closed", func(t *testing.T) {
+		const vip = "192.0.2.174"
+		bin, err := exec.LookPath("iptables")
+		if err != nil {
+			t.Fatal(err)
+		}
+		real, err := filepath.EvalSymlinks(bin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := os.Stat(real)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(real, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		restored := false
+		restore := func() {
+			if !restored {
+				restored = true
+				if err := os.Chmod(real, st.Mode().Perm()); err != nil {
+					t.Errorf("restore %s: %v", real, err)
+				}
+			}
+		}
+		t.Cleanup(restore)
+		addr := IPVSHostPort(vip, 80)
+		def := svcDef{"vip": vip, "port": 80, "backends": backendsDef(80, 1, all...), "health": httpCheck(), "allow_cidrs": []string{ClientAddr + "/32"}}
+		l.putService(t, "acl-broken", def)
+		got := l.waitStatus(t, 0, "acl-broken", "failed", func(s status.Status) error {
+			if s.State != status.StateFailed || !strings.Contains(s.Error, "netfilter") {
+				return fmt.Errorf("state %s %q", s.State, s.Error)
+			}
+			return nil
+		})
+		t.Logf("status with iptables unusable: %s", got.Error)
+		for i := 0; i < 3; i++ {
+			if _, ok := FindIPVSService(MustIPVSList(t), "TCP", addr); ok {
+				t.Fatal("the service was created in IPVS without its filter")
+			}
+			if body, err := getFrom(ClientAddr, addr, "/", 2*time.Second); err == nil {
+				t.Fatalf("the service answered without its filter: %q", body)
+			}
+		}
+		restore()
+		l.waitUp(t, "acl-broken", "TCP", addr, weightsOf(80, 1, all...))
+		WaitFor(t, 0, "the service answering once filtered", func() error {
+			_, err := getFrom(ClientAddr, addr, "/", RequestTimeout)
 			return err
 		})
 	})

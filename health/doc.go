@@ -52,9 +52,8 @@
 // Changes are keyed, as seesaw's notifications carry an id and the new
 // state: Changed fires (coalesced; it never blocks the checker) when a
 // target's Healthy or Pending changed, TakeChanged returns those keys and
-// forgets them, and Status returns one target's state. Snapshot returns
-// every target's state (it costs in proportion to all targets). Settled
-// and WaitSettled tell whether every current target has its first result;
+// forgets them, and Status returns one target's state. Settled and
+// WaitSettled tell whether every current target has its first result;
 // the agent waits for that, bounded, before its first apply so that a
 // restart does not zero weights.
 //

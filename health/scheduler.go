@@ -63,7 +63,7 @@ type Options struct {
 	NewChecker func(Target) (Checker, error)
 }
 
-// Status is one target's state as Status and Snapshot report it.
+// Status is one target's state as Scheduler.Status reports it.
 type Status struct {
 	// Healthy is the target's state. While Pending, it is false for a new
 	// target and the previous state for a target restarted by a settings
@@ -723,25 +723,6 @@ func (s *Scheduler) Status(k Key) (Status, bool) {
 		return Status{}, false
 	}
 	return e.status(), true
-}
-
-// Snapshot returns the state of every current target. It costs in
-// proportion to all targets: a loop that follows changes uses TakeChanged
-// and Status instead.
-func (s *Scheduler) Snapshot() map[Key]Status {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	n := 0
-	for _, svc := range s.services {
-		n += len(svc.targets)
-	}
-	out := make(map[Key]Status, n)
-	for _, svc := range s.services {
-		for _, e := range svc.targets {
-			out[e.target.Key()] = e.status()
-		}
-	}
-	return out
 }
 
 // Settled reports whether every current target has its first result.

@@ -19,6 +19,15 @@ type BackendRef struct {
 	Addr    netip.AddrPort
 }
 
+// Health is the health checker's word on one backend.
+type Health struct {
+	Healthy bool
+	// Pending is true until the backend's first check has finished.
+	Pending        bool
+	LastError      string
+	LastTransition time.Time
+}
+
 // Input is everything the desired state depends on.
 type Input struct {
 	// Services are valid, merged with their pool members, and free of
@@ -86,9 +95,66 @@ type ServiceState struct {
 	Report ServiceReport
 }
 
+// Parts of a ServiceState, each named after the driver that serves it.
+const (
+	PartIPVS      = "ipvs"
+	PartNFTables  = "nftables"
+	PartHAProxy   = "haproxy"
+	PartNetfilter = "netfilter"
+	PartVIP       = "vip"
+)
+
+// VIPPart is what the address holder serves for one service.
+type VIPPart struct {
+	VIP     netip.Addr
+	Group   string
+	Sysctls []string
+}
+
+// Part returns the part of s that the named driver serves, and false when
+// that driver has nothing to hold for the service.
+func (s *ServiceState) Part(name string) (any, bool) {
+	switch name {
+	case PartIPVS, PartNFTables:
+		if s.L4 != nil && string(s.L4.Driver) == name {
+			return *s.L4, true
+		}
+	case PartHAProxy:
+		if s.HAProxy != nil {
+			return *s.HAProxy, true
+		}
+	case PartNetfilter:
+		if s.Filter != nil {
+			return *s.Filter, true
+		}
+	case PartVIP:
+		if s.VIP.IsValid() || len(s.Sysctls) > 0 {
+			return VIPPart{VIP: s.VIP, Group: s.Group, Sysctls: s.Sysctls}, true
+		}
+	}
+	return nil, false
+}
+
+// Required lists the parts without which the service does not work: its
+// data plane and its access filter. (The VIP may be held by other means,
+// such as an operator's own address management.)
+func (s *ServiceState) Required() []string {
+	var out []string
+	if s.L4 != nil {
+		out = append(out, string(s.L4.Driver))
+	}
+	if s.HAProxy != nil {
+		out = append(out, PartHAProxy)
+	}
+	if s.Filter != nil {
+		out = append(out, PartNetfilter)
+	}
+	return out
+}
+
 // Removed reports whether s asks every driver to drop the service.
 func (s *ServiceState) Removed() bool {
-	return s.L4 == nil && s.HAProxy == nil && s.Filter == nil && !s.VIP.IsValid()
+	return s.L4 == nil && s.HAProxy == nil && s.Filter == nil && !s.VIP.IsValid() && len(s.Sysctls) == 0
 }
 
 // L4Service is one kernel virtual service with its destinations.
@@ -250,9 +316,20 @@ func RenderService(s *spec.Service, in Input) *ServiceState {
 }
 
 // sysctls lists the kernel settings a service needs: forwarding for NAT to
-// backends (IPVS and nf_tables), and for IPVS the settings that make a
-// weight-0 or deleted destination's connections end and masquerade work.
+// backends (IPVS and nf_tables), for IPVS the settings that make a
+// weight-0 or deleted destination's connections end and masquerade work,
+// and for HAProxy binds to addresses that are not local.
 func sysctls(s *spec.Service, st *ServiceState) []string {
+	if st.HAProxy != nil {
+		// HAProxy binds the VIP whether this host holds it yet or not (a
+		// standby of an HA group holds none; the address driver and
+		// HAProxy run apart), so binds to addresses not (yet) local must
+		// succeed.
+		if s.VIP.Is4() {
+			return []string{"net/ipv4/ip_nonlocal_bind"}
+		}
+		return []string{"net/ipv6/ip_nonlocal_bind"}
+	}
 	if st.L4 == nil {
 		return nil
 	}
@@ -379,4 +456,38 @@ func filter(s *spec.Service, rep ServiceReport) (Filter, bool) {
 		}
 	}
 	return f, f.AllowCIDRs != nil || f.Masquerade
+}
+
+// Split is the inverse of Assemble: one ServiceState per service named in
+// st (its L4 service, HAProxy service and filter), sorted by name. VIPs and
+// reports are not split back; drivers that need only their own part (and
+// tests that hold whole states) use it.
+func Split(st *State) []*ServiceState {
+	by := map[string]*ServiceState{}
+	get := func(name string) *ServiceState {
+		s := by[name]
+		if s == nil {
+			s = &ServiceState{Name: name}
+			by[name] = s
+		}
+		return s
+	}
+	for i, list := range [][]L4Service{st.IPVS, st.NFTables} {
+		for _, l := range list {
+			l.Driver = []spec.Driver{spec.DriverIPVS, spec.DriverNFTables}[i]
+			get(l.Service).L4 = &l
+		}
+	}
+	for _, h := range st.HAProxy {
+		get(h.Name).HAProxy = &h
+	}
+	for _, f := range st.Filters {
+		get(f.Service).Filter = &f
+	}
+	out := make([]*ServiceState, 0, len(by))
+	for _, s := range by {
+		out = append(out, s)
+	}
+	slices.SortFunc(out, func(a, b *ServiceState) int { return cmp.Compare(a.Name, b.Name) })
+	return out
 }

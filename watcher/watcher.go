@@ -17,6 +17,8 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/switchman-lb/switchman/internal/backoff"
 )
 
 // KV is one key's value with its etcd revisions.
@@ -60,8 +62,31 @@ type Watcher struct {
 
 	mu     sync.Mutex
 	rev    int64
-	keys   map[string]KV
+	store  store
+	dirty  Changes
 	synced bool
+}
+
+// Changes names what changed since the last TakeChanges: services whose
+// definition or pool changed, and other keys (certificates, groups) by
+// their full key.
+type Changes struct {
+	Services map[string]bool
+	Other    map[string]bool
+}
+
+// Empty reports whether nothing changed.
+func (c Changes) Empty() bool { return len(c.Services) == 0 && len(c.Other) == 0 }
+
+// store is the local copy, indexed the way the loop reads it.
+type store struct {
+	services map[string]KV
+	members  map[string]map[string]KV
+	other    map[string]KV
+}
+
+func newStore() store {
+	return store{services: map[string]KV{}, members: map[string]map[string]KV{}, other: map[string]KV{}}
 }
 
 // New returns a watcher over cli.
@@ -73,7 +98,7 @@ func New(cli *clientv3.Client, log *slog.Logger, opts Options) *Watcher {
 	if opts.MaxBackoff <= 0 {
 		opts.MaxBackoff = 10 * time.Second
 	}
-	return &Watcher{cli: cli, log: log, opts: opts, changed: make(chan struct{}, 1), keys: map[string]KV{}}
+	return &Watcher{cli: cli, log: log, opts: opts, changed: make(chan struct{}, 1), store: newStore(), dirty: newChanges()}
 }
 
 // Changed fires (coalesced) whenever the copy changes.
@@ -89,7 +114,7 @@ func (w *Watcher) Synced() bool {
 // Run lists and watches until ctx is done. It never gives up: errors are
 // logged and retried with backoff, and the last copy stays in place.
 func (w *Watcher) Run(ctx context.Context) error {
-	backoff := w.opts.MinBackoff
+	retry := backoff.New(w.opts.MinBackoff, w.opts.MaxBackoff, 0.2)
 	first := true
 	for ctx.Err() == nil {
 		rev, err := w.list(ctx)
@@ -98,22 +123,21 @@ func (w *Watcher) Run(ctx context.Context) error {
 				w.opts.OnRestart("relist")
 			}
 			first = false
+			retry.Reset() // the list worked; start small again
 			err = w.watch(ctx, rev)
 			if err == nil || ctx.Err() != nil {
-				backoff = w.opts.MinBackoff
 				continue
 			}
-			backoff = w.opts.MinBackoff // the list worked; start small again
 		}
 		if ctx.Err() != nil {
 			break
 		}
-		w.log.Warn("etcd watch interrupted; keeping the last state and retrying", "error", err, "retry_in", backoff)
+		delay := retry.Next()
+		w.log.Warn("etcd watch interrupted; keeping the last state and retrying", "error", err, "retry_in", delay)
 		select {
 		case <-ctx.Done():
-		case <-time.After(backoff):
+		case <-time.After(delay):
 		}
-		backoff = min(backoff*2, w.opts.MaxBackoff)
 	}
 	return ctx.Err()
 }
@@ -122,7 +146,7 @@ func (w *Watcher) Run(ctx context.Context) error {
 func (w *Watcher) list(ctx context.Context) (int64, error) {
 	lctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	keys := map[string]KV{}
+	next := newStore()
 	var rev int64
 	start := w.opts.Prefix + "/"
 	end := clientv3.GetPrefixRangeEnd(start)
@@ -139,9 +163,7 @@ func (w *Watcher) list(ctx context.Context) (int64, error) {
 			rev = resp.Header.Revision
 		}
 		for _, kv := range resp.Kvs {
-			if w.wanted(string(kv.Key)) {
-				keys[string(kv.Key)] = KV{Value: kv.Value, CreateRevision: kv.CreateRevision, ModRevision: kv.ModRevision}
-			}
+			next.put(w.opts.Prefix, string(kv.Key), KV{Value: kv.Value, CreateRevision: kv.CreateRevision, ModRevision: kv.ModRevision})
 		}
 		if !resp.More || len(resp.Kvs) == 0 {
 			break
@@ -149,11 +171,15 @@ func (w *Watcher) list(ctx context.Context) (int64, error) {
 		start = string(resp.Kvs[len(resp.Kvs)-1].Key) + "\x00"
 	}
 	w.mu.Lock()
-	same := w.synced && maps.EqualFunc(w.keys, keys, func(a, b KV) bool { return a.ModRevision == b.ModRevision })
-	w.keys, w.rev, w.synced = keys, rev, true
+	changed := w.store.diff(next, w.dirty)
+	if !w.synced {
+		// The first list: everything is new to the loop.
+		changed = true
+	}
+	w.store, w.rev, w.synced = next, rev, true
 	w.mu.Unlock()
-	w.log.Debug("listed etcd prefix", "prefix", w.opts.Prefix, "revision", rev, "keys", len(keys))
-	if !same {
+	w.log.Debug("listed etcd prefix", "prefix", w.opts.Prefix, "revision", rev, "services", len(next.services))
+	if changed {
 		w.notify()
 	}
 	return rev, nil
@@ -178,14 +204,11 @@ func (w *Watcher) watch(ctx context.Context, rev int64) error {
 		w.mu.Lock()
 		for _, ev := range resp.Events {
 			k := string(ev.Kv.Key)
-			if !w.wanted(k) {
-				continue
-			}
-			changed = true
 			if ev.Type == mvccpb.DELETE {
-				delete(w.keys, k)
+				changed = w.store.remove(w.opts.Prefix, k, w.dirty) || changed
 			} else {
-				w.keys[k] = KV{Value: ev.Kv.Value, CreateRevision: ev.Kv.CreateRevision, ModRevision: ev.Kv.ModRevision}
+				kv := KV{Value: ev.Kv.Value, CreateRevision: ev.Kv.CreateRevision, ModRevision: ev.Kv.ModRevision}
+				changed = w.store.put(w.opts.Prefix, k, kv, w.dirty) || changed
 			}
 		}
 		if resp.Header.Revision > w.rev {
@@ -203,11 +226,132 @@ func (w *Watcher) watch(ctx context.Context, rev int64) error {
 	return errors.New("watch channel closed")
 }
 
-// wanted filters out the keys agents write themselves.
-func (w *Watcher) wanted(key string) bool {
-	rest := strings.TrimPrefix(key, w.opts.Prefix+"/")
-	return !strings.HasPrefix(rest, "status/") && !strings.HasPrefix(rest, "nodes/")
+// Kinds of keys under the prefix.
+const (
+	kindIgnored = iota // written by agents: status/, nodes/, owners/
+	kindService
+	kindMember
+	kindOther
+)
+
+// classify splits a full key into its kind and names. A service key's
+// name is everything after services/ (a name with a slash is kept, and the
+// loop rejects it as not a DNS label); a member key is backends/<svc>/<rest>.
+func classify(prefix, key string) (kind int, svc, member string) {
+	rest, ok := strings.CutPrefix(key, prefix+"/")
+	if !ok {
+		return kindIgnored, "", ""
+	}
+	switch {
+	case strings.HasPrefix(rest, "status/"), strings.HasPrefix(rest, "nodes/"), strings.HasPrefix(rest, "owners/"):
+		return kindIgnored, "", ""
+	case strings.HasPrefix(rest, "services/"):
+		if name := rest[len("services/"):]; name != "" {
+			return kindService, name, ""
+		}
+	case strings.HasPrefix(rest, "backends/"):
+		if svc, member, ok := strings.Cut(rest[len("backends/"):], "/"); ok && svc != "" && member != "" {
+			return kindMember, svc, member
+		}
+	}
+	return kindOther, "", ""
 }
+
+// put stores one key and records the change in dirty (nil: record
+// nothing). It reports whether the key is one the loop reads.
+func (s *store) put(prefix, key string, kv KV, dirty ...Changes) bool {
+	kind, svc, member := classify(prefix, key)
+	switch kind {
+	case kindService:
+		s.services[svc] = kv
+		mark(dirty, svc, "")
+	case kindMember:
+		if s.members[svc] == nil {
+			s.members[svc] = map[string]KV{}
+		}
+		s.members[svc][member] = kv
+		mark(dirty, svc, "")
+	case kindOther:
+		s.other[key] = kv
+		mark(dirty, "", key)
+	default:
+		return false
+	}
+	return true
+}
+
+// remove deletes one key, like put.
+func (s *store) remove(prefix, key string, dirty ...Changes) bool {
+	kind, svc, member := classify(prefix, key)
+	switch kind {
+	case kindService:
+		delete(s.services, svc)
+		mark(dirty, svc, "")
+	case kindMember:
+		delete(s.members[svc], member)
+		if len(s.members[svc]) == 0 {
+			delete(s.members, svc)
+		}
+		mark(dirty, svc, "")
+	case kindOther:
+		delete(s.other, key)
+		mark(dirty, "", key)
+	default:
+		return false
+	}
+	return true
+}
+
+func mark(dirty []Changes, svc, other string) {
+	for _, d := range dirty {
+		if svc != "" {
+			d.Services[svc] = true
+		}
+		if other != "" {
+			d.Other[other] = true
+		}
+	}
+}
+
+// diff records in dirty every difference between s and next (by mod
+// revision) and reports whether there was any.
+func (s *store) diff(next store, dirty Changes) bool {
+	n := len(dirty.Services) + len(dirty.Other)
+	same := func(a, b KV) bool { return a.ModRevision == b.ModRevision }
+	for name, kv := range next.services {
+		if old, ok := s.services[name]; !ok || !same(old, kv) {
+			dirty.Services[name] = true
+		}
+	}
+	for name := range s.services {
+		if _, ok := next.services[name]; !ok {
+			dirty.Services[name] = true
+		}
+	}
+	for name, m := range next.members {
+		if !maps.EqualFunc(m, s.members[name], same) {
+			dirty.Services[name] = true
+		}
+	}
+	for name := range s.members {
+		if _, ok := next.members[name]; !ok {
+			dirty.Services[name] = true
+		}
+	}
+	for key, kv := range next.other {
+		if old, ok := s.other[key]; !ok || !same(old, kv) {
+			dirty.Other[key] = true
+		}
+	}
+	for key := range s.other {
+		if _, ok := next.other[key]; !ok {
+			dirty.Other[key] = true
+		}
+	}
+	return len(dirty.Services)+len(dirty.Other) > n
+}
+
+func newChanges() Changes { return Changes{Services: map[string]bool{}, Other: map[string]bool{}} }
 
 func (w *Watcher) notify() {
 	select {
@@ -216,30 +360,68 @@ func (w *Watcher) notify() {
 	}
 }
 
-// Snapshot returns a copy of the current state, split by kind.
+// TakeChanges returns what changed since the last call and forgets it.
+// Before the first full list completes it returns nothing.
+func (w *Watcher) TakeChanges() Changes {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if !w.synced {
+		return newChanges()
+	}
+	c := w.dirty
+	w.dirty = newChanges()
+	return c
+}
+
+// ServiceNames lists every service name in the copy.
+func (w *Watcher) ServiceNames() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	names := make([]string, 0, len(w.store.services)+len(w.store.members))
+	for n := range w.store.services {
+		names = append(names, n)
+	}
+	for n := range w.store.members {
+		if _, ok := w.store.services[n]; !ok {
+			names = append(names, n)
+		}
+	}
+	return names
+}
+
+// Service returns one service's definition and pool members (a copy of
+// the map; the values are shared and must not be modified). ok is false
+// when the definition key does not exist.
+func (w *Watcher) Service(name string) (def KV, members map[string]KV, ok bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	def, ok = w.store.services[name]
+	return def, maps.Clone(w.store.members[name]), ok
+}
+
+// Value returns any other key under the prefix (a certificate, a group's
+// settings) by its full key.
+func (w *Watcher) Value(key string) (KV, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	kv, ok := w.store.other[key]
+	return kv, ok
+}
+
+// Revision is the etcd revision the copy is at.
+func (w *Watcher) Revision() int64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.rev
+}
+
+// Snapshot returns a copy of the whole current state, split by kind.
 func (w *Watcher) Snapshot() Snapshot {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	s := Snapshot{Revision: w.rev, Services: map[string]KV{}, Members: map[string]map[string]KV{}, Other: map[string]KV{}}
-	svcPrefix := w.opts.Prefix + "/services/"
-	memPrefix := w.opts.Prefix + "/backends/"
-	for k, v := range w.keys {
-		switch {
-		case strings.HasPrefix(k, svcPrefix) && !strings.Contains(k[len(svcPrefix):], "/"):
-			s.Services[k[len(svcPrefix):]] = v
-		case strings.HasPrefix(k, memPrefix):
-			svc, member, ok := strings.Cut(k[len(memPrefix):], "/")
-			if !ok || strings.Contains(member, "/") {
-				s.Other[k] = v
-				continue
-			}
-			if s.Members[svc] == nil {
-				s.Members[svc] = map[string]KV{}
-			}
-			s.Members[svc][member] = v
-		default:
-			s.Other[k] = v
-		}
+	s := Snapshot{Revision: w.rev, Services: maps.Clone(w.store.services), Members: make(map[string]map[string]KV, len(w.store.members)), Other: maps.Clone(w.store.other)}
+	for n, m := range w.store.members {
+		s.Members[n] = maps.Clone(m)
 	}
 	return s
 }

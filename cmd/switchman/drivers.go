@@ -4,7 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/urfave/cli/v2"
@@ -12,25 +12,26 @@ import (
 	"github.com/switchman-lb/switchman/agent"
 	"github.com/switchman-lb/switchman/drivers/ipvs"
 	"github.com/switchman-lb/switchman/drivers/netfilter"
+	"github.com/switchman-lb/switchman/drivers/nftables"
 	"github.com/switchman-lb/switchman/drivers/vip"
 	"github.com/switchman-lb/switchman/health"
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/spec"
 )
 
-// driverSet is what buildDrivers made: the drivers in apply order, the
+// driverSet is what buildDrivers made: the planes the loop runs, the
 // health checker, and goroutines to run beside the loop.
 type driverSet struct {
-	drivers []agent.Driver
+	planes  []agent.Plane
 	health  agent.HealthSource
 	runners map[string]func(context.Context) error
 	closers []func()
 }
 
 func (s *driverSet) names() []string {
-	out := make([]string, len(s.drivers))
-	for i, d := range s.drivers {
-		out[i] = d.Name()
+	out := make([]string, len(s.planes))
+	for i, p := range s.planes {
+		out[i] = p.Driver.Name()
 	}
 	return out
 }
@@ -41,6 +42,28 @@ func (s *driverSet) close() {
 	}
 }
 
+// resolveL4 turns --l4-driver into the driver of definitions that name
+// none: auto is ipvs when the kernel answers IPVS's netlink family (the
+// ip_vs module is loaded on demand), nftables otherwise.
+func resolveL4(ctx context.Context, flag string) (spec.Driver, string, error) {
+	switch flag {
+	case "ipvs":
+		return spec.DriverIPVS, "--l4-driver ipvs", nil
+	case "nftables":
+		return spec.DriverNFTables, "--l4-driver nftables", nil
+	case "auto", "":
+		k := ipvs.NewNetlink("")
+		defer k.Close()
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		if _, err := k.Services(pctx); err != nil {
+			return spec.DriverNFTables, fmt.Sprintf("--l4-driver auto: nftables, since IPVS is not usable here (%v)", err), nil
+		}
+		return spec.DriverIPVS, "--l4-driver auto: ipvs, the kernel has IPVS", nil
+	}
+	return "", "", fmt.Errorf("--l4-driver: %q is not auto, ipvs or nftables", flag)
+}
+
 func driverFlags() []cli.Flag {
 	return append([]cli.Flag{
 		&cli.StringFlag{Name: "vip-interface", Value: vip.DefaultInterface, Usage: "dummy interface that holds the VIPs", EnvVars: env("vip-interface")},
@@ -48,19 +71,14 @@ func driverFlags() []cli.Flag {
 	}, haproxyFlags()...)
 }
 
-// buildDrivers makes the drivers named by --drivers, in the order that
-// works: VIPs first (HAProxy binds to them), then IPVS, netfilter, HAProxy.
+// buildDrivers makes the drivers named by --drivers, each a plane of the
+// loop serving one part of every service's state; netfilter is the guard
+// (a service's filter is in force before the others expose it).
 func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg prometheus.Registerer, dataDir string) (*driverSet, error) {
 	set := &driverSet{runners: map[string]func(context.Context) error{}}
-	want := map[string]bool{}
-	for _, name := range c.StringSlice("drivers") {
-		switch name {
-		case "none":
-		case "ipvs", "vip", "netfilter", "haproxy":
-			want[name] = true
-		default:
-			return nil, fmt.Errorf("--drivers: %q is not one of ipvs, vip, netfilter, haproxy, none", name)
-		}
+	want, err := wantedDrivers(c.StringSlice("drivers"))
+	if err != nil {
+		return nil, err
 	}
 	if want["vip"] {
 		links := vip.NewNetlink("")
@@ -69,7 +87,7 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		if err != nil {
 			return nil, err
 		}
-		set.drivers = append(set.drivers, d)
+		set.planes = append(set.planes, agent.Plane{Driver: agent.Whole(d), Part: render.PartVIP})
 	}
 	if want["ipvs"] {
 		kernel := ipvs.NewNetlink("")
@@ -78,22 +96,35 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		if err != nil {
 			return nil, err
 		}
-		set.drivers = append(set.drivers, d)
+		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartIPVS})
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name:        "switchman_dataplane_writes_total",
 			Help:        "Changes the driver made to its data plane since the agent started.",
 			ConstLabels: prometheus.Labels{"driver": "ipvs"},
 		}, func() float64 { return float64(d.Writes()) }))
 	}
+	if want["nftables"] {
+		kernel := nftables.NewNetlink(-1)
+		d, err := nftables.New(nftables.Config{Kernel: kernel, Logger: log.With("driver", "nftables")})
+		if err != nil {
+			return nil, err
+		}
+		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartNFTables})
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name:        "switchman_dataplane_writes_total",
+			Help:        "Changes the driver made to its data plane since the agent started.",
+			ConstLabels: prometheus.Labels{"driver": "nftables"},
+		}, func() float64 { return float64(d.Writes()) }))
+	}
 	if want["netfilter"] {
-		set.drivers = append(set.drivers, netfilter.New(log.With("driver", "netfilter")))
+		set.planes = append(set.planes, agent.Plane{Driver: netfilter.New(log.With("driver", "netfilter")), Part: render.PartNetfilter, Guard: true})
 	}
 	if want["haproxy"] {
 		d, run, closeFn, err := newHAProxy(c, log.With("driver", "haproxy"), dataDir)
 		if err != nil {
 			return nil, err
 		}
-		set.drivers = append(set.drivers, d)
+		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartHAProxy})
 		if run != nil {
 			set.runners["haproxy"] = run
 		}
@@ -102,51 +133,46 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		}
 	}
 	sched := health.New(health.Options{Logger: log.With("component", "health"), Registerer: reg, MaxConcurrent: c.Int("health-concurrency")})
-	set.health = &healthView{s: sched}
+	set.health = newHealthView(sched)
 	set.runners["health"] = sched.Run
 	return set, nil
 }
 
-// healthView adapts the health scheduler to the loop: it turns services
-// into check targets and the scheduler's states into the render view.
-type healthView struct {
-	s     *health.Scheduler
-	mu    sync.Mutex
-	names map[string]bool // the services last set
+// healthView adapts the health scheduler to the loop: services to check
+// targets, keys to backend references.
+type healthView struct{ s *health.Scheduler }
+
+func newHealthView(s *health.Scheduler) *healthView { return &healthView{s: s} }
+
+// SetService checks every backend of the service (nil: none).
+func (h *healthView) SetService(name string, svc *spec.Service) {
+	if svc == nil {
+		h.s.SetService(name, nil)
+		return
+	}
+	h.s.SetService(name, health.TargetsFor(svc))
 }
 
-// SetServices sets the targets of every service given and removes those
-// of services no longer given.
-func (h *healthView) SetServices(services []*spec.Service) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	next := make(map[string]bool, len(services))
-	for _, svc := range services {
-		next[svc.Name] = true
-		h.s.SetService(svc.Name, health.TargetsFor(svc))
-	}
-	for name := range h.names {
-		if !next[name] {
-			h.s.SetService(name, nil)
-		}
-	}
-	h.names = next
-}
-
-// View reports every checked backend; one still pending counts as down
-// unless it was healthy before its settings changed.
-func (h *healthView) View() map[render.BackendRef]agent.BackendHealth {
-	snap := h.s.Snapshot()
-	out := make(map[render.BackendRef]agent.BackendHealth, len(snap))
-	for k, st := range snap {
-		out[render.BackendRef(k)] = agent.BackendHealth{
-			Healthy: st.Healthy, LastError: st.LastError, LastTransition: st.LastTransition,
-			// A target restarted by a settings change keeps its state while
-			// its first new check runs; only one with no state is pending.
-			Pending: st.Pending && !st.Healthy,
-		}
+// TakeChanged names the backends whose state changed since the last call.
+func (h *healthView) TakeChanged() []render.BackendRef {
+	keys := h.s.TakeChanged()
+	out := make([]render.BackendRef, len(keys))
+	for i, k := range keys {
+		out[i] = render.BackendRef(k)
 	}
 	return out
+}
+
+// Backend reports one backend; one still pending counts as down unless it
+// was healthy before its settings changed.
+func (h *healthView) Backend(ref render.BackendRef) (render.Health, bool) {
+	st, ok := h.s.Status(health.Key(ref))
+	if !ok {
+		return render.Health{}, false
+	}
+	// A target restarted by a settings change keeps its state while its
+	// first new check runs; only one with no state is pending.
+	return render.Health{Healthy: st.Healthy, Pending: st.Pending && !st.Healthy, LastError: st.LastError, LastTransition: st.LastTransition}, true
 }
 
 func (h *healthView) Changed() <-chan struct{}              { return h.s.Changed() }

@@ -34,16 +34,27 @@ func newApp() *cli.App {
 	}
 }
 
+// noArgs refuses positional arguments to a command that takes none: flag
+// parsing stops at the first one, so `switchman agent stray --data-dir /x`
+// would run with every flag after it ignored.
+func noArgs(c *cli.Context) error {
+	if c.NArg() > 0 {
+		return fmt.Errorf("%s takes no arguments, but got %q; the flags after it were not read (give flags only; see switchman %s --help)", c.Command.Name, c.Args().First(), c.Command.Name)
+	}
+	return nil
+}
+
 // env names the environment variable of a flag: --etcd-endpoints reads
 // SWITCHMAN_ETCD_ENDPOINTS.
 func env(flag string) []string {
 	return []string{"SWITCHMAN_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))}
 }
 
-// etcdFlags are the flags every etcd-reading command takes.
-func etcdFlags() []cli.Flag {
+// etcdFlags are the flags every etcd-reading command takes; endpoints is
+// the help of --etcd-endpoints, which differs by command.
+func etcdFlags(endpoints string) []cli.Flag {
 	return []cli.Flag{
-		&cli.StringSliceFlag{Name: "etcd-endpoints", Usage: "etcd client URLs; the agent starts an embedded etcd when none is given", EnvVars: env("etcd-endpoints")},
+		&cli.StringSliceFlag{Name: "etcd-endpoints", Usage: endpoints, EnvVars: env("etcd-endpoints")},
 		&cli.StringFlag{Name: "prefix", Value: "/switchman", Usage: "etcd key prefix", EnvVars: env("prefix")},
 		&cli.StringFlag{Name: "etcd-ca", Usage: "CA bundle (PEM) to verify etcd's certificate", EnvVars: env("etcd-ca")},
 		&cli.StringFlag{Name: "etcd-cert", Usage: "client certificate (PEM) for etcd", EnvVars: env("etcd-cert")},

@@ -14,8 +14,9 @@ import (
 type fakeTables struct {
 	chains map[string]map[string][]rule // table -> chain -> rules
 	order  map[string][]string          // table -> chain names, creation order
-	// writes counts calls that change something (or try to).
-	writes int
+	// writes counts calls that change something (or try to); reads
+	// counts listings.
+	writes, reads int
 	// failOn, when set, makes a write fail before it happens.
 	failOn func(call, table, chain string, r rule) error
 }
@@ -120,6 +121,7 @@ func (f *fakeTables) DeleteChain(table, chain string) error {
 // ListTable prints like iptables -S: the -P and -N lines, then every
 // chain's rules, comments quoted.
 func (f *fakeTables) ListTable(table string) ([]string, error) {
+	f.reads++
 	if _, ok := f.chains[table]; !ok {
 		return nil, fmt.Errorf("fake: no table %q", table)
 	}

@@ -25,6 +25,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"slices"
 	"strings"
 
@@ -51,12 +52,23 @@ type Tables interface {
 	Delete(table, chain string, rule ...string) error
 }
 
-// Driver reconciles the netfilter rules of every service. Apply must not be
-// called concurrently; the agent's single reconcile loop calls it.
+// Driver reconciles the netfilter rules of every service. Apply and Sync
+// must not be called concurrently (the agent runs them in one goroutine).
 type Driver struct {
 	log    *slog.Logger
 	open   func(v6 bool) (Tables, error)
 	tables [2]Tables // [0] iptables, [1] ip6tables; opened on first need
+
+	// known is what is in force for each service, as the last Sync or
+	// Apply left it; after a Sync, a service missing here has nothing. A
+	// service in lost (an error left it uncertain), or any service before
+	// the first Sync, is read back before an Apply changes it.
+	known  map[string]installed
+	lost   map[string]bool
+	synced bool
+	// based marks the tables (by family) whose base chain and jump are
+	// known to be in place.
+	based [2]map[string]bool
 }
 
 // New returns a driver that runs the iptables and ip6tables binaries. It
@@ -66,53 +78,88 @@ func New(log *slog.Logger) *Driver {
 }
 
 func newDriver(log *slog.Logger, open func(v6 bool) (Tables, error)) *Driver {
-	return &Driver{log: log, open: open}
+	return &Driver{log: log, open: open, known: map[string]installed{}, lost: map[string]bool{}, based: [2]map[string]bool{{}, {}}}
 }
 
 // Name is "netfilter".
 func (d *Driver) Name() string { return "netfilter" }
 
-// Apply makes the SWITCHMAN-* chains match desired.Filters and returns the
+// Sync makes the SWITCHMAN-* chains match the filters of all (every
+// service this driver serves), reading each table once, and returns the
 // services whose rules could not be programmed. Errors on rules of a
 // service no longer desired are returned under that service's name (from
 // the rule's comment) so that the agent retries.
-func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]error {
+func (d *Driver) Sync(ctx context.Context, all []*render.ServiceState) map[string]error {
+	var filters []render.Filter
+	for _, s := range all {
+		if s.Filter != nil {
+			filters = append(filters, *s.Filter)
+		}
+	}
+	errs := d.syncFilters(ctx, filters)
+	clear(d.known)
+	clear(d.lost)
+	for _, f := range filters {
+		if errs[f.Service] != nil {
+			continue
+		}
+		if in, err := installedOf(f); err == nil {
+			d.known[f.Service] = in
+		}
+	}
+	for name := range errs {
+		d.lost[name] = true
+	}
+	d.synced = true
+	return errs
+}
+
+func (d *Driver) syncFilters(ctx context.Context, all []render.Filter) map[string]error {
 	errs := map[string]error{}
 	var byFamily [2][]render.Filter
-	if desired != nil {
-		for _, f := range desired.Filters {
-			fam := 0
-			if !f.VIP.Unmap().Is4() {
-				fam = 1
-			}
-			byFamily[fam] = append(byFamily[fam], f)
-		}
+	for _, f := range all {
+		byFamily[family(f.VIP)] = append(byFamily[family(f.VIP)], f)
 	}
 	for fam, filters := range byFamily {
 		name := "ipv4"
 		if fam == 1 {
 			name = "ipv6"
 		}
-		t := d.tables[fam]
-		if t == nil {
-			var err error
-			t, err = d.open(fam == 1)
-			if err != nil {
-				if len(filters) > 0 {
-					d.log.Error("netfilter unavailable", "family", name, "error", err)
-					for _, f := range filters {
-						errs[f.Service] = err
-					}
+		t, err := d.table(fam)
+		if err != nil {
+			if len(filters) > 0 {
+				d.log.Error("netfilter unavailable", "family", name, "error", err)
+				for _, f := range filters {
+					errs[f.Service] = err
 				}
-				continue
 			}
-			d.tables[fam] = t
+			continue
 		}
 		r := &reconciler{ctx: ctx, log: d.log.With("family", name), t: t, errs: errs}
-		r.filter(filters)
-		r.nat(filters)
+		d.based[fam][tableFilter] = r.filter(filters)
+		d.based[fam][tableNAT] = r.nat(filters)
 	}
 	return errs
+}
+
+// table opens the iptables of a family (0 IPv4, 1 IPv6) on first need.
+func (d *Driver) table(fam int) (Tables, error) {
+	if d.tables[fam] == nil {
+		t, err := d.open(fam == 1)
+		if err != nil {
+			return nil, err
+		}
+		d.tables[fam] = t
+	}
+	return d.tables[fam], nil
+}
+
+// family is 0 for an IPv4 VIP, 1 for IPv6.
+func family(a netip.Addr) int {
+	if a.Unmap().Is4() {
+		return 0
+	}
+	return 1
 }
 
 // reconciler reconciles one family in one Apply.
@@ -204,8 +251,9 @@ func (r *reconciler) base(snap snapshot, table, builtin, chain string, needed bo
 }
 
 // filter reconciles the filter table: SWITCHMAN-FILTER and the
-// per-service chains.
-func (r *reconciler) filter(filters []render.Filter) {
+// per-service chains. It reports whether the base chain and its jump are
+// in place.
+func (r *reconciler) filter(filters []render.Filter) bool {
 	type service struct {
 		name  string
 		jump  rule
@@ -233,15 +281,15 @@ func (r *reconciler) filter(filters []render.Filter) {
 	snap, err := r.read(tableFilter)
 	if err != nil {
 		r.failAll(names, err)
-		return
+		return false
 	}
 	ok, err := r.base(snap, tableFilter, "INPUT", chainFilter, len(names) > 0)
 	if err != nil {
 		r.failAll(names, err)
-		return
+		return false
 	}
 	if !ok {
-		return
+		return false
 	}
 	// First the per-service chains, complete before anything jumps to
 	// them.
@@ -279,6 +327,7 @@ func (r *reconciler) filter(filters []render.Filter) {
 		}
 		r.dropChain(tableFilter, c, snap.rules[c])
 	}
+	return true
 }
 
 // dropChain empties and deletes a per-service chain nothing wants.
@@ -304,8 +353,9 @@ func (r *reconciler) dropChain(table, chain string, rules []rule) {
 	r.log.Info("netfilter chain deleted", "table", table, "chain", chain)
 }
 
-// nat reconciles SWITCHMAN-POSTROUTING.
-func (r *reconciler) nat(filters []render.Filter) {
+// nat reconciles SWITCHMAN-POSTROUTING and reports whether the chain and
+// its jump are in place.
+func (r *reconciler) nat(filters []render.Filter) bool {
 	var want []rule
 	var names []string
 	failed := map[string]bool{}
@@ -325,19 +375,20 @@ func (r *reconciler) nat(filters []render.Filter) {
 	snap, err := r.read(tableNAT)
 	if err != nil {
 		r.failAll(names, err)
-		return
+		return false
 	}
 	ok, err := r.base(snap, tableNAT, "POSTROUTING", chainNAT, len(names) > 0)
 	if err != nil {
 		r.failAll(names, err)
-		return
+		return false
 	}
 	if !ok {
-		return
+		return false
 	}
 	for _, o := range diffSet(snap.rules[chainNAT], want, func(x rule) bool { return failed[x.service()] }) {
 		if err := r.do(tableNAT, chainNAT, o); err != nil {
 			r.fail(o.rule.service(), err)
 		}
 	}
+	return true
 }

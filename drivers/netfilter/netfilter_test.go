@@ -35,11 +35,21 @@ func newFakes() *fakes {
 
 func (f *fakes) writes() int { return f.v4.writes + f.v6.writes }
 
+// apply runs a Sync with exactly these filters.
 func (f *fakes) apply(t *testing.T, filters ...render.Filter) {
 	t.Helper()
-	if errs := f.d.Apply(context.Background(), &render.State{Filters: filters}); len(errs) > 0 {
-		t.Fatalf("Apply: %v", errs)
+	if errs := f.d.Sync(context.Background(), states(filters...)); len(errs) > 0 {
+		t.Fatalf("Sync: %v", errs)
 	}
+}
+
+// states makes one service state per filter.
+func states(filters ...render.Filter) []*render.ServiceState {
+	out := make([]*render.ServiceState, len(filters))
+	for i := range filters {
+		out[i] = &render.ServiceState{Name: filters[i].Service, Filter: &filters[i]}
+	}
+	return out
 }
 
 func prefixes(s ...string) []netip.Prefix {
@@ -274,11 +284,11 @@ func TestErrorsPerService(t *testing.T) {
 		}
 		return nil
 	}
-	errs := f.d.Apply(context.Background(), &render.State{Filters: []render.Filter{
+	errs := f.d.Sync(context.Background(), states(
 		allow("good", "192.0.2.10", 443, "198.51.100.0/24"),
 		allow("bad", "192.0.2.11", 443, "198.51.100.0/24"),
 		masq("bad2", "192.0.2.12", 80, "10.1.1.2:80"),
-	}})
+	))
 	if len(errs) != 1 || !errors.Is(errs["bad"], boom) {
 		t.Fatalf("errors %v, want only bad: boom", errs)
 	}
@@ -315,7 +325,7 @@ func TestFailedServiceKeepsItsJump(t *testing.T) {
 		}
 		return nil
 	}
-	errs := f.d.Apply(context.Background(), &render.State{Filters: []render.Filter{allow("web", "192.0.2.10", 443, "198.51.100.0/24", "10.0.0.0/8")}})
+	errs := f.d.Apply(context.Background(), states(allow("web", "192.0.2.10", 443, "198.51.100.0/24", "10.0.0.0/8")))
 	if errs["web"] == nil {
 		t.Fatalf("errors %v, want web", errs)
 	}
@@ -330,15 +340,15 @@ func TestMissingBinary(t *testing.T) {
 		opens++
 		return nil, notFound
 	})
-	errs := d.Apply(context.Background(), &render.State{Filters: []render.Filter{
+	errs := d.Sync(context.Background(), states(
 		allow("web", "192.0.2.10", 443, "198.51.100.0/24"),
 		masq("v6", "2001:db8::10", 80, "[2001:db8:2::2]:80"),
-	}})
+	))
 	if len(errs) != 2 || !errors.Is(errs["web"], exec.ErrNotFound) || !errors.Is(errs["v6"], exec.ErrNotFound) {
 		t.Errorf("errors %v, want web and v6 not found", errs)
 	}
 	// No filters: a missing binary is no error.
-	if errs := d.Apply(context.Background(), &render.State{}); len(errs) != 0 {
+	if errs := d.Sync(context.Background(), nil); len(errs) != 0 {
 		t.Errorf("errors %v with nothing to program", errs)
 	}
 	if opens < 3 {
@@ -360,29 +370,45 @@ func TestOpenMissingBinary(t *testing.T) {
 	}
 }
 
-func TestCancelledContext(t *testing.T) {
-	f := newFakes()
-	ctx, cancel := context.WithCancel(context.Background())
-	cancel()
-	errs := f.d.Apply(ctx, &render.State{Filters: []render.Filter{allow("web", "192.0.2.10", 443, "198.51.100.0/24")}})
-	if !errors.Is(errs["web"], context.Canceled) {
-		t.Errorf("errors %v, want web: context canceled", errs)
-	}
-	if f.writes() != 0 {
-		t.Errorf("%d writes after cancel", f.writes())
+// byMethod runs a test once through Sync and once through Apply.
+func byMethod(t *testing.T, test func(t *testing.T, f *fakes, call func(context.Context, []*render.ServiceState) map[string]error)) {
+	for _, m := range []string{"Sync", "Apply"} {
+		t.Run(m, func(t *testing.T) {
+			f := newFakes()
+			call := f.d.Sync
+			if m == "Apply" {
+				call = f.d.Apply
+			}
+			test(t, f, call)
+		})
 	}
 }
 
+func TestCancelledContext(t *testing.T) {
+	byMethod(t, func(t *testing.T, f *fakes, call func(context.Context, []*render.ServiceState) map[string]error) {
+		ctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		errs := call(ctx, states(allow("web", "192.0.2.10", 443, "198.51.100.0/24")))
+		if !errors.Is(errs["web"], context.Canceled) {
+			t.Errorf("errors %v, want web: context canceled", errs)
+		}
+		if f.writes() != 0 {
+			t.Errorf("%d writes after cancel", f.writes())
+		}
+	})
+}
+
 func TestBadFamily(t *testing.T) {
-	f := newFakes()
-	errs := f.d.Apply(context.Background(), &render.State{Filters: []render.Filter{
-		allow("web", "192.0.2.10", 443, "2001:db8::/32"),
-		masq("m", "192.0.2.11", 80, "[2001:db8::2]:80"),
-		allow("ok", "192.0.2.12", 443, "198.51.100.0/24"),
-	}})
-	if errs["web"] == nil || errs["m"] == nil || errs["ok"] != nil || len(errs) != 2 {
-		t.Errorf("errors %v, want web and m", errs)
-	}
+	byMethod(t, func(t *testing.T, f *fakes, call func(context.Context, []*render.ServiceState) map[string]error) {
+		errs := call(context.Background(), states(
+			allow("web", "192.0.2.10", 443, "2001:db8::/32"),
+			masq("m", "192.0.2.11", 80, "[2001:db8::2]:80"),
+			allow("ok", "192.0.2.12", 443, "198.51.100.0/24"),
+		))
+		if errs["web"] == nil || errs["m"] == nil || errs["ok"] != nil || len(errs) != 2 {
+			t.Errorf("errors %v, want web and m", errs)
+		}
+	})
 }
 
 func TestName(t *testing.T) {

@@ -197,7 +197,7 @@ func (rd *realDriver) apply(t testing.TB, ns string, filters ...render.Filter) {
 	t.Helper()
 	var errs map[string]error
 	if err := inNetns(ns, func() error {
-		errs = rd.d.Apply(context.Background(), &render.State{Filters: filters})
+		errs = rd.d.Sync(context.Background(), states(filters...))
 		return nil
 	}); err != nil {
 		t.Fatal(err)
@@ -322,6 +322,33 @@ func TestNetnsRules(t *testing.T) {
 		"-s 172.16.0.0/12 -m comment --comment switchman:" + web + " -j RETURN",
 		"-m comment --comment switchman:" + web + " -j DROP",
 	})
+
+	// The incremental path on real iptables: a new driver (nothing known)
+	// applies one service's change after reading it back; then a removal
+	// through Apply takes the jump out before the chain.
+	rd3 := newRealDriver(t)
+	filters[0] = allow(web, "192.0.2.10", 443, "198.51.100.0/24")
+	var errs map[string]error
+	if err := inNetns(ns, func() error {
+		errs = rd3.d.Apply(context.Background(), states(filters[0]))
+		return nil
+	}); err != nil || len(errs) > 0 {
+		t.Fatalf("Apply: %v %v", err, errs)
+	}
+	equalLines(t, "chain after Apply", chainRules(t, ns, "iptables", "filter", serviceChain(web)), []string{
+		"-s 198.51.100.0/24 -m comment --comment switchman:" + web + " -j RETURN",
+		"-m comment --comment switchman:" + web + " -j DROP",
+	})
+	if err := inNetns(ns, func() error {
+		errs = rd3.d.Apply(context.Background(), []*render.ServiceState{{Name: web}})
+		return nil
+	}); err != nil || len(errs) > 0 {
+		t.Fatalf("Apply removal: %v %v", err, errs)
+	}
+	if strings.Contains(dump(), "switchman:"+web) {
+		t.Errorf("%s left after its removal through Apply:\n%s", web, dump())
+	}
+	filters = filters[1:]
 
 	// Removal: everything of ours goes but the base chains and jumps.
 	rd.apply(t, ns)
