@@ -3,6 +3,7 @@ package health
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
 	"sync"
@@ -692,6 +693,34 @@ func TestTakeChanged(t *testing.T) {
 			}
 			if tt.then != nil {
 				tt.then(t, s)
+			}
+		})
+	}
+}
+
+// BenchmarkSetService sets one service of 4 targets, its Health changing
+// every other call (a restart of all 4), with 100 or 10,000 other services
+// of 4 targets loaded: the cost follows the one service, not all.
+func BenchmarkSetService(b *testing.B) {
+	for _, others := range []int{100, 10000} {
+		b.Run(fmt.Sprintf("others=%d", others), func(b *testing.B) {
+			fc := newFakeChecks(clock.NewFake())
+			s := New(Options{Clock: clock.NewFake(), NewChecker: fc.newChecker})
+			h := health(time.Second, 2, 3)
+			for i := range others {
+				name := fmt.Sprintf("svc%d", i)
+				s.SetService(name, []Target{target(name, 1, h), target(name, 2, h), target(name, 3, h), target(name, 4, h)})
+			}
+			h2 := h
+			h2.Fall = 5
+			sets := [2][]Target{}
+			for j, hh := range []spec.Health{h, h2} {
+				sets[j] = []Target{target("one", 1, hh), target("one", 2, hh), target("one", 3, hh), target("one", 4, hh)}
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := range b.N {
+				s.SetService("one", sets[i%2])
 			}
 		})
 	}
