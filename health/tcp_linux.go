@@ -17,9 +17,8 @@ import (
 // (SYN-ACK). It completes no handshake at the backend (see openConnect) and
 // resets the connection at once.
 //
-// The Scheduler runs its checks on its connect poller (one epoll instance
-// and one goroutine for every tcp check); Check runs one check on its own,
-// with the same socket set-up.
+// The Scheduler runs its checks on its connect poller, from its one loop;
+// Check runs one check on its own, with the same socket set-up.
 type tcpChecker struct {
 	addr netip.AddrPort
 	desc string
@@ -29,7 +28,7 @@ type tcpChecker struct {
 
 	// The last error the poller reported, reused while the cause repeats
 	// (a backend that is down fails the same way every interval), so a
-	// failing check allocates nothing. Only the poller's goroutine uses
+	// failing check allocates nothing. Only the Scheduler's loop uses
 	// them.
 	lastErrno  unix.Errno
 	lastErr    error
@@ -55,8 +54,8 @@ func (c *tcpChecker) connectError(err error) error {
 }
 
 // errnoError is the error of a check whose connect failed with errno: the
-// same value as last time while the cause repeats. Only the poller's
-// goroutine calls it.
+// same value as last time while the cause repeats. Only the Scheduler's
+// loop calls it.
 func (c *tcpChecker) errnoError(errno unix.Errno) error {
 	if errno != c.lastErrno || c.lastErr == nil {
 		c.lastErrno, c.lastErr = errno, c.connectError(errno)
@@ -65,7 +64,7 @@ func (c *tcpChecker) errnoError(errno unix.Errno) error {
 }
 
 // timeoutError is the error of a check that got no answer in time. Only
-// the poller's goroutine calls it.
+// the Scheduler's loop calls it.
 func (c *tcpChecker) timeoutError() error {
 	if c.timeoutErr == nil {
 		c.timeoutErr = fmt.Errorf("tcp connect %s: no answer within %v: %w", c.addr, c.timeout, os.ErrDeadlineExceeded)
