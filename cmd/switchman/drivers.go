@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -139,52 +138,28 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 	return set, nil
 }
 
-// healthView adapts the health scheduler to the loop. (Interim: it keeps
-// every target and diffs snapshots; the scheduler's keyed API replaces it.)
-type healthView struct {
-	s       *health.Scheduler
-	mu      sync.Mutex
-	targets map[string][]health.Target
-	last    map[health.Key]health.Status
-}
+// healthView adapts the health scheduler to the loop: services to check
+// targets, keys to backend references.
+type healthView struct{ s *health.Scheduler }
 
-func newHealthView(s *health.Scheduler) *healthView {
-	return &healthView{s: s, targets: map[string][]health.Target{}, last: map[health.Key]health.Status{}}
-}
+func newHealthView(s *health.Scheduler) *healthView { return &healthView{s: s} }
 
 // SetService checks every backend of the service (nil: none).
 func (h *healthView) SetService(name string, svc *spec.Service) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
 	if svc == nil {
-		delete(h.targets, name)
-	} else {
-		h.targets[name] = health.TargetsFor([]*spec.Service{svc})
+		h.s.SetService(name, nil)
+		return
 	}
-	var all []health.Target
-	for _, t := range h.targets {
-		all = append(all, t...)
-	}
-	h.s.Update(all)
+	h.s.SetService(name, health.TargetsFor(svc))
 }
 
 // TakeChanged names the backends whose state changed since the last call.
 func (h *healthView) TakeChanged() []render.BackendRef {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	snap := h.s.Snapshot()
-	var out []render.BackendRef
-	for k, st := range snap {
-		if old, ok := h.last[k]; !ok || old.Healthy != st.Healthy || old.Pending != st.Pending {
-			out = append(out, render.BackendRef(k))
-		}
+	keys := h.s.TakeChanged()
+	out := make([]render.BackendRef, len(keys))
+	for i, k := range keys {
+		out[i] = render.BackendRef(k)
 	}
-	for k := range h.last {
-		if _, ok := snap[k]; !ok {
-			out = append(out, render.BackendRef(k))
-		}
-	}
-	h.last = snap
 	return out
 }
 
