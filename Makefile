@@ -104,7 +104,7 @@ bench-ipvs:
 bench-convergence:
 	bash e2e/lab/run.sh -run 'Convergence'
 
-## bench-health: 10,000 targets at 1 s, switchman's checker vs HAProxy's (root).
+## bench-health: 2,000 and 10,000 targets at 1 s, switchman's checker vs HAProxy's (root).
 bench-health:
 	$(GO) run ./bench/health
 

@@ -133,47 +133,7 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		}
 	}
 	sched := health.New(health.Options{Logger: log.With("component", "health"), Registerer: reg, MaxConcurrent: c.Int("health-concurrency")})
-	set.health = newHealthView(sched)
+	set.health = health.NewView(sched)
 	set.runners["health"] = sched.Run
 	return set, nil
 }
-
-// healthView adapts the health scheduler to the loop: services to check
-// targets, keys to backend references.
-type healthView struct{ s *health.Scheduler }
-
-func newHealthView(s *health.Scheduler) *healthView { return &healthView{s: s} }
-
-// SetService checks every backend of the service (nil: none).
-func (h *healthView) SetService(name string, svc *spec.Service) {
-	if svc == nil {
-		h.s.SetService(name, nil)
-		return
-	}
-	h.s.SetService(name, health.TargetsFor(svc))
-}
-
-// TakeChanged names the backends whose state changed since the last call.
-func (h *healthView) TakeChanged() []render.BackendRef {
-	keys := h.s.TakeChanged()
-	out := make([]render.BackendRef, len(keys))
-	for i, k := range keys {
-		out[i] = render.BackendRef(k)
-	}
-	return out
-}
-
-// Backend reports one backend; one still pending counts as down unless it
-// was healthy before its settings changed.
-func (h *healthView) Backend(ref render.BackendRef) (render.Health, bool) {
-	st, ok := h.s.Status(health.Key(ref))
-	if !ok {
-		return render.Health{}, false
-	}
-	// A target restarted by a settings change keeps its state while its
-	// first new check runs; only one with no state is pending.
-	return render.Health{Healthy: st.Healthy, Pending: st.Pending && !st.Healthy, LastError: st.LastError, LastTransition: st.LastTransition}, true
-}
-
-func (h *healthView) Changed() <-chan struct{}              { return h.s.Changed() }
-func (h *healthView) WaitSettled(ctx context.Context) error { return h.s.WaitSettled(ctx) }
