@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -68,12 +67,9 @@ type Driver struct {
 	// the last Sync (or the first Apply) and kept up to date with every
 	// transaction since. nil when unknown: the next pass reads it. Used
 	// under turn only.
-	record map[render.NFTFamily]*Table
+	record *record
 
 	writes, commits atomic.Uint64
-
-	mu   sync.Mutex
-	keys map[string]ConnKey // service -> its vip:port/proto, from the record
 }
 
 // New returns a Driver.
@@ -91,7 +87,7 @@ func New(cfg Config) (*Driver, error) {
 		cfg.MaxBatch = DefaultMaxBatch
 	}
 	return &Driver{kernel: cfg.Kernel, log: cfg.Logger, timeout: cfg.CallTimeout, maxBatch: cfg.MaxBatch,
-		turn: make(chan struct{}, 1), keys: map[string]ConnKey{}}, nil
+		turn: make(chan struct{}, 1)}, nil
 }
 
 // Name is "nftables".
@@ -152,7 +148,13 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, all bo
 			return errs
 		}
 	}
-	d.run(ctx, Diff(d.record, want), errs)
+	observed := d.record.tables
+	if !all {
+		// An Apply looks only at what the services it is given own (and
+		// the tables' own objects): work in proportion to the change.
+		observed = d.record.view(want.Services)
+	}
+	d.run(ctx, Diff(observed, want), errs)
 	return errs
 }
 
@@ -176,8 +178,7 @@ func (d *Driver) read(ctx context.Context) error {
 		d.record = nil
 		return fmt.Errorf("read nf_tables: %w", err)
 	}
-	d.record = tables
-	d.refreshKeys()
+	d.record = newRecord(tables)
 	return nil
 }
 
@@ -223,8 +224,7 @@ func (d *Driver) run(ctx context.Context, groups []Group, errs map[string]error)
 		switch {
 		case err == nil:
 			if d.record != nil {
-				applyRecord(d.record, ops, handles)
-				d.refreshKeys()
+				d.record.apply(ops, handles)
 			}
 		case errors.As(err, &oe) && oe.Index >= 0 && oe.Index < len(ops):
 			i, at := 0, 0
@@ -288,39 +288,23 @@ func failAll(errs map[string]error, want map[string]*render.NFTService, err erro
 	}
 }
 
-// refreshKeys notes each recorded service's vip:port/proto for
-// Connections.
-func (d *Driver) refreshKeys() {
-	keys := map[string]ConnKey{}
-	for _, t := range d.record {
-		if s := t.Sets[render.NFTServicesMap]; s != nil {
-			for _, e := range s.Elements {
-				if name, ok := render.NFTOwner(e.Goto); ok {
-					keys[name] = ConnKey{Protocol: e.Proto, VIP: e.Addr, Port: e.Port}
-				}
-			}
-		}
-	}
-	d.mu.Lock()
-	d.keys = keys
-	d.mu.Unlock()
-}
-
 // Connections returns the connections conntrack holds for the named
-// services, by backend: for TCP those not yet closing, for UDP all. One
+// services, by backend: for TCP those not yet closing, for UDP all. Every
+// backend the tables hold for a service is in the answer, 0 when it has
+// no connection (the agent ends a drain early only on a counted 0). One
 // conntrack dump, filtered by the kernel to the service's vip:port, per
 // service.
 func (d *Driver) Connections(ctx context.Context, services map[string]bool) (map[render.BackendRef]int, error) {
-	d.mu.Lock()
-	keys := map[string]ConnKey{}
-	for name := range services {
-		if k, ok := d.keys[name]; ok {
-			keys[name] = k
-		}
+	if !d.take(ctx) {
+		return nil, fmt.Errorf("nftables: count connections: %w", ctx.Err())
 	}
-	d.mu.Unlock()
+	keys, backends := d.record.connKeys(services)
+	d.release()
 	out := map[render.BackendRef]int{}
 	for _, name := range sortedKeys(keys) {
+		for _, b := range backends[name] {
+			out[render.BackendRef{Service: name, Addr: b}] = 0
+		}
 		c, cancel := context.WithTimeout(ctx, d.timeout)
 		counts, err := d.kernel.Connections(c, keys[name])
 		cancel()
@@ -332,54 +316,6 @@ func (d *Driver) Connections(ctx context.Context, services map[string]bool) (map
 		}
 	}
 	return out, nil
-}
-
-// applyRecord applies committed writes to the record, with the handles the
-// kernel gave the rules.
-func applyRecord(rec map[render.NFTFamily]*Table, ops []Op, handles []uint64) {
-	for i, op := range ops {
-		if op.Kind == AddTable {
-			rec[op.Family] = NewTable(op.Family)
-			continue
-		}
-		t := rec[op.Family]
-		if t == nil {
-			continue
-		}
-		var handle uint64
-		if i < len(handles) {
-			handle = handles[i]
-		}
-		switch op.Kind {
-		case DelTable:
-			delete(rec, op.Family)
-		case AddChain:
-			t.Chains[op.Chain] = &Chain{Name: op.Chain, Hook: op.Hook}
-		case DelChain:
-			delete(t.Chains, op.Chain)
-		case AddSet:
-			s := op.Set
-			s.Elements = nil
-			t.Sets[s.Name] = &s
-		case DelSet:
-			delete(t.Sets, op.Set.Name)
-		case AddElements:
-			if s := t.Sets[op.Set.Name]; s != nil {
-				s.Elements = append(s.Elements, op.Elements...)
-				slices.SortFunc(s.Elements, render.NFTElement.Compare)
-			}
-		case DelElements:
-			if s := t.Sets[op.Set.Name]; s != nil {
-				s.Elements = slices.DeleteFunc(s.Elements, func(e render.NFTElement) bool {
-					return slices.ContainsFunc(op.Elements, func(x render.NFTElement) bool { return x.SameKey(e) })
-				})
-			}
-		case AddRule, ReplaceRule, DelRule:
-			if c := t.Chains[op.Chain]; c != nil {
-				c.Rules = editRules(c.Rules, op, handle)
-			}
-		}
-	}
 }
 
 // editRules applies one rule write to a chain's rules.

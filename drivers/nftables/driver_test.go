@@ -236,7 +236,7 @@ func TestDriverCanceled(t *testing.T) {
 func TestDriverConnections(t *testing.T) {
 	k := nftfake.New()
 	d := newDriver(t, k)
-	web := l4("web", "192.0.2.10:80", spec.TCP, spec.RoundRobin, dest("10.1.1.2:8080", 1), dest("10.1.1.3:8080", 0))
+	web := l4("web", "192.0.2.10:80", spec.TCP, spec.RoundRobin, dest("10.1.1.2:8080", 1), dest("10.1.1.3:8080", 0), dest("10.1.1.4:8080", 0))
 	dns := l4("dns", "192.0.2.11:53", spec.UDP, spec.RoundRobin, dest("10.1.1.2:53", 1))
 	noErrors(t, "Apply", d.Apply(t.Context(), []*render.ServiceState{state(web), state(dns)}))
 	b1, b2 := netip.MustParseAddrPort("10.1.1.2:8080"), netip.MustParseAddrPort("10.1.1.3:8080")
@@ -246,8 +246,46 @@ func TestDriverConnections(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[render.BackendRef]int{{Service: "web", Addr: b1}: 2, {Service: "web", Addr: b2}: 1}
+	// A backend without connections is counted with 0: a drain of it can
+	// end at once.
+	b3 := netip.MustParseAddrPort("10.1.1.4:8080")
+	want := map[render.BackendRef]int{{Service: "web", Addr: b1}: 2, {Service: "web", Addr: b2}: 1, {Service: "web", Addr: b3}: 0}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("Connections = %v, want %v", got, want)
+	}
+}
+
+// TestDriverApplyKeepsOthers: an Apply looks only at the services it is
+// given, yet never takes a table for empty while another service has
+// objects in it, even one whose element in the services map is gone.
+func TestDriverApplyKeepsOthers(t *testing.T) {
+	k := nftfake.New()
+	d := newDriver(t, k)
+	web := l4("web", "192.0.2.10:80", spec.TCP, spec.RoundRobin, dest("10.1.1.2:8080", 1))
+	api := l4("api", "192.0.2.11:80", spec.TCP, spec.RoundRobin, dest("10.1.1.3:8080", 1))
+	noErrors(t, "Apply", d.Apply(t.Context(), []*render.ServiceState{state(web), state(api)}))
+	// api's element goes behind the driver's back (its record still has
+	// it, but only api's chains tell that api is there at all).
+	if _, err := k.Commit(t.Context(), []nftables.Op{{Kind: nftables.DelElements, Family: render.NFTIPv4,
+		Set: render.NFTSet{Name: render.NFTServicesMap, Key: render.NFTKeyAddrProtoPort, Verdicts: true}, Elements: []render.NFTElement{render.NFTServiceKey(api)}}}); err != nil {
+		t.Fatal(err)
+	}
+	d = newDriver(t, k) // reads the tables as they are now
+	noErrors(t, "remove web", d.Apply(t.Context(), []*render.ServiceState{removed("web")}))
+	st := k.State()[render.NFTIPv4]
+	if st == nil || st.Chains[render.NFTServiceChain("api")] == nil {
+		t.Fatalf("removing web took api's table or chains:\n%s", dump(k.State()))
+	}
+	if st.Chains[render.NFTServiceChain("web")] != nil {
+		t.Errorf("web's chain is still there")
+	}
+	// The next full pass repairs api; removing it then takes the table.
+	noErrors(t, "Sync", d.Sync(t.Context(), []*render.ServiceState{state(api)}))
+	if got, want := dump(k.State()), dump(expected(t, api)); got != want {
+		t.Fatalf("after Sync the kernel holds\n%s\nwant\n%s", got, want)
+	}
+	noErrors(t, "remove api", d.Apply(t.Context(), []*render.ServiceState{removed("api")}))
+	if len(k.State()) != 0 {
+		t.Errorf("tables left after the last service went:\n%s", dump(k.State()))
 	}
 }

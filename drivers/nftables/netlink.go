@@ -56,8 +56,13 @@ type Netlink struct {
 var _ Kernel = (*Netlink)(nil)
 
 // NewNetlink returns a Kernel for the network namespace that netnsFD
-// refers to (0: the caller's). The socket is opened on first use.
-func NewNetlink(netnsFD int) *Netlink { return &Netlink{netns: netnsFD} }
+// refers to (0 or negative: the caller's). The socket is opened on first
+// use.
+func NewNetlink(netnsFD int) *Netlink {
+	// The netlink library enters any non-zero NetNS, so -1 ("none", as
+	// the agent passes it) would fail every call with EBADF.
+	return &Netlink{netns: max(netnsFD, 0)}
+}
 
 // Close closes the socket.
 func (n *Netlink) Close() error {
