@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -52,6 +53,8 @@ type Node struct {
 	Version string    `json:"version"`
 	Drivers []string  `json:"drivers"`
 	Started time.Time `json:"started"`
+	// Groups are the HA groups whose addresses this agent holds.
+	Groups []string `json:"groups,omitempty"`
 }
 
 // Publisher writes the node key and the status keys under one lease. It
@@ -63,12 +66,13 @@ type Publisher struct {
 	log    *slog.Logger
 	prefix string
 	node   string
-	nodeV  []byte
 	ttl    int64
 	wake   chan struct{}
 
-	mu   sync.Mutex
-	want map[string][]byte // service -> value
+	mu    sync.Mutex
+	want  map[string][]byte // service -> value
+	info  Node
+	nodeV []byte // info encoded
 }
 
 // NewPublisher returns a publisher for node under prefix with a lease of ttl.
@@ -77,7 +81,7 @@ func NewPublisher(cli *clientv3.Client, log *slog.Logger, prefix, node string, i
 	if err != nil {
 		return nil, fmt.Errorf("encode node info: %w", err)
 	}
-	return &Publisher{cli: cli, log: log, prefix: strings.TrimSuffix(prefix, "/"), node: node, nodeV: nodeV,
+	return &Publisher{cli: cli, log: log, prefix: strings.TrimSuffix(prefix, "/"), node: node, info: info, nodeV: nodeV,
 		ttl: max(int64(ttl/time.Second), 2), wake: make(chan struct{}, 1), want: map[string][]byte{}}, nil
 }
 
@@ -100,6 +104,38 @@ func (p *Publisher) Publish(statuses map[string]Status) {
 	case p.wake <- struct{}{}:
 	default:
 	}
+}
+
+// SetGroups sets the HA groups this agent holds, for the node key. It
+// never blocks.
+func (p *Publisher) SetGroups(groups []string) {
+	p.mu.Lock()
+	p.info.Groups = slices.Clone(groups)
+	v, err := json.Marshal(p.info)
+	if err == nil {
+		p.nodeV = v
+	}
+	p.mu.Unlock()
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// syncNode writes the node key when its value differs from what was
+// written.
+func (p *Publisher) syncNode(ctx context.Context, lease clientv3.LeaseID, written *[]byte) error {
+	p.mu.Lock()
+	v := p.nodeV
+	p.mu.Unlock()
+	if string(v) == string(*written) {
+		return nil
+	}
+	if err := p.put(ctx, p.prefix+"/nodes/"+p.node, v, lease); err != nil {
+		return err
+	}
+	*written = v
+	return nil
 }
 
 func (p *Publisher) statusPrefix() string { return p.prefix + "/status/" + p.node + "/" }
@@ -146,7 +182,8 @@ func (p *Publisher) session(ctx context.Context) error {
 		return fmt.Errorf("keep lease alive: %w", err)
 	}
 	written := map[string][]byte{}
-	if err := p.put(ctx, p.prefix+"/nodes/"+p.node, p.nodeV, lease.ID); err != nil {
+	var nodeWritten []byte
+	if err := p.syncNode(ctx, lease.ID, &nodeWritten); err != nil {
 		return err
 	}
 	// Remove what an earlier run left behind, then write everything.
@@ -164,11 +201,18 @@ func (p *Publisher) session(ctx context.Context) error {
 				return fmt.Errorf("lease %x expired or keep-alive failed", lease.ID)
 			}
 		case <-p.wake:
+			if err := p.syncNode(ctx, lease.ID, &nodeWritten); err != nil {
+				p.log.Warn("write node key", "error", err)
+				retry.Reset(time.Second)
+			}
 			if err := p.sync(ctx, lease.ID, written, false); err != nil {
 				p.log.Warn("write status", "error", err)
 				retry.Reset(time.Second)
 			}
 		case <-retry.C:
+			if err := p.syncNode(ctx, lease.ID, &nodeWritten); err != nil {
+				retry.Reset(time.Second)
+			}
 			if err := p.sync(ctx, lease.ID, written, false); err != nil {
 				retry.Reset(time.Second)
 			}

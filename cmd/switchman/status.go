@@ -37,9 +37,25 @@ func statusCommand() *cli.Command {
 			if err != nil {
 				return watcher.Explain(err, eps)
 			}
+			groups, err := status.ReadGroups(ctx, cli, c.String("prefix"))
+			if err != nil {
+				return watcher.Explain(err, eps)
+			}
 			tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SERVICE\tNODE\tVIP\tDRIVER\tSTATE\tHEALTHY\tERROR")
 			for _, row := range statusRows(all) {
+				fmt.Fprintln(tw, row)
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			if len(groups) == 0 {
+				return nil
+			}
+			fmt.Fprintln(c.App.Writer)
+			tw = tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "GROUP\tOWNER\tSINCE\tSTANDBYS")
+			for _, row := range groupRows(groups, time.Now()) {
 				fmt.Fprintln(tw, row)
 			}
 			return tw.Flush()
@@ -74,5 +90,28 @@ func statusRows(all map[string]map[string]status.Status) []string {
 		}
 	}
 	sort.Strings(rows)
+	return rows
+}
+
+// groupRows formats one tab-separated row per HA group: its owner ("-"
+// when none), since when (and how long), and the live agents that may take
+// it over.
+func groupRows(groups []status.Group, now time.Time) []string {
+	rows := make([]string, 0, len(groups))
+	for _, g := range groups {
+		owner, since := "-", "-"
+		if g.Owner != "" {
+			owner = g.Owner
+			since = fmt.Sprintf("%s (%s ago)", g.Since.UTC().Format(time.RFC3339), now.Sub(g.Since).Round(time.Second))
+		}
+		standbys := strings.Join(g.Standbys, ",")
+		if standbys == "" {
+			standbys = "-"
+		}
+		if g.Error != "" {
+			standbys += "  (" + strings.ReplaceAll(g.Error, "\n", " ") + ")"
+		}
+		rows = append(rows, fmt.Sprintf("%s\t%s\t%s\t%s", g.Name, owner, since, standbys))
+	}
 	return rows
 }
