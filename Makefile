@@ -5,7 +5,7 @@ PKGS    := ./...
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build test unit lint cli-check e2e vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy fuzz demo clean
+.PHONY: all build test unit lint cli-check e2e vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-ha bench-health bench-haproxy fuzz demo clean
 
 all: build
 
@@ -42,7 +42,7 @@ demo: build
 	mkdir -p /tmp/switchman-demo
 	$(BIN) agent --data-dir /tmp/switchman-demo --node demo
 
-bench: bench-scale bench-ipvs bench-convergence bench-health bench-haproxy
+bench: bench-scale bench-ipvs bench-convergence bench-ha bench-health bench-haproxy
 	@echo "figures: docs/BENCHMARKS.md"
 
 ## bench-scale: 10,000 definitions in one burst; agent RSS with 40,000 backends.
@@ -57,6 +57,12 @@ bench-ipvs:
 ## per-change convergence vs a full ipvsadm -C/-R resync, restart writes.
 bench-convergence:
 	bash e2e/lab/run.sh -run 'Convergence'
+
+## bench-ha: two HA agents in the lab: 20 unplanned failovers (SIGKILL +
+## links down) and 20 planned ones (SIGTERM), time to the first answer
+## through the VIP and dual ownership seen by a sampler.
+bench-ha:
+	bash e2e/lab/run.sh -run 'HAFigures'
 
 ## bench-health: 10,000 targets at 1 s, switchman's checker vs HAProxy's (root).
 bench-health:

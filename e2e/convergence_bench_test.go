@@ -7,14 +7,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
-	"math"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -242,19 +239,6 @@ func convWaitWeight(t testing.TB, vipPort, dest string, w int, alive func() erro
 	}
 }
 
-// convPct is the nearest-rank percentile p (0-100) of ds.
-func convPct(ds []time.Duration, p float64) time.Duration {
-	if len(ds) == 0 {
-		return 0
-	}
-	s := slices.Clone(ds)
-	slices.Sort(s)
-	i := int(math.Ceil(p/100*float64(len(s)))) - 1
-	return s[max(0, min(i, len(s)-1))]
-}
-
-func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
-
 // convStartAgent starts the agent binary as the figures run it (IPVS driver
 // only, logging warnings to a file) and records it in the fixture, so the
 // fixture's StopAgent, CheckAgentRunning and Metrics apply.
@@ -352,10 +336,10 @@ type convStartTimes struct {
 func (s convStartTimes) String() string {
 	k := ""
 	if s.inKernel > 0 {
-		k = fmt.Sprintf("whole table in the kernel %s, ", ms(s.inKernel))
+		k = fmt.Sprintf("whole table in the kernel %s, ", lab.Ms(s.inKernel))
 	}
 	return fmt.Sprintf("%s/metrics up %s, ready %s (its pass %s, so the pass began at about %s), agent CPU %s, %v IPVS writes",
-		k, ms(s.metricsUp), ms(s.ready), ms(s.pass), ms(s.ready-s.pass), s.cpu, s.writes)
+		k, lab.Ms(s.metricsUp), lab.Ms(s.ready), lab.Ms(s.pass), lab.Ms(s.ready-s.pass), s.cpu, s.writes)
 }
 
 // convTimedStart starts the agent and times it until ready (a pass done
@@ -465,11 +449,8 @@ func convRestore(rulesPath string, flushFirst bool) (cleared, restored time.Time
 // Figures go to docs/bench/convergence.md.
 func TestConvergenceFigures(t *testing.T) {
 	lab.RequireLab(t)
-	// A figure, not a pass/fail test: it runs only when named
-	// (e2e/lab/run.sh -run Convergence).
-	if f := flag.Lookup("test.run"); f == nil || !strings.Contains(f.Value.String(), "Convergence") {
-		t.Skip("convergence figures run only when named: e2e/lab/run.sh -run Convergence")
-	}
+	// A figure, not a pass/fail test: it runs only when named.
+	lab.RequireNamed(t, "Convergence", "e2e/lab/run.sh -run Convergence")
 	lab.SwitchmanBin(t)
 	// The comparison flushes the table with ipvsadm -C: refuse to run when
 	// anything is in it.
@@ -504,7 +485,7 @@ func TestConvergenceFigures(t *testing.T) {
 		}
 		lastRev = resp.Header.Revision
 	}
-	t.Logf("put %d definitions in %d txns in %s (revision %d)", len(model), (len(model)+99)/100, ms(time.Since(start)), lastRev)
+	t.Logf("put %d definitions in %d txns in %s (revision %d)", len(model), (len(model)+99)/100, lab.Ms(time.Since(start)), lastRev)
 
 	// 1. Cold start, two rounds, alternating who goes first: the agent
 	// (a fresh data dir each round) from its exec to the whole table in
@@ -521,7 +502,7 @@ func TestConvergenceFigures(t *testing.T) {
 		el, cpu := ipvsadmRestoreCPU(t, initialRules)
 		convCheckKernel(t, "after ipvsadm -R", initialWant)
 		admCold = append(admCold, el)
-		t.Logf("round %d ipvsadm -R cold start: %s (%s)", round, ms(el), cpu)
+		t.Logf("round %d ipvsadm -R cold start: %s (%s)", round, lab.Ms(el), cpu)
 	}
 	flush := func() {
 		if out, err := lab.Run(5*time.Minute, lab.IPVSADMBin, "-C"); err != nil {
@@ -572,7 +553,7 @@ func TestConvergenceFigures(t *testing.T) {
 	convCheckKernel(t, "after the agent's changes", convWant(afterChanges))
 	passes := m[convMetricPasses] - m0[convMetricPasses]
 	t.Logf("agent changes: %d, visible after p50 %s p99 %s (min %s, max %s); %v passes, %.0f ms per pass on average, %v IPVS writes",
-		len(agentLat), ms(convPct(agentLat, 50)), ms(convPct(agentLat, 99)), ms(convPct(agentLat, 0)), ms(convPct(agentLat, 100)),
+		len(agentLat), lab.Ms(lab.Percentile(agentLat, 50)), lab.Ms(lab.Percentile(agentLat, 99)), lab.Ms(lab.Percentile(agentLat, 0)), lab.Ms(lab.Percentile(agentLat, 100)),
 		passes, 1000*(m[convMetricPassSum]-m0[convMetricPassSum])/max(passes, 1), m[lab.MetricIPVSWrite]-m0[lab.MetricIPVSWrite])
 
 	// 3. Restart with nothing changed: SIGTERM, start on the same data dir,
@@ -639,15 +620,15 @@ func TestConvergenceFigures(t *testing.T) {
 		convCheckKernel(t, "after the resync changes", convWant(last))
 	}
 	t.Logf("resync changes (render + ipvsadm -C + ipvsadm -R): %d, visible after p50 %s p99 %s (min %s, max %s); whole table back after p50 %s p99 %s; render p50 %s; table incomplete (ipvsadm -R running) p50 %s",
-		len(resLat), ms(convPct(resLat, 50)), ms(convPct(resLat, 99)), ms(convPct(resLat, 0)), ms(convPct(resLat, 100)),
-		ms(convPct(resFull, 50)), ms(convPct(resFull, 99)), ms(convPct(resRender, 50)), ms(convPct(resGap, 50)))
+		len(resLat), lab.Ms(lab.Percentile(resLat, 50)), lab.Ms(lab.Percentile(resLat, 99)), lab.Ms(lab.Percentile(resLat, 0)), lab.Ms(lab.Percentile(resLat, 100)),
+		lab.Ms(lab.Percentile(resFull, 50)), lab.Ms(lab.Percentile(resFull, 99)), lab.Ms(lab.Percentile(resRender, 50)), lab.Ms(lab.Percentile(resGap, 50)))
 
 	t.Logf("FIGURE cold start %d x %d (rr, NAT), 2 rounds: agent %s, %s; ipvsadm -R %s, %s; agent/ipvsadm (sums) = %.2f",
-		convServices, convBackends, ms(agentCold[0]), ms(agentCold[1]), ms(admCold[0]), ms(admCold[1]),
+		convServices, convBackends, lab.Ms(agentCold[0]), lab.Ms(agentCold[1]), lab.Ms(admCold[0]), lab.Ms(admCold[1]),
 		float64(agentCold[0]+agentCold[1])/float64(admCold[0]+admCold[1]))
 	t.Logf("FIGURE one weight change with %d services loaded: agent p50 %s p99 %s (%d changes); resync (ipvsadm -C + -R) p50 %s p99 %s (%d changes); resync/agent p50 = %.1f, p99 = %.1f",
-		convServices, ms(convPct(agentLat, 50)), ms(convPct(agentLat, 99)), len(agentLat),
-		ms(convPct(resLat, 50)), ms(convPct(resLat, 99)), len(resLat),
-		float64(convPct(resLat, 50))/float64(convPct(agentLat, 50)), float64(convPct(resLat, 99))/float64(convPct(agentLat, 99)))
-	t.Logf("FIGURE restart with nothing changed: ready after %s, %v IPVS writes", ms(restart.ready), restart.writes)
+		convServices, lab.Ms(lab.Percentile(agentLat, 50)), lab.Ms(lab.Percentile(agentLat, 99)), len(agentLat),
+		lab.Ms(lab.Percentile(resLat, 50)), lab.Ms(lab.Percentile(resLat, 99)), len(resLat),
+		float64(lab.Percentile(resLat, 50))/float64(lab.Percentile(agentLat, 50)), float64(lab.Percentile(resLat, 99))/float64(lab.Percentile(agentLat, 99)))
+	t.Logf("FIGURE restart with nothing changed: ready after %s, %v IPVS writes", lab.Ms(restart.ready), restart.writes)
 }

@@ -30,7 +30,8 @@ const haReleaseTimeout = 5 * time.Second
 func haFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "ha-interface", Usage: "share the VIPs with other agents: hold the VIPs of the HA groups this agent owns on this interface (empty: this host holds every VIP itself)", EnvVars: env("ha-interface")},
-		&cli.DurationFlag{Name: "ha-lease-ttl", Value: ha.DefaultLeaseTTL, Usage: "TTL of the HA lease: a dead owner is replaced within it (at least 2s)", EnvVars: env("ha-lease-ttl")},
+		&cli.DurationFlag{Name: "ha-lease-ttl", Value: ha.DefaultLeaseTTL, Usage: "TTL of the HA lease: a dead owner is replaced within it (at least 2s, and 12 rounds)", EnvVars: env("ha-lease-ttl")},
+		&cli.DurationFlag{Name: "ha-round", Value: ha.DefaultTiming().Round, Usage: "how often each agent reads its ownership from etcd and heartbeats its peers; the other HA timings scale with it (hold 4 rounds, silence 3, regain 20); raise it where etcd answers slower than a round", EnvVars: env("ha-round")},
 		&cli.StringFlag{Name: "ha-listen", Usage: fmt.Sprintf("UDP address for the peers' heartbeats (default: the first address of --ha-interface, port %d)", ha.DefaultPort), EnvVars: env("ha-listen")},
 		&cli.StringFlag{Name: "ha-advertise", Usage: "address:port the peers send heartbeats to (default: the listen address)", EnvVars: env("ha-advertise")},
 		&cli.DurationFlag{Name: "ha-address-lifetime", Usage: "kernel lifetime of held addresses, renewed every third of it, so an agent killed on a living host loses them by itself; 0 keeps them until removed (default: the HA lease TTL)", EnvVars: env("ha-address-lifetime")},
@@ -41,6 +42,7 @@ func haFlags() []cli.Flag {
 type haConfig struct {
 	Interface string
 	LeaseTTL  time.Duration
+	Round     time.Duration
 	Listen    string
 	Advertise string
 	Lifetime  time.Duration
@@ -50,13 +52,13 @@ type haConfig struct {
 // given, is the first address of the HA interface that is not a host
 // route (/32, /128: a VIP) nor link-local, on port ha.DefaultPort.
 func haFromFlags(c *cli.Context, addrsOf func(iface string) ([]netip.Prefix, error)) (haConfig, error) {
-	h := haConfig{Interface: c.String("ha-interface"), LeaseTTL: c.Duration("ha-lease-ttl"), Listen: c.String("ha-listen"),
+	h := haConfig{Interface: c.String("ha-interface"), LeaseTTL: c.Duration("ha-lease-ttl"), Round: c.Duration("ha-round"), Listen: c.String("ha-listen"),
 		Advertise: c.String("ha-advertise"), Lifetime: c.Duration("ha-lease-ttl")}
 	if c.IsSet("ha-address-lifetime") {
 		h.Lifetime = c.Duration("ha-address-lifetime")
 	}
 	if h.Interface == "" {
-		for _, f := range []string{"ha-listen", "ha-advertise", "ha-address-lifetime"} {
+		for _, f := range []string{"ha-listen", "ha-advertise", "ha-address-lifetime", "ha-round"} {
 			if c.IsSet(f) {
 				return h, fmt.Errorf("--%s is set but --ha-interface is not: HA settings need the interface that holds the VIPs", f)
 			}
@@ -65,6 +67,12 @@ func haFromFlags(c *cli.Context, addrsOf func(iface string) ([]netip.Prefix, err
 	}
 	if h.LeaseTTL < 2*time.Second {
 		return h, fmt.Errorf("--ha-lease-ttl %v is below etcd's minimum of 2s", h.LeaseTTL)
+	}
+	if h.Round < 10*time.Millisecond {
+		return h, fmt.Errorf("--ha-round %v is below 10ms", h.Round)
+	}
+	if minTTL := 12 * h.Round; h.LeaseTTL < minTTL {
+		return h, fmt.Errorf("--ha-lease-ttl %v is too short for --ha-round %v: an owner must be able to drop its addresses well before its lease runs out, which takes at least 12 rounds (%v)", h.LeaseTTL, h.Round, minTTL)
 	}
 	if h.Lifetime != 0 && h.Lifetime < time.Second {
 		return h, fmt.Errorf("--ha-address-lifetime %v must be 0 (none) or at least 1s", h.Lifetime)
@@ -87,6 +95,21 @@ func haFromFlags(c *cli.Context, addrsOf func(iface string) ([]netip.Prefix, err
 		}
 	}
 	return h, fmt.Errorf("--ha-interface %s has no address to receive the peers' heartbeats on (none but host routes or link-local ones); give one with --ha-listen", h.Interface)
+}
+
+// timing is ha's default timing scaled to round: every duration keeps its
+// ratio to the round.
+func (h haConfig) timing() ha.Timing {
+	d := ha.DefaultTiming()
+	if h.Round == d.Round {
+		return d
+	}
+	scale := func(x time.Duration) time.Duration {
+		return time.Duration(float64(x) * float64(h.Round) / float64(d.Round))
+	}
+	return ha.Timing{Round: h.Round, Hold: scale(d.Hold), Margin: scale(d.Margin), Heartbeat: scale(d.Heartbeat),
+		Silence: scale(d.Silence), Stagger: scale(d.Stagger), PreemptDelay: scale(d.PreemptDelay), StartGrace: scale(d.StartGrace),
+		Regain: scale(d.Regain), Tick: scale(d.Tick)}
 }
 
 // interfaceAddrs lists the addresses of a network interface.
@@ -140,7 +163,7 @@ func (h *heldGroups) Hold(group string, held bool, floating []spec.GroupAddress)
 // holder and telling publish which groups this agent holds.
 func newElector(h haConfig, cli *clientv3.Client, node, prefix string, holder ha.Holder, publish func([]string), log *slog.Logger, reg prometheus.Registerer) (*ha.Elector, error) {
 	return ha.New(ha.Options{
-		Node: node, Prefix: prefix, LeaseTTL: h.LeaseTTL, Listen: h.Listen, Advertise: h.Advertise,
+		Node: node, Prefix: prefix, LeaseTTL: h.LeaseTTL, Timing: h.timing(), Listen: h.Listen, Advertise: h.Advertise,
 		Store: ha.NewEtcd(cli), Holder: &heldGroups{holder: holder, publish: publish, held: map[string]bool{}},
 		Logger: log.With("component", "ha"), Registerer: reg,
 	})

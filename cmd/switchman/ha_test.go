@@ -10,6 +10,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/switchman-lb/switchman/ha"
 	"github.com/switchman-lb/switchman/spec"
 	"github.com/switchman-lb/switchman/status"
 )
@@ -30,11 +31,14 @@ func TestHAFlags(t *testing.T) {
 		want    haConfig
 		wantErr string
 	}{
-		{args: nil, want: haConfig{LeaseTTL: 3 * time.Second, Lifetime: 3 * time.Second}},
+		{args: nil, want: haConfig{LeaseTTL: 3 * time.Second, Round: 100 * time.Millisecond, Lifetime: 3 * time.Second}},
 		{args: []string{"--ha-interface", "eth1"},
-			want: haConfig{Interface: "eth1", LeaseTTL: 3 * time.Second, Listen: "10.20.0.11:7947", Lifetime: 3 * time.Second}},
-		{args: []string{"--ha-interface", "eth1", "--ha-lease-ttl", "5s", "--ha-address-lifetime", "0", "--ha-listen", "10.30.0.1:9000", "--ha-advertise", "198.51.100.1:9000"},
-			want: haConfig{Interface: "eth1", LeaseTTL: 5 * time.Second, Listen: "10.30.0.1:9000", Advertise: "198.51.100.1:9000"}},
+			want: haConfig{Interface: "eth1", LeaseTTL: 3 * time.Second, Round: 100 * time.Millisecond, Listen: "10.20.0.11:7947", Lifetime: 3 * time.Second}},
+		{args: []string{"--ha-interface", "eth1", "--ha-lease-ttl", "5s", "--ha-round", "250ms", "--ha-address-lifetime", "0", "--ha-listen", "10.30.0.1:9000", "--ha-advertise", "198.51.100.1:9000"},
+			want: haConfig{Interface: "eth1", LeaseTTL: 5 * time.Second, Round: 250 * time.Millisecond, Listen: "10.30.0.1:9000", Advertise: "198.51.100.1:9000"}},
+		{args: []string{"--ha-interface", "eth1", "--ha-round", "300ms"}, wantErr: "--ha-lease-ttl 3s is too short for --ha-round 300ms"},
+		{args: []string{"--ha-interface", "eth1", "--ha-round", "1ms"}, wantErr: "--ha-round 1ms is below 10ms"},
+		{args: []string{"--ha-round", "200ms"}, wantErr: "--ha-round is set but --ha-interface is not"},
 		{args: []string{"--ha-interface", "eth1", "--ha-lease-ttl", "1s"}, wantErr: "--ha-lease-ttl 1s is below etcd's minimum"},
 		{args: []string{"--ha-interface", "eth1", "--ha-address-lifetime", "500ms"}, wantErr: "--ha-address-lifetime 500ms"},
 		{args: []string{"--ha-interface", "vips"}, wantErr: "--ha-interface vips has no address"},
@@ -112,3 +116,29 @@ func TestGroupRows(t *testing.T) {
 		t.Fatalf("rows:\n%s\nwant:\n%s", strings.Join(rows, "\n"), strings.Join(want, "\n"))
 	}
 }
+
+// TestTimingScales: every HA timing keeps its ratio to the round, and the
+// scaled timing passes ha's own checks with the smallest TTL allowed.
+func TestTimingScales(t *testing.T) {
+	def := ha.DefaultTiming()
+	if got := (haConfig{Round: def.Round}).timing(); got != def {
+		t.Errorf("default round: %+v, want %+v", got, def)
+	}
+	for _, r := range []time.Duration{50 * time.Millisecond, 300 * time.Millisecond, time.Second} {
+		tm := (haConfig{Round: r}).timing()
+		f := float64(r) / float64(def.Round)
+		for name, pair := range map[string][2]time.Duration{"hold": {tm.Hold, def.Hold}, "margin": {tm.Margin, def.Margin}, "silence": {tm.Silence, def.Silence},
+			"regain": {tm.Regain, def.Regain}, "start grace": {tm.StartGrace, def.StartGrace}, "tick": {tm.Tick, def.Tick}, "heartbeat": {tm.Heartbeat, def.Heartbeat}} {
+			if want := time.Duration(float64(pair[1]) * f); pair[0] != want {
+				t.Errorf("round %v: %s %v, want %v", r, name, pair[0], want)
+			}
+		}
+		ttl := max(12*r, 2*time.Second)
+		if _, err := ha.New(ha.Options{Node: "lb1", Listen: "127.0.0.1:0", LeaseTTL: ttl, Timing: tm, Store: nopStore{}, Holder: &recordingHolder{}}); err != nil {
+			t.Errorf("round %v with TTL %v: %v", r, ttl, err)
+		}
+	}
+}
+
+// nopStore is an ha.Store that is never called (the elector is not run).
+type nopStore struct{ ha.Store }

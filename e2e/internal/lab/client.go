@@ -2,6 +2,7 @@ package lab
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -10,6 +11,7 @@ import (
 	"runtime"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -144,4 +146,76 @@ func TallyString(m map[string]int) string {
 func firstLine(s string) string {
 	s, _, _ = strings.Cut(s, "\n")
 	return s
+}
+
+// NSDialer dials from a network namespace with a few threads that joined
+// it once, so that frequent connections (a prober's) do not each start
+// and retire a thread, which is slow under emulation.
+type NSDialer struct {
+	jobs chan dialJob
+	wg   sync.WaitGroup
+}
+
+type dialJob struct {
+	network, addr string
+	timeout       time.Duration
+	reply         chan dialReply
+}
+
+type dialReply struct {
+	c   net.Conn
+	err error
+}
+
+// NewNSDialer starts workers threads in network namespace ns.
+func NewNSDialer(ns string, workers int) (*NSDialer, error) {
+	d := &NSDialer{jobs: make(chan dialJob)}
+	ready := make(chan error, workers)
+	for range workers {
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			// No UnlockOSThread: the thread is retired when the
+			// goroutine ends, as in InNetns.
+			runtime.LockOSThread()
+			f, err := os.Open(filepath.Join("/run/netns", ns))
+			if err == nil {
+				err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
+				f.Close()
+			}
+			ready <- err
+			if err != nil {
+				return
+			}
+			for j := range d.jobs {
+				c, err := net.DialTimeout(j.network, j.addr, j.timeout)
+				j.reply <- dialReply{c, err}
+			}
+		}()
+	}
+	var errs []error
+	for range workers {
+		if err := <-ready; err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 0 {
+		d.Close()
+		return nil, fmt.Errorf("dialer in %s: %w", ns, errors.Join(errs...))
+	}
+	return d, nil
+}
+
+// Dial connects from the namespace, like net.DialTimeout.
+func (d *NSDialer) Dial(network, addr string, timeout time.Duration) (net.Conn, error) {
+	reply := make(chan dialReply, 1)
+	d.jobs <- dialJob{network: network, addr: addr, timeout: timeout, reply: reply}
+	r := <-reply
+	return r.c, r.err
+}
+
+// Close ends the workers; no Dial may follow.
+func (d *NSDialer) Close() {
+	close(d.jobs)
+	d.wg.Wait()
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net"
+	"net/url"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -11,8 +12,10 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"go.etcd.io/etcd/server/v3/embed"
+	"go.uber.org/zap"
+
 	"github.com/switchman-lb/switchman/watcher"
-	"github.com/switchman-lb/switchman/watcher/embedded"
 )
 
 // EtcdTimeout bounds one etcd call from a test.
@@ -27,7 +30,7 @@ type Etcd struct {
 	clientURL, peerURL string
 
 	mu  sync.Mutex
-	srv *embedded.Server
+	srv *embed.Etcd
 	cli *clientv3.Client
 }
 
@@ -68,16 +71,37 @@ func (e *Etcd) URL() string { return e.clientURL }
 // Client is the test's etcd client.
 func (e *Etcd) Client() *clientv3.Client { return e.cli }
 
-// Start starts etcd again on the same data and URLs after Stop.
+// Start starts etcd again on the same data and URLs after Stop. It logs
+// nothing: the test's output goes to a serial port, which is slow under
+// emulation, and etcd's errors while clients time out would flood it.
 func (e *Etcd) Start() {
 	e.t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	srv, err := embedded.Start(ctx, slog.New(slog.DiscardHandler), embedded.Options{
-		Dir: e.dir, ClientURL: e.clientURL, PeerURL: e.peerURL, Name: "e2e",
-	})
+	cfg := embed.NewConfig()
+	cfg.Dir, cfg.Name = e.dir, "e2e"
+	cu, err := url.Parse(e.clientURL)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	pu, err := url.Parse(e.peerURL)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
+	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
+	cfg.InitialCluster = cfg.Name + "=" + pu.String()
+	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())
+	srv, err := embed.StartEtcd(cfg)
 	if err != nil {
 		e.t.Fatalf("start etcd: %v", err)
+	}
+	select {
+	case <-srv.Server.ReadyNotify():
+	case err := <-srv.Err():
+		srv.Close()
+		e.t.Fatalf("start etcd: %v", err)
+	case <-time.After(2 * time.Minute):
+		srv.Close()
+		e.t.Fatal("etcd not ready after 2 minutes")
 	}
 	e.mu.Lock()
 	e.srv = srv

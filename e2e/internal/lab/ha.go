@@ -6,15 +6,18 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
 )
 
 // The HA topology (e2e/topology/setup.sh): two load-balancer hosts, lb1
@@ -42,6 +45,14 @@ const (
 	EtcdHost = "10.30.0.1"
 	// haMetricsAddr is each agent's /metrics, inside its namespace.
 	haMetricsAddr = "127.0.0.1:9469"
+	// LabHARound and LabHALeaseTTL are the agents' --ha-round and
+	// --ha-lease-ttl in the lab. Under software emulation an etcd read
+	// takes 70 ms at the median and up to 500 ms (measured): the default
+	// round of 100 ms, whose hold deadline is 4 rounds and whose "etcd
+	// contact" lapses after 2, would make contact flap and owners drop
+	// for no reason. Every HA timing scales with the round.
+	LabHARound    = 400 * time.Millisecond
+	LabHALeaseTTL = 5 * time.Second
 )
 
 // HAHost is one load-balancer host of the HA topology.
@@ -88,6 +99,8 @@ type HALab struct {
 	dir    string
 	// Lifetime is --ha-address-lifetime for the agents (0: the default).
 	Lifetime time.Duration
+	// Round and LeaseTTL are --ha-round and --ha-lease-ttl.
+	Round, LeaseTTL time.Duration
 }
 
 // NewHALab starts etcd on EtcdHost, writes the group's settings (the
@@ -99,7 +112,7 @@ func NewHALab(t *testing.T) *HALab {
 	t.Helper()
 	RequireLab(t)
 	SwitchmanBin(t)
-	h := &HALab{Etcd: StartEtcd(t, EtcdHost), Agents: map[string]*Agent{}, dir: t.TempDir()}
+	h := &HALab{Etcd: StartEtcd(t, EtcdHost), Agents: map[string]*Agent{}, dir: t.TempDir(), Round: LabHARound, LeaseTTL: LabHALeaseTTL}
 	for _, host := range HAHosts {
 		h.Agents[host.Name] = &Agent{NS: host.Name, LogPath: filepath.Join(h.dir, host.Name+".log"), MetricsAddr: haMetricsAddr}
 	}
@@ -110,7 +123,9 @@ func NewHALab(t *testing.T) *HALab {
 				t.Errorf("bring %s's links up: %v", host.Name, err)
 			}
 			if t.Failed() {
-				t.Logf("last lines of %s's agent log:\n%s", host.Name, TailFile(h.Agents[host.Name].LogPath, 80))
+				log := h.Agents[host.Name].LogPath
+				t.Logf("%s's agent log: %d lines saying etcd contact was lost, %d address holds; the last lines:\n%s", host.Name,
+					CountLines(log, "etcd contact lost"), CountLines(log, "ha: address hold"), TailFile(log, 80))
 			}
 		}
 	})
@@ -120,6 +135,32 @@ func NewHALab(t *testing.T) *HALab {
 		"backends": BackendsDef(80, 1, HABackends...), "health": HTTPCheck()})
 	h.Etcd.Put(t, ServiceKey(HAService), string(svc))
 	return h
+}
+
+// LogHA logs, for each agent, its HA lines (ownership, holds, drops,
+// releases, VIP changes; not the etcd contact lines, which are counted).
+func (h *HALab) LogHA(t testing.TB) {
+	t.Helper()
+	for _, host := range HAHosts {
+		b, err := os.ReadFile(h.Agents[host.Name].LogPath)
+		if err != nil {
+			continue
+		}
+		var lines []string
+		contact := 0
+		for _, l := range strings.Split(string(b), "\n") {
+			switch {
+			case strings.Contains(l, "etcd contact"):
+				contact++
+			case strings.Contains(l, "ha: ") || strings.Contains(l, "VIP") || strings.Contains(l, "=== e2e") || strings.Contains(l, "handed over"):
+				lines = append(lines, l)
+			}
+		}
+		if len(lines) > 200 {
+			lines = lines[len(lines)-200:]
+		}
+		t.Logf("%s: %d etcd contact changes; HA lines:\n%s", host.Name, contact, strings.Join(lines, "\n"))
+	}
 }
 
 // StartAgent starts the agent of host node (again, on the same data dir).
@@ -132,6 +173,8 @@ func (h *HALab) StartAgent(t testing.TB, node string) {
 		"--metrics-addr", haMetricsAddr,
 		"--drivers", "ipvs,vip",
 		"--ha-interface", HAInterface,
+		"--ha-round", h.Round.String(),
+		"--ha-lease-ttl", h.LeaseTTL.String(),
 		"--vip-cidrs", "10.20.0.0/24",
 		"--backend-cidrs", "10.10.0.0/24",
 	}
@@ -141,37 +184,62 @@ func (h *HALab) StartAgent(t testing.TB, node string) {
 	h.Agents[node].Spawn(t, args...)
 }
 
-// WaitServing waits until the agent of node runs the HA service in its
-// data plane with both backends healthy.
+// WaitServing waits until the agent of node (this process of it) is in
+// contact with etcd and has programmed the HA service into its IPVS with
+// both backends at weight 1 (checked healthy), so it can take over at once.
 func (h *HALab) WaitServing(t testing.TB, node string) {
 	t.Helper()
 	a := h.Agents[node]
+	vip := IPVSHostPort(HAVIP, 80)
 	WaitFor(t, 2*WaitTimeout, node+" serving the HA service with both backends healthy", func() error {
 		a.Check(t)
-		v, ok, err := h.Etcd.Get(Prefix + "/status/" + node + "/" + HAService)
-		if err != nil || !ok {
-			return fmt.Errorf("no status yet (%v)", err)
-		}
-		var st struct {
-			State    string `json:"state"`
-			Error    string `json:"error"`
-			Backends []struct {
-				Healthy bool `json:"healthy"`
-			} `json:"backends"`
-		}
-		if err := json.Unmarshal(v, &st); err != nil {
+		m, err := a.Metrics()
+		if err != nil {
 			return err
 		}
-		if st.State != "applied" {
-			return fmt.Errorf("state %s: %s", st.State, st.Error)
+		if m["switchman_ha_etcd_contact"] != 1 {
+			return errors.New("no etcd contact yet")
 		}
-		for _, b := range st.Backends {
-			if !b.Healthy {
-				return fmt.Errorf("a backend is not healthy yet: %s", v)
+		out, err := RunNS(0, node, IPVSADMBin, "-Ln", "-t", vip)
+		if err != nil {
+			return err
+		}
+		svcs, err := ParseIPVSList(out)
+		if err != nil || len(svcs) != 1 {
+			return fmt.Errorf("%s not in %s's IPVS (%v)", vip, node, err)
+		}
+		for _, be := range HABackends {
+			if d, ok := svcs[0].Dest(IPVSHostPort(be.Addr, 80)); !ok || d.Weight != 1 {
+				return fmt.Errorf("%s in %s's IPVS: %+v, want each backend at weight 1", vip, node, svcs[0].Dests)
 			}
 		}
-		if len(st.Backends) != len(HABackends) {
-			return fmt.Errorf("%d backends, want %d", len(st.Backends), len(HABackends))
+		return nil
+	})
+}
+
+// WaitStandby waits until the agent of node serves the HA service and has
+// been in contact with etcd, as its metrics show, for regain and two
+// rounds more: an agent claims nothing for its regain time after gaining
+// (or regaining) etcd, so a standby younger than that would slow a
+// takeover down.
+func (h *HALab) WaitStandby(t testing.TB, node string, regain time.Duration) {
+	t.Helper()
+	h.WaitServing(t, node)
+	var since time.Time
+	WaitFor(t, 2*WaitTimeout, node+" in contact with etcd for its regain time", func() error {
+		m, err := h.Agents[node].Metrics()
+		switch {
+		case err != nil:
+			since = time.Time{}
+			return err
+		case m["switchman_ha_etcd_contact"] != 1:
+			since = time.Time{}
+			return errors.New("no etcd contact")
+		case since.IsZero():
+			since = time.Now()
+		}
+		if d := time.Since(since); d < regain+2*h.Round {
+			return fmt.Errorf("in contact for %v", d.Round(time.Millisecond))
 		}
 		return nil
 	})
@@ -201,9 +269,51 @@ func (h *HALab) Owner() (HAOwner, bool, error) {
 // address is on its interface and that interface is up with a carrier (a
 // host whose links are down holds nothing, whatever its kernel keeps).
 func Holding() (map[string][]netip.Addr, error) {
+	v := newHostViews()
+	defer v.close()
+	return v.holding()
+}
+
+// HostHolds returns which of HAHeld the host ns has on their interfaces;
+// with needUp only those on an interface that is up with a carrier.
+func HostHolds(ns string, needUp bool) ([]netip.Addr, error) {
+	v := newHostViews()
+	defer v.close()
+	return v.holds(ns, needUp)
+}
+
+// hostViews keeps a netlink handle in each HA host's namespace.
+type hostViews map[string]*netlink.Handle
+
+func newHostViews() hostViews { return hostViews{} }
+
+func (v hostViews) close() {
+	for _, h := range v {
+		h.Close()
+	}
+}
+
+func (v hostViews) handle(ns string) (*netlink.Handle, error) {
+	if h := v[ns]; h != nil {
+		return h, nil
+	}
+	nsh, err := netns.GetFromName(ns)
+	if err != nil {
+		return nil, fmt.Errorf("network namespace %s: %w", ns, err)
+	}
+	defer nsh.Close()
+	h, err := netlink.NewHandleAt(nsh, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("netlink in %s: %w", ns, err)
+	}
+	v[ns] = h
+	return h, nil
+}
+
+func (v hostViews) holding() (map[string][]netip.Addr, error) {
 	out := map[string][]netip.Addr{}
 	for _, host := range HAHosts {
-		held, err := HostHolds(host.Name, true)
+		held, err := v.holds(host.Name, true)
 		if err != nil {
 			return nil, err
 		}
@@ -212,19 +322,11 @@ func Holding() (map[string][]netip.Addr, error) {
 	return out, nil
 }
 
-// HostHolds returns which of HAHeld the host ns has on their interfaces;
-// with needUp only those on an interface that is up with a carrier.
-func HostHolds(ns string, needUp bool) ([]netip.Addr, error) {
-	nsh, err := netns.GetFromName(ns)
+func (v hostViews) holds(ns string, needUp bool) ([]netip.Addr, error) {
+	nh, err := v.handle(ns)
 	if err != nil {
-		return nil, fmt.Errorf("network namespace %s: %w", ns, err)
+		return nil, err
 	}
-	defer nsh.Close()
-	nh, err := netlink.NewHandleAt(nsh)
-	if err != nil {
-		return nil, fmt.Errorf("netlink in %s: %w", ns, err)
-	}
-	defer nh.Close()
 	var out []netip.Addr
 	for _, want := range HAHeld {
 		l, err := nh.LinkByName(want.Iface)
@@ -292,6 +394,22 @@ func (h *HALab) CheckHolder(node string) (HAOwner, error) {
 	return o, nil
 }
 
+// Cut kills the agent of node with SIGKILL and takes the host's links
+// down at once, as when the host dies, and returns when the links were
+// down: from then on nothing the host holds is reachable.
+func (h *HALab) Cut(t testing.TB, node string) time.Time {
+	t.Helper()
+	if err := h.Agents[node].Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if err := SetLinks(HostNamed(node), false); err != nil {
+		t.Fatal(err)
+	}
+	at := time.Now()
+	h.Agents[node].Kill() // reaps it
+	return at
+}
+
 // SetLinks takes the host's links (the root-side ends) down or up: down,
 // the host is cut off from every segment, as a host that died.
 func SetLinks(host HAHost, up bool) error {
@@ -337,7 +455,7 @@ func MAC(ns, iface string) (string, error) {
 		return "", err
 	}
 	defer nsh.Close()
-	nh, err := netlink.NewHandleAt(nsh)
+	nh, err := netlink.NewHandleAt(nsh, unix.NETLINK_ROUTE)
 	if err != nil {
 		return "", err
 	}
@@ -387,10 +505,12 @@ func StartSampler(interval time.Duration) *Sampler {
 
 func (s *Sampler) run() {
 	defer close(s.done)
+	views := newHostViews()
+	defer views.close()
 	t := time.NewTicker(s.Interval)
 	defer t.Stop()
 	for {
-		held, err := Holding()
+		held, err := views.holding()
 		now := time.Now()
 		s.mu.Lock()
 		s.samples++
@@ -451,6 +571,7 @@ type Probe struct {
 type Prober struct {
 	Interval time.Duration
 	addr     string
+	dialer   *NSDialer
 	stop     chan struct{}
 	wg       sync.WaitGroup
 
@@ -466,8 +587,12 @@ const (
 )
 
 // StartProber probes addr ("10.20.0.100:80") until Stop.
-func StartProber(addr string, interval time.Duration) *Prober {
-	p := &Prober{Interval: interval, addr: addr, stop: make(chan struct{})}
+func StartProber(addr string, interval time.Duration) (*Prober, error) {
+	d, err := NewNSDialer(ClientNS, 16)
+	if err != nil {
+		return nil, err
+	}
+	p := &Prober{Interval: interval, addr: addr, dialer: d, stop: make(chan struct{})}
 	p.wg.Add(1)
 	go func() {
 		defer p.wg.Done()
@@ -483,22 +608,22 @@ func StartProber(addr string, interval time.Duration) *Prober {
 			}
 		}
 	}()
-	return p
+	return p, nil
 }
 
 func (p *Prober) one() {
 	pr := Probe{Start: time.Now()}
-	body, err := httpGetRaw(ClientNS, p.addr)
+	body, err := httpGetRaw(p.dialer, p.addr)
 	pr.End, pr.OK, pr.Body = time.Now(), err == nil, body
 	p.mu.Lock()
 	p.probes = append(p.probes, pr)
 	p.mu.Unlock()
 }
 
-// httpGetRaw sends GET / over a new connection from ns and returns the
-// body of a 200 answer.
-func httpGetRaw(ns, addr string) (string, error) {
-	c, err := DialNS(ns, "tcp", addr, probeConnect)
+// httpGetRaw sends GET / over a new connection and returns the body of a
+// 200 answer.
+func httpGetRaw(d *NSDialer, addr string) (string, error) {
+	c, err := d.Dial("tcp", addr, probeConnect)
 	if err != nil {
 		return "", err
 	}
@@ -535,8 +660,9 @@ func (p *Prober) Stop() {
 	case <-p.stop:
 	default:
 		close(p.stop)
+		p.wg.Wait()
+		p.dialer.Close()
 	}
-	p.wg.Wait()
 }
 
 // Probes returns every probe so far, by start time.

@@ -160,3 +160,19 @@ func TailFile(path string, n int) string {
 	}
 	return strings.Join(lines, "\n")
 }
+
+// CountLines counts the lines of path that contain substr (0 when the file
+// cannot be read).
+func CountLines(path, substr string) int {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, substr) {
+			n++
+		}
+	}
+	return n
+}
