@@ -5,7 +5,7 @@ PKGS    := ./...
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: all build test unit lint cli-check e2e vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-ha bench-health bench-haproxy fuzz demo clean
+.PHONY: all build test unit lint cli-check e2e vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-ha bench-health bench-haproxy e2e-ha-host fuzz demo clean
 
 all: build
 
@@ -58,11 +58,19 @@ bench-ipvs:
 bench-convergence:
 	bash e2e/lab/run.sh -run 'Convergence'
 
-## bench-ha: two HA agents in the lab: 20 unplanned failovers (SIGKILL +
-## links down) and 20 planned ones (SIGTERM), time to the first answer
-## through the VIP and dual ownership seen by a sampler.
+## bench-ha: two HA agents: 20 unplanned failovers (SIGKILL + links down)
+## and 20 planned ones (SIGTERM), time to the first answer through the VIP
+## and dual ownership seen by a sampler; in the QEMU lab (IPVS, emulated,
+## --ha-round 400ms) and on this host's kernel (HAProxy, default timing;
+## root).
 bench-ha:
 	bash e2e/lab/run.sh -run 'HAFigures'
+	bash e2e/lab/host-ha.sh -run 'HAFigures'
+
+## e2e-ha-host: the HA scenarios on this host's kernel with the default
+## timing (private namespaces, HAProxy as the data plane; root, haproxy).
+e2e-ha-host:
+	bash e2e/lab/host-ha.sh -run 'TestHA$$'
 
 ## bench-health: 10,000 targets at 1 s, switchman's checker vs HAProxy's (root).
 bench-health:

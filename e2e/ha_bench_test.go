@@ -26,6 +26,7 @@ const haBenchRounds = 20
 func TestHAFigures(t *testing.T) {
 	lab.RequireNamed(t, "HAFigures", "e2e/lab/run.sh -run HAFigures (make bench-ha)")
 	h := lab.NewHALab(t)
+	t.Cleanup(func() { h.LogHA(t) })
 	const sampleEvery = 50 * time.Millisecond
 	sampler := lab.StartSampler(sampleEvery)
 	t.Cleanup(sampler.Stop)
@@ -64,8 +65,19 @@ func TestHAFigures(t *testing.T) {
 		if i >= haBenchRounds {
 			kind = "planned"
 		}
+		// The owner now, whoever it is (under emulation an owner may
+		// have dropped and the group moved since the last round).
+		lab.WaitFor(t, 0, "an owner", func() error {
+			o, ok, err := h.Owner()
+			if err == nil && !ok {
+				err = fmt.Errorf("no owner")
+			}
+			owner = o.Node
+			return err
+		})
 		next := lab.Other(owner)
 		h.WaitStandby(t, next, regain)
+		h.WaitHolder(t, 0, owner)
 		lab.WaitHTTP(t, "http://"+lab.HAVIP+"/")
 		var start time.Time
 		if kind == "unplanned" {

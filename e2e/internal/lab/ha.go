@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -110,9 +111,12 @@ type HALab struct {
 // when the test failed. It starts no agent.
 func NewHALab(t *testing.T) *HALab {
 	t.Helper()
-	RequireLab(t)
+	RequireHALab(t)
 	SwitchmanBin(t)
 	h := &HALab{Etcd: StartEtcd(t, EtcdHost), Agents: map[string]*Agent{}, dir: t.TempDir(), Round: LabHARound, LeaseTTL: LabHALeaseTTL}
+	if Native() {
+		h.Round, h.LeaseTTL = 100*time.Millisecond, 3*time.Second // ha's defaults
+	}
 	for _, host := range HAHosts {
 		h.Agents[host.Name] = &Agent{NS: host.Name, LogPath: filepath.Join(h.dir, host.Name+".log"), MetricsAddr: haMetricsAddr}
 	}
@@ -121,6 +125,17 @@ func NewHALab(t *testing.T) *HALab {
 			h.Agents[host.Name].Stop(t)
 			if err := SetLinks(host, true); err != nil {
 				t.Errorf("bring %s's links up: %v", host.Name, err)
+			}
+			// HAProxy outlives its agent by design (it keeps serving
+			// through a restart): end what runs in the host's namespace.
+			// (This process may be listed too: a thread that joined the
+			// namespace and was retired locked may be its main thread.)
+			if out, err := Run(0, IPBin, "netns", "pids", host.Name); err == nil {
+				for _, f := range strings.Fields(out) {
+					if pid, err := strconv.Atoi(f); err == nil && pid != os.Getpid() {
+						_ = syscall.Kill(pid, syscall.SIGKILL)
+					}
+				}
 			}
 			if t.Failed() {
 				log := h.Agents[host.Name].LogPath
@@ -131,8 +146,12 @@ func NewHALab(t *testing.T) *HALab {
 	})
 	group, _ := json.Marshal(map[string]any{"addresses": []map[string]string{{"address": HAGateway + "/24", "interface": HABackendInterface}}})
 	h.Etcd.Put(t, Prefix+"/groups/"+HAGroup, string(group))
-	svc, _ := json.Marshal(map[string]any{"vip": HAVIP, "port": 80, "ha_group": HAGroup,
-		"backends": BackendsDef(80, 1, HABackends...), "health": HTTPCheck()})
+	def := map[string]any{"vip": HAVIP, "port": 80, "ha_group": HAGroup,
+		"backends": BackendsDef(80, 1, HABackends...), "health": HTTPCheck()}
+	if Native() {
+		def["driver"] = "haproxy" // no IPVS in the host's kernel
+	}
+	svc, _ := json.Marshal(def)
 	h.Etcd.Put(t, ServiceKey(HAService), string(svc))
 	return h
 }
@@ -159,7 +178,7 @@ func (h *HALab) LogHA(t testing.TB) {
 		if len(lines) > 200 {
 			lines = lines[len(lines)-200:]
 		}
-		t.Logf("%s: %d etcd contact changes; HA lines:\n%s", host.Name, contact, strings.Join(lines, "\n"))
+		t.Logf("%s: %d log lines, %d etcd contact changes; HA lines:\n%s", host.Name, strings.Count(string(b), "\n"), contact, strings.Join(lines, "\n"))
 	}
 }
 
@@ -171,12 +190,16 @@ func (h *HALab) StartAgent(t testing.TB, node string) {
 		"--node", node,
 		"--data-dir", filepath.Join(h.dir, node),
 		"--metrics-addr", haMetricsAddr,
-		"--drivers", "ipvs,vip",
 		"--ha-interface", HAInterface,
 		"--ha-round", h.Round.String(),
 		"--ha-lease-ttl", h.LeaseTTL.String(),
 		"--vip-cidrs", "10.20.0.0/24",
 		"--backend-cidrs", "10.10.0.0/24",
+	}
+	if Native() {
+		args = append(args, "--drivers", "haproxy,vip", "--haproxy-dir", filepath.Join(h.dir, node, "haproxy"))
+	} else {
+		args = append(args, "--drivers", "ipvs,vip")
 	}
 	if h.Lifetime > 0 {
 		args = append(args, "--ha-address-lifetime", h.Lifetime.String())
@@ -199,6 +222,21 @@ func (h *HALab) WaitServing(t testing.TB, node string) {
 		}
 		if m["switchman_ha_etcd_contact"] != 1 {
 			return errors.New("no etcd contact yet")
+		}
+		if Native() {
+			// HAProxy: the service applied by this process, and
+			// HAProxy listening on the VIP (bound whether held or not).
+			if m[MetricApplied] != 1 {
+				return fmt.Errorf("%s = %v", MetricApplied, m[MetricApplied])
+			}
+			out, err := RunNS(0, node, "/bin/cat", "/proc/net/tcp")
+			if err != nil {
+				return err
+			}
+			if !strings.Contains(out, " 6400140A:0050 00000000:0000 0A ") { // 10.20.0.100:80 LISTEN
+				return errors.New("HAProxy does not listen on the VIP yet")
+			}
+			return nil
 		}
 		out, err := RunNS(0, node, IPVSADMBin, "-Ln", "-t", vip)
 		if err != nil {

@@ -87,6 +87,20 @@ func RequireLab(t testing.TB) {
 	}
 }
 
+// Native reports whether the tests run in the host-native world of
+// e2e/lab/host-ha.sh (the lab topology in private namespaces on the
+// host's own kernel, without IPVS).
+func Native() bool { return os.Getenv("E2E_NATIVE") == "1" }
+
+// RequireHALab skips the test unless it runs in the QEMU lab or in the
+// host-native world.
+func RequireHALab(t testing.TB) {
+	t.Helper()
+	if os.Getenv("E2E_LAB") != "1" && !Native() {
+		t.Skip("needs the lab topology: run e2e/lab/run.sh or e2e/lab/host-ha.sh")
+	}
+}
+
 // SwitchmanBin returns the switchman binary to test (SWITCHMAN_BIN), and
 // fails the test when it is not set or not executable.
 func SwitchmanBin(t testing.TB) string {
