@@ -187,7 +187,8 @@ func TestRealNetnsVIPs(t *testing.T) {
 // TestRealNetnsHALifetime holds a group's addresses in HA mode with a
 // lifetime of 1s and no renewal (no Run): the kernel removes them by
 // itself, which is what happens to the addresses of an agent killed on a
-// living host. Held with Run going, they stay.
+// living host. Held with Run renewing them, they stay past their
+// lifetime.
 func TestRealNetnsHALifetime(t *testing.T) {
 	ns := newNetns(t)
 	ipIn(t, ns, "link", "add", "eth1", "type", "veth", "peer", "name", "peer1")
@@ -196,8 +197,8 @@ func TestRealNetnsHALifetime(t *testing.T) {
 	ipIn(t, ns, "link", "set", "peer1", "up")
 	n := vip.NewNetlink("/run/netns/" + ns)
 	defer n.Close()
-	newDriver := func() *vip.Driver {
-		d, err := vip.New(vip.Config{Links: n, ProcSys: procSys(t, allSysctls("1")), HAInterface: "eth1", Lifetime: time.Second,
+	newDriver := func(lifetime time.Duration) *vip.Driver {
+		d, err := vip.New(vip.Config{Links: n, ProcSys: procSys(t, allSysctls("1")), HAInterface: "eth1", Lifetime: lifetime,
 			StateDir: t.TempDir(), Announce: func(context.Context, string, []netip.Addr) error { return nil }})
 		if err != nil {
 			t.Fatal(err)
@@ -206,7 +207,7 @@ func TestRealNetnsHALifetime(t *testing.T) {
 		return d
 	}
 	ctx := context.Background()
-	crashed := newDriver()
+	crashed := newDriver(time.Second)
 	noErrs(t, "sync", crashed.Sync(ctx, states(svc("web", vipA, "g1"))))
 	crashed.Hold("g1", true, []spec.GroupAddress{{Address: netip.MustParsePrefix("10.20.0.254/24"), Interface: "eth1"}})
 	if got, want := addrsOf(t, ns, "eth1"), prefixes("10.20.0.11/24", "10.20.0.254/24", "192.0.2.10/32"); !slices.Equal(got, want) {
@@ -224,12 +225,14 @@ func TestRealNetnsHALifetime(t *testing.T) {
 
 	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	d := newDriver()
+	// Renewed every second, a 3s lifetime survives a busy machine; an
+	// address not renewed would be gone within 4s.
+	d := newDriver(3 * time.Second)
 	go d.Run(runCtx)
 	noErrs(t, "sync", d.Sync(ctx, states(svc("web", vipA, "g1"))))
 	d.Hold("g1", true, nil)
 	held := time.Now()
-	for time.Since(held) < 3*time.Second { // three lifetimes
+	for time.Since(held) < 6*time.Second {
 		if !slices.Contains(addrsOf(t, ns, "eth1"), netip.MustParsePrefix("192.0.2.10/32")) {
 			t.Fatalf("a held, renewed address went away after %v", time.Since(held))
 		}
