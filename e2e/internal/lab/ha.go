@@ -47,13 +47,15 @@ const (
 	// haMetricsAddr is each agent's /metrics, inside its namespace.
 	haMetricsAddr = "127.0.0.1:9469"
 	// LabHARound and LabHALeaseTTL are the agents' --ha-round and
-	// --ha-lease-ttl in the lab. Under software emulation an etcd read
-	// takes 70 ms at the median and up to 500 ms (measured): the default
-	// round of 100 ms, whose hold deadline is 4 rounds and whose "etcd
-	// contact" lapses after 2, would make contact flap and owners drop
-	// for no reason. Every HA timing scales with the round.
-	LabHARound    = 400 * time.Millisecond
-	LabHALeaseTTL = 5 * time.Second
+	// --ha-lease-ttl in the QEMU lab. Under software emulation an etcd
+	// read takes 70 ms at the median and 500 ms or more when the host is
+	// busy (measured): with the default round of 100 ms, whose hold
+	// deadline is 4 rounds and whose "etcd contact" lapses after 2, contact
+	// would flap, each lapse holding claims back for the regain time (20
+	// rounds). Every HA timing scales with the round; the lease must last
+	// 12 rounds.
+	LabHARound    = 500 * time.Millisecond
+	LabHALeaseTTL = 6 * time.Second
 )
 
 // HAHost is one load-balancer host of the HA topology.
