@@ -110,18 +110,28 @@ func countServices(t testing.TB, prefix string) int {
 }
 
 // TestIPVSColdStartFigures programs 2,000 rr services with 4 destinations
-// each from an empty table with the driver and with ipvsadm -R, three times
-// each, alternating who goes first, and logs the times and their ratio (no pass/fail on speed;
-// it fails only when a table is not what it should be). Figures go to
-// docs/bench/ipvs.md.
+// each from an empty table with the driver (batched, and one request per
+// call) and with ipvsadm -R, three times each, rotating who goes first, and
+// logs the times and their ratio (no pass/fail on speed; it fails only
+// when a table is not what it should be). Figures go to docs/bench/ipvs.md.
 func TestIPVSColdStartFigures(t *testing.T) {
 	lab.RequireLab(t)
 	// A figure, not a pass/fail test: it runs only when named, as
 	// `make bench-ipvs` does (e2e/lab/run.sh -run IPVSColdStart).
-	if f := flag.Lookup("test.run"); f == nil || !strings.Contains(f.Value.String(), "ColdStart") {
-		t.Skip("cold-start figures run only when named: make bench-ipvs")
+	onlyWhenNamed(t, "ColdStart")
+	coldStartFigures(t, 2000, 3)
+}
+
+// onlyWhenNamed skips t unless -test.run names it (contains name).
+func onlyWhenNamed(t *testing.T, name string) {
+	if f := flag.Lookup("test.run"); f == nil || !strings.Contains(f.Value.String(), name) {
+		t.Skipf("runs only when named: -run %s", name)
 	}
-	const n = 2000
+}
+
+// coldStartFigures times n services x 4 destinations cold, rounds times
+// each way, in this one VM run.
+func coldStartFigures(t *testing.T, n, rounds int) {
 	table := coldStartTable(n)
 	rules := render.IPVSRules(table)
 	if c := countServices(t, "198.18."); c != 0 {
@@ -133,32 +143,37 @@ func TestIPVSColdStartFigures(t *testing.T) {
 		}
 	})
 	ctx := context.Background()
-	var drv, adm []time.Duration
-	driverRound := func(round int) {
-		d := newIPVSDriver(t, t.TempDir())
+	var drv, seq, adm []time.Duration
+	driverRound := func(round int, batched bool) {
+		d, k := driverAndKernel(t, t.TempDir(), batched)
 		c0, start := selfCPU(t), time.Now()
-		if errs := d.Apply(ctx, &render.State{IPVS: table}); len(errs) != 0 {
+		if errs := d.Sync(ctx, render.Split(&render.State{IPVS: table})); len(errs) != 0 {
 			t.Fatalf("driver cold start: %d errors, e.g. %v", len(errs), firstErr(errs))
 		}
 		cold, cpu := time.Since(start), selfCPU(t).sub(c0)
-		drv = append(drv, cold)
+		how := fmtStats(k.BatchStats())
+		if batched {
+			drv = append(drv, cold)
+		} else {
+			seq = append(seq, cold)
+		}
 		if c := countServices(t, "198.18."); c != n {
 			t.Fatalf("driver programmed %d services, want %d", c, n)
 		}
 		writes := d.Writes()
 		c0, start = selfCPU(t), time.Now()
-		if errs := d.Apply(ctx, &render.State{IPVS: table}); len(errs) != 0 {
+		if errs := d.Sync(ctx, render.Split(&render.State{IPVS: table})); len(errs) != 0 {
 			t.Fatalf("driver steady state: %v", firstErr(errs))
 		}
 		steady, steadyCPU := time.Since(start), selfCPU(t).sub(c0)
 		start = time.Now()
-		if errs := d.Apply(ctx, &render.State{}); len(errs) != 0 {
+		if errs := d.Sync(ctx, render.Split(&render.State{})); len(errs) != 0 {
 			t.Fatalf("driver removal: %v", firstErr(errs))
 		}
 		removal := time.Since(start)
-		t.Logf("round %d driver: cold start %v (%s; %d writes, %.0f µs/write), unchanged re-apply %v (%s; 1 list + %d destination dumps, %d writes), removal %v",
-			round, cold.Round(time.Millisecond), cpu, writes, float64(cold.Microseconds())/float64(writes),
-			steady.Round(time.Millisecond), steadyCPU, n, d.Writes()-writes-uint64(n), removal.Round(time.Millisecond))
+		t.Logf("round %d driver (%s): cold start %v (%s; %d writes, %.0f µs/write), unchanged re-apply %v (%s; %d writes), removal %v",
+			round, how, cold.Round(time.Millisecond), cpu, writes, float64(cold.Microseconds())/float64(writes),
+			steady.Round(time.Millisecond), steadyCPU, d.Writes()-writes-uint64(n), removal.Round(time.Millisecond))
 	}
 	admRound := func(round int) {
 		el, cpu := ipvsadmRestoreCPU(t, rules)
@@ -169,20 +184,17 @@ func TestIPVSColdStartFigures(t *testing.T) {
 		del := ipvsadmRestore(t, deleteRules(rules))
 		t.Logf("round %d ipvsadm -R: restore %v (%s), removal %v", round, el.Round(time.Millisecond), cpu, del.Round(time.Millisecond))
 	}
-	const rounds = 3
+	runs := []func(int){func(r int) { driverRound(r, true) }, admRound, func(r int) { driverRound(r, false) }}
 	for round := range rounds {
-		// Alternate who goes first, so neither always gets the warmer VM.
-		if round%2 == 0 {
-			driverRound(round)
-			admRound(round)
-		} else {
-			admRound(round)
-			driverRound(round)
+		// Rotate who goes first, so none always gets the warmer VM.
+		for i := range runs {
+			runs[(round+i)%len(runs)](round)
 		}
 	}
 	median := func(ds []time.Duration) time.Duration { s := slices.Clone(ds); slices.Sort(s); return s[len(s)/2] }
-	t.Logf("FIGURE cold start %d services x 4 destinations (rr), median of %d: driver %v, ipvsadm -R %v, driver/ipvsadm = %.2f",
-		n, rounds, median(drv).Round(time.Millisecond), median(adm).Round(time.Millisecond), float64(median(drv))/float64(median(adm)))
+	t.Logf("FIGURE cold start %d services x 4 destinations (rr), median of %d: driver batched %v, one request per call %v, ipvsadm -R %v; batched/ipvsadm = %.2f, one-by-one/ipvsadm = %.2f",
+		n, rounds, median(drv).Round(time.Millisecond), median(seq).Round(time.Millisecond), median(adm).Round(time.Millisecond),
+		float64(median(drv))/float64(median(adm)), float64(median(seq))/float64(median(adm)))
 }
 
 // BenchmarkIPVSColdStart is the driver's cold start as a Go benchmark (run
@@ -195,11 +207,11 @@ func BenchmarkIPVSColdStart(b *testing.B) {
 		b.StopTimer()
 		d := newIPVSDriver(b, b.TempDir())
 		b.StartTimer()
-		if errs := d.Apply(ctx, &render.State{IPVS: table}); len(errs) != 0 {
+		if errs := d.Sync(ctx, render.Split(&render.State{IPVS: table})); len(errs) != 0 {
 			b.Fatal(firstErr(errs))
 		}
 		b.StopTimer()
-		if errs := d.Apply(ctx, &render.State{}); len(errs) != 0 {
+		if errs := d.Sync(ctx, render.Split(&render.State{})); len(errs) != 0 {
 			b.Fatal(firstErr(errs))
 		}
 		b.StartTimer()

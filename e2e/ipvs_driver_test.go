@@ -50,12 +50,12 @@ func (w testWriter) Write(p []byte) (int, error) {
 }
 
 func mustApply(t testing.TB, d interface {
-	Apply(context.Context, *render.State) map[string]error
+	Sync(context.Context, []*render.ServiceState) map[string]error
 }, st *render.State) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	if errs := d.Apply(ctx, st); len(errs) != 0 {
+	if errs := d.Sync(ctx, render.Split(st)); len(errs) != 0 {
 		t.Fatalf("apply: %v", errs)
 	}
 }
@@ -135,7 +135,7 @@ func TestIPVSDriver(t *testing.T) {
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
-		if errs := d.Apply(ctx, &render.State{}); len(errs) != 0 {
+		if errs := d.Sync(ctx, render.Split(&render.State{})); len(errs) != 0 {
 			t.Errorf("cleanup apply: %v", errs)
 		}
 	})
@@ -299,7 +299,7 @@ func TestIPVSDriver(t *testing.T) {
 		clash := rsvc("clash", spec.TCP, v, 80, spec.RoundRobin, nil, spec.NAT, be1.Addr)
 		for i := range 3 {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-			errs := d.Apply(ctx, &render.State{IPVS: []render.L4Service{clash, mine}})
+			errs := d.Sync(ctx, render.Split(&render.State{IPVS: []render.L4Service{clash, mine}}))
 			cancel()
 			var fe *ipvs.ForeignServiceError
 			if len(errs) != 1 || !errors.As(errs["clash"], &fe) {

@@ -31,8 +31,6 @@ type HAProxyOptions struct {
 	// AdminSocket is the runtime API socket (level admin, expose-fd
 	// listeners, so a reload hands the listening sockets over).
 	AdminSocket string
-	// StateFile is the server-state file HAProxy reads at start and reload.
-	StateFile string
 	// PIDFile is where HAProxy writes the master's pid.
 	PIDFile string
 	// Certificates maps the name of a service whose certificate comes from
@@ -162,11 +160,10 @@ func haproxyDuration(d time.Duration) string {
 	return strconv.FormatInt(int64((d+time.Millisecond-1)/time.Millisecond), 10) + "ms"
 }
 
-type haproxyView struct {
-	AdminSocket, StateFile, PIDFile              string
+type haproxyHeaderView struct {
+	AdminSocket, PIDFile                         string
 	TimeoutConnect, TimeoutClient, TimeoutServer string
 	HardStopAfter                                string
-	Services                                     []haproxyServiceView
 }
 
 type haproxyServiceView struct {
@@ -183,38 +180,23 @@ type haproxyServerView struct {
 
 var haproxyTemplate = template.Must(template.New("haproxy.cfg.tmpl").ParseFS(templates.FS, "haproxy.cfg.tmpl"))
 
-// HAProxyConfig renders haproxy.cfg for services: a frontend and a backend
-// per service, with the servers and weights given. It is pure. Every value
-// is checked before it is written; anything that could break out of its
-// token (whitespace, newline, '#', ';', quotes) is refused with an error,
-// even though spec validation already rules it out.
+// HAProxyConfig renders haproxy.cfg for services: the header, then a
+// section (a frontend and a backend) per service, in the order given, with
+// the servers and weights given. It is pure. Every value is checked before
+// it is written; anything that could break out of its token (whitespace,
+// newline, '#', ';', quotes) is refused with an error, even though spec
+// validation already rules it out. The result is HAProxyHeader followed by
+// each service's HAProxySection.
 func HAProxyConfig(services []HAProxyService, opts HAProxyOptions) ([]byte, error) {
-	v := haproxyView{
-		TimeoutConnect: haproxyDuration(cmp0(opts.TimeoutConnect, DefaultHAProxyTimeoutConnect)),
-		TimeoutClient:  haproxyDuration(cmp0(opts.TimeoutClient, DefaultHAProxyTimeoutClient)),
-		TimeoutServer:  haproxyDuration(cmp0(opts.TimeoutServer, DefaultHAProxyTimeoutServer)),
-	}
+	head, err := HAProxyHeader(opts)
 	var errs []error
-	for _, p := range []struct{ field, v string }{
-		{"admin socket", opts.AdminSocket}, {"server-state file", opts.StateFile}, {"pidfile", opts.PIDFile},
-	} {
-		errs = append(errs, CheckHAProxyPath(p.field, p.v))
+	if err != nil {
+		errs = append(errs, err)
 	}
-	v.AdminSocket, v.StateFile, v.PIDFile = opts.AdminSocket, opts.StateFile, opts.PIDFile
-	if opts.TimeoutConnect < 0 || opts.TimeoutClient < 0 || opts.TimeoutServer < 0 || opts.HardStopAfter < 0 {
-		errs = append(errs, errors.New("negative timeout"))
-	}
-	if opts.HardStopAfter > 0 {
-		v.HardStopAfter = haproxyDuration(opts.HardStopAfter)
-	}
+	b := bytes.NewBuffer(head)
 	names := map[string]bool{}
 	binds := map[netip.AddrPort]bool{}
 	for _, s := range services {
-		sv, err := haproxyServiceViewOf(s, opts)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
 		if names[s.Name] {
 			errs = append(errs, fmt.Errorf("service %q appears twice", s.Name))
 			continue
@@ -223,14 +205,57 @@ func HAProxyConfig(services []HAProxyService, opts HAProxyOptions) ([]byte, erro
 			errs = append(errs, fmt.Errorf("service %q: bind %s is claimed twice", s.Name, s.Bind))
 			continue
 		}
+		sec, err := HAProxySection(s, opts)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
 		names[s.Name], binds[s.Bind] = true, true
-		v.Services = append(v.Services, sv)
+		b.Write(sec)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+// HAProxyHeader renders the part of haproxy.cfg that does not depend on
+// the services: the global and defaults sections, ending with a newline.
+func HAProxyHeader(opts HAProxyOptions) ([]byte, error) {
+	v := haproxyHeaderView{
+		AdminSocket:    opts.AdminSocket,
+		PIDFile:        opts.PIDFile,
+		TimeoutConnect: haproxyDuration(cmp0(opts.TimeoutConnect, DefaultHAProxyTimeoutConnect)),
+		TimeoutClient:  haproxyDuration(cmp0(opts.TimeoutClient, DefaultHAProxyTimeoutClient)),
+		TimeoutServer:  haproxyDuration(cmp0(opts.TimeoutServer, DefaultHAProxyTimeoutServer)),
+	}
+	errs := []error{CheckHAProxyPath("admin socket", opts.AdminSocket), CheckHAProxyPath("pidfile", opts.PIDFile)}
+	if opts.TimeoutConnect < 0 || opts.TimeoutClient < 0 || opts.TimeoutServer < 0 || opts.HardStopAfter < 0 {
+		errs = append(errs, errors.New("negative timeout"))
+	}
+	if opts.HardStopAfter > 0 {
+		v.HardStopAfter = haproxyDuration(opts.HardStopAfter)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
 	var b bytes.Buffer
-	if err := haproxyTemplate.Execute(&b, v); err != nil {
+	if err := haproxyTemplate.ExecuteTemplate(&b, "header", v); err != nil {
+		return nil, fmt.Errorf("haproxy.cfg template: %w", err)
+	}
+	return b.Bytes(), nil
+}
+
+// HAProxySection renders one service's section of haproxy.cfg: a blank
+// line, its frontend and its backend with the servers given, ending with a
+// newline. Every value is checked as HAProxyConfig says.
+func HAProxySection(s HAProxyService, opts HAProxyOptions) ([]byte, error) {
+	sv, err := haproxyServiceViewOf(s, opts)
+	if err != nil {
+		return nil, err
+	}
+	var b bytes.Buffer
+	if err := haproxyTemplate.ExecuteTemplate(&b, "service", sv); err != nil {
 		return nil, fmt.Errorf("haproxy.cfg template: %w", err)
 	}
 	return b.Bytes(), nil

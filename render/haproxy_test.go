@@ -33,7 +33,6 @@ const (
 func goldenOpts() HAProxyOptions {
 	return HAProxyOptions{
 		AdminSocket:  goldenRunDir + "/admin.sock",
-		StateFile:    goldenRunDir + "/server-state",
 		PIDFile:      goldenRunDir + "/haproxy.pid",
 		Certificates: map[string]string{"etcd-tls": goldenRunDir + "/certs/etcd-tls.pem"},
 	}
@@ -264,7 +263,6 @@ func expectedShape(services []HAProxyService) []cfgLine {
 	g("global", 1)
 	g("master-worker", 1)
 	g("stats", 9)
-	g("server-state-file", 2)
 	g("pidfile", 2)
 	out = append(out, cfgLine{section: "global"})
 	d := func(kw string, n int) { out = append(out, cfgLine{section: "defaults", keyword: kw, tokens: n}) }
@@ -275,7 +273,6 @@ func expectedShape(services []HAProxyService) []cfgLine {
 	d("timeout", 3)
 	d("retries", 2)
 	d("option", 2)
-	d("load-server-state-from-file", 2)
 	last := "defaults"
 	for _, s := range services {
 		out = append(out, cfgLine{section: last})
@@ -335,7 +332,7 @@ func FuzzHAProxyConfig(f *testing.F) {
 			Scheduler: spec.Scheduler(sched), Persistence: time.Duration(persistMS) * time.Millisecond,
 			Servers: []HAProxyServer{{Name: server, Address: a, Port: port, Weight: weight}},
 		}
-		o := HAProxyOptions{AdminSocket: socket, StateFile: "/run/s/state", PIDFile: "/run/s/pid",
+		o := HAProxyOptions{AdminSocket: socket, PIDFile: "/run/s/pid",
 			Certificates: map[string]string{name: cert + ".from-etcd"}}
 		out, err := HAProxyConfig([]HAProxyService{s}, o)
 		if err != nil {

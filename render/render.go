@@ -457,3 +457,37 @@ func filter(s *spec.Service, rep ServiceReport) (Filter, bool) {
 	}
 	return f, f.AllowCIDRs != nil || f.Masquerade
 }
+
+// Split is the inverse of Assemble: one ServiceState per service named in
+// st (its L4 service, HAProxy service and filter), sorted by name. VIPs and
+// reports are not split back; drivers that need only their own part (and
+// tests that hold whole states) use it.
+func Split(st *State) []*ServiceState {
+	by := map[string]*ServiceState{}
+	get := func(name string) *ServiceState {
+		s := by[name]
+		if s == nil {
+			s = &ServiceState{Name: name}
+			by[name] = s
+		}
+		return s
+	}
+	for i, list := range [][]L4Service{st.IPVS, st.NFTables} {
+		for _, l := range list {
+			l.Driver = []spec.Driver{spec.DriverIPVS, spec.DriverNFTables}[i]
+			get(l.Service).L4 = &l
+		}
+	}
+	for _, h := range st.HAProxy {
+		get(h.Name).HAProxy = &h
+	}
+	for _, f := range st.Filters {
+		get(f.Service).Filter = &f
+	}
+	out := make([]*ServiceState, 0, len(by))
+	for _, s := range by {
+		out = append(out, s)
+	}
+	slices.SortFunc(out, func(a, b *ServiceState) int { return cmp.Compare(a.Name, b.Name) })
+	return out
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"reflect"
+	"regexp"
 	"sort"
 	"strings"
 
@@ -41,7 +42,8 @@ func decodeStrict(data []byte, out any) Errors {
 	if err != nil {
 		return Errors{fieldErr("", "not valid JSON or YAML: %v", err)}
 	}
-	if err := singleDocument(data); err != nil {
+	doc, err := singleDocument(data)
+	if err != nil {
 		return Errors{fieldErr("", "%v", err)}
 	}
 	dec := json.NewDecoder(bytes.NewReader(js))
@@ -50,7 +52,22 @@ func decodeStrict(data []byte, out any) Errors {
 	if err := dec.Decode(&generic); err != nil {
 		return Errors{fieldErr("", "not valid JSON or YAML: %v", err)}
 	}
-	return assignDocument(generic, out)
+	var numErrs Errors
+	doc.checkNumbers("", &numErrs)
+	if len(numErrs) == 0 {
+		return assignDocument(generic, out)
+	}
+	// A number written ambiguously is reported once, by its own message.
+	bad := map[string]bool{}
+	for _, e := range numErrs {
+		bad[e.Path] = true
+	}
+	for _, e := range assignDocument(generic, out) {
+		if !bad[e.Path] {
+			numErrs = append(numErrs, e)
+		}
+	}
+	return numErrs
 }
 
 // assignDocument stores a decoded document into out.
@@ -66,24 +83,105 @@ func assignDocument(generic any, out any) Errors {
 // singleDocument checks that nothing follows the first YAML document (or
 // JSON value) but empty documents: YAMLToJSON reads the first one and drops
 // the rest without a word, so a second definition or stray text pasted into
-// the same value would be silently ignored.
-func singleDocument(data []byte) error {
+// the same value would be silently ignored. It returns the first document
+// with each scalar's text as written.
+func singleDocument(data []byte) (*yamlNode, error) {
 	dec := yamlv2.NewDecoder(bytes.NewReader(data))
+	first := &yamlNode{}
 	for n := 0; ; n++ {
 		var doc any
-		err := dec.Decode(&doc)
+		var err error
+		if n == 0 {
+			err = dec.Decode(first)
+		} else {
+			err = dec.Decode(&doc)
+		}
 		switch {
 		case errors.Is(err, io.EOF):
-			return nil
+			return first, nil
 		case err != nil && n == 0:
-			return fmt.Errorf("not valid JSON or YAML: %w", err)
+			return nil, fmt.Errorf("not valid JSON or YAML: %w", err)
 		case err != nil:
-			return fmt.Errorf("unexpected text after the definition: %w", err)
+			return nil, fmt.Errorf("unexpected text after the definition: %w", err)
 		case n > 0 && doc != nil:
-			return errors.New("holds more than one document; a value is one definition")
+			return nil, errors.New("holds more than one document; a value is one definition")
 		}
 	}
 }
+
+// yamlNode is a YAML document read with each scalar's text as written
+// beside the value YAML 1.1 resolves it to, so a number written in a form
+// that YAML versions read differently can be refused instead of guessed.
+type yamlNode struct {
+	mapping map[string]*yamlNode
+	list    []*yamlNode
+	value   any    // a scalar's resolved value (or a node not walked further)
+	text    string // a scalar's text
+}
+
+// UnmarshalYAML implements yamlv2.Unmarshaler.
+func (n *yamlNode) UnmarshalYAML(unmarshal func(any) error) error {
+	if err := unmarshal(&n.mapping); err == nil {
+		return nil // a mapping, or null
+	}
+	n.mapping = nil
+	if err := unmarshal(&n.list); err == nil {
+		return nil
+	}
+	n.list = nil
+	if err := unmarshal(&n.value); err != nil {
+		return err
+	}
+	switch n.value.(type) {
+	case map[any]any, []any:
+		return nil // e.g. a mapping with keys that are not scalars
+	}
+	_ = unmarshal(&n.text) // a scalar always has its text
+	return nil
+}
+
+// checkNumbers reports every plain scalar that YAML reads as an integer but
+// that is not written in decimal digits as JSON writes it: 0120 is 80 in
+// YAML 1.1 (octal) and 120 in YAML 1.2, 1_000 is a number in one and a
+// string in the other, and 0x50, 0o120 or 0b1010000 for a port are more
+// likely mistakes than intent.
+func (n *yamlNode) checkNumbers(path string, errs *Errors) {
+	switch {
+	case n == nil:
+	case n.mapping != nil:
+		keys := make([]string, 0, len(n.mapping))
+		for k := range n.mapping {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			n.mapping[k].checkNumbers(join(path, k), errs)
+		}
+	case n.list != nil:
+		for i, item := range n.list {
+			item.checkNumbers(fmt.Sprintf("%s[%d]", path, i), errs)
+		}
+	default:
+		switch n.value.(type) {
+		case int, int64, uint64:
+			digits := strings.TrimPrefix(strings.TrimPrefix(n.text, "-"), "+")
+			switch {
+			case len(digits) > 1 && digits[0] == '0' && strings.Trim(digits, "0123456789") == "":
+				errs.add(path, "%s has a leading zero, which YAML 1.1 reads as octal (%v) and YAML 1.2 as decimal; write the number without leading zeros", n.text, n.value)
+			case !decimalRE.MatchString(n.text):
+				errs.add(path, "%s is not a plain decimal number (YAML reads it as %v); write it in decimal digits", n.text, n.value)
+			}
+		case float64:
+			digits := strings.TrimPrefix(strings.TrimPrefix(n.text, "-"), "+")
+			if len(digits) > 1 && digits[0] == '0' && digits[1] >= '0' && digits[1] <= '9' {
+				errs.add(path, "%s has a leading zero; write the number without leading zeros", n.text)
+			}
+		}
+	}
+}
+
+// decimalRE is an integer as JSON writes it.
+var decimalRE = regexp.MustCompile(`^-?(0|[1-9][0-9]*)$`)
 
 // assign stores the generic JSON value v into dst, recording every problem.
 func assign(path string, v any, dst reflect.Value, errs *Errors) {

@@ -100,6 +100,21 @@ func TestParseAccepts(t *testing.T) {
 				t.Errorf("vip %s is not IPv4", s.VIP)
 			}
 		}},
+		{"loopback vip and backend", "vip: 127.0.0.10\nport: 80\nbackends:\n  - address: 127.0.0.1\n", func(t *testing.T, s *Service) {
+			if s.VIP.String() != "127.0.0.10" || s.Backends[0].Address.String() != "127.0.0.1" {
+				t.Errorf("vip %s backends %v", s.VIP, s.Backends)
+			}
+		}},
+		{"plain decimal numbers, zero and quoted leading zeros", "vip: 192.0.2.10\nport: 8080\nbackends:\n  - address: 10.0.0.1\n    weight: 0\n  - address: 10.0.0.2\n    port: 443\npersistence: \"0300s\"\n", func(t *testing.T, s *Service) {
+			if s.Port != 8080 || s.Backends[0].Weight != 0 || s.Backends[1].Port != 443 || s.Persistence != 300*time.Second {
+				t.Errorf("port %d backends %+v persistence %s", s.Port, s.Backends, s.Persistence)
+			}
+		}},
+		{"health path with percent-encoding", minimal + "health:\n  protocol: http\n  path: /a%2Fb%7e?q=100%25\n", func(t *testing.T, s *Service) {
+			if s.Health.Path != "/a%2Fb%7e?q=100%25" {
+				t.Errorf("path = %q", s.Health.Path)
+			}
+		}},
 		{"ports at the edges", "vip: 192.0.2.10\nport: 65535\nbackends:\n  - address: 10.0.0.1\n    port: 1\n", func(t *testing.T, s *Service) {
 			if s.Port != 65535 || s.Backends[0].Port != 1 {
 				t.Errorf("ports = %d, %d", s.Port, s.Backends[0].Port)

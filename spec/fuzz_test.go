@@ -19,6 +19,8 @@ var fuzzSeeds = []string{
 	minimal + "health:\n  interval: 1s\n  timeout: 1s\n  rise: 0\n",
 	"vip: [1, {a: b}]\nport: {x: 1}\nbackends: [[], null, 3]\n",
 	"a: &a [1,2]\nb: &b [*a,*a]\nc: [*b,*b]\n",
+	"vip: 192.0.2.10\nport: 0120\nbackends:\n  - {address: 10.0.0.1, weight: 0x10}\n",
+	"vip: \"::ffff:255.255.255.255\"\nport: 80\ndriver: nftables\nhealth: {protocol: http, path: \"/%zz\"}\n",
 	"- 1\n- 2\n",
 	"",
 	"null",
@@ -74,7 +76,7 @@ func FuzzParseMember(f *testing.F) {
 		if m.Name != name || ValidateName(name) != nil {
 			t.Fatalf("member name %q accepted for %q", m.Name, name)
 		}
-		if !m.Address.IsValid() || m.Address.Zone() != "" || m.Address.IsUnspecified() || m.Address.IsMulticast() || m.Address.Is4In6() {
+		if !m.Address.IsValid() || m.Address.Zone() != "" || m.Address.Is4In6() || notUnicast(m.Address) != "" {
 			t.Fatalf("member address %v accepted", m.Address)
 		}
 		if m.Weight < 0 || m.Weight > MaxWeight {
@@ -98,7 +100,7 @@ func checkInvariants(t *testing.T, s *Service) {
 	if ValidateName(s.Name) != nil {
 		fail("name %q", s.Name)
 	}
-	if !s.VIP.IsValid() || s.VIP.Zone() != "" || s.VIP.IsUnspecified() || s.VIP.IsMulticast() || s.VIP.Is4In6() {
+	if !s.VIP.IsValid() || s.VIP.Zone() != "" || s.VIP.IsUnspecified() || s.VIP.IsMulticast() || s.VIP.Is4In6() || notUnicast(s.VIP) != "" {
 		fail("vip %v", s.VIP)
 	}
 	if s.Port == 0 {
@@ -127,7 +129,7 @@ func checkInvariants(t *testing.T, s *Service) {
 		fail("drain %s", s.Drain)
 	}
 	for _, b := range s.Backends {
-		if !b.Address.IsValid() || b.Address.Zone() != "" || b.Address.IsUnspecified() || b.Address.IsMulticast() {
+		if !b.Address.IsValid() || b.Address.Zone() != "" || b.Address.Is4In6() || notUnicast(b.Address) != "" {
 			fail("backend address %v", b.Address)
 		}
 		if b.Port == 0 || b.Weight < 0 || b.Weight > MaxWeight || b.Source == "" {
@@ -145,7 +147,7 @@ func checkInvariants(t *testing.T, s *Service) {
 	if web != (h.Path != "") || (h.SNI != "" && h.Protocol != HealthHTTPS) || (h.Payload != "" && h.Protocol != HealthUDP) {
 		fail("health %+v", h)
 	}
-	if strings.ContainsAny(h.Path+h.SNI, " \r\n\"") {
+	if strings.ContainsAny(h.Path+h.SNI, " \r\n\"") || badEscape(h.Path) != "" {
 		fail("health path %q sni %q", h.Path, h.SNI)
 	}
 	if len(s.AllowCIDRs) == 0 {
@@ -160,6 +162,10 @@ func checkInvariants(t *testing.T, s *Service) {
 	case DriverIPVS:
 		if s.TLS != nil {
 			fail("ipvs with tls")
+		}
+	case DriverNFTables:
+		if s.TLS != nil || s.Scheduler == LeastConnection || s.Scheduler == WeightedLeastConnection || s.Forwarding == Tunnel {
+			fail("nftables with tls %v, scheduler %s, forwarding %s", s.TLS, s.Scheduler, s.Forwarding)
 		}
 	case DriverHAProxy:
 		if s.Protocol != TCP || s.Forwarding != NAT || len(s.SchedulerFlags) > 0 {

@@ -260,8 +260,11 @@ func (v *validator) service(r *rawService, s *Service) {
 		case LeastConnection, WeightedLeastConnection:
 			v.errs.add("scheduler", "%q is not supported by driver nftables (nf_tables keeps no per-backend connection counts to choose by); use rr, wrr, sh or mh, or driver ipvs", s.Scheduler)
 		}
-		if s.Forwarding == Tunnel {
+		switch s.Forwarding {
+		case Tunnel:
 			v.errs.add("forwarding", "\"tun\" is not supported by driver nftables (it cannot encapsulate packets to a backend); use nat, or driver ipvs")
+		case Direct:
+			v.errs.add("forwarding", "\"dr\" is not supported by driver nftables (its ingress hook, which could forward unchanged packets to a backend's MAC, runs before connection tracking, so the packets of one connection would not stay on one backend); use nat, or driver ipvs")
 		}
 	}
 	if s.Driver == DriverHAProxy {
@@ -357,6 +360,8 @@ func (v *validator) health(r *rawHealth) Health {
 			v.errs.add("health.path", "%q is set, but health.protocol is %q (path is for http and https)", *r.Path, h.Protocol)
 		case len(*r.Path) > 1024 || !httpPathRE.MatchString(*r.Path):
 			v.errs.add("health.path", "%q is not an absolute request path (it must start with '/' and use URL characters only)", *r.Path)
+		case badEscape(*r.Path) != "":
+			v.errs.add("health.path", "%q has %q, which is not percent-encoding ('%%' must be followed by two hex digits; write %%25 for a '%%')", *r.Path, badEscape(*r.Path))
 		default:
 			h.Path = *r.Path
 		}
@@ -430,8 +435,8 @@ func (v *validator) cidrs(raw []string, vip netip.Addr) []netip.Prefix {
 	return out
 }
 
-// addr parses an IP address; a VIP may not be unspecified or multicast, nor
-// may a backend.
+// addr parses an IP address that can be a VIP or a backend: a unicast
+// address that names one host beyond one link (see notUnicast).
 func (v *validator) addr(path string, s *string, required bool) netip.Addr {
 	if s == nil {
 		if required {
@@ -447,12 +452,50 @@ func (v *validator) addr(path string, s *string, required bool) netip.Addr {
 		v.errs.add(path, "%q is not an IPv4 or IPv6 address", *s)
 	case a.Zone() != "":
 		v.errs.add(path, "%q has a zone; link-local addresses with a zone are not supported", *s)
-	case a.IsUnspecified() || a.IsMulticast():
-		v.errs.add(path, "%q is not a unicast address", *s)
 	default:
-		return a.Unmap()
+		a = a.Unmap() // ::ffff:0.0.0.0 is 0.0.0.0
+		if why := notUnicast(a); why != "" {
+			v.errs.add(path, "%q is not a unicast address (%s)", *s, why)
+			return netip.Addr{}
+		}
+		return a
 	}
 	return netip.Addr{}
+}
+
+// limitedBroadcast and thisNetwork are IPv4 ranges that no packet to one
+// host is sent to.
+var (
+	limitedBroadcast = netip.MustParseAddr("255.255.255.255")
+	thisNetwork      = netip.MustParsePrefix("0.0.0.0/8")
+)
+
+// notUnicast says why a (unmapped) address cannot be a VIP or a backend, or
+// "" when it can:
+//   - unspecified (0.0.0.0, ::) means any address, and 0.0.0.0/8 is "this
+//     network" (RFC 1122), a source only, never a destination;
+//   - multicast and the limited broadcast 255.255.255.255 reach many hosts;
+//   - link-local (169.254.0.0/16, fe80::/10) is valid on one link only, and
+//     a definition cannot name the link (zones are refused): an IPv6 one
+//     cannot be bound or routed without it, and 169.254.169.254 is the cloud
+//     metadata service, which a VIP there would hijack on this host and a
+//     backend there would expose through the VIP.
+//
+// Loopback stays allowed: tests and single-host setups serve 127.0.0.0/8.
+func notUnicast(a netip.Addr) string {
+	switch {
+	case a.IsUnspecified():
+		return "the unspecified address"
+	case a.Is4() && thisNetwork.Contains(a):
+		return "0.0.0.0/8 is \"this network\", never a destination"
+	case a.IsMulticast():
+		return "a multicast address"
+	case a == limitedBroadcast:
+		return "the limited broadcast address"
+	case a.IsLinkLocalUnicast():
+		return "link-local: valid on one link only, which a definition cannot name"
+	}
+	return ""
 }
 
 // port checks a port number; absent means def, or an error when required.
@@ -516,6 +559,26 @@ func (v *validator) path(field, s string) string {
 		return ""
 	}
 	return s
+}
+
+// badEscape returns the first '%' sequence of s that is not a '%' followed
+// by two hex digits (at most three characters), or "" when there is none.
+func badEscape(s string) string {
+	for i := 0; i < len(s); i++ {
+		if s[i] != '%' {
+			continue
+		}
+		if i+2 < len(s) && isHex(s[i+1]) && isHex(s[i+2]) {
+			i += 2
+			continue
+		}
+		return s[i:min(i+3, len(s))]
+	}
+	return ""
+}
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
 }
 
 func boolOr(b *bool, def bool) bool {

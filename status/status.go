@@ -7,15 +7,23 @@ package status
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
+	"github.com/prometheus/client_golang/prometheus"
+
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/switchman-lb/switchman/internal/backoff"
 )
 
 // Service states written to the status key.
@@ -35,6 +43,32 @@ type Status struct {
 	VIP         string          `json:"vip,omitempty"`
 	FailingOpen bool            `json:"failing_open,omitempty"`
 	Backends    []BackendStatus `json:"backends"`
+	// Summary is set when Backends lists only some of the backends (see
+	// Encode); it counts all of them.
+	Summary *Summary `json:"backends_summary,omitempty"`
+}
+
+// Summary counts every backend of a service whose status lists only the
+// first Listed of them.
+type Summary struct {
+	Total    int `json:"total"`
+	Healthy  int `json:"healthy"`
+	Draining int `json:"draining"`
+	Listed   int `json:"listed"`
+}
+
+// Counts returns how many backends are healthy and how many there are,
+// listed or not.
+func (s Status) Counts() (healthy, total int) {
+	if s.Summary != nil {
+		return s.Summary.Healthy, s.Summary.Total
+	}
+	for _, b := range s.Backends {
+		if b.Healthy {
+			healthy++
+		}
+	}
+	return healthy, len(s.Backends)
 }
 
 // BackendStatus is one backend's health and programmed weight.
@@ -46,6 +80,105 @@ type BackendStatus struct {
 	Draining       bool       `json:"draining,omitempty"`
 	LastError      string     `json:"last_error,omitempty"`
 	LastTransition *time.Time `json:"last_transition,omitempty"`
+}
+
+// Limits of an encoded status value. A value must fit in one etcd request
+// (1.5 MiB by default) with room to spare, since `switchman status` reads
+// every node's values at once; a service with 20,000 backends or an error
+// text amplified by quoting must still get its status written.
+const (
+	// MaxValueSize bounds the encoded value.
+	MaxValueSize = 64 << 10
+	// MaxListedBackends is how many backends a value lists at most; the
+	// others are only counted in Summary.
+	MaxListedBackends = 256
+	// MaxErrorText bounds the error text (in bytes, before JSON quoting);
+	// what is cut is replaced by a marker that says how much.
+	MaxErrorText = 4 << 10
+	// maxBackendText bounds a backend's last error; maxShortText the
+	// other strings (state, driver, vip, address), which the agent keeps
+	// short anyway.
+	maxBackendText = 256
+	maxShortText   = 128
+)
+
+// Encode returns the JSON value of a status, at most MaxValueSize bytes:
+// texts are cut with a marker, and past MaxListedBackends (or fewer, when
+// more would not fit) the backends are summarised: the first ones are
+// listed and Summary counts them all.
+func Encode(st Status) []byte {
+	st.State = cutText(st.State, maxShortText)
+	st.Driver = cutText(st.Driver, maxShortText)
+	st.VIP = cutText(st.VIP, maxShortText)
+	st.Error = cutText(st.Error, MaxErrorText)
+	all := st.Backends
+	if all == nil {
+		all = []BackendStatus{}
+	}
+	st.Backends = make([]BackendStatus, min(len(all), MaxListedBackends))
+	for i := range st.Backends {
+		b := all[i]
+		b.Address = cutText(b.Address, maxShortText)
+		b.LastError = cutText(b.LastError, maxBackendText)
+		if t := b.LastTransition; t != nil && (t.Year() < 0 || t.Year() > 9999) {
+			b.LastTransition = nil // JSON cannot hold it
+		}
+		st.Backends[i] = b
+	}
+	// Each listed backend is encoded once to find how many fit beside the
+	// rest of the value (measured with the largest summary it can have).
+	sum := &Summary{Total: len(all), Listed: len(st.Backends)}
+	for _, b := range all {
+		if b.Healthy {
+			sum.Healthy++
+		}
+		if b.Draining {
+			sum.Draining++
+		}
+	}
+	rest := st
+	rest.Backends, rest.Summary = []BackendStatus{}, sum
+	base, _ := json.Marshal(rest)
+	budget := MaxValueSize - len(base)
+	fit := 0
+	for _, b := range st.Backends {
+		v, err := json.Marshal(b)
+		if err != nil || budget < len(v)+1 {
+			break
+		}
+		budget -= len(v) + 1 // and a comma
+		fit++
+	}
+	if fit < len(all) {
+		st.Backends = st.Backends[:fit]
+		sum.Listed = fit
+		st.Summary = sum
+	}
+	if v, err := json.Marshal(st); err == nil && len(v) <= MaxValueSize {
+		return v
+	}
+	// Not reached: the texts are cut so that a status listing no backend
+	// fits. Keep the promise anyway.
+	v, _ := json.Marshal(Status{State: st.State, Revision: st.Revision, Driver: st.Driver, VIP: st.VIP,
+		Error: "status too large to write", Backends: []BackendStatus{}, Summary: sum})
+	return v
+}
+
+// cutText returns s as valid UTF-8 of at most limit bytes plus a marker
+// saying how many bytes were cut.
+func cutText(s string, limit int) string {
+	if len(s) <= limit && utf8.ValidString(s) {
+		return s
+	}
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	if len(s) <= limit {
+		return s
+	}
+	end := limit
+	for end > 0 && !utf8.RuneStart(s[end]) {
+		end--
+	}
+	return fmt.Sprintf("%s... [%d more bytes cut]", s[:end], len(s)-end)
 }
 
 // Node is the value of /switchman/nodes/<node>.
@@ -60,7 +193,8 @@ type Node struct {
 // Publisher writes the node key and the status keys under one lease. It
 // never blocks its caller on etcd: Publish records the wanted state and a
 // goroutine (Run) writes the difference, re-granting the lease and writing
-// everything again after the lease was lost.
+// everything again after the lease was lost. A key whose write fails does
+// not hold up the others; it is written again with a backoff.
 type Publisher struct {
 	cli    *clientv3.Client
 	log    *slog.Logger
@@ -68,11 +202,37 @@ type Publisher struct {
 	node   string
 	ttl    int64
 	wake   chan struct{}
+	// lease paces new sessions after a lost lease, retry the rewrites of
+	// keys whose write failed; each starts again from its minimum after a
+	// success.
+	lease, retry *backoff.Backoff
 
 	mu    sync.Mutex
 	want  map[string][]byte // service -> value
 	info  Node
 	nodeV []byte // info encoded
+
+	// held is set while a session holds its lease with the node key and
+	// the status keys written.
+	held atomic.Bool
+}
+
+// LeaseHeld reports whether the publisher holds its lease: granted, kept
+// alive, and the node and status keys written under it. While it is
+// false, this node's keys are missing or about to expire in etcd.
+func (p *Publisher) LeaseHeld() bool { return p.held.Load() }
+
+// Collector is the gauge switchman_status_lease_held: 1 while LeaseHeld.
+func (p *Publisher) Collector() prometheus.Collector {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "switchman_status_lease_held",
+		Help: "1 while the agent holds the lease of its status and node keys in etcd, 0 while it is lost (switchman status shows this node's services missing or stale).",
+	}, func() float64 {
+		if p.LeaseHeld() {
+			return 1
+		}
+		return 0
+	})
 }
 
 // NewPublisher returns a publisher for node under prefix with a lease of ttl.
@@ -82,7 +242,9 @@ func NewPublisher(cli *clientv3.Client, log *slog.Logger, prefix, node string, i
 		return nil, fmt.Errorf("encode node info: %w", err)
 	}
 	return &Publisher{cli: cli, log: log, prefix: strings.TrimSuffix(prefix, "/"), node: node, info: info, nodeV: nodeV,
-		ttl: max(int64(ttl/time.Second), 2), wake: make(chan struct{}, 1), want: map[string][]byte{}}, nil
+		ttl: max(int64(ttl/time.Second), 2), wake: make(chan struct{}, 1), want: map[string][]byte{},
+		lease: backoff.New(500*time.Millisecond, 10*time.Second, 0.2),
+		retry: backoff.New(time.Second, 30*time.Second, 0.2)}, nil
 }
 
 // Publish sets the wanted status of every service; services left out have
@@ -90,12 +252,7 @@ func NewPublisher(cli *clientv3.Client, log *slog.Logger, prefix, node string, i
 func (p *Publisher) Publish(statuses map[string]Status) {
 	want := make(map[string][]byte, len(statuses))
 	for name, st := range statuses {
-		v, err := json.Marshal(st)
-		if err != nil {
-			p.log.Error("encode status", "service", name, "error", err)
-			continue
-		}
-		want[name] = v
+		want[name] = Encode(st)
 	}
 	p.mu.Lock()
 	p.want = want
@@ -122,6 +279,17 @@ func (p *Publisher) SetGroups(groups []string) {
 	}
 }
 
+// syncKeys writes the node key and the status keys that differ from
+// what was written; a failed node key write is reported as the error.
+func (p *Publisher) syncKeys(ctx context.Context, lease clientv3.LeaseID, written map[string][]byte, nodeWritten *[]byte) (map[string]error, error) {
+	nodeErr := p.syncNode(ctx, lease, nodeWritten)
+	failed, err := p.sync(ctx, lease, written, false)
+	if err == nil {
+		err = nodeErr
+	}
+	return failed, err
+}
+
 // syncNode writes the node key when its value differs from what was
 // written.
 func (p *Publisher) syncNode(ctx context.Context, lease clientv3.LeaseID, written *[]byte) error {
@@ -143,30 +311,33 @@ func (p *Publisher) statusPrefix() string { return p.prefix + "/status/" + p.nod
 // Run keeps the lease and the keys until ctx is done. On return it revokes
 // the lease, so this node's keys disappear at once on a clean shutdown.
 func (p *Publisher) Run(ctx context.Context) error {
-	backoff := 500 * time.Millisecond
 	for ctx.Err() == nil {
-		err := p.session(ctx)
+		worked, err := p.session(ctx)
 		if ctx.Err() != nil {
 			break
 		}
-		p.log.Warn("status lease lost; retrying", "error", err, "retry_in", backoff)
+		if worked {
+			p.lease.Reset() // an outage before this session is over
+		}
+		delay := p.lease.Next()
+		p.log.Warn("status lease lost; retrying", "error", err, "retry_in", delay)
 		select {
 		case <-ctx.Done():
-		case <-time.After(backoff):
+		case <-time.After(delay):
 		}
-		backoff = min(backoff*2, 10*time.Second)
 	}
 	return ctx.Err()
 }
 
 // session grants a lease, writes everything, then follows Publish calls
-// until the lease is lost.
-func (p *Publisher) session(ctx context.Context) error {
+// until the lease is lost. worked says the lease was granted and the keys
+// written (some may have failed on their own and wait for a retry).
+func (p *Publisher) session(ctx context.Context) (worked bool, err error) {
 	gctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	lease, err := p.cli.Grant(gctx, p.ttl)
 	cancel()
 	if err != nil {
-		return fmt.Errorf("grant lease: %w", err)
+		return false, fmt.Errorf("grant lease: %w", err)
 	}
 	sctx, stop := context.WithCancel(ctx)
 	defer func() {
@@ -179,51 +350,62 @@ func (p *Publisher) session(ctx context.Context) error {
 	}()
 	ka, err := p.cli.KeepAlive(sctx, lease.ID)
 	if err != nil {
-		return fmt.Errorf("keep lease alive: %w", err)
+		return false, fmt.Errorf("keep lease alive: %w", err)
 	}
 	written := map[string][]byte{}
 	var nodeWritten []byte
 	if err := p.syncNode(ctx, lease.ID, &nodeWritten); err != nil {
-		return err
+		return false, err
 	}
 	// Remove what an earlier run left behind, then write everything.
-	if err := p.sync(ctx, lease.ID, written, true); err != nil {
-		return err
+	failed, err := p.sync(ctx, lease.ID, written, true)
+	if err != nil {
+		return false, err
 	}
+	p.held.Store(true)
+	defer p.held.Store(false)
 	retry := time.NewTimer(time.Hour)
+	retry.Stop() // armed only while some key waits for a retry
 	defer retry.Stop()
+	after := func(failed map[string]error, err error) {
+		if err == nil && len(failed) == 0 {
+			p.retry.Reset()
+			return
+		}
+		delay := p.retry.Next()
+		if err == nil {
+			names := slices.Sorted(maps.Keys(failed))
+			err = failed[names[0]]
+			p.log.Warn("status keys not written; retrying", "keys", len(names), "first", names[0], "error", err, "retry_in", delay)
+		} else {
+			p.log.Warn("write status; retrying", "error", err, "retry_in", delay)
+		}
+		retry.Reset(delay)
+	}
+	after(failed, nil)
 	for {
 		select {
 		case <-ctx.Done():
-			return nil
+			return true, nil
 		case _, ok := <-ka:
 			if !ok {
-				return fmt.Errorf("lease %x expired or keep-alive failed", lease.ID)
+				return true, fmt.Errorf("lease %x expired or keep-alive failed", lease.ID)
 			}
 		case <-p.wake:
-			if err := p.syncNode(ctx, lease.ID, &nodeWritten); err != nil {
-				p.log.Warn("write node key", "error", err)
-				retry.Reset(time.Second)
-			}
-			if err := p.sync(ctx, lease.ID, written, false); err != nil {
-				p.log.Warn("write status", "error", err)
-				retry.Reset(time.Second)
-			}
+			after(p.syncKeys(ctx, lease.ID, written, &nodeWritten))
 		case <-retry.C:
-			if err := p.syncNode(ctx, lease.ID, &nodeWritten); err != nil {
-				retry.Reset(time.Second)
-			}
-			if err := p.sync(ctx, lease.ID, written, false); err != nil {
-				retry.Reset(time.Second)
-			}
+			after(p.syncKeys(ctx, lease.ID, written, &nodeWritten))
 		}
 	}
 }
 
-// sync writes the keys whose wanted value differs from what was written and
-// deletes the ones no longer wanted. With full, it also lists the node's
-// status keys in etcd and removes the stale ones.
-func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written map[string][]byte, full bool) error {
+// sync deletes the keys no longer wanted, then writes the keys whose wanted
+// value differs from what was written. With full, it first lists the
+// node's status keys in etcd to find stale ones. A key whose write or
+// deletion fails is returned in failed, with its reason, and the others go
+// on; err is set when it had to stop (etcd did not answer in time, the
+// lease is gone), since every other write would fail the same way.
+func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written map[string][]byte, full bool) (failed map[string]error, err error) {
 	p.mu.Lock()
 	want := maps.Clone(p.want)
 	p.mu.Unlock()
@@ -232,7 +414,7 @@ func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written ma
 		resp, err := p.cli.Get(lctx, p.statusPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
 		cancel()
 		if err != nil {
-			return fmt.Errorf("list status keys: %w", err)
+			return nil, fmt.Errorf("list status keys: %w", err)
 		}
 		for _, kv := range resp.Kvs {
 			name := strings.TrimPrefix(string(kv.Key), p.statusPrefix())
@@ -241,16 +423,10 @@ func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written ma
 			}
 		}
 	}
-	for name, v := range want {
-		if old, ok := written[name]; ok && string(old) == string(v) {
-			continue
-		}
-		if err := p.put(ctx, p.statusPrefix()+name, v, lease); err != nil {
-			return err
-		}
-		written[name] = v
-	}
-	for name := range written {
+	failed = map[string]error{}
+	// Deletions first: a status of a removed service goes even when some
+	// write fails.
+	for _, name := range slices.Sorted(maps.Keys(written)) {
 		if _, ok := want[name]; ok {
 			continue
 		}
@@ -258,11 +434,38 @@ func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written ma
 		_, err := p.cli.Delete(dctx, p.statusPrefix()+name)
 		cancel()
 		if err != nil {
-			return fmt.Errorf("delete status of %s: %w", name, err)
+			err = fmt.Errorf("delete status of %s: %w", name, err)
+			if stopsAll(err) {
+				return failed, err
+			}
+			failed[name] = err
+			continue
 		}
 		delete(written, name)
 	}
-	return nil
+	for _, name := range slices.Sorted(maps.Keys(want)) {
+		v := want[name]
+		if old, ok := written[name]; ok && string(old) == string(v) {
+			continue
+		}
+		if err := p.put(ctx, p.statusPrefix()+name, v, lease); err != nil {
+			if stopsAll(err) {
+				return failed, err
+			}
+			failed[name] = err
+			continue
+		}
+		written[name] = v
+	}
+	return failed, nil
+}
+
+// stopsAll tells an error that every other request would meet too (etcd
+// did not answer in time, the lease is gone) from one about a key alone
+// (a value too large, a key this user may not write).
+func stopsAll(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) ||
+		errors.Is(err, rpctypes.ErrLeaseNotFound)
 }
 
 func (p *Publisher) put(ctx context.Context, key string, v []byte, lease clientv3.LeaseID) error {

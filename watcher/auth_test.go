@@ -12,7 +12,6 @@ import (
 	"log/slog"
 	"math/big"
 	"net"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -22,8 +21,8 @@ import (
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
-	"go.etcd.io/etcd/server/v3/embed"
 
+	"github.com/switchman-lb/switchman/internal/etcdtest"
 	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
 )
@@ -76,40 +75,11 @@ func write(t *testing.T, path string, b []byte) {
 	}
 }
 
-func freePort(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 // startSecureEtcd runs etcd that requires a client certificate signed by
 // the test CA, with auth to be enabled by the test.
 func startSecureEtcd(t *testing.T, p pki) string {
 	t.Helper()
-	cfg := embed.NewConfig()
-	cfg.Dir = t.TempDir()
-	cfg.Name = "secure"
-	cu, _ := url.Parse("https://" + freePort(t))
-	pu, _ := url.Parse("http://" + freePort(t))
-	cfg.ListenClientUrls, cfg.AdvertiseClientUrls = []url.URL{*cu}, []url.URL{*cu}
-	cfg.ListenPeerUrls, cfg.AdvertisePeerUrls = []url.URL{*pu}, []url.URL{*pu}
-	cfg.InitialCluster = cfg.Name + "=" + pu.String()
-	cfg.ClientTLSInfo = transport.TLSInfo{CertFile: p.serverCert, KeyFile: p.serverKey, TrustedCAFile: p.ca, ClientCertAuth: true}
-	cfg.LogLevel = "error"
-	e, err := embed.StartEtcd(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(e.Close)
-	select {
-	case <-e.Server.ReadyNotify():
-	case <-time.After(60 * time.Second):
-		t.Fatal("etcd not ready")
-	}
-	return cu.String()
+	return etcdtest.Start(t, &transport.TLSInfo{CertFile: p.serverCert, KeyFile: p.serverKey, TrustedCAFile: p.ca, ClientCertAuth: true})
 }
 
 // TestTLSAndAuth shows the agent's connection working with a client
@@ -167,7 +137,7 @@ func TestTLSAndAuth(t *testing.T) {
 		{"certificate of user lb1", full, "", nil},
 		{"certificate of no user", watcher.ConnOptions{Endpoints: []string{ep}, CA: p.ca, Cert: p.strangerCert, Key: p.strangerKey, DialTimeout: 3 * time.Second}, "denied access", rpctypes.ErrPermissionDenied},
 		{"wrong password", withUser(full, "lb1", "nope"), "refused the user name or password", rpctypes.ErrAuthFailed},
-		{"no client certificate", withUser(watcher.ConnOptions{Endpoints: []string{ep}, CA: p.ca, DialTimeout: 2 * time.Second}, "lb1", "lb1pw"), "did not answer in time", nil},
+		{"no client certificate", withUser(watcher.ConnOptions{Endpoints: []string{ep}, CA: p.ca, DialTimeout: 2 * time.Second}, "lb1", "lb1pw"), "certificate required", nil},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

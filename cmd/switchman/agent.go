@@ -22,6 +22,7 @@ import (
 
 	"github.com/switchman-lb/switchman/agent"
 	"github.com/switchman-lb/switchman/ha"
+	"github.com/switchman-lb/switchman/spec"
 	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
 	"github.com/switchman-lb/switchman/watcher/embedded"
@@ -29,15 +30,17 @@ import (
 
 func agentCommand() *cli.Command {
 	hostname, _ := os.Hostname()
-	flags := append(etcdFlags(),
-		&cli.StringFlag{Name: "node", Value: hostname, Usage: "this host's name in status keys", EnvVars: env("node")},
+	flags := append(etcdFlags("etcd client URLs; when none is given, the agent starts an embedded single-node etcd (--embedded-etcd-client-url)"),
+		&cli.StringFlag{Name: "node", Value: hostname, DefaultText: "the hostname", Usage: "this host's name in status keys", EnvVars: env("node")},
 		&cli.StringFlag{Name: "data-dir", Value: "/var/lib/switchman", Usage: "state files and the embedded etcd's data", EnvVars: env("data-dir")},
 		&cli.StringFlag{Name: "embedded-etcd-client-url", Value: "http://127.0.0.1:2379", Usage: "client URL of the embedded etcd (used when no --etcd-endpoints)", EnvVars: env("embedded-etcd-client-url")},
 		&cli.StringFlag{Name: "embedded-etcd-peer-url", Value: "http://127.0.0.1:2380", Usage: "peer URL of the embedded etcd", EnvVars: env("embedded-etcd-peer-url")},
+		&cli.BoolFlag{Name: "embedded-etcd-allow-remote", Usage: "let the embedded etcd listen on addresses other than loopback; it has no TLS and no authentication, so whoever reaches it controls this load balancer", EnvVars: env("embedded-etcd-allow-remote")},
 		&cli.StringFlag{Name: "metrics-addr", Value: "127.0.0.1:9469", Usage: "Prometheus /metrics listen address; empty disables", EnvVars: env("metrics-addr")},
 		&cli.StringSliceFlag{Name: "vip-cidrs", Usage: "ranges VIPs must fall in (default: any, with a warning)", EnvVars: env("vip-cidrs")},
 		&cli.StringSliceFlag{Name: "backend-cidrs", Usage: "ranges backend addresses must fall in (default: any, with a warning)", EnvVars: env("backend-cidrs")},
-		&cli.StringSliceFlag{Name: "drivers", Value: cli.NewStringSlice("ipvs", "vip", "netfilter", "haproxy"), Usage: "data-plane drivers to run", EnvVars: env("drivers")},
+		&cli.StringSliceFlag{Name: "drivers", Value: cli.NewStringSlice("ipvs", "nftables", "vip", "netfilter", "haproxy"), Usage: "data-plane drivers to run", EnvVars: env("drivers")},
+		&cli.StringFlag{Name: "l4-driver", Value: "auto", Usage: "data plane of definitions that name no driver: auto (ipvs where the kernel has it, nftables otherwise), ipvs or nftables", EnvVars: env("l4-driver")},
 		&cli.DurationFlag{Name: "lease-ttl", Value: 15 * time.Second, Usage: "TTL of the lease under which status and node keys are written", EnvVars: env("lease-ttl")},
 	)
 	flags = append(flags, driverFlags()...)
@@ -46,6 +49,7 @@ func agentCommand() *cli.Command {
 		Name:   "agent",
 		Usage:  "run the agent: watch etcd, program IPVS/HAProxy, check health, write status",
 		Flags:  flags,
+		Before: noArgs,
 		Action: runAgent,
 	}
 }
@@ -55,9 +59,14 @@ func runAgent(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	notify := newNotifier() // before any child (HAProxy) is started
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
+	// Before anything waits for etcd.
+	if _, err := wantedDrivers(c.StringSlice("drivers")); err != nil {
+		return err
+	}
 	vipCIDRs, err := parsePrefixes("--vip-cidrs", c.StringSlice("vip-cidrs"))
 	if err != nil {
 		return err
@@ -92,6 +101,8 @@ func runAgent(c *cli.Context) error {
 			ClientURL: c.String("embedded-etcd-client-url"),
 			PeerURL:   c.String("embedded-etcd-peer-url"),
 			Name:      node,
+			// Refused off loopback unless asked for: no TLS, no auth.
+			AllowRemote: c.Bool("embedded-etcd-allow-remote"),
 		})
 		if err != nil {
 			return err
@@ -126,13 +137,25 @@ func runAgent(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	reg.MustRegister(w.Collector(), pub.Collector())
+	l4, why, err := resolveL4(ctx, c.String("l4-driver"))
+	if err != nil {
+		return err
+	}
+	log.Info("layer-4 driver for definitions that name none", "driver", l4, "why", why)
 	lastGood, restored, err := agent.OpenLastGood(filepath.Join(dataDir, "lastgood"), log)
 	if err != nil {
 		return err
 	}
 	opts := agent.Options{
-		Policy:   agent.Policy{Prefix: prefix, VIPCIDRs: vipCIDRs, BackendCIDRs: backendCIDRs},
+		Policy:   agent.Policy{Prefix: prefix, VIPCIDRs: vipCIDRs, BackendCIDRs: backendCIDRs, Spec: spec.Options{L4Driver: l4}},
 		LastGood: lastGood, Restored: restored,
+		Ready: func() {
+			log.Info("first pass applied")
+			if err := notify.ready("first pass applied; switchman status shows each service"); err != nil {
+				log.Warn("tell systemd the agent is ready", "error", err)
+			}
+		},
 	}
 	var elector *ha.Elector
 	if haCfg.Interface != "" {
@@ -159,6 +182,7 @@ func runAgent(c *cli.Context) error {
 			}
 		}()
 	}
+	_ = notify.status("waiting for the first pass (etcd list, first health checks, every driver's first sync)")
 	if elector != nil {
 		run("ha", elector.Run)
 	}
@@ -185,6 +209,7 @@ func runAgent(c *cli.Context) error {
 	}
 	log.Info("agent running", "node", node, "prefix", prefix, "etcd", conn.Endpoints, "drivers", set.names(), "ha_interface", haCfg.Interface)
 	<-ctx.Done()
+	_ = notify.stopping("stopping; the data plane stays in place")
 	if elector != nil {
 		release(runCtx, elector, log)
 	}
@@ -192,6 +217,21 @@ func runAgent(c *cli.Context) error {
 	cancelRun()
 	wg.Wait()
 	return nil
+}
+
+// wantedDrivers reads --drivers: the set of drivers to run.
+func wantedDrivers(names []string) (map[string]bool, error) {
+	want := map[string]bool{}
+	for _, name := range names {
+		switch name {
+		case "none":
+		case "ipvs", "nftables", "vip", "netfilter", "haproxy":
+			want[name] = true
+		default:
+			return nil, fmt.Errorf("--drivers: %q is not one of ipvs, nftables, vip, netfilter, haproxy, none", name)
+		}
+	}
+	return want, nil
 }
 
 func parsePrefixes(flag string, list []string) ([]netip.Prefix, error) {

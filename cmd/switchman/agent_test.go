@@ -3,22 +3,23 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"net"
+	"fmt"
+	"io"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+
+	"github.com/switchman-lb/switchman/internal/etcdtest"
 )
 
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
+func freeAddr(t *testing.T) string { return etcdtest.FreeAddr(t) }
 
 // TestAgentOnEmbeddedEtcdWithEtcdctl is the README's first command: the agent
 // starts its own etcd, Debian's etcdctl writes a definition into it, and the
@@ -33,7 +34,7 @@ func TestAgentOnEmbeddedEtcdWithEtcdctl(t *testing.T) {
 	done := make(chan error, 1)
 	go func() {
 		done <- newApp().RunContext(ctx, []string{"switchman", "--log-level", "warn", "agent",
-			"--data-dir", t.TempDir(), "--node", "lb-test", "--drivers", "none",
+			"--data-dir", t.TempDir(), "--node", "lb-test", "--drivers", "none", "--l4-driver", "ipvs",
 			"--embedded-etcd-client-url", "http://" + client, "--embedded-etcd-peer-url", "http://" + freeAddr(t),
 			"--metrics-addr", freeAddr(t), "--vip-cidrs", "192.0.2.0/24"})
 	}()
@@ -103,4 +104,121 @@ func TestAgentOnEmbeddedEtcdWithEtcdctl(t *testing.T) {
 	if err != nil || !strings.Contains(stdout, "web      lb-test  192.0.2.10:80/tcp") {
 		t.Fatalf("status: %v\n%s", err, stdout)
 	}
+}
+
+// safeAgentFlags run an agent that touches nothing outside the test: no
+// drivers, its own data directory, etcd and metrics on free ports.
+func safeAgentFlags(t *testing.T) []string {
+	return []string{"--data-dir", t.TempDir(), "--node", "lb-test", "--drivers", "none",
+		"--embedded-etcd-client-url", "http://" + freeAddr(t), "--embedded-etcd-peer-url", "http://" + freeAddr(t),
+		"--metrics-addr", freeAddr(t), "--vip-cidrs", "192.0.2.0/24"}
+}
+
+// runFor runs the CLI until it returns or 30 s pass (an agent that
+// started runs until then and returns nil).
+func runFor(t *testing.T, args ...string) error {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	app := newApp()
+	app.Writer, app.ErrWriter = io.Discard, io.Discard
+	return app.RunContext(ctx, append([]string{"switchman", "--log-level", "error"}, args...))
+}
+
+// TestPositionalArgumentsRejected: flag parsing stops at the first
+// positional argument, so `agent stray --data-dir /x` used to run an agent
+// with every later flag ignored, and `agent extra --help` started one.
+func TestPositionalArgumentsRejected(t *testing.T) {
+	tests := [][]string{
+		append(append([]string{"agent"}, safeAgentFlags(t)...), "stray", "--data-dir", t.TempDir()),
+		append(append([]string{"agent"}, safeAgentFlags(t)...), "extra", "--help"),
+		{"status", "--etcd-endpoints", "http://" + freeAddr(t), "stray", "--prefix", "/x"},
+	}
+	for _, args := range tests {
+		t.Run(strings.Join(args[:1], " "), func(t *testing.T) {
+			err := runFor(t, args...)
+			stray := args[len(args)-3]
+			if args[len(args)-1] == "--help" {
+				stray = args[len(args)-2]
+			}
+			if err == nil || !strings.Contains(err.Error(), strconv.Quote(stray)) || !strings.Contains(err.Error(), "takes no arguments") {
+				t.Fatalf("error = %v; want one naming %q", err, stray)
+			}
+		})
+	}
+}
+
+// TestDriversCheckedBeforeEtcd: a bad --drivers value is refused before
+// the embedded etcd starts (or an external one is waited for).
+func TestDriversCheckedBeforeEtcd(t *testing.T) {
+	dataDir := t.TempDir()
+	args := append([]string{"agent"}, safeAgentFlags(t)...)
+	args = append(args, "--data-dir", dataDir, "--drivers", "ipvs,bogus")
+	err := runFor(t, args...)
+	if err == nil || !strings.Contains(err.Error(), `--drivers: "bogus"`) {
+		t.Fatalf("error = %v; want --drivers naming \"bogus\"", err)
+	}
+	if _, err := os.Stat(filepath.Join(dataDir, "etcd")); err == nil {
+		t.Error("the embedded etcd was started before --drivers was checked")
+	}
+}
+
+// TestAgentRunsWithoutHAProxyDir: a --haproxy-dir that cannot be created
+// fails the HAProxy services, with the reason in their status; the agent
+// runs on (it used to exit at start).
+func TestAgentRunsWithoutHAProxyDir(t *testing.T) {
+	if _, err := exec.LookPath("haproxy"); err != nil {
+		t.Skip("haproxy not installed")
+	}
+	blocker := filepath.Join(t.TempDir(), "file")
+	if err := os.WriteFile(blocker, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	client := freeAddr(t)
+	args := []string{"switchman", "--log-level", "error", "agent", "--data-dir", t.TempDir(), "--node", "lb-test",
+		"--drivers", "haproxy", "--haproxy-dir", filepath.Join(blocker, "haproxy"),
+		"--embedded-etcd-client-url", "http://" + client, "--embedded-etcd-peer-url", "http://" + freeAddr(t),
+		"--metrics-addr", freeAddr(t), "--vip-cidrs", "127.0.0.0/8"}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- newApp().RunContext(ctx, args) }()
+	defer func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(30 * time.Second):
+			t.Error("agent did not stop")
+		}
+	}()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{"http://" + client}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	deadline := time.Now().Add(60 * time.Second)
+	put := false
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-done:
+			done <- err // for the deferred wait
+			t.Fatalf("the agent stopped: %v", err)
+		default:
+		}
+		rctx, rcancel := context.WithTimeout(ctx, 2*time.Second)
+		if !put {
+			_, err := cli.Put(rctx, "/switchman/services/web", `{"vip":"127.0.0.10","port":8080,"driver":"haproxy","backends":[{"address":"127.0.0.1","port":1}]}`)
+			put = err == nil
+		}
+		resp, err := cli.Get(rctx, "/switchman/status/lb-test/web")
+		rcancel()
+		if err == nil && len(resp.Kvs) == 1 {
+			var st map[string]any
+			_ = json.Unmarshal(resp.Kvs[0].Value, &st)
+			if st["state"] == "failed" && strings.Contains(fmt.Sprint(st["error"]), "--haproxy-dir") {
+				return
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatal("no failed status naming --haproxy-dir within 60s")
 }

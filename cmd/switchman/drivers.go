@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/urfave/cli/v2"
@@ -12,6 +13,7 @@ import (
 	"github.com/switchman-lb/switchman/agent"
 	"github.com/switchman-lb/switchman/drivers/ipvs"
 	"github.com/switchman-lb/switchman/drivers/netfilter"
+	"github.com/switchman-lb/switchman/drivers/nftables"
 	"github.com/switchman-lb/switchman/drivers/vip"
 	"github.com/switchman-lb/switchman/health"
 	"github.com/switchman-lb/switchman/render"
@@ -44,6 +46,28 @@ func (s *driverSet) close() {
 	}
 }
 
+// resolveL4 turns --l4-driver into the driver of definitions that name
+// none: auto is ipvs when the kernel answers IPVS's netlink family (the
+// ip_vs module is loaded on demand), nftables otherwise.
+func resolveL4(ctx context.Context, flag string) (spec.Driver, string, error) {
+	switch flag {
+	case "ipvs":
+		return spec.DriverIPVS, "--l4-driver ipvs", nil
+	case "nftables":
+		return spec.DriverNFTables, "--l4-driver nftables", nil
+	case "auto", "":
+		k := ipvs.NewNetlink("")
+		defer k.Close()
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		if _, err := k.Services(pctx); err != nil {
+			return spec.DriverNFTables, fmt.Sprintf("--l4-driver auto: nftables, since IPVS is not usable here (%v)", err), nil
+		}
+		return spec.DriverIPVS, "--l4-driver auto: ipvs, the kernel has IPVS", nil
+	}
+	return "", "", fmt.Errorf("--l4-driver: %q is not auto, ipvs or nftables", flag)
+}
+
 func driverFlags() []cli.Flag {
 	return append([]cli.Flag{
 		&cli.StringFlag{Name: "vip-interface", Value: vip.DefaultInterface, Usage: "dummy interface that holds the VIPs without --ha-interface (lo when the kernel cannot create dummy interfaces)", EnvVars: env("vip-interface")},
@@ -56,15 +80,9 @@ func driverFlags() []cli.Flag {
 // (a service's filter is in force before the others expose it).
 func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg prometheus.Registerer, dataDir string, h haConfig) (*driverSet, error) {
 	set := &driverSet{runners: map[string]func(context.Context) error{}}
-	want := map[string]bool{}
-	for _, name := range c.StringSlice("drivers") {
-		switch name {
-		case "none":
-		case "ipvs", "vip", "netfilter", "haproxy":
-			want[name] = true
-		default:
-			return nil, fmt.Errorf("--drivers: %q is not one of ipvs, vip, netfilter, haproxy, none", name)
-		}
+	want, err := wantedDrivers(c.StringSlice("drivers"))
+	if err != nil {
+		return nil, err
 	}
 	if h.Interface != "" && !want["vip"] {
 		return nil, fmt.Errorf("--ha-interface %s needs the vip driver, which holds the addresses of the groups this agent owns (add vip to --drivers)", h.Interface)
@@ -89,11 +107,24 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		if err != nil {
 			return nil, err
 		}
-		set.planes = append(set.planes, agent.Plane{Driver: agent.Whole(d), Part: render.PartIPVS})
+		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartIPVS})
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name:        "switchman_dataplane_writes_total",
 			Help:        "Changes the driver made to its data plane since the agent started.",
 			ConstLabels: prometheus.Labels{"driver": "ipvs"},
+		}, func() float64 { return float64(d.Writes()) }))
+	}
+	if want["nftables"] {
+		kernel := nftables.NewNetlink(-1)
+		d, err := nftables.New(nftables.Config{Kernel: kernel, Logger: log.With("driver", "nftables")})
+		if err != nil {
+			return nil, err
+		}
+		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartNFTables})
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name:        "switchman_dataplane_writes_total",
+			Help:        "Changes the driver made to its data plane since the agent started.",
+			ConstLabels: prometheus.Labels{"driver": "nftables"},
 		}, func() float64 { return float64(d.Writes()) }))
 	}
 	if want["netfilter"] {
@@ -104,7 +135,7 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		if err != nil {
 			return nil, err
 		}
-		set.planes = append(set.planes, agent.Plane{Driver: agent.Whole(d), Part: render.PartHAProxy})
+		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartHAProxy})
 		if run != nil {
 			set.runners["haproxy"] = run
 		}

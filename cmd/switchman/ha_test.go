@@ -105,12 +105,14 @@ func TestGroupRows(t *testing.T) {
 	rows := groupRows([]status.Group{
 		{Name: "db", Standbys: []string{"lb1", "lb2"}},
 		{Name: "web", Owner: "lb1", Since: now.Add(-90 * time.Second), Epoch: 3, Standbys: []string{"lb2"}},
-		{Name: "x", Owner: "lb2", Since: now.Add(-time.Hour), Error: "settings: nodes[0]: \"A B\" is not a node name\n"},
+		{Name: "x", Owner: "lb2", Since: now.Add(-time.Hour), Error: "settings: nodes[0]: \"A B\" is not a node name"},
+		{Name: "y", Owner: "lb\x1b[31m", Since: now, Standbys: []string{"lb\n1"}},
 	}, now)
 	want := []string{
 		"db\t-\t-\tlb1,lb2",
 		"web\tlb1\t2026-11-30T08:58:30Z (1m30s ago)\tlb2",
-		"x\tlb2\t2026-11-30T08:00:00Z (1h0m0s ago)\t-  (settings: nodes[0]: \"A B\" is not a node name )",
+		"x\tlb2\t2026-11-30T08:00:00Z (1h0m0s ago)\t-  (settings: nodes[0]: \"A B\" is not a node name)",
+		"y\t\"lb\\x1b[31m\"\t2026-11-30T09:00:00Z (0s ago)\t\"lb\\n1\"",
 	}
 	if !slices.Equal(rows, want) {
 		t.Fatalf("rows:\n%s\nwant:\n%s", strings.Join(rows, "\n"), strings.Join(want, "\n"))

@@ -30,8 +30,18 @@ func newApp() *cli.App {
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: env("log-level")},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: env("log-format")},
 		},
-		Commands: []*cli.Command{agentCommand(), validateCommand(), planCommand(), statusCommand()},
+		Commands: []*cli.Command{agentCommand(), validateCommand(), planCommand(), statusCommand(), demoCommand(), manCommand()},
 	}
+}
+
+// noArgs refuses positional arguments to a command that takes none: flag
+// parsing stops at the first one, so `switchman agent stray --data-dir /x`
+// would run with every flag after it ignored.
+func noArgs(c *cli.Context) error {
+	if c.NArg() > 0 {
+		return fmt.Errorf("%s takes no arguments, but got %q; the flags after it were not read (give flags only; see switchman %s --help)", c.Command.Name, c.Args().First(), c.Command.Name)
+	}
+	return nil
 }
 
 // env names the environment variable of a flag: --etcd-endpoints reads
@@ -40,10 +50,11 @@ func env(flag string) []string {
 	return []string{"SWITCHMAN_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))}
 }
 
-// etcdFlags are the flags every etcd-reading command takes.
-func etcdFlags() []cli.Flag {
+// etcdFlags are the flags every etcd-reading command takes; endpoints is
+// the help of --etcd-endpoints, which differs by command.
+func etcdFlags(endpoints string) []cli.Flag {
 	return []cli.Flag{
-		&cli.StringSliceFlag{Name: "etcd-endpoints", Usage: "etcd client URLs; the agent starts an embedded etcd when none is given", EnvVars: env("etcd-endpoints")},
+		&cli.StringSliceFlag{Name: "etcd-endpoints", Usage: endpoints, EnvVars: env("etcd-endpoints")},
 		&cli.StringFlag{Name: "prefix", Value: "/switchman", Usage: "etcd key prefix", EnvVars: env("prefix")},
 		&cli.StringFlag{Name: "etcd-ca", Usage: "CA bundle (PEM) to verify etcd's certificate", EnvVars: env("etcd-ca")},
 		&cli.StringFlag{Name: "etcd-cert", Usage: "client certificate (PEM) for etcd", EnvVars: env("etcd-cert")},

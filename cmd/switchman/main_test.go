@@ -99,11 +99,31 @@ func TestValidate(t *testing.T) {
 	}
 }
 
+func TestPlanPrintsNFTablesRuleset(t *testing.T) {
+	paths := writeDefs(t, map[string]string{
+		"web.yaml": "vip: 192.0.2.10\nport: 80\nscheduler: mh\nbackends:\n  - {address: 10.1.1.2, port: 8080, weight: 3}\n  - {address: 10.1.1.3, port: 8080}\n",
+	})
+	stdout, stderr, err := run(t, append([]string{"plan", "--l4-driver", "nftables"}, paths...)...)
+	if err != nil {
+		t.Fatalf("plan: %v\n%s", err, stderr)
+	}
+	for _, want := range []string{"# nf_tables: 1 service(s)", "table ip switchman {", "192.0.2.10 . tcp . 80 : goto svc-web", "dnat to 10.1.1.2:8080"} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("plan lacks %q:\n%s", want, stdout)
+		}
+	}
+	// IPVS-only settings are refused for nf_tables, naming field and value.
+	paths = writeDefs(t, map[string]string{"lc.yaml": "vip: 192.0.2.11\nport: 80\nscheduler: lc\nbackends: [{address: 10.1.1.2}]\n"})
+	if _, stderr, err := run(t, append([]string{"validate", "--l4-driver", "nftables"}, paths...)...); err == nil || !strings.Contains(stderr, `scheduler: "lc" is not supported by driver nftables`) {
+		t.Errorf("validate lc with nftables: %v\n%s", err, stderr)
+	}
+}
+
 func TestPlanPrintsIPVSLines(t *testing.T) {
 	paths := writeDefs(t, map[string]string{
 		"web.yaml": "vip: 192.0.2.10\nport: 80\nscheduler: mh\nscheduler_flags: [mh-port, mh-fallback]\npersistence: 300s\nbackends:\n  - {address: 10.1.1.2, port: 8080, weight: 3}\n  - {address: 10.1.1.3, port: 8080}\n",
 	})
-	stdout, stderr, err := run(t, append([]string{"plan"}, paths...)...)
+	stdout, stderr, err := run(t, append([]string{"plan", "--l4-driver", "ipvs"}, paths...)...)
 	if err != nil {
 		t.Fatalf("plan: %v\n%s", err, stderr)
 	}
@@ -122,10 +142,13 @@ func TestStatusRows(t *testing.T) {
 		"lb1": {
 			"web": {State: "applied", Driver: "ipvs", VIP: "192.0.2.10:80/tcp", Backends: []status.BackendStatus{{Healthy: true}, {Healthy: false}}},
 			"bad": {State: "rejected", Error: "port: 70000 is out of range 1-65535", Backends: []status.BackendStatus{}},
+			"big": {State: "applied", Driver: "ipvs", VIP: "192.0.2.11:80/tcp", Backends: []status.BackendStatus{{Healthy: true}},
+				Summary: &status.Summary{Total: 19999, Healthy: 19000, Listed: 1}},
 		},
 	})
 	want := []string{
 		"bad\tlb1\t-\t\trejected\t0/0\tport: 70000 is out of range 1-65535",
+		"big\tlb1\t192.0.2.11:80/tcp\tipvs\tapplied\t19000/19999\t-",
 		"web\tlb1\t192.0.2.10:80/tcp\tipvs\tapplied\t1/2\t-",
 		"web\tlb2\t192.0.2.10:80/tcp\tipvs\tapplied (failing open)\t0/2\t-",
 	}
@@ -142,6 +165,88 @@ func TestEnvVarsNameEveryFlag(t *testing.T) {
 			if !ok || len(ev.GetEnvVars()) != 1 || ev.GetEnvVars()[0] != "SWITCHMAN_"+strings.ToUpper(strings.ReplaceAll(name, "-", "_")) {
 				t.Errorf("%s --%s does not read SWITCHMAN_%s", cmd.Name, name, strings.ToUpper(strings.ReplaceAll(name, "-", "_")))
 			}
+		}
+	}
+}
+
+// TestRefusedEtcdFailsAtOnce: status and plan against a port nobody
+// listens on fail with the refusal, not after 15 s as "did not answer in
+// time".
+func TestRefusedEtcdFailsAtOnce(t *testing.T) {
+	ep := "http://" + freeAddr(t)
+	for _, args := range [][]string{{"status", "--etcd-endpoints", ep}, {"plan", "--etcd-endpoints", ep}} {
+		t.Run(args[0], func(t *testing.T) {
+			_, _, err := run(t, args...)
+			if err == nil || !strings.Contains(err.Error(), "connection refused") || !strings.Contains(err.Error(), ep) {
+				t.Fatalf("error = %v; want the refusal, naming %s", err, ep)
+			}
+		})
+	}
+}
+
+// TestStatusRowsEscapeEtcdText: node and service names come from etcd
+// keys and the rest from values anyone with write access may set: a
+// terminal escape, a newline or a tab is printed escaped, never raw.
+func TestStatusRowsEscapeEtcdText(t *testing.T) {
+	rows := statusRows(map[string]map[string]status.Status{
+		"lb\x1b[2J1": {"web\nfake\tline": {State: "applied\x1b]0;pwned\x07", Driver: "ipvs\r", VIP: "192.0.2.10:80/tcp\u202e",
+			Error: "bad\x1b[31m red", Backends: []status.BackendStatus{{Healthy: true}}}},
+	})
+	if len(rows) != 1 {
+		t.Fatalf("rows: %q", rows)
+	}
+	want := `"web\nfake\tline"` + "\t" + `"lb\x1b[2J1"` + "\t" + `"192.0.2.10:80/tcp\u202e"` + "\t" + `"ipvs\r"` + "\t" + `"applied\x1b]0;pwned\a"` + "\t1/1\t" + `"bad\x1b[31m red"`
+	if rows[0] != want {
+		t.Fatalf("row:\n%q\nwant:\n%q", rows[0], want)
+	}
+	for _, field := range strings.Split(rows[0], "\t") {
+		for _, r := range field {
+			if r < 0x20 || r == 0x7f || r == '\u202e' {
+				t.Fatalf("raw control character %U in field %q", r, field)
+			}
+		}
+	}
+}
+
+// TestPlanFailsOnInvalidFiles: like validate, plan exits 1 when a file
+// given is invalid (it exited 0 even when every file was), and still
+// prints the plan of the valid ones.
+func TestPlanFailsOnInvalidFiles(t *testing.T) {
+	valid := "vip: 192.0.2.10\nport: 80\nbackends:\n  - address: 10.1.1.2\n"
+	tests := []struct {
+		name  string
+		files map[string]string
+		want  string // in stdout
+	}{
+		{"every file invalid", map[string]string{"a.yaml": "vip: 192.0.2.300\nport: 80\n", "b.yaml": "port: 0120\n"}, "# nothing to program"},
+		{"one valid, one invalid", map[string]string{"web.yaml": valid, "bad.yaml": "vip: 255.255.255.255\nport: 80\n"}, "-A -t 192.0.2.10:80 -s rr"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			stdout, stderr, err := run(t, append([]string{"plan", "--l4-driver", "ipvs"}, writeDefs(t, tc.files)...)...)
+			if ec, ok := err.(cli.ExitCoder); !ok || ec.ExitCode() != 1 {
+				t.Fatalf("err = %v; want exit code 1", err)
+			}
+			if !strings.Contains(stdout, tc.want) || !strings.Contains(stderr, "skipped:") {
+				t.Errorf("stdout lacks %q or stderr lacks the skipped files:\n%s\n%s", tc.want, stdout, stderr)
+			}
+		})
+	}
+	if _, stderr, err := run(t, append([]string{"plan"}, writeDefs(t, map[string]string{"web.yaml": valid})...)...); err != nil {
+		t.Fatalf("plan of a valid file: %v\n%s", err, stderr)
+	}
+}
+
+// TestHelpSaysWhoStartsEtcd: only the agent starts an embedded etcd; the
+// help of status and plan said they did.
+func TestHelpSaysWhoStartsEtcd(t *testing.T) {
+	for _, cmd := range []string{"agent", "status", "plan"} {
+		stdout, _, err := run(t, cmd, "--help")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if starts := strings.Contains(stdout, "starts an embedded"); starts != (cmd == "agent") {
+			t.Errorf("%s --help says it starts an embedded etcd: %v\n%s", cmd, starts, stdout)
 		}
 	}
 }

@@ -56,7 +56,7 @@ func policyFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringSliceFlag{Name: "vip-cidrs", Usage: "ranges VIPs must fall in (default: any)", EnvVars: env("vip-cidrs")},
 		&cli.StringSliceFlag{Name: "backend-cidrs", Usage: "ranges backend addresses must fall in (default: any)", EnvVars: env("backend-cidrs")},
-		&cli.StringFlag{Name: "l4-driver", Value: "ipvs", Usage: "data plane of definitions that name no driver: ipvs or nftables", EnvVars: env("l4-driver")},
+		&cli.StringFlag{Name: "l4-driver", Value: "auto", Usage: "data plane of definitions that name no driver, as the agent's flag: auto (ipvs where this kernel has it, nftables otherwise), ipvs or nftables", EnvVars: env("l4-driver")},
 		&cli.StringFlag{Name: "stdin-name", Value: "stdin", Usage: "service name of a definition read from standard input (-)", EnvVars: env("stdin-name")},
 	}
 }
@@ -71,11 +71,8 @@ func policyFrom(c *cli.Context) (agent.Policy, error) {
 	if p.BackendCIDRs, err = parsePrefixes("--backend-cidrs", c.StringSlice("backend-cidrs")); err != nil {
 		return p, err
 	}
-	switch d := spec.Driver(c.String("l4-driver")); d {
-	case spec.DriverIPVS, spec.DriverNFTables:
-		p.Spec.L4Driver = d
-	default:
-		return p, fmt.Errorf("--l4-driver: %q is not ipvs or nftables", d)
+	if p.Spec.L4Driver, _, err = resolveL4(c.Context, c.String("l4-driver")); err != nil {
+		return p, err
 	}
 	p.Prefix = strings.TrimSuffix(c.String("prefix"), "/")
 	if p.Prefix == "" {
@@ -193,7 +190,7 @@ func planCommand() *cli.Command {
 		Name:      "plan",
 		Usage:     "print what the agent would program (ipvsadm -S lines, the nft ruleset, haproxy.cfg), touching nothing",
 		ArgsUsage: "[FILE|DIR|- ...]  (with none, read the definitions from etcd at --etcd-endpoints)",
-		Flags:     append(etcdFlags(), policyFlags()...),
+		Flags:     append(etcdFlags("etcd client URLs to read the definitions from when no FILE is given (plan starts no etcd)"), policyFlags()...),
 		Action: func(c *cli.Context) error {
 			pol, err := policyFrom(c)
 			if err != nil {
@@ -221,16 +218,31 @@ func planCommand() *cli.Command {
 	}
 }
 
-// printPlan writes the IPVS part and the HAProxy part of a desired state.
+// printPlan writes the IPVS, nf_tables and HAProxy parts of a desired
+// state.
 func printPlan(w io.Writer, st *render.State) error {
-	fmt.Fprintf(w, "# IPVS: %d virtual service(s) (ipvsadm -S -n format)\n", len(st.IPVS))
-	fmt.Fprint(w, render.IPVSRules(st.IPVS))
+	if len(st.IPVS)+len(st.NFTables)+len(st.HAProxy) == 0 {
+		fmt.Fprintln(w, "# nothing to program")
+		return nil
+	}
+	if len(st.IPVS) > 0 {
+		fmt.Fprintf(w, "# IPVS: %d virtual service(s) (ipvsadm -S -n format)\n", len(st.IPVS))
+		fmt.Fprint(w, render.IPVSRules(st.IPVS))
+	}
+	if len(st.NFTables) > 0 {
+		fmt.Fprintf(w, "# nf_tables: %d service(s) (nft -f format; compare with nft list table ip switchman)\n", len(st.NFTables))
+		rules, err := render.NFTablesRuleset(st.NFTables)
+		if err != nil {
+			return fmt.Errorf("render the nft ruleset: %w", err)
+		}
+		fmt.Fprint(w, rules)
+	}
 	if len(st.HAProxy) > 0 {
 		cfg, err := haproxyPlan(st.HAProxy)
 		if err != nil {
 			return fmt.Errorf("render haproxy.cfg: %w", err)
 		}
-		fmt.Fprintf(w, "\n# HAProxy: %d service(s), haproxy.cfg:\n", len(st.HAProxy))
+		fmt.Fprintf(w, "# HAProxy: %d service(s), haproxy.cfg:\n", len(st.HAProxy))
 		_, err = w.Write(cfg)
 		return err
 	}
@@ -250,6 +262,10 @@ func judgeEtcd(c *cli.Context, p agent.Policy) (judgement, error) {
 	defer cli.Close()
 	ctx, cancel := context.WithTimeout(c.Context, 15*time.Second)
 	defer cancel()
+	// At once, with the cause, when etcd cannot be reached.
+	if err := watcher.Check(ctx, cli, p.Prefix); err != nil {
+		return judgement{}, err
+	}
 	snap, err := watcher.ReadOnce(ctx, cli, p.Prefix)
 	if err != nil {
 		return judgement{}, watcher.Explain(err, cli.Endpoints())

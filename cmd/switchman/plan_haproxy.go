@@ -20,7 +20,7 @@ func haproxyPlan(services []render.HAProxyService) ([]byte, error) {
 func haproxyFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.StringFlag{Name: "haproxy-bin", Value: "haproxy", Usage: "haproxy binary the agent starts and supervises", EnvVars: env("haproxy-bin")},
-		&cli.StringFlag{Name: "haproxy-dir", Value: haproxy.DefaultDir, Usage: "haproxy.cfg, sockets, server state and certificates from etcd", EnvVars: env("haproxy-dir")},
+		&cli.StringFlag{Name: "haproxy-dir", Value: haproxy.DefaultDir, Usage: "haproxy.cfg, sockets, pidfile and certificates from etcd", EnvVars: env("haproxy-dir")},
 		&cli.StringFlag{Name: "haproxy-socket", Usage: "attach to a HAProxy someone else runs: its admin socket (the agent then neither starts nor supervises it)", EnvVars: env("haproxy-socket")},
 		&cli.StringFlag{Name: "haproxy-master-socket", Usage: "with --haproxy-socket: the master CLI socket used to reload it", EnvVars: env("haproxy-master-socket")},
 	}
@@ -30,7 +30,7 @@ func haproxyFlags() []cli.Flag {
 // first HAProxy service. The driver is not closed when the agent stops:
 // HAProxy (in its own process group) keeps serving through an agent restart,
 // and the next agent adopts it without a reload.
-func newHAProxy(c *cli.Context, log *slog.Logger, _ string) (agent.StateDriver, func(context.Context) error, func(), error) {
+func newHAProxy(c *cli.Context, log *slog.Logger, _ string) (agent.Driver, func(context.Context) error, func(), error) {
 	d, err := haproxy.New(haproxy.Options{
 		Bin: c.String("haproxy-bin"), Dir: c.String("haproxy-dir"),
 		AttachSocket: c.String("haproxy-socket"), AttachMasterSocket: c.String("haproxy-master-socket"),

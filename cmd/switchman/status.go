@@ -4,9 +4,12 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/urfave/cli/v2"
 
@@ -16,9 +19,10 @@ import (
 
 func statusCommand() *cli.Command {
 	return &cli.Command{
-		Name:  "status",
-		Usage: "read every agent's status keys from etcd: one row per service and node",
-		Flags: etcdFlags(),
+		Name:   "status",
+		Usage:  "read every agent's status keys from etcd: one row per service and node",
+		Flags:  etcdFlags("etcd client URLs (default http://127.0.0.1:2379, where an agent's embedded etcd listens; status starts none)"),
+		Before: noArgs,
 		Action: func(c *cli.Context) error {
 			eps := c.StringSlice("etcd-endpoints")
 			if len(eps) == 0 {
@@ -33,6 +37,10 @@ func statusCommand() *cli.Command {
 			defer cli.Close()
 			ctx, cancel := context.WithTimeout(c.Context, 15*time.Second)
 			defer cancel()
+			// At once, with the cause, when etcd cannot be reached.
+			if err := watcher.Check(ctx, cli, strings.TrimSuffix(c.String("prefix"), "/")); err != nil {
+				return err
+			}
 			all, err := status.ReadStatuses(ctx, cli, c.String("prefix"))
 			if err != nil {
 				return watcher.Explain(err, eps)
@@ -68,25 +76,20 @@ func statusRows(all map[string]map[string]status.Status) []string {
 	var rows []string
 	for node, services := range all {
 		for name, st := range services {
-			healthy := 0
-			for _, b := range st.Backends {
-				if b.Healthy {
-					healthy++
-				}
-			}
-			state := st.State
+			healthy, total := st.Counts()
+			state := printable(st.State)
 			if st.FailingOpen {
 				state += " (failing open)"
 			}
-			errText := strings.ReplaceAll(st.Error, "\n", " ")
+			errText := printable(strings.ReplaceAll(st.Error, "\n", " "))
 			if errText == "" {
 				errText = "-"
 			}
-			vip := st.VIP
+			vip := printable(st.VIP)
 			if vip == "" {
 				vip = "-"
 			}
-			rows = append(rows, fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%d/%d\t%s", name, node, vip, st.Driver, state, healthy, len(st.Backends), errText))
+			rows = append(rows, fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%d/%d\t%s", printable(name), printable(node), vip, printable(st.Driver), state, healthy, total, errText))
 		}
 	}
 	sort.Strings(rows)
@@ -95,23 +98,40 @@ func statusRows(all map[string]map[string]status.Status) []string {
 
 // groupRows formats one tab-separated row per HA group: its owner ("-"
 // when none), since when (and how long), and the live agents that may take
-// it over.
+// it over. Text from etcd goes through printable.
 func groupRows(groups []status.Group, now time.Time) []string {
 	rows := make([]string, 0, len(groups))
 	for _, g := range groups {
 		owner, since := "-", "-"
 		if g.Owner != "" {
-			owner = g.Owner
+			owner = printable(g.Owner)
 			since = fmt.Sprintf("%s (%s ago)", g.Since.UTC().Format(time.RFC3339), now.Sub(g.Since).Round(time.Second))
 		}
-		standbys := strings.Join(g.Standbys, ",")
-		if standbys == "" {
-			standbys = "-"
+		standbys := make([]string, len(g.Standbys))
+		for i, n := range g.Standbys {
+			standbys[i] = printable(n)
+		}
+		list := strings.Join(standbys, ",")
+		if list == "" {
+			list = "-"
 		}
 		if g.Error != "" {
-			standbys += "  (" + strings.ReplaceAll(g.Error, "\n", " ") + ")"
+			list += "  (" + printable(g.Error) + ")"
 		}
-		rows = append(rows, fmt.Sprintf("%s\t%s\t%s\t%s", g.Name, owner, since, standbys))
+		rows = append(rows, fmt.Sprintf("%s\t%s\t%s\t%s", printable(g.Name), owner, since, list))
 	}
 	return rows
+}
+
+// printable returns s when every character of it prints as itself, and
+// else s quoted with Go escapes: keys and values in etcd are anyone's
+// text, and a terminal escape, a newline, a tab or a right-to-left mark
+// must not reach the operator's terminal or shift the table.
+func printable(s string) string {
+	for _, r := range s {
+		if r == utf8.RuneError || !unicode.IsPrint(r) {
+			return strconv.Quote(s)
+		}
+	}
+	return s
 }

@@ -7,11 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 )
 
 // fakeServer is one server in fakeRuntime.
@@ -56,15 +59,72 @@ func (f *fakeRuntime) record(format string, a ...any) {
 func (f *fakeRuntime) ServersState(_ context.Context, backend string) ([]ServerState, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.record("read servers %s", backend)
 	be, ok := f.backends[backend]
 	if !ok {
 		return nil, fmt.Errorf("%w: %s", ErrNoBackend, backend)
 	}
+	return f.states(be), nil
+}
+
+func (f *fakeRuntime) states(be map[string]*fakeServer) []ServerState {
 	var out []ServerState
 	for n, s := range be {
 		out = append(out, ServerState{Name: n, Addr: s.addr, Weight: s.weight, Maint: s.maint})
 	}
+	return out
+}
+
+func (f *fakeRuntime) AllServersState(context.Context) (map[string][]ServerState, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("read servers")
+	out := map[string][]ServerState{}
+	for b, be := range f.backends {
+		if len(be) > 0 {
+			out[b] = f.states(be)
+		}
+	}
 	return out, nil
+}
+
+func (f *fakeRuntime) Backends(context.Context) ([]string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("read backends")
+	return slices.Sorted(maps.Keys(f.backends)), nil
+}
+
+func (f *fakeRuntime) CertificateFingerprint(_ context.Context, path string) (string, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.record("read cert %s", path)
+	pem, ok := f.certs[path]
+	if !ok {
+		return "", fmt.Errorf("certificate %s is not loaded", path)
+	}
+	return leafFingerprint(pem)
+}
+
+// writes returns the calls that changed something.
+func (f *fakeRuntime) writes() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for _, c := range f.calls {
+		if !strings.HasPrefix(c, "read ") {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+func (f *fakeRuntime) takeCalls() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	out := f.calls
+	f.calls = nil
+	return out
 }
 
 func (f *fakeRuntime) AddServer(_ context.Context, backend, server string, addr netip.AddrPort, weight int) error {
@@ -175,21 +235,19 @@ func (f *fakeRuntime) SetCertificate(_ context.Context, path string, pem []byte)
 	return nil
 }
 
-func (f *fakeRuntime) Sessions(context.Context) (map[string]map[string]int, error) {
+func (f *fakeRuntime) Sessions(_ context.Context, backend string) (map[string]int, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	out := map[string]map[string]int{}
-	for b, be := range f.backends {
-		out[b] = map[string]int{}
-		for n, s := range be {
-			out[b][n] = s.sessions
-		}
+	f.record("read sessions %s", backend)
+	be, ok := f.backends[backend]
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", ErrNoBackend, backend)
+	}
+	out := map[string]int{}
+	for n, s := range be {
+		out[n] = s.sessions
 	}
 	return out, nil
-}
-
-func (f *fakeRuntime) DumpServersState(context.Context) ([]byte, error) {
-	return []byte("1\n# be_id be_name srv_id srv_name\n"), nil
 }
 
 // load replaces the state with what a config file declares, as a start
@@ -230,16 +288,26 @@ func (f *fakeRuntime) load(cfg []byte) error {
 }
 
 // fakeProcess stands in for the HAProxy process: Validate rejects a
-// config naming a path under /bad/, Start and Reload load the config file
-// into the fake runtime.
+// config naming a path under /bad/; Start and Reload load the config file
+// into the fake runtime, and fail (leaving the running state alone) when
+// the file binds an address in taken or holds refuse. ProbeBind fails for
+// taken addresses, except those in hidden, which it lets through once (a
+// bind taken between the probe and the reload).
 type fakeProcess struct {
 	rt       *fakeRuntime
 	cfgPath  string
 	missing  bool
 	running  bool
+	alive    bool
 	starts   int
 	reloads  int
 	validate int
+	adopts   int
+	restarts uint64
+	probes   []netip.AddrPort
+	taken    map[netip.AddrPort]bool
+	hidden   map[netip.AddrPort]bool
+	refuse   string
 }
 
 func (p *fakeProcess) Available() error {
@@ -261,12 +329,42 @@ func (p *fakeProcess) Validate(_ context.Context, path string) error {
 	return nil
 }
 
-func (p *fakeProcess) Running(context.Context) bool { return p.running }
+func (p *fakeProcess) ProbeBind(addr netip.AddrPort) error {
+	p.probes = append(p.probes, addr)
+	if p.hidden[addr] {
+		delete(p.hidden, addr)
+		return nil
+	}
+	if p.taken[addr] {
+		return &BindError{Addr: addr, Err: syscall.EADDRINUSE}
+	}
+	return nil
+}
 
+func (p *fakeProcess) Running(context.Context) bool { return p.running }
+func (p *fakeProcess) Alive() bool                  { return p.alive }
+func (p *fakeProcess) Restarts() uint64             { return p.restarts }
+
+func (p *fakeProcess) Adopt(context.Context) error {
+	p.adopts++
+	p.alive = true
+	return nil
+}
+
+// loadFile loads the config file unless it binds a taken address or holds
+// refuse.
 func (p *fakeProcess) loadFile() error {
 	b, err := os.ReadFile(p.cfgPath)
 	if err != nil {
 		return err
+	}
+	if p.refuse != "" && bytes.Contains(b, []byte(p.refuse)) {
+		return fmt.Errorf("%w: the fake refuses %q", ErrReloadFailed, p.refuse)
+	}
+	for a := range p.taken {
+		if bytes.Contains(b, []byte("bind "+a.String())) {
+			return fmt.Errorf("%w: cannot bind socket %s", ErrReloadFailed, a)
+		}
 	}
 	return p.rt.load(b)
 }
@@ -276,16 +374,22 @@ func (p *fakeProcess) Start(context.Context) error {
 		return errors.New("started twice")
 	}
 	p.starts++
-	p.running = true
-	return p.loadFile()
+	if err := p.loadFile(); err != nil {
+		return err
+	}
+	p.running, p.alive = true, true
+	return nil
 }
 
 func (p *fakeProcess) Reload(context.Context) error {
 	if !p.running {
 		return errors.New("reload while not running")
 	}
+	if err := p.loadFile(); err != nil {
+		return err
+	}
 	p.reloads++
-	return p.loadFile()
+	return nil
 }
 
 func (p *fakeProcess) Close() { p.running = false }

@@ -14,7 +14,6 @@ const DefaultDir = "/run/switchman/haproxy"
 func baseOptions(dir, adminSock string) render.HAProxyOptions {
 	return render.HAProxyOptions{
 		AdminSocket: adminSock,
-		StateFile:   filepath.Join(dir, "server-state"),
 		PIDFile:     filepath.Join(dir, "haproxy.pid"),
 	}
 }

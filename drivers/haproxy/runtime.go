@@ -8,10 +8,18 @@ import (
 
 // Runtime is HAProxy's runtime API as the driver uses it. Names are backend
 // and server names exactly as in haproxy.cfg; the implementation refuses
-// any name or path that is not a single safe token.
+// any name or path that is not a single safe token. Every read names what
+// it reads: one backend, or one certificate, except the two whole reads
+// (Backends, AllServersState) that only Sync uses.
 type Runtime interface {
-	// ServersState lists the servers of a backend (`show servers state`).
+	// ServersState lists the servers of one backend (`show servers state
+	// <backend>`); ErrNoBackend when HAProxy has no such backend.
 	ServersState(ctx context.Context, backend string) ([]ServerState, error)
+	// AllServersState lists the servers of every backend by backend name
+	// (`show servers state`): the read-back of a Sync.
+	AllServersState(ctx context.Context) (map[string][]ServerState, error)
+	// Backends lists the names of every backend (`show backend`).
+	Backends(ctx context.Context) ([]string, error)
 	// AddServer adds a dynamic server, which starts in maintenance.
 	AddServer(ctx context.Context, backend, server string, addr netip.AddrPort, weight int) error
 	// DelServer deletes a server in maintenance; ErrServerBusy when it still
@@ -28,12 +36,13 @@ type Runtime interface {
 	// SetCertificate replaces a loaded certificate in memory (`set ssl
 	// cert` with the PEM as payload, then `commit ssl cert`).
 	SetCertificate(ctx context.Context, path string, pem []byte) error
-	// Sessions returns the current connection count of every server of
-	// every backend, by backend and server name (`show stat`).
-	Sessions(ctx context.Context) (map[string]map[string]int, error)
-	// DumpServersState returns `show servers state` for every backend, in
-	// the format of HAProxy's server-state-file.
-	DumpServersState(ctx context.Context) ([]byte, error)
+	// CertificateFingerprint returns the SHA-1 fingerprint (upper-case
+	// hex) of the leaf certificate HAProxy serves from path (`show ssl
+	// cert <path>`).
+	CertificateFingerprint(ctx context.Context, path string) (string, error)
+	// Sessions returns the current connection count of every server of one
+	// backend, by server name (`show stat <backend> 4 -1`).
+	Sessions(ctx context.Context, backend string) (map[string]int, error)
 }
 
 // AdminState is a server's administrative state in `set server ... state`.

@@ -1,6 +1,7 @@
 package ipvs
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -120,11 +122,29 @@ func (d *Driver) Owned() map[Key]string {
 	return maps.Clone(d.owned)
 }
 
-// Apply makes the kernel's IPVS match desired.IPVS for the services this
-// driver owns, and returns the switchman services it could not program.
-func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]error {
+// Sync makes the kernel's IPVS match the IPVS part of all (every service
+// this driver serves) for the services this driver owns, and returns the
+// switchman services it could not program. It lists the kernel's services
+// and reads back the destinations of every owned service it does not
+// trust (all of them every FullResync): the repair path.
+func (d *Driver) Sync(ctx context.Context, all []*render.ServiceState) map[string]error {
+	return d.syncL4(ctx, ipvsParts(all))
+}
+
+// ipvsParts collects the IPVS part of each state.
+func ipvsParts(states []*render.ServiceState) []render.L4Service {
+	var out []render.L4Service
+	for _, s := range states {
+		if p, ok := s.Part(render.PartIPVS); ok {
+			out = append(out, p.(render.L4Service))
+		}
+	}
+	return out
+}
+
+func (d *Driver) syncL4(ctx context.Context, services []render.L4Service) map[string]error {
 	errs := map[string]error{}
-	want, bad := DesiredFrom(desired.IPVS)
+	want, bad := DesiredFrom(services)
 	maps.Copy(errs, bad)
 	select {
 	case d.turn <- struct{}{}:
@@ -152,7 +172,7 @@ func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]er
 	for _, w := range want {
 		wantKeys[w.Service.Key()] = true
 	}
-	for _, s := range desired.IPVS {
+	for _, s := range services {
 		if _, failed := bad[s.Service]; failed {
 			// Not convertible this time: keep whatever the kernel has.
 			k := Key{Protocol: protocolOf(s.Protocol), Address: s.Address.Unmap(), Port: s.Port}
@@ -194,16 +214,31 @@ func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]er
 	ops, refused := Diff(ready, actual, owned)
 	maps.Copy(errs, refused)
 
-	// Forget services that are gone from the kernel and not wanted; record
-	// the owner of each service about to be created before creating it, so
-	// a crash in between leaves a record of a missing service (harmless)
-	// rather than an unrecorded service (which would be refused as foreign).
+	// Forget services that are gone from the kernel and not wanted.
 	next := maps.Clone(owned)
 	for k := range next {
 		if !listed[k] && !wantKeys[k] {
 			delete(next, k)
 		}
 	}
+	d.commit(ctx, ops, ready, next, errs)
+	// Remember what this pass left in the kernel; after any error, trust
+	// nothing and read everything again next time.
+	clear(d.applied)
+	if len(errs) == 0 {
+		for _, w := range ready {
+			d.applied[w.Service.Key()] = w
+		}
+	}
+	return errs
+}
+
+// commit records ownership, runs ops and records it again. next is the
+// ownership record before the writes: the owner of each service about to
+// be created is recorded before creating it, so a crash in between leaves a
+// record of a missing service (harmless) rather than an unrecorded service
+// (which would be refused as foreign).
+func (d *Driver) commit(ctx context.Context, ops []Op, ready []Desired, next map[Key]string, errs map[string]error) {
 	for _, w := range ready {
 		k := w.Service.Key()
 		if name, mine := next[k]; mine && name != w.Name {
@@ -224,30 +259,23 @@ func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]er
 		ops = dropOwners(ops, errs)
 		next = d.Owned()
 	}
-
-	changed := d.apply(ctx, ops, next, errs)
-	if changed {
+	if d.apply(ctx, ops, next, errs) {
 		if err := d.record(next); err != nil {
 			d.log.Error("record IPVS ownership", "error", err)
 		}
 	}
-	// Remember what this pass left in the kernel; after any error, trust
-	// nothing and read everything again next time.
-	clear(d.applied)
-	if len(errs) == 0 {
-		for _, w := range ready {
-			d.applied[w.Service.Key()] = w
-		}
-	}
-	return errs
 }
 
 // apply runs ops in order. A failed write fails its owner: the owner's
 // later writes are skipped. After a call times out, the rest of the pass is
 // given up (the kernel is not answering) and retried on the next Apply.
 // It updates next for created and deleted services and reports whether it
-// did.
+// did. When the kernel is a Batcher the writes go in batches (applyBatched)
+// with the same outcome.
 func (d *Driver) apply(ctx context.Context, ops []Op, next map[Key]string, errs map[string]error) bool {
+	if b, ok := d.kernel.(Batcher); ok {
+		return d.applyBatched(ctx, b, ops, next, errs)
+	}
 	changed := false
 	var stop error
 	for _, op := range ops {
@@ -261,40 +289,141 @@ func (d *Driver) apply(ctx context.Context, ops []Op, next map[Key]string, errs 
 			continue
 		}
 		d.writes.Add(1)
-		err := d.write(ctx, op)
-		switch {
-		case err == nil:
-			if op.Kind == DeleteService {
-				delete(next, op.Service.Key())
-				changed = true
+		c, s := d.settle(ctx, op, d.write(ctx, op), next, errs)
+		changed = changed || c
+		stop = cmp.Or(stop, s)
+	}
+	return changed
+}
+
+// BatchSize is the most writes the driver hands a Batcher in one call; each
+// call is bounded by Config.CallTimeout.
+const BatchSize = 4096
+
+// applyBatched is apply for a Batcher, in two phases so that a write is
+// never sent after one it depends on has failed: first every service write
+// (deletions, creations, updates: each on a key of its own), then, once
+// their answers are in, the destination writes of the services whose
+// service writes all succeeded. A destination write depends only on its
+// service, so a service's destination writes go out together; the first
+// to fail fails the service (its siblings in the same batch are sent all
+// the same, and are harmless: they are retried with the service). Answers
+// are handled in op order exactly as apply handles them, and after a batch
+// times out, nothing more is sent.
+func (d *Driver) applyBatched(ctx context.Context, b Batcher, ops []Op, next map[Key]string, errs map[string]error) bool {
+	var services, dests []Op
+	for _, op := range ops {
+		switch op.Kind {
+		case AddService, UpdateService, DeleteService:
+			services = append(services, op)
+		default:
+			dests = append(dests, op)
+		}
+	}
+	changed := false
+	var stop error
+	for _, phase := range [][]Op{services, dests} {
+		var send []Op
+		for _, op := range phase {
+			if _, failed := errs[op.Owner]; failed && op.Owner != "" {
+				continue
 			}
-			continue
-		case op.Kind == DeleteService && errors.Is(err, syscall.ESRCH):
-			delete(next, op.Service.Key()) // already gone
-			changed = true
-			continue
-		case op.Kind == AddService && errors.Is(err, syscall.EEXIST):
-			// Someone else created it since we listed: not ours.
-			delete(next, op.Service.Key())
-			changed = true
-			err = &ForeignServiceError{Key: op.Service.Key()}
-		case op.Kind == AddService && !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, context.Canceled):
-			// The kernel refused it, so it does not exist. (After a
-			// time-out it may: the record stays, and the next pass sees.)
-			delete(next, op.Service.Key())
-			changed = true
+			if stop != nil {
+				if op.Owner != "" {
+					errs[op.Owner] = stop
+				}
+				continue
+			}
+			send = append(send, op)
 		}
-		d.log.Warn("IPVS write failed", "op", op.String(), "service", op.Owner, "error", err)
-		if op.Owner != "" {
-			errs[op.Owner] = err
-		}
-		if ctx.Err() != nil {
-			stop = fmt.Errorf("not applied: %w", ctx.Err())
-		} else if errors.Is(err, context.DeadlineExceeded) {
-			stop = fmt.Errorf("not applied: an earlier IPVS call timed out (%w); retried on the next apply", err)
+		for part := range slices.Chunk(send, BatchSize) {
+			if stop != nil {
+				for _, op := range part {
+					if _, failed := errs[op.Owner]; !failed && op.Owner != "" {
+						errs[op.Owner] = stop
+					}
+				}
+				continue
+			}
+			d.writes.Add(uint64(len(part)))
+			c, cancel := context.WithTimeout(ctx, d.timeout)
+			answers := b.ApplyBatch(c, part)
+			cancel()
+			if len(answers) != len(part) {
+				answers = batchMismatch(answers, len(part))
+			}
+			for i, op := range part {
+				err := answers[i]
+				if err != nil && stop != nil {
+					// Unanswered after the time-out: not logged one by one.
+					if _, failed := errs[op.Owner]; !failed && op.Owner != "" {
+						errs[op.Owner] = stop
+					}
+					continue
+				}
+				ch, s := d.settle(ctx, op, err, next, errs)
+				changed = changed || ch
+				stop = cmp.Or(stop, s)
+			}
 		}
 	}
 	return changed
+}
+
+// batchMismatch stands in for the answers of a Batcher that broke its
+// contract (one answer per op): every op fails.
+func batchMismatch(answers []error, n int) []error {
+	err := fmt.Errorf("IPVS batch returned %d answers for %d writes", len(answers), n)
+	out := make([]error, n)
+	for i := range out {
+		out[i] = err
+	}
+	return out
+}
+
+// settle records the outcome of one write: it updates next for services
+// created or deleted, fails the write's owner (keeping the owner's first
+// error), and returns whether next changed and, when the rest of the pass
+// must be given up (ctx ended, or a call timed out), why.
+func (d *Driver) settle(ctx context.Context, op Op, err error, next map[Key]string, errs map[string]error) (changed bool, stop error) {
+	switch {
+	case err == nil:
+		if op.Kind == DeleteService {
+			delete(next, op.Service.Key())
+			return true, nil
+		}
+		return false, nil
+	case op.Kind == DeleteService && errors.Is(err, syscall.ESRCH):
+		delete(next, op.Service.Key()) // already gone
+		return true, nil
+	case op.Kind == AddService && errors.Is(err, syscall.EEXIST):
+		// Someone else created it since we listed: not ours.
+		delete(next, op.Service.Key())
+		changed = true
+		err = &ForeignServiceError{Key: op.Service.Key()}
+	case op.Kind == AddService && !uncertain(err):
+		// The kernel refused it, so it does not exist. (After a
+		// time-out it may: the record stays, and the next pass sees.)
+		delete(next, op.Service.Key())
+		changed = true
+	}
+	d.log.Warn("IPVS write failed", "op", op.String(), "service", op.Owner, "error", err)
+	if _, failed := errs[op.Owner]; !failed && op.Owner != "" {
+		errs[op.Owner] = err
+	}
+	if ctx.Err() != nil {
+		stop = fmt.Errorf("not applied: %w", ctx.Err())
+	} else if errors.Is(err, context.DeadlineExceeded) {
+		stop = fmt.Errorf("not applied: an earlier IPVS call timed out (%w); retried on the next apply", err)
+	}
+	return changed, stop
+}
+
+// uncertain tells whether a write that failed with err may have taken
+// effect all the same: it timed out, was cancelled, or its acknowledgement
+// was lost (ENOBUFS).
+func uncertain(err error) bool {
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) || errors.Is(err, syscall.ENOBUFS)
 }
 
 func (d *Driver) write(ctx context.Context, op Op) error {

@@ -19,6 +19,10 @@ import (
 // Calls are serialized on the one handle.
 type Netlink struct {
 	handles *lender[*mobyipvs.Handle]
+	// genl is our own generic-netlink socket, for what moby/ipvs cannot
+	// do: batched writes and the connection-sync daemons.
+	genl  *lender[*genlConn]
+	stats batchCounters
 }
 
 // NewNetlink returns a Kernel for the network namespace at nsPath ("" for
@@ -26,11 +30,16 @@ type Netlink struct {
 // needed, so a kernel without IPVS is reported on every call (wrapping
 // ErrUnavailable) and picked up as soon as ip_vs is loaded.
 func NewNetlink(nsPath string) *Netlink {
-	return &Netlink{handles: newLender(func() (*mobyipvs.Handle, error) { return openHandle(nsPath) }, (*mobyipvs.Handle).Close, brokenHandle)}
+	n := &Netlink{handles: newLender(func() (*mobyipvs.Handle, error) { return openHandle(nsPath) }, (*mobyipvs.Handle).Close, brokenHandle)}
+	n.genl = newLender(func() (*genlConn, error) { return openGenl(nsPath, &n.stats) }, (*genlConn).close, genlBroken)
+	return n
 }
 
-// Close closes the handle.
-func (n *Netlink) Close() { n.handles.shutdown() }
+// Close closes the handles.
+func (n *Netlink) Close() {
+	n.handles.shutdown()
+	n.genl.shutdown()
+}
 
 // openHandle checks that the kernel has the IPVS generic-netlink family
 // before moby/ipvs looks it up: moby/ipvs does its look-up once per process

@@ -11,15 +11,13 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
-	"runtime"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/switchman-lb/switchman/internal/netns"
+	"github.com/switchman-lb/switchman/internal/netnstest"
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/spec"
 )
@@ -30,14 +28,7 @@ import (
 
 func requireNetns(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces and runs iptables in them")
-	}
-	for _, bin := range []string{"ip", "iptables", "ip6tables"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			t.Skipf("needs %s (apt-get install iproute2 iptables): %v", bin, err)
-		}
-	}
+	netnstest.Require(t, "iptables", "ip6tables")
 }
 
 func randomHex(t testing.TB, n int) string {
@@ -49,64 +40,11 @@ func randomHex(t testing.TB, n int) string {
 	return hex.EncodeToString(b)
 }
 
-func run(t testing.TB, args ...string) string {
-	t.Helper()
-	out, err := exec.Command(args[0], args[1:]...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
-	}
-	return string(out)
-}
-
-// newNetns creates a network namespace with lo up and removes it when the
+// newNetns creates a network namespace swm-nf-ROLE-*, removed when the
 // test ends.
 func newNetns(t testing.TB, role string) string {
 	t.Helper()
-	name := "swm-nf-" + role + "-" + randomHex(t, 4)
-	run(t, "ip", "netns", "add", name)
-	t.Cleanup(func() {
-		if out, err := exec.Command("ip", "netns", "del", name).CombinedOutput(); err != nil {
-			t.Errorf("ip netns del %s: %v\n%s", name, err, out)
-		}
-	})
-	run(t, "ip", "-n", name, "link", "set", "lo", "up")
-	return name
-}
-
-// inNetns runs fn on a goroutine locked to an OS thread that has joined the
-// namespace; iptables started from it runs there too. The thread is never
-// unlocked, so Go ends it afterwards instead of reusing it elsewhere.
-func inNetns(name string, fn func() error) error {
-	done := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		f, err := os.Open("/run/netns/" + name)
-		if err != nil {
-			done <- err
-			return
-		}
-		defer f.Close()
-		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
-			done <- fmt.Errorf("setns %s: %w", name, err)
-			return
-		}
-		// Make sure: the thread's namespace is the file's.
-		var want, got unix.Stat_t
-		if err := unix.Fstat(int(f.Fd()), &want); err != nil {
-			done <- err
-			return
-		}
-		if err := unix.Stat(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()), &got); err != nil {
-			done <- err
-			return
-		}
-		if want.Ino != got.Ino || want.Dev != got.Dev {
-			done <- fmt.Errorf("thread is not in netns %s after setns", name)
-			return
-		}
-		done <- fn()
-	}()
-	return <-done
+	return netnstest.New(t, "swm-nf", role)
 }
 
 // counting counts the writes to the real tables.
@@ -196,7 +134,7 @@ func (rd *realDriver) reads() int {
 func (rd *realDriver) apply(t testing.TB, ns string, filters ...render.Filter) {
 	t.Helper()
 	var errs map[string]error
-	if err := inNetns(ns, func() error {
+	if err := netns.Do(ns, func() error {
 		errs = rd.d.Sync(context.Background(), states(filters...))
 		return nil
 	}); err != nil {
@@ -212,7 +150,7 @@ func (rd *realDriver) apply(t testing.TB, ns string, filters ...render.Filter) {
 func chainRules(t *testing.T, ns, bin, table, chain string) []string {
 	t.Helper()
 	var out []string
-	for _, line := range strings.Split(run(t, "ip", "netns", "exec", ns, bin, "-w", "-t", table, "-S", chain), "\n") {
+	for _, line := range strings.Split(netnstest.Exec(t, ns, bin, "-w", "-t", table, "-S", chain), "\n") {
 		if rest, ok := strings.CutPrefix(line, "-A "+chain+" "); ok {
 			out = append(out, strings.ReplaceAll(rest, `"`, ""))
 		}
@@ -224,7 +162,7 @@ func TestNetnsRules(t *testing.T) {
 	requireNetns(t)
 	ns := newNetns(t, "rules")
 	ipt := func(bin string, args ...string) {
-		run(t, append([]string{"ip", "netns", "exec", ns, bin, "-w"}, args...)...)
+		netnstest.Exec(t, ns, append([]string{bin, "-w"}, args...)...)
 	}
 	// Rules that are not ours.
 	for _, bin := range []string{"iptables", "ip6tables"} {
@@ -235,7 +173,7 @@ func TestNetnsRules(t *testing.T) {
 	ipt("iptables", "-A", "INPUT", "-s", "203.0.113.9/32", "-j", "ACCEPT")
 	ipt("ip6tables", "-A", "INPUT", "-s", "2001:db8:9::9/128", "-j", "ACCEPT")
 	ipt("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.9.0.0/16", "-j", "MASQUERADE")
-	hostBefore := run(t, "iptables", "-w", "-S")
+	hostBefore := netnstest.Run(t, "iptables", "-w", "-S")
 
 	web := "web-" + randomHex(t, 3) // unique, to check the host's tables
 	filters := []render.Filter{
@@ -277,7 +215,7 @@ func TestNetnsRules(t *testing.T) {
 	for _, w := range want {
 		equalLines(t, w.bin+" "+w.table+"/"+w.chain, chainRules(t, ns, w.bin, w.table, w.chain), w.rules)
 	}
-	if strings.Contains(run(t, "iptables", "-w", "-S"), serviceChain(web)) || run(t, "iptables", "-w", "-S") != hostBefore {
+	if strings.Contains(netnstest.Run(t, "iptables", "-w", "-S"), serviceChain(web)) || netnstest.Run(t, "iptables", "-w", "-S") != hostBefore {
 		t.Fatal("the host's own iptables changed: the driver did not run inside the namespace")
 	}
 
@@ -286,7 +224,7 @@ func TestNetnsRules(t *testing.T) {
 		var b strings.Builder
 		for _, bin := range []string{"iptables", "ip6tables"} {
 			for _, table := range []string{"filter", "nat"} {
-				b.WriteString(run(t, "ip", "netns", "exec", ns, bin, "-w", "-t", table, "-S"))
+				b.WriteString(netnstest.Exec(t, ns, bin, "-w", "-t", table, "-S"))
 			}
 		}
 		return b.String()
@@ -329,7 +267,7 @@ func TestNetnsRules(t *testing.T) {
 	rd3 := newRealDriver(t)
 	filters[0] = allow(web, "192.0.2.10", 443, "198.51.100.0/24")
 	var errs map[string]error
-	if err := inNetns(ns, func() error {
+	if err := netns.Do(ns, func() error {
 		errs = rd3.d.Apply(context.Background(), states(filters[0]))
 		return nil
 	}); err != nil || len(errs) > 0 {
@@ -339,7 +277,7 @@ func TestNetnsRules(t *testing.T) {
 		"-s 198.51.100.0/24 -m comment --comment switchman:" + web + " -j RETURN",
 		"-m comment --comment switchman:" + web + " -j DROP",
 	})
-	if err := inNetns(ns, func() error {
+	if err := netns.Do(ns, func() error {
 		errs = rd3.d.Apply(context.Background(), []*render.ServiceState{{Name: web}})
 		return nil
 	}); err != nil || len(errs) > 0 {
@@ -370,7 +308,7 @@ func TestNetnsRules(t *testing.T) {
 		}
 	}
 	for _, bin := range []string{"iptables", "ip6tables"} {
-		if !strings.Contains(run(t, "ip", "netns", "exec", ns, bin, "-w", "-t", "nat", "-S"), "-N FOREIGN-NAT") {
+		if !strings.Contains(netnstest.Exec(t, ns, bin, "-w", "-t", "nat", "-S"), "-N FOREIGN-NAT") {
 			t.Errorf("%s: foreign chain FOREIGN-NAT did not survive", bin)
 		}
 	}
@@ -380,7 +318,7 @@ func TestNetnsRules(t *testing.T) {
 // server wrote, or the error.
 func dialFrom(ns string, src netip.Addr, dst netip.AddrPort, timeout time.Duration) (string, error) {
 	var got string
-	err := inNetns(ns, func() error {
+	err := netns.Do(ns, func() error {
 		d := net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: src.AsSlice()}}
 		c, err := d.Dial("tcp", dst.String())
 		if err != nil {
@@ -429,7 +367,7 @@ func blocked(t *testing.T, what string, dial func() (string, error)) {
 func serve(t *testing.T, ns string, addr netip.AddrPort) {
 	t.Helper()
 	var ln net.Listener
-	if err := inNetns(ns, func() error {
+	if err := netns.Do(ns, func() error {
 		var err error
 		ln, err = net.Listen("tcp", addr.String())
 		return err
@@ -455,19 +393,19 @@ func serve(t *testing.T, ns string, addr netip.AddrPort) {
 func TestNetnsTraffic(t *testing.T) {
 	requireNetns(t)
 	lb, client := newNetns(t, "lb"), newNetns(t, "cl")
-	run(t, "ip", "-n", client, "link", "add", "c0", "type", "veth", "peer", "name", "l0", "netns", lb)
-	run(t, "ip", "-n", lb, "addr", "add", "192.0.2.1/24", "dev", "l0")
-	run(t, "ip", "-n", lb, "addr", "add", "2001:db8:c::1/64", "dev", "l0", "nodad")
-	run(t, "ip", "-n", lb, "addr", "add", "198.51.100.10/32", "dev", "lo")
-	run(t, "ip", "-n", lb, "addr", "add", "2001:db8:f::10/128", "dev", "lo")
-	run(t, "ip", "-n", lb, "link", "set", "l0", "up")
-	run(t, "ip", "-n", client, "addr", "add", "192.0.2.2/24", "dev", "c0")
-	run(t, "ip", "-n", client, "addr", "add", "192.0.2.130/24", "dev", "c0")
-	run(t, "ip", "-n", client, "addr", "add", "2001:db8:c::2/64", "dev", "c0", "nodad")
-	run(t, "ip", "-n", client, "addr", "add", "2001:db8:c::82/64", "dev", "c0", "nodad")
-	run(t, "ip", "-n", client, "link", "set", "c0", "up")
-	run(t, "ip", "-n", client, "route", "add", "198.51.100.0/24", "via", "192.0.2.1")
-	run(t, "ip", "-n", client, "-6", "route", "add", "2001:db8:f::/64", "via", "2001:db8:c::1")
+	netnstest.IP(t, "-n", client, "link", "add", "c0", "type", "veth", "peer", "name", "l0", "netns", lb)
+	netnstest.IP(t, "-n", lb, "addr", "add", "192.0.2.1/24", "dev", "l0")
+	netnstest.IP(t, "-n", lb, "addr", "add", "2001:db8:c::1/64", "dev", "l0", "nodad")
+	netnstest.IP(t, "-n", lb, "addr", "add", "198.51.100.10/32", "dev", "lo")
+	netnstest.IP(t, "-n", lb, "addr", "add", "2001:db8:f::10/128", "dev", "lo")
+	netnstest.IP(t, "-n", lb, "link", "set", "l0", "up")
+	netnstest.IP(t, "-n", client, "addr", "add", "192.0.2.2/24", "dev", "c0")
+	netnstest.IP(t, "-n", client, "addr", "add", "192.0.2.130/24", "dev", "c0")
+	netnstest.IP(t, "-n", client, "addr", "add", "2001:db8:c::2/64", "dev", "c0", "nodad")
+	netnstest.IP(t, "-n", client, "addr", "add", "2001:db8:c::82/64", "dev", "c0", "nodad")
+	netnstest.IP(t, "-n", client, "link", "set", "c0", "up")
+	netnstest.IP(t, "-n", client, "route", "add", "198.51.100.0/24", "via", "192.0.2.1")
+	netnstest.IP(t, "-n", client, "-6", "route", "add", "2001:db8:f::/64", "via", "2001:db8:c::1")
 
 	cases := []struct {
 		name    string
@@ -519,21 +457,21 @@ func TestNetnsTraffic(t *testing.T) {
 func TestNetnsMasquerade(t *testing.T) {
 	requireNetns(t)
 	lb, client, backend := newNetns(t, "lb"), newNetns(t, "cl"), newNetns(t, "be")
-	run(t, "ip", "-n", client, "link", "add", "c0", "type", "veth", "peer", "name", "l0", "netns", lb)
-	run(t, "ip", "-n", backend, "link", "add", "b0", "type", "veth", "peer", "name", "l1", "netns", lb)
-	run(t, "ip", "-n", lb, "addr", "add", "192.0.2.1/24", "dev", "l0")
-	run(t, "ip", "-n", lb, "addr", "add", "203.0.113.1/24", "dev", "l1")
-	run(t, "ip", "-n", client, "addr", "add", "192.0.2.2/24", "dev", "c0")
-	run(t, "ip", "-n", backend, "addr", "add", "203.0.113.2/24", "dev", "b0")
+	netnstest.IP(t, "-n", client, "link", "add", "c0", "type", "veth", "peer", "name", "l0", "netns", lb)
+	netnstest.IP(t, "-n", backend, "link", "add", "b0", "type", "veth", "peer", "name", "l1", "netns", lb)
+	netnstest.IP(t, "-n", lb, "addr", "add", "192.0.2.1/24", "dev", "l0")
+	netnstest.IP(t, "-n", lb, "addr", "add", "203.0.113.1/24", "dev", "l1")
+	netnstest.IP(t, "-n", client, "addr", "add", "192.0.2.2/24", "dev", "c0")
+	netnstest.IP(t, "-n", backend, "addr", "add", "203.0.113.2/24", "dev", "b0")
 	for ns, dev := range map[string]string{lb: "l0", client: "c0", backend: "b0"} {
-		run(t, "ip", "-n", ns, "link", "set", dev, "up")
+		netnstest.IP(t, "-n", ns, "link", "set", dev, "up")
 	}
-	run(t, "ip", "-n", lb, "link", "set", "l1", "up")
-	run(t, "ip", "-n", client, "route", "add", "198.51.100.0/24", "via", "192.0.2.1")
-	run(t, "ip", "netns", "exec", lb, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+	netnstest.IP(t, "-n", lb, "link", "set", "l1", "up")
+	netnstest.IP(t, "-n", client, "route", "add", "198.51.100.0/24", "via", "192.0.2.1")
+	netnstest.Exec(t, lb, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
 	vip := netip.MustParseAddrPort("198.51.100.20:80")
 	be := netip.MustParseAddrPort("203.0.113.2:8080")
-	run(t, "ip", "netns", "exec", lb, "iptables", "-w", "-t", "nat", "-A", "PREROUTING",
+	netnstest.Exec(t, lb, "iptables", "-w", "-t", "nat", "-A", "PREROUTING",
 		"-d", vip.Addr().String(), "-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination", be.String())
 	serve(t, backend, be)
 	src := netip.MustParseAddr("192.0.2.2")

@@ -29,6 +29,12 @@ const (
 	AddDestination    Method = "AddDestination"
 	UpdateDestination Method = "UpdateDestination"
 	DeleteDestination Method = "DeleteDestination"
+	// ApplyBatch counts batches; each op in one also counts as a call of
+	// its own method.
+	ApplyBatch  Method = "ApplyBatch"
+	Daemons     Method = "Daemons"
+	StartDaemon Method = "StartDaemon"
+	StopDaemon  Method = "StopDaemon"
 )
 
 // Schedulers the fake kernel knows; others fail with ENOENT as a missing
@@ -50,13 +56,19 @@ type Kernel struct {
 	fail        map[Method]error
 	hang        map[Method]bool
 	unavailable bool
+	daemons     map[ipvs.Role]ipvs.SyncDaemon
 }
 
-var _ ipvs.Kernel = (*Kernel)(nil)
+var (
+	_ ipvs.Kernel       = (*Kernel)(nil)
+	_ ipvs.Batcher      = (*Kernel)(nil)
+	_ ipvs.DaemonKernel = (*Kernel)(nil)
+)
 
 // New returns an empty fake kernel.
 func New() *Kernel {
-	return &Kernel{index: map[ipvs.Key]*service{}, calls: map[Method]int{}, fail: map[Method]error{}, hang: map[Method]bool{}}
+	return &Kernel{index: map[ipvs.Key]*service{}, calls: map[Method]int{}, fail: map[Method]error{}, hang: map[Method]bool{},
+		daemons: map[ipvs.Role]ipvs.SyncDaemon{}}
 }
 
 // Fail makes every later call of m fail with err (nil clears it).
@@ -198,8 +210,14 @@ func validService(s ipvs.Service) error {
 	return nil
 }
 
-func validDestination(d ipvs.Destination) error {
+// validDestination checks d as the kernel does for service s; syncing
+// tells whether a sync daemon runs.
+func validDestination(s ipvs.Service, d ipvs.Destination, syncing bool) error {
 	if !d.Address.IsValid() {
+		return syscall.EINVAL
+	}
+	if ipvs.FamilyOf(d.Address) != s.Family() && (syncing || d.Forwarding != ipvs.Tunnel) {
+		// Another family only with tunnelling, and never under sync.
 		return syscall.EINVAL
 	}
 	if d.Weight < 0 || d.Weight > 65535 {
@@ -298,7 +316,7 @@ func (k *Kernel) AddDestination(ctx context.Context, s ipvs.Service, d ipvs.Dest
 	if have == nil {
 		return fmt.Errorf("fake add destination to %s: %w", s.Key(), syscall.ESRCH)
 	}
-	if err := validDestination(d); err != nil {
+	if err := validDestination(have.svc, d, len(k.daemons) > 0); err != nil {
 		return fmt.Errorf("fake add destination %s to %s: %w", d.AddrPort(), s.Key(), err)
 	}
 	if have.destIndex(d.AddrPort()) >= 0 {
@@ -320,7 +338,7 @@ func (k *Kernel) UpdateDestination(ctx context.Context, s ipvs.Service, d ipvs.D
 	if have == nil {
 		return fmt.Errorf("fake update destination of %s: %w", s.Key(), syscall.ESRCH)
 	}
-	if err := validDestination(d); err != nil {
+	if err := validDestination(have.svc, d, len(k.daemons) > 0); err != nil {
 		return fmt.Errorf("fake update destination %s of %s: %w", d.AddrPort(), s.Key(), err)
 	}
 	i := have.destIndex(d.AddrPort())
@@ -347,5 +365,111 @@ func (k *Kernel) DeleteDestination(ctx context.Context, s ipvs.Service, d ipvs.D
 		return fmt.Errorf("fake delete destination %s of %s: %w", d.AddrPort(), s.Key(), syscall.ENOENT)
 	}
 	have.dests = slices.Delete(have.dests, i, i+1)
+	return nil
+}
+
+// ApplyBatch runs ops in order through the single calls, so each op gets
+// the errno its single call would (and Fail and Hang apply per method).
+// Once ctx has ended, the ops not yet run fail with its error without being
+// run, as a real batch leaves them unanswered.
+func (k *Kernel) ApplyBatch(ctx context.Context, ops []ipvs.Op) []error {
+	k.mu.Lock()
+	k.calls[ApplyBatch]++
+	k.mu.Unlock()
+	out := make([]error, len(ops))
+	for i, op := range ops {
+		if err := ctx.Err(); err != nil {
+			out[i] = fmt.Errorf("fake batch: not answered: %w", err)
+			continue
+		}
+		switch op.Kind {
+		case ipvs.AddService:
+			out[i] = k.AddService(ctx, op.Service)
+		case ipvs.UpdateService:
+			out[i] = k.UpdateService(ctx, op.Service)
+		case ipvs.DeleteService:
+			out[i] = k.DeleteService(ctx, op.Service)
+		case ipvs.AddDestination:
+			out[i] = k.AddDestination(ctx, op.Service, op.Destination)
+		case ipvs.UpdateDestination:
+			out[i] = k.UpdateDestination(ctx, op.Service, op.Destination)
+		case ipvs.DeleteDestination:
+			out[i] = k.DeleteDestination(ctx, op.Service, op.Destination)
+		default:
+			out[i] = fmt.Errorf("fake batch: op %v: %w", op.Kind, syscall.EINVAL)
+		}
+	}
+	return out
+}
+
+// Daemons lists the sync daemons that run, with the kernel's defaults
+// filled in.
+func (k *Kernel) Daemons(ctx context.Context) ([]ipvs.SyncDaemon, error) {
+	if err := k.enter(ctx, Daemons, false); err != nil {
+		return nil, err
+	}
+	defer k.mu.Unlock()
+	var out []ipvs.SyncDaemon
+	for _, r := range []ipvs.Role{ipvs.Master, ipvs.Backup} {
+		if d, ok := k.daemons[r]; ok {
+			out = append(out, d)
+		}
+	}
+	return out, nil
+}
+
+// StartDaemon starts d: EEXIST when its role runs, EINVAL (with
+// ipvs.ErrSyncMixedFamily) when a service has destinations of another
+// family, EINVAL for a bad role, interface or group. Settings left zero
+// take the kernel's defaults (group 224.0.0.81, port 8848, TTL 1, and the
+// message size of a 1500-byte MTU).
+func (k *Kernel) StartDaemon(ctx context.Context, d ipvs.SyncDaemon) error {
+	if err := k.enter(ctx, StartDaemon, true); err != nil {
+		return err
+	}
+	defer k.mu.Unlock()
+	if d.Role != ipvs.Master && d.Role != ipvs.Backup || d.Interface == "" || len(d.Interface) > 15 ||
+		(d.Group.IsValid() && !d.Group.IsMulticast()) {
+		return fmt.Errorf("fake start sync daemon %+v: %w", d, syscall.EINVAL)
+	}
+	for _, s := range k.services {
+		for _, dst := range s.dests {
+			if ipvs.FamilyOf(dst.Address) != s.svc.Family() {
+				return fmt.Errorf("fake start %s sync daemon: %w: %w", d.Role, ipvs.ErrSyncMixedFamily, syscall.EINVAL)
+			}
+		}
+	}
+	if _, ok := k.daemons[d.Role]; ok {
+		return fmt.Errorf("fake start %s sync daemon: %w", d.Role, syscall.EEXIST)
+	}
+	hlen := uint16(28)
+	if !d.Group.IsValid() {
+		d.Group = netip.AddrFrom4([4]byte{224, 0, 0, 81})
+	} else if !d.Group.Is4() {
+		hlen = 48
+	}
+	if d.MaxLen == 0 {
+		d.MaxLen = 1500 - hlen
+	}
+	if d.Port == 0 {
+		d.Port = 8848
+	}
+	if d.TTL == 0 {
+		d.TTL = 1
+	}
+	k.daemons[d.Role] = d
+	return nil
+}
+
+// StopDaemon stops the daemon of role; ESRCH when none runs.
+func (k *Kernel) StopDaemon(ctx context.Context, role ipvs.Role) error {
+	if err := k.enter(ctx, StopDaemon, true); err != nil {
+		return err
+	}
+	defer k.mu.Unlock()
+	if _, ok := k.daemons[role]; !ok {
+		return fmt.Errorf("fake stop %s sync daemon: %w", role, syscall.ESRCH)
+	}
+	delete(k.daemons, role)
 	return nil
 }
