@@ -119,4 +119,21 @@ func TestGroupsAndNodeKey(t *testing.T) {
 	waitNode("groups db, web", func(n status.Node) bool { return slices.Equal(n.Groups, []string{"db", "web"}) })
 	pub.SetGroups(nil)
 	waitNode("no groups", func(n status.Node) bool { return n.Version == "test" && len(n.Groups) == 0 })
+
+	// The IPVS sync state, beside the groups.
+	pub.SetGroups([]string{"web"})
+	pub.SetIPVSSync(&status.IPVSSync{Interface: "eth2", SyncID: 7, Running: []string{"master"}, Error: "backup: no such device"})
+	waitNode("ipvs sync", func(n status.Node) bool {
+		return n.IPVSSync != nil && n.IPVSSync.Interface == "eth2" && n.IPVSSync.SyncID == 7 && slices.Equal(n.IPVSSync.Running, []string{"master"}) &&
+			n.IPVSSync.Error != "" && slices.Equal(n.Groups, []string{"web"})
+	})
+	nodes, err := status.ReadNodes(ctx, cli, "/switchman")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, ok := nodes["lb1"]; !ok || n.IPVSSync == nil || n.IPVSSync.Error != "backup: no such device" {
+		t.Errorf("ReadNodes: %+v, want lb1 with its sync error", nodes)
+	}
+	pub.SetIPVSSync(nil)
+	waitNode("no ipvs sync", func(n status.Node) bool { return n.IPVSSync == nil && slices.Equal(n.Groups, []string{"web"}) })
 }

@@ -188,6 +188,22 @@ type Node struct {
 	Started time.Time `json:"started"`
 	// Groups are the HA groups whose addresses this agent holds.
 	Groups []string `json:"groups,omitempty"`
+	// IPVSSync is the state of the IPVS connection-sync daemons, when
+	// --ipvs-sync-interface asks for them (or stopping them failed).
+	IPVSSync *IPVSSync `json:"ipvs_sync,omitempty"`
+}
+
+// IPVSSync is an agent's IPVS connection sync in its node key.
+type IPVSSync struct {
+	// Interface and SyncID are the configured settings; empty when sync
+	// is not configured (only Error is set then).
+	Interface string `json:"interface,omitempty"`
+	SyncID    int    `json:"sync_id"`
+	// Running lists the roles ("master", "backup") whose daemon runs as
+	// configured.
+	Running []string `json:"running"`
+	// Error says why a daemon does not run as configured.
+	Error string `json:"error,omitempty"`
 }
 
 // Publisher writes the node key and the status keys under one lease. It
@@ -266,8 +282,25 @@ func (p *Publisher) Publish(statuses map[string]Status) {
 // SetGroups sets the HA groups this agent holds, for the node key. It
 // never blocks.
 func (p *Publisher) SetGroups(groups []string) {
+	p.setNode(func(n *Node) { n.Groups = slices.Clone(groups) })
+}
+
+// SetIPVSSync sets the state of the IPVS connection sync, for the node
+// key (nil: none to report). It never blocks.
+func (p *Publisher) SetIPVSSync(s *IPVSSync) {
+	if s != nil {
+		c := *s
+		c.Running = slices.Clone(s.Running)
+		c.Error = cutText(c.Error, MaxErrorText)
+		s = &c
+	}
+	p.setNode(func(n *Node) { n.IPVSSync = s })
+}
+
+// setNode changes the node key's value and wakes the writer.
+func (p *Publisher) setNode(change func(*Node)) {
 	p.mu.Lock()
-	p.info.Groups = slices.Clone(groups)
+	change(&p.info)
 	v, err := json.Marshal(p.info)
 	if err == nil {
 		p.nodeV = v

@@ -189,6 +189,9 @@ func runAgent(c *cli.Context) error {
 	run("watcher", w.Run)
 	run("status", pub.Run)
 	run("lastgood", lastGood.Run)
+	if set.sync != nil {
+		run("ipvs-sync-status", func(ctx context.Context) error { return publishSync(ctx, set.sync, pub.SetIPVSSync) })
+	}
 	run("loop", loop.Run)
 	for name, f := range set.runners {
 		run(name, f)
@@ -207,7 +210,7 @@ func runAgent(c *cli.Context) error {
 		defer hs.Close()
 		log.Info("serving metrics", "addr", ln.Addr().String())
 	}
-	log.Info("agent running", "node", node, "prefix", prefix, "etcd", conn.Endpoints, "drivers", set.names(), "ha_interface", haCfg.Interface)
+	log.Info("agent running", "node", node, "prefix", prefix, "etcd", conn.Endpoints, "drivers", set.names(), "ha_interface", haCfg.Interface, "ipvs_sync_interface", c.String("ipvs-sync-interface"))
 	<-ctx.Done()
 	_ = notify.stopping("stopping; the data plane stays in place")
 	if elector != nil {

@@ -25,7 +25,10 @@ type driverSet struct {
 	planes []agent.Plane
 	// vip is the address holder (the HA elector's Holder), nil when the
 	// vip driver does not run.
-	vip     *vip.Driver
+	vip *vip.Driver
+	// sync is the IPVS connection sync, nil when the ipvs driver does
+	// not run.
+	sync    *ipvs.ConnSync
 	health  agent.HealthSource
 	runners map[string]func(context.Context) error
 	closers []func()
@@ -71,7 +74,7 @@ func driverFlags() []cli.Flag {
 	return append([]cli.Flag{
 		&cli.StringFlag{Name: "vip-interface", Value: vip.DefaultInterface, Usage: "dummy interface that holds the VIPs without --ha-interface (lo when the kernel cannot create dummy interfaces)", EnvVars: env("vip-interface")},
 		&cli.IntFlag{Name: "health-concurrency", Value: health.DefaultMaxConcurrent, Usage: "health checks running at once at most", EnvVars: env("health-concurrency")},
-	}, haproxyFlags()...)
+	}, append(haproxyFlags(), ipvsSyncFlags()...)...)
 }
 
 // buildDrivers makes the drivers named by --drivers, each a plane of the
@@ -82,6 +85,13 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 	want, err := wantedDrivers(c.StringSlice("drivers"))
 	if err != nil {
 		return nil, err
+	}
+	syncSettings, err := syncFromFlags(c)
+	if err != nil {
+		return nil, err
+	}
+	if syncSettings != nil && !want["ipvs"] {
+		return nil, fmt.Errorf("--ipvs-sync-interface %s needs the ipvs driver (add ipvs to --drivers)", syncSettings.Interface)
 	}
 	if h.Interface != "" && !want["vip"] {
 		return nil, fmt.Errorf("--ha-interface %s needs the vip driver, which holds the addresses of the groups this agent owns (add vip to --drivers)", h.Interface)
@@ -102,10 +112,17 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 	if want["ipvs"] {
 		kernel := ipvs.NewNetlink("")
 		set.closers = append(set.closers, kernel.Close)
-		d, err := ipvs.New(ipvs.Config{Kernel: kernel, DataDir: dataDir, Logger: log.With("driver", "ipvs")})
+		d, err := ipvs.New(ipvs.Config{Kernel: kernel, DataDir: dataDir, Logger: log.With("driver", "ipvs"), ConnSync: syncSettings != nil})
 		if err != nil {
 			return nil, err
 		}
+		cs, closeSync, err := newConnSync(ctx, syncSettings, d, dataDir, log.With("component", "ipvs-sync"), reg)
+		if err != nil {
+			return nil, err
+		}
+		set.closers = append(set.closers, closeSync)
+		set.sync = cs
+		set.runners["ipvs-sync"] = cs.Run
 		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartIPVS})
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name:        "switchman_dataplane_writes_total",

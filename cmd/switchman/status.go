@@ -49,6 +49,10 @@ func statusCommand() *cli.Command {
 			if err != nil {
 				return watcher.Explain(err, eps)
 			}
+			nodes, err := status.ReadNodes(ctx, cli, c.String("prefix"))
+			if err != nil {
+				return watcher.Explain(err, eps)
+			}
 			tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SERVICE\tNODE\tVIP\tDRIVER\tSTATE\tHEALTHY\tERROR")
 			for _, row := range statusRows(all) {
@@ -57,16 +61,27 @@ func statusCommand() *cli.Command {
 			if err := tw.Flush(); err != nil {
 				return err
 			}
-			if len(groups) == 0 {
-				return nil
+			if len(groups) > 0 {
+				fmt.Fprintln(c.App.Writer)
+				tw = tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "GROUP\tOWNER\tSINCE\tSTANDBYS")
+				for _, row := range groupRows(groups, time.Now()) {
+					fmt.Fprintln(tw, row)
+				}
+				if err := tw.Flush(); err != nil {
+					return err
+				}
 			}
-			fmt.Fprintln(c.App.Writer)
-			tw = tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "GROUP\tOWNER\tSINCE\tSTANDBYS")
-			for _, row := range groupRows(groups, time.Now()) {
-				fmt.Fprintln(tw, row)
+			if rows := syncRows(nodes); len(rows) > 0 {
+				fmt.Fprintln(c.App.Writer)
+				tw = tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "NODE\tIPVS SYNC\tERROR")
+				for _, row := range rows {
+					fmt.Fprintln(tw, row)
+				}
+				return tw.Flush()
 			}
-			return tw.Flush()
+			return nil
 		},
 	}
 }
@@ -120,6 +135,38 @@ func groupRows(groups []status.Group, now time.Time) []string {
 		}
 		rows = append(rows, fmt.Sprintf("%s\t%s\t%s\t%s", printable(g.Name), owner, since, list))
 	}
+	return rows
+}
+
+// syncRows formats one tab-separated row per node that reports IPVS
+// connection sync: the daemons that run, where, and the error; none when
+// no node does.
+func syncRows(nodes map[string]status.Node) []string {
+	var rows []string
+	for name, n := range nodes {
+		s := n.IPVSSync
+		if s == nil {
+			continue
+		}
+		state := "off"
+		if s.Interface != "" {
+			running := make([]string, len(s.Running))
+			for i, r := range s.Running {
+				running[i] = printable(r)
+			}
+			list := strings.Join(running, "+")
+			if list == "" {
+				list = "no daemon"
+			}
+			state = fmt.Sprintf("%s on %s (sync id %d)", list, printable(s.Interface), s.SyncID)
+		}
+		errText := printable(strings.ReplaceAll(s.Error, "\n", " "))
+		if errText == "" {
+			errText = "-"
+		}
+		rows = append(rows, fmt.Sprintf("%s\t%s\t%s", printable(name), state, errText))
+	}
+	sort.Strings(rows)
 	return rows
 }
 

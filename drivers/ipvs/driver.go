@@ -54,6 +54,11 @@ type Config struct {
 	// between full reads a pass reads only the services whose desired state
 	// changed (and the service list, always). 0 means DefaultFullResync.
 	FullResync time.Duration
+	// ConnSync says connection sync is configured (--ipvs-sync-interface):
+	// a service with a destination of another address family than its
+	// VIP is refused, since the kernel runs no sync daemon while such a
+	// destination exists, nor adds one while a daemon runs.
+	ConnSync bool
 }
 
 // DefaultFullResync is the default Config.FullResync.
@@ -74,6 +79,7 @@ type Driver struct {
 	resync   time.Duration
 	applied  map[Key]Desired
 	lastFull time.Time
+	connSync bool
 
 	mu    sync.Mutex
 	owned map[Key]string // key -> switchman service, as last recorded
@@ -105,7 +111,7 @@ func New(cfg Config) (*Driver, error) {
 		return nil, err
 	}
 	d := &Driver{kernel: cfg.Kernel, path: path, log: cfg.Logger, timeout: cfg.CallTimeout, owned: owned, turn: make(chan struct{}, 1),
-		resync: cfg.FullResync, applied: map[Key]Desired{}}
+		resync: cfg.FullResync, applied: map[Key]Desired{}, connSync: cfg.ConnSync}
 	return d, nil
 }
 
@@ -145,6 +151,9 @@ func ipvsParts(states []*render.ServiceState) []render.L4Service {
 func (d *Driver) syncL4(ctx context.Context, services []render.L4Service) map[string]error {
 	errs := map[string]error{}
 	want, bad := DesiredFrom(services)
+	if d.connSync {
+		want = refuseMixedFamilies(want, bad)
+	}
 	maps.Copy(errs, bad)
 	select {
 	case d.turn <- struct{}{}:
@@ -406,6 +415,11 @@ func (d *Driver) settle(ctx context.Context, op Op, err error, next map[Key]stri
 		// time-out it may: the record stays, and the next pass sees.)
 		delete(next, op.Service.Key())
 		changed = true
+	case op.Kind == AddDestination && errors.Is(err, syscall.EINVAL) && FamilyOf(op.Destination.Address) != op.Service.Family():
+		// Allowed with tunnelling, but never while a sync daemon runs
+		// (one switchman did not start, since with --ipvs-sync-interface
+		// such a service is refused before it gets here).
+		err = fmt.Errorf("%w (the kernel refuses a real server of another address family than the VIP while an IPVS sync daemon runs; see ipvsadm -L --daemon)", err)
 	}
 	d.log.Warn("IPVS write failed", "op", op.String(), "service", op.Owner, "error", err)
 	if _, failed := errs[op.Owner]; !failed && op.Owner != "" {
@@ -557,6 +571,38 @@ func desiredService(s render.L4Service) (Desired, error) {
 	}
 	return w, nil
 }
+
+// refuseMixedFamilies moves the services that have a destination of
+// another address family than their VIP from want to bad, saying why:
+// connection sync cannot carry them, and the kernel refuses them while a
+// sync daemon runs (and refuses the daemon while they exist).
+func refuseMixedFamilies(want []Desired, bad map[string]error) []Desired {
+	out := want[:0]
+	for _, w := range want {
+		if err := mixedFamily(w); err != nil {
+			bad[w.Name] = err
+			continue
+		}
+		out = append(out, w)
+	}
+	return out
+}
+
+// mixedFamily returns ErrMixedFamilyUnderSync (wrapping EINVAL) naming the
+// first destination of w whose family is not its VIP's.
+func mixedFamily(w Desired) error {
+	for _, d := range w.Destinations {
+		if FamilyOf(d.Address) != w.Service.Family() {
+			return fmt.Errorf("backends: %s is not in the family of vip %s: %w", d.AddrPort(), w.Service.Address, ErrMixedFamilyUnderSync)
+		}
+	}
+	return nil
+}
+
+// ErrMixedFamilyUnderSync is why a service with a destination of another
+// address family is refused while connection sync is configured. It wraps
+// EINVAL, the errno the kernel gives.
+var ErrMixedFamilyUnderSync = fmt.Errorf("IPVS connection sync (--ipvs-sync-interface) cannot carry a service whose real servers are of another address family than its VIP, and the kernel refuses such a real server while sync runs: use real servers of the VIP's family, or run without --ipvs-sync-interface: %w", syscall.EINVAL)
 
 // call runs one kernel read bounded by timeout.
 func call[T any](ctx context.Context, timeout time.Duration, f func(context.Context) (T, error)) (T, error) {

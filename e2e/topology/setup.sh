@@ -24,6 +24,8 @@ HA_GATEWAY=${LAB_HA_GATEWAY:-10.10.0.254}
 RUNDIR=${LAB_RUNDIR:-/run/labserver}
 TCP_PORTS=${LAB_TCP_PORTS:-80,8080,8443}
 UDP_PORTS=${LAB_UDP_PORTS:-53,5353}
+# TCP line echo (long-lived connections through a failover)
+ECHO_PORTS=${LAB_ECHO_PORTS:-7}
 BRIDGE=brbe
 CLIENT_BRIDGE=brcl
 CONTROL_BRIDGE=brctl
@@ -81,7 +83,7 @@ start_server() {
 	ns=$1
 	mkdir -p "$RUNDIR"
 	if [ -n "$LABSERVER" ]; then
-		"$IP" netns exec "$ns" "$LABSERVER" -name "$ns" -tcp "$TCP_PORTS" -udp "$UDP_PORTS" \
+		"$IP" netns exec "$ns" "$LABSERVER" -name "$ns" -tcp "$TCP_PORTS" -udp "$UDP_PORTS" -echo "$ECHO_PORTS" \
 			-down-file "$RUNDIR/$ns.down" >"$RUNDIR/$ns.log" 2>&1 &
 		echo $! >"$RUNDIR/$ns.pid"
 	else

@@ -435,7 +435,7 @@ func (k *Kernel) StartDaemon(ctx context.Context, d ipvs.SyncDaemon) error {
 	for _, s := range k.services {
 		for _, dst := range s.dests {
 			if ipvs.FamilyOf(dst.Address) != s.svc.Family() {
-				return fmt.Errorf("fake start %s sync daemon: %w: %w", d.Role, ipvs.ErrSyncMixedFamily, syscall.EINVAL)
+				return fmt.Errorf("fake start %s sync daemon: %w (%s has real server %s): %w", d.Role, ipvs.ErrSyncMixedFamily, s.svc.Key(), dst.AddrPort(), syscall.EINVAL)
 			}
 		}
 	}

@@ -104,6 +104,9 @@ type HALab struct {
 	Lifetime time.Duration
 	// Round and LeaseTTL are --ha-round and --ha-lease-ttl.
 	Round, LeaseTTL time.Duration
+	// Sync runs the IPVS connection sync (--ipvs-sync-interface
+	// SyncInterface --ipvs-sync-id SyncID) in the QEMU lab.
+	Sync bool
 }
 
 // NewHALab starts etcd on EtcdHost, writes the group's settings (the
@@ -139,6 +142,10 @@ func NewHALab(t *testing.T) *HALab {
 					}
 				}
 			}
+			// What the agents leave in place by design (the data plane
+			// and the sync daemons outlive them) would meet the next
+			// test's agents, whose data directories are new.
+			h.clearHost(host.Name)
 			if t.Failed() {
 				log := h.Agents[host.Name].LogPath
 				t.Logf("%s's agent log: %d lines saying etcd contact was lost, %d address holds; the last lines:\n%s", host.Name,
@@ -156,6 +163,19 @@ func NewHALab(t *testing.T) *HALab {
 	svc, _ := json.Marshal(def)
 	h.Etcd.Put(t, ServiceKey(HAService), string(svc))
 	return h
+}
+
+// clearHost removes what the agents of a test left in host ns: its IPVS
+// services and sync daemons (QEMU lab), its nf_tables table (native).
+func (h *HALab) clearHost(ns string) {
+	if Native() {
+		_, _ = RunNS(0, ns, "nft", "delete", "table", "ip", "switchman")
+		return
+	}
+	_, _ = RunNS(0, ns, IPVSADMBin, "-C")
+	for _, role := range []string{"master", "backup"} {
+		_, _ = RunNS(0, ns, IPVSADMBin, "--stop-daemon", role)
+	}
 }
 
 // LogHA logs, for each agent, its HA lines (ownership, holds, drops,
@@ -199,9 +219,12 @@ func (h *HALab) StartAgent(t testing.TB, node string) {
 		"--backend-cidrs", "10.10.0.0/24",
 	}
 	if Native() {
-		args = append(args, "--drivers", "haproxy,vip", "--haproxy-dir", filepath.Join(h.dir, node, "haproxy"))
+		args = append(args, "--drivers", "haproxy,vip,nftables", "--haproxy-dir", filepath.Join(h.dir, node, "haproxy"))
 	} else {
 		args = append(args, "--drivers", "ipvs,vip")
+		if h.Sync {
+			args = append(args, "--ipvs-sync-interface", SyncInterface, "--ipvs-sync-id", strconv.Itoa(SyncID))
+		}
 	}
 	if h.Lifetime > 0 {
 		args = append(args, "--ha-address-lifetime", h.Lifetime.String())
