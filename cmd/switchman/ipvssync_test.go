@@ -78,10 +78,10 @@ func TestSyncNodeAndRows(t *testing.T) {
 	}
 
 	rows := syncRows(map[string]status.Node{
-		"lb2": {IPVSSync: &status.IPVSSync{Interface: "eth2", SyncID: 7, Running: []string{"master"}, Error: "start the IPVS backup sync daemon: no such device\nat all"}},
-		"lb1": {IPVSSync: &status.IPVSSync{Interface: "eth2", SyncID: 7, Running: []string{"master", "backup"}}},
-		"lb3": {IPVSSync: &status.IPVSSync{Running: []string{}, Error: "cannot read"}},
-		"lb4": {Groups: []string{"web"}},
+		"lb2":    {IPVSSync: &status.IPVSSync{Interface: "eth2", SyncID: 7, Running: []string{"master"}, Error: "start the IPVS backup sync daemon: no such device\nat all"}},
+		"lb1":    {IPVSSync: &status.IPVSSync{Interface: "eth2", SyncID: 7, Running: []string{"master", "backup"}}},
+		"lb3":    {IPVSSync: &status.IPVSSync{Running: []string{}, Error: "cannot read"}},
+		"lb4":    {Groups: []string{"web"}},
 		"lb\x1b": {IPVSSync: &status.IPVSSync{Interface: "e\x1b", Running: []string{}}},
 	})
 	want := []string{
