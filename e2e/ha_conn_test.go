@@ -18,9 +18,16 @@ import (
 const echoLine = 300 * time.Millisecond
 
 // startConnLab starts the HA lab with the echo service (scheduler sched)
-// and both agents, and waits until both serve it.
+// and both agents, and waits until both serve it. On nf_tables the hosts
+// are set as README asks (conntrack's liberal window tracking, which the
+// failback needs, and its pick-up of mid-stream flows left as it is).
 func startConnLab(t *testing.T, sync bool, sched string) (*lab.HALab, *lab.NSDialer) {
 	t.Helper()
+	if lab.Native() {
+		for _, host := range lab.HAHosts {
+			setConntrack(t, host.Name, lab.ConntrackLiberal, true, false)
+		}
+	}
 	h := lab.NewHALab(t)
 	h.Sync = sync
 	t.Cleanup(func() { h.LogHA(t) })
@@ -38,6 +45,20 @@ func startConnLab(t *testing.T, sync bool, sched string) (*lab.HALab, *lab.NSDia
 	}
 	t.Cleanup(d.Close)
 	return h, d
+}
+
+// setConntrack sets a conntrack sysctl of host ns for the test and
+// back to after when it ends.
+func setConntrack(t *testing.T, ns, name string, on, after bool) {
+	t.Helper()
+	if err := lab.SetConntrack(ns, name, on); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := lab.SetConntrack(ns, name, after); err != nil {
+			t.Error(err)
+		}
+	})
 }
 
 // owner waits for the group's owner to hold its addresses and returns it.
@@ -60,14 +81,15 @@ func owner(t *testing.T, h *lab.HALab) string {
 }
 
 // openLong opens a long-lived connection through the echo service and
-// waits until it has carried a few lines.
-func openLong(t *testing.T, d *lab.NSDialer) *lab.LongConn {
+// waits until it has carried a few lines. The connection is closed when
+// keep ends (a subtest's t would close it at the end of the subtest).
+func openLong(t *testing.T, keep testing.TB, d *lab.NSDialer) *lab.LongConn {
 	t.Helper()
 	c, err := lab.DialLong(d, fmt.Sprintf("%s:%d", lab.HAVIP, lab.EchoPort), echoLine)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(c.Close)
+	keep.Cleanup(c.Close)
 	c.WaitEchoes(t, 3)
 	return c
 }
@@ -111,6 +133,7 @@ func TestHAConnections(t *testing.T) {
 		sched = "mh"
 	}
 	h, d := startConnLab(t, true, sched)
+	top := t
 	own := owner(t, h)
 	standby := lab.Other(own)
 	step := func(name string, f func(t *testing.T)) {
@@ -155,7 +178,7 @@ func TestHAConnections(t *testing.T) {
 		}
 	})
 
-	first := openLong(t, d)
+	first := openLong(t, t, d)
 	t.Logf("connection 1 through %s: %s", own, first)
 
 	step("the-standby-knows-the-connection", func(t *testing.T) {
@@ -183,7 +206,7 @@ func TestHAConnections(t *testing.T) {
 		t.Logf("%s died; connection 1 carries on through %s: %s", own, standby, first)
 		// Opened while the dead host is away: only the new owner's sync
 		// can tell the dead host about it.
-		second = openLong(t, d)
+		second = openLong(t, top, d)
 		t.Logf("connection 2 through %s: %s", standby, second)
 	})
 
@@ -223,16 +246,43 @@ func TestHAConnections(t *testing.T) {
 // the client's next packet is reset. It shows the test above can fail.
 func TestHAConnectionsNoSync(t *testing.T) {
 	if lab.Native() {
-		t.Skip("IPVS only (nf_tables needs no sync; bench-ha measures its schedulers)")
+		t.Skip("IPVS only (TestHAConnectionsNoPickup is its nf_tables counterpart)")
 	}
 	h, d := startConnLab(t, false, "rr")
-	own := owner(t, h)
 	for _, host := range lab.HAHosts {
 		if out := lab.MustRunNS(t, host.Name, lab.IPVSADMBin, "-L", "--daemon"); strings.TrimSpace(out) != "" {
 			t.Fatalf("%s runs a sync daemon without --ipvs-sync-interface:\n%s", host.Name, out)
 		}
 	}
-	c := openLong(t, d)
+	resetByFailover(t, h, d, "without sync")
+}
+
+// TestHAConnectionsNoPickup is TestHAConnections' first failover on
+// nf_tables with mh, with the conntrack pick-up of established TCP flows
+// (net.netfilter.nf_conntrack_tcp_loose, 1 by default) turned off on both
+// hosts: the new owner's conntrack calls the client's mid-stream packet
+// invalid, it is never translated to the backend, and the new owner's own
+// stack resets the connection. It shows that the pick-up is what carries
+// connections across a failover on nf_tables, and that the test above can
+// fail.
+func TestHAConnectionsNoPickup(t *testing.T) {
+	if !lab.Native() {
+		t.Skip("nf_tables only (TestHAConnectionsNoSync is its IPVS counterpart)")
+	}
+	for _, host := range lab.HAHosts {
+		setConntrack(t, host.Name, lab.ConntrackLoose, false, true)
+	}
+	h, d := startConnLab(t, false, "mh")
+	resetByFailover(t, h, d, "without the conntrack pick-up")
+}
+
+// resetByFailover opens a long-lived connection, kills the owner's host
+// and waits for the new owner to reset the connection; it fails the test
+// when the connection carries on or breaks otherwise.
+func resetByFailover(t *testing.T, h *lab.HALab, d *lab.NSDialer, without string) {
+	t.Helper()
+	own := owner(t, h)
+	c := openLong(t, t, d)
 	cut := h.Cut(t, own)
 	next := lab.Other(own)
 	h.WaitHolder(t, 0, next)
@@ -240,7 +290,7 @@ func TestHAConnectionsNoSync(t *testing.T) {
 		ok, err := c.EchoedAfter(cut)
 		switch {
 		case ok:
-			t.Fatalf("the connection carried on without sync: %s", c)
+			t.Fatalf("the connection carried on %s: %s", without, c)
 		case err == nil:
 			return fmt.Errorf("still open, no echo since the cut (%s)", c)
 		case !errors.Is(err, syscall.ECONNRESET):
@@ -248,5 +298,5 @@ func TestHAConnectionsNoSync(t *testing.T) {
 		}
 		return nil
 	})
-	t.Logf("without sync, %s reset the connection: %s", next, c)
+	t.Logf("%s, %s reset the connection: %s", without, next, c)
 }

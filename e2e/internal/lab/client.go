@@ -158,6 +158,7 @@ type NSDialer struct {
 
 type dialJob struct {
 	network, addr string
+	local         net.Addr
 	timeout       time.Duration
 	reply         chan dialReply
 }
@@ -188,7 +189,8 @@ func NewNSDialer(ns string, workers int) (*NSDialer, error) {
 				return
 			}
 			for j := range d.jobs {
-				c, err := net.DialTimeout(j.network, j.addr, j.timeout)
+				nd := net.Dialer{Timeout: j.timeout, LocalAddr: j.local}
+				c, err := nd.Dial(j.network, j.addr)
 				j.reply <- dialReply{c, err}
 			}
 		}()
@@ -208,8 +210,14 @@ func NewNSDialer(ns string, workers int) (*NSDialer, error) {
 
 // Dial connects from the namespace, like net.DialTimeout.
 func (d *NSDialer) Dial(network, addr string, timeout time.Duration) (net.Conn, error) {
+	return d.DialFrom(network, nil, addr, timeout)
+}
+
+// DialFrom is Dial from the local address local (nil: the kernel's
+// choice).
+func (d *NSDialer) DialFrom(network string, local net.Addr, addr string, timeout time.Duration) (net.Conn, error) {
 	reply := make(chan dialReply, 1)
-	d.jobs <- dialJob{network: network, addr: addr, timeout: timeout, reply: reply}
+	d.jobs <- dialJob{network: network, addr: addr, local: local, timeout: timeout, reply: reply}
 	r := <-reply
 	return r.c, r.err
 }

@@ -107,6 +107,9 @@ type HALab struct {
 	// Sync runs the IPVS connection sync (--ipvs-sync-interface
 	// SyncInterface --ipvs-sync-id SyncID) in the QEMU lab.
 	Sync bool
+	// services names the services the lab defined, which a serving
+	// agent has applied.
+	services map[string]bool
 }
 
 // NewHALab starts etcd on EtcdHost, writes the group's settings (the
@@ -118,7 +121,8 @@ func NewHALab(t *testing.T) *HALab {
 	t.Helper()
 	RequireHALab(t)
 	SwitchmanBin(t)
-	h := &HALab{Etcd: StartEtcd(t, EtcdHost), Agents: map[string]*Agent{}, dir: t.TempDir(), Round: LabHARound, LeaseTTL: LabHALeaseTTL}
+	h := &HALab{Etcd: StartEtcd(t, EtcdHost), Agents: map[string]*Agent{}, dir: t.TempDir(), Round: LabHARound, LeaseTTL: LabHALeaseTTL,
+		services: map[string]bool{HAService: true}}
 	if Native() {
 		h.Round, h.LeaseTTL = 100*time.Millisecond, 3*time.Second // ha's defaults
 	}
@@ -249,10 +253,10 @@ func (h *HALab) WaitServing(t testing.TB, node string) {
 			return errors.New("no etcd contact yet")
 		}
 		if Native() {
-			// HAProxy: the service applied by this process, and
+			// HAProxy: the services applied by this process, and
 			// HAProxy listening on the VIP (bound whether held or not).
-			if m[MetricApplied] != 1 {
-				return fmt.Errorf("%s = %v", MetricApplied, m[MetricApplied])
+			if m[MetricApplied] != float64(len(h.services)) {
+				return fmt.Errorf("%s = %v, want %d", MetricApplied, m[MetricApplied], len(h.services))
 			}
 			out, err := RunNS(0, node, "/bin/cat", "/proc/net/tcp")
 			if err != nil {

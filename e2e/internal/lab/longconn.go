@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -39,6 +40,7 @@ func (h *HALab) PutEcho(t testing.TB, sched string) {
 	}
 	v, _ := json.Marshal(def)
 	h.Etcd.Put(t, ServiceKey(EchoService), string(v))
+	h.services[EchoService] = true
 }
 
 // NodeStatus reads the status key of service name written by node.
@@ -111,7 +113,17 @@ type LongConn struct {
 // DialLong connects from the client namespace to addr with d and starts
 // sending a line every interval.
 func DialLong(d *NSDialer, addr string, interval time.Duration) (*LongConn, error) {
-	c, err := d.Dial("tcp", addr, 5*time.Second)
+	return DialLongFrom(d, netip.Addr{}, addr, interval)
+}
+
+// DialLongFrom is DialLong from the client's address from (the zero
+// Addr: the kernel's choice).
+func DialLongFrom(d *NSDialer, from netip.Addr, addr string, interval time.Duration) (*LongConn, error) {
+	var local net.Addr
+	if from.IsValid() {
+		local = net.TCPAddrFromAddrPort(netip.AddrPortFrom(from, 0))
+	}
+	c, err := d.DialFrom("tcp", local, addr, 5*time.Second)
 	if err != nil {
 		return nil, err
 	}
@@ -289,6 +301,23 @@ func IPVSConns(ns string) ([]string, error) {
 	return lines, nil
 }
 
+// ClientExtraAddrs adds n more addresses (10.20.0.50 on) to the client's
+// interface, for connections from several clients, and removes them when
+// the test ends.
+func ClientExtraAddrs(t testing.TB, n int) []netip.Addr {
+	t.Helper()
+	var out []netip.Addr
+	a := netip.MustParseAddr("10.20.0.50")
+	for range n {
+		p := a.String() + "/24"
+		MustRunNS(t, ClientNS, IPBin, "addr", "add", p, "dev", "eth0")
+		t.Cleanup(func() { _, _ = RunNS(0, ClientNS, IPBin, "addr", "del", p, "dev", "eth0") })
+		out = append(out, a)
+		a = a.Next()
+	}
+	return out
+}
+
 // IPVSConnOf returns the IPVS entry of host ns for the client's
 // connection from port through the echo service, if it has one.
 func IPVSConnOf(ns string, port int) (string, bool, error) {
@@ -305,4 +334,38 @@ func IPVSConnOf(ns string, port int) (string, bool, error) {
 		}
 	}
 	return "", false, nil
+}
+
+// The conntrack settings a failover on nf_tables depends on (per network
+// namespace, under /proc/sys/net/netfilter):
+const (
+	// ConntrackLoose lets conntrack pick up a TCP flow mid-stream (a
+	// packet of a connection it has no entry for); 1 by default.
+	ConntrackLoose = "nf_conntrack_tcp_loose"
+	// ConntrackLiberal stops conntrack from calling out-of-window
+	// packets invalid (0 by default): a host that owned the group before
+	// keeps entries whose windows went stale while another host carried
+	// the flows, and without it the failback resets those connections.
+	ConntrackLiberal = "nf_conntrack_tcp_be_liberal"
+)
+
+// SetConntrack sets the conntrack sysctl name (ConntrackLoose,
+// ConntrackLiberal) on or off in host ns and reads it back.
+func SetConntrack(ns, name string, on bool) error {
+	v := "0"
+	if on {
+		v = "1"
+	}
+	file := "/proc/sys/net/netfilter/" + name
+	if _, err := RunNS(0, ns, "/bin/sh", "-c", "echo "+v+" > "+file); err != nil {
+		return fmt.Errorf("set %s=%s in %s: %w", name, v, ns, err)
+	}
+	out, err := RunNS(0, ns, "/bin/cat", file)
+	if err != nil {
+		return fmt.Errorf("read %s in %s: %w", name, ns, err)
+	}
+	if got := strings.TrimSpace(out); got != v {
+		return fmt.Errorf("%s in %s is %s after writing %s", name, ns, got, v)
+	}
+	return nil
 }
