@@ -110,10 +110,12 @@ bench-convergence:
 ## and 20 planned ones (SIGTERM), time to the first answer through the VIP
 ## and dual ownership seen by a sampler; in the QEMU lab (IPVS, emulated,
 ## --ha-round 400ms) and on this host's kernel (HAProxy, default timing;
-## root).
+## root). HAConnSurvival: of 100 long-lived connections open at an unplanned
+## failover, how many survive (IPVS rr with and without connection sync;
+## nf_tables mh, sh and rr).
 bench-ha:
-	bash e2e/lab/run.sh -run 'HAFigures'
-	bash e2e/lab/host-ha.sh -run 'HAFigures'
+	bash e2e/lab/run.sh -run 'HAFigures|HAConnSurvival'
+	bash e2e/lab/host-ha.sh -run 'HAFigures|HAConnSurvival'
 
 ## e2e-ha-host: the HA scenarios on this host's kernel with the default
 ## timing (private namespaces, HAProxy as the data plane; root, haproxy).
