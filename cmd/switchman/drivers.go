@@ -137,6 +137,9 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 			return nil, err
 		}
 		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartNFTables})
+		if h.Interface != "" {
+			warnHAConntrack(log.With("driver", "nftables"), "/proc/sys")
+		}
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name:        "switchman_dataplane_writes_total",
 			Help:        "Changes the driver made to its data plane since the agent started.",
