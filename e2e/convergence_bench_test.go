@@ -394,6 +394,9 @@ func convTimedStart(t testing.TB, l *lab.AgentLab, dataDir string, rev int64, co
 	if m[convMetricPasses] != 1 {
 		t.Logf("note: %v passes by the time the agent was ready", m[convMetricPasses])
 	}
+	if line := lab.LastLine(l.Agent.LogPath, "first pass done"); line != "" {
+		t.Logf("the agent's own account: %s", line)
+	}
 	return st
 }
 
