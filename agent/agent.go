@@ -324,11 +324,13 @@ func (a *Agent) evaluateDirty() {
 			}
 		}
 	}
-	clear(a.dirty)
+	// New maps, not clear: a map keeps the size it once grew to (10,000
+	// entries after a first pass), and ranging over it costs that much.
+	a.dirty = map[string]bool{}
 	for _, name := range slices.Sorted(mapKeys(a.rerender)) {
 		a.renderOne(name)
 	}
-	clear(a.rerender)
+	a.rerender = map[string]bool{}
 	if n > 0 {
 		a.metrics.observePass(a.clk.Now().Sub(start), n)
 	}

@@ -167,7 +167,7 @@ func (w *worker) step(ctx context.Context) bool {
 		for _, s := range w.pending {
 			batch = append(batch, s)
 		}
-		clear(w.pending)
+		w.pending = map[string]*render.ServiceState{} // not clear: see evaluateDirty
 	}
 	w.sync, w.syncing, w.count = nil, false, nil
 	w.mu.Unlock()
