@@ -394,9 +394,13 @@ func convTimedStart(t testing.TB, l *lab.AgentLab, dataDir string, rev int64, co
 	if m[convMetricPasses] != 1 {
 		t.Logf("note: %v passes by the time the agent was ready", m[convMetricPasses])
 	}
-	if line := lab.LastLine(l.Agent.LogPath, "first pass done"); line != "" {
-		t.Logf("the agent's own account: %s", line)
+	var phases []string
+	for _, p := range []string{"etcd_list", "evaluate_and_render", "health_first_round", "drivers", "total"} {
+		if v, ok := m[`switchman_first_pass_seconds{phase="`+p+`"}`]; ok {
+			phases = append(phases, fmt.Sprintf("%s %s", p, lab.Ms(time.Duration(v*float64(time.Second)))))
+		}
 	}
+	t.Logf("the agent's own account of its first pass: %s", strings.Join(phases, ", "))
 	return st
 }
 

@@ -161,22 +161,6 @@ func TailFile(path string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// LastLine returns the last line of path that contains substr ("" when
-// there is none or the file cannot be read).
-func LastLine(path, substr string) string {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return ""
-	}
-	lines := strings.Split(string(b), "\n")
-	for i := len(lines) - 1; i >= 0; i-- {
-		if strings.Contains(lines[i], substr) {
-			return lines[i]
-		}
-	}
-	return ""
-}
-
 // CountLines counts the lines of path that contain substr (0 when the file
 // cannot be read).
 func CountLines(path, substr string) int {
