@@ -260,6 +260,9 @@ func (a *Agent) ready() {
 	}
 	a.log.Info("first pass done: every driver read back its system and applied the services", args...)
 	a.metrics.firstPass(phases)
+	if a.opts.LastGood != nil {
+		a.opts.LastGood.Start()
+	}
 	if a.opts.Ready != nil {
 		a.opts.Ready()
 	}
