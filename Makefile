@@ -148,6 +148,7 @@ bench-nftables-lab:
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./spec/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseMember$$' -fuzztime $(FUZZTIME) ./spec/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseJSON$$' -fuzztime $(FUZZTIME) ./spec/
 	$(GO) test -run '^$$' -fuzz '^FuzzEncode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2s ./status/
 	$(GO) test -run '^$$' -fuzz '^FuzzHAProxyConfig$$' -fuzztime $(FUZZTIME) ./render/
 	$(GO) test -run '^$$' -fuzz '^FuzzHTTPMapKey$$' -fuzztime $(FUZZTIME) ./render/
