@@ -289,3 +289,72 @@ func TestDriverApplyKeepsOthers(t *testing.T) {
 		t.Errorf("tables left after the last service went:\n%s", dump(k.State()))
 	}
 }
+
+// TestDriverSyncReadsOnlyAfterOthersWrote: a Sync reads the tables only
+// when nf_tables' generation moved past the driver's own transactions;
+// a read that fails keeps the record, so Applies go on.
+func TestDriverSyncReadsOnlyAfterOthersWrote(t *testing.T) {
+	k := nftfake.New()
+	d := newDriver(t, k)
+	web := l4("web", "192.0.2.10:80", spec.TCP, spec.WeightedRoundRobin, dest("10.1.1.2:8080", 1), dest("10.1.1.3:8080", 1))
+	all := []*render.ServiceState{state(web)}
+	noErrors(t, "first Sync", d.Sync(t.Context(), all))
+	web.Destinations[0].Weight = 2
+	all = []*render.ServiceState{state(web)}
+	noErrors(t, "Apply", d.Apply(t.Context(), all))
+
+	k.ResetCounts()
+	noErrors(t, "Sync, nobody else wrote", d.Sync(t.Context(), all))
+	if c := k.Counts(); c.Reads != 0 || c.Commits != 0 {
+		t.Errorf("a Sync after the driver's own writes only read %d times and committed %d, want 0 and 0", c.Reads, c.Commits)
+	}
+
+	// Someone else commits (in any table): the next Sync reads.
+	if _, err := k.Commit(t.Context(), []nftables.Op{{Kind: nftables.AddTable, Family: render.NFTIPv6}}); err != nil {
+		t.Fatal(err)
+	}
+	k.ResetCounts()
+	noErrors(t, "Sync after another's write", d.Sync(t.Context(), all))
+	if c := k.Counts(); c.Reads != 1 {
+		t.Errorf("a Sync after another's write read %d times, want 1", c.Reads)
+	}
+	if _, ok := k.State()[render.NFTIPv6]; ok {
+		t.Error("the table nobody needs was left")
+	}
+
+	// Drift: found and repaired, then known again.
+	k.Edit(func(tables map[render.NFTFamily]*nftables.Table) {
+		delete(tables[render.NFTIPv4].Sets, "slots-web")
+	})
+	noErrors(t, "Sync after drift", d.Sync(t.Context(), all))
+	if got, want := dump(k.State()), dump(expected(t, web)); got != want {
+		t.Fatalf("after the repair the kernel holds\n%s\nwant\n%s", got, want)
+	}
+	k.ResetCounts()
+	noErrors(t, "Sync again", d.Sync(t.Context(), all))
+	if c := k.Counts(); c.Reads != 0 {
+		t.Errorf("a Sync right after a repair read %d times, want 0", c.Reads)
+	}
+
+	// A read that fails: the Sync fails, the record stays, Applies work.
+	k.Edit(func(map[render.NFTFamily]*nftables.Table) {}) // the generation moves
+	k.FailReads(fmt.Errorf("dump: %w", syscall.EINTR))
+	if errs := d.Sync(t.Context(), all); !errors.Is(errs["web"], syscall.EINTR) {
+		t.Errorf("Sync with failing reads: %v, want EINTR", errs)
+	}
+	web.Destinations[0].Weight = 3
+	k.ResetCounts()
+	noErrors(t, "Apply after a failed read", d.Apply(t.Context(), []*render.ServiceState{state(web)}))
+	if c := k.Counts(); c.Reads != 0 || c.Commits != 1 {
+		t.Errorf("an Apply after a failed read read %d times and committed %d, want 0 and 1", c.Reads, c.Commits)
+	}
+	k.FailReads(nil)
+	k.ResetCounts()
+	noErrors(t, "Sync once reads work", d.Sync(t.Context(), []*render.ServiceState{state(web)}))
+	if c := k.Counts(); c.Reads != 1 {
+		t.Errorf("a Sync after a failed read read %d times, want 1", c.Reads)
+	}
+	if got, want := dump(k.State()), dump(expected(t, web)); got != want {
+		t.Fatalf("the kernel holds\n%s\nwant\n%s", got, want)
+	}
+}

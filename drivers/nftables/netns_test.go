@@ -237,12 +237,16 @@ func (l *lab) hit(proto spec.Protocol, src netip.Addr, vip netip.AddrPort) (name
 	return l.hitWithin(proto, src, vip, 5*time.Second)
 }
 
+// isTimeout reports whether err is a connection attempt that timed out.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
 // blocked asserts that a connection attempt is dropped: it times out.
 func (l *lab) blocked(t *testing.T, what string, proto spec.Protocol, src netip.Addr, vip netip.AddrPort) {
 	t.Helper()
-	_, _, err := l.hitWithin(proto, src, vip, time.Second)
-	var ne net.Error
-	if !errors.As(err, &ne) || !ne.Timeout() {
+	if _, _, err := l.hitWithin(proto, src, vip, time.Second); !isTimeout(err) {
 		t.Errorf("%s: %v, want a timeout (dropped)", what, err)
 	}
 }
@@ -423,9 +427,25 @@ func TestNetnsScheduling(t *testing.T) {
 		v := netip.MustParseAddrPort("[fd00:f::10]:80")
 		s := l4("v6", v.String(), spec.TCP, spec.RoundRobin, nfdest(b1v6, 1), nfdest(b2v6, 1))
 		l.apply(t, s)
-		got := l.hits(t, spec.TCP, l.in6, v, 4)
-		if want := []string{"b1", "b2", "b1", "b2"}; !slices.Equal(got, want) {
-			t.Errorf("IPv6 rr sent %v, want %v", got, want)
+		// Now and then a connection through the NAT loses its SYN-ACK on
+		// these kernels (seen on main too, about one run in twelve): the
+		// backend sits in SYN-RECV while the client times out. A lost
+		// connection takes its rr turn, so count answers over retries
+		// instead of their exact order (IPv4 rr above checks the order).
+		var got []string
+		for try := 0; len(got) < 6; try++ {
+			name, _, err := l.hit(spec.TCP, l.in6, v)
+			switch {
+			case err == nil:
+				got = append(got, name)
+			case try < 12 && isTimeout(err):
+				t.Logf("an IPv6 connection was lost; another: %v", err)
+			default:
+				t.Fatalf("IPv6 rr after %v: %v", got, err)
+			}
+		}
+		if c := counts(got); c["b1"] < 2 || c["b2"] < 2 {
+			t.Errorf("IPv6 rr sent %v, want both backends in turn", got)
 		}
 		u := l4("v6udp", "[fd00:f::10]:53", spec.UDP, spec.MaglevHashing, nfdest(b1v6, 1), nfdest(b2v6, 1))
 		l.apply(t, u)
@@ -945,9 +965,19 @@ func BenchmarkNetnsWeightChange(b *testing.B) {
 	}
 	start := time.Now()
 	if errs := d.Sync(b.Context(), states); len(errs) > 0 {
-		b.Fatalf("Sync: %d errors, e.g. %v", len(errs), errs)
+		b.Fatalf("Sync: %d errors, e.g. %v", len(errs), errs[states[0].Name])
 	}
 	b.Logf("%d services x 4 backends from empty: %s, %d writes in %d transactions", n, time.Since(start), d.Writes(), d.Commits())
+	start = time.Now()
+	if _, err := nl.Tables(b.Context()); err != nil {
+		b.Fatal(err)
+	}
+	b.Logf("reading the tables back: %s", time.Since(start))
+	start = time.Now()
+	if errs := d.Sync(b.Context(), states); len(errs) > 0 {
+		b.Fatalf("Sync: %d errors, e.g. %v", len(errs), errs[states[0].Name])
+	}
+	b.Logf("a Sync with nothing changed: %s", time.Since(start))
 	// What the kernel alone takes for one small transaction with the
 	// 10,000 loaded: an element of a plain set, and one of a verdict map
 	// (a goto, which makes the kernel validate the chains it reaches).
@@ -1004,4 +1034,48 @@ func (k *timedKernel) Tables(ctx context.Context) (map[render.NFTFamily]*nftable
 	start := time.Now()
 	defer func() { k.reads += time.Since(start) }()
 	return k.Kernel.Tables(ctx)
+}
+
+// BenchmarkNetnsReadTables reads back 10,000 services x 4 backends (wrr),
+// loaded with nft -f: the read every Sync starts with.
+//
+//	go test -run '^$' -bench NetnsReadTables ./drivers/nftables/
+func BenchmarkNetnsReadTables(b *testing.B) {
+	netnstest.Require(b, "nft:nftables")
+	ns := netnstest.New(b, "swm-nft", "read")
+	var services []render.L4Service
+	for i := range 10000 {
+		vip := netip.AddrFrom4([4]byte{198, 18, byte(i / 250), byte(i%250 + 1)})
+		var dests []render.L4Destination
+		for j := range 4 {
+			dests = append(dests, nfdest(netip.AddrFrom4([4]byte{10, byte(100 + j), byte(i / 250), byte(i%250 + 1)}), 1))
+		}
+		services = append(services, l4(fmt.Sprintf("s%05d", i), netip.AddrPortFrom(vip, 80).String(), spec.TCP, spec.WeightedRoundRobin, dests...))
+	}
+	ruleset, err := render.NFTablesRuleset(services)
+	if err != nil {
+		b.Fatal(err)
+	}
+	path := b.TempDir() + "/ruleset.nft"
+	if err := os.WriteFile(path, []byte(ruleset), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	netnstest.Exec(b, ns, "nft", "-f", path)
+	f, err := os.Open(netns.Path(ns))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	k := nftables.NewNetlink(int(f.Fd()))
+	defer k.Close()
+	b.ResetTimer()
+	for range b.N {
+		tables, err := k.Tables(b.Context())
+		if err != nil {
+			b.Fatal(err)
+		}
+		if n := len(tables[render.NFTIPv4].Sets[render.NFTServicesMap].Elements); n != len(services) {
+			b.Fatalf("%d services read, want %d", n, len(services))
+		}
+	}
 }
