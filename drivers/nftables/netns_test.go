@@ -40,17 +40,10 @@ func newNetns(t *testing.T, role string) string {
 	return netnstest.New(t, "swm-nft", role)
 }
 
-// kernelIn returns the real kernel adapter for namespace ns.
+// kernelIn returns the real kernel adapter for namespace ns, counting.
 func kernelIn(t *testing.T, ns string) *countingKernel {
 	t.Helper()
-	f, err := os.Open("/run/netns/" + ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	k := nftables.NewNetlink(int(f.Fd()))
-	t.Cleanup(func() { k.Close() })
-	return &countingKernel{Kernel: k}
+	return &countingKernel{Kernel: netlinkIn(t, ns)}
 }
 
 // countingKernel records what goes through the real adapter.
@@ -938,14 +931,7 @@ func TestNetnsCallersNamespace(t *testing.T) {
 //	go test -run '^$' -bench NetnsWeightChange ./drivers/nftables/
 func BenchmarkNetnsWeightChange(b *testing.B) {
 	netnstest.Require(b, "nft:nftables")
-	ns := netnstest.New(b, "swm-nft", "bench")
-	f, err := os.Open(netns.Path(ns))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	nl := nftables.NewNetlink(int(f.Fd()))
-	defer nl.Close()
+	nl := netlinkIn(b, netnstest.New(b, "swm-nft", "bench"))
 	k := &timedKernel{Kernel: nl}
 	d, err := nftables.New(nftables.Config{Kernel: k})
 	if err != nil {
@@ -1061,13 +1047,7 @@ func BenchmarkNetnsReadTables(b *testing.B) {
 		b.Fatal(err)
 	}
 	netnstest.Exec(b, ns, "nft", "-f", path)
-	f, err := os.Open(netns.Path(ns))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	k := nftables.NewNetlink(int(f.Fd()))
-	defer k.Close()
+	k := netlinkIn(b, ns)
 	b.ResetTimer()
 	for range b.N {
 		tables, err := k.Tables(b.Context())
@@ -1078,4 +1058,18 @@ func BenchmarkNetnsReadTables(b *testing.B) {
 			b.Fatalf("%d services read, want %d", n, len(services))
 		}
 	}
+}
+
+// netlinkIn returns the real kernel adapter for namespace ns, closed when
+// the test ends.
+func netlinkIn(tb testing.TB, ns string) *nftables.Netlink {
+	tb.Helper()
+	f, err := os.Open(netns.Path(ns))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { f.Close() })
+	k := nftables.NewNetlink(int(f.Fd()))
+	tb.Cleanup(func() { k.Close() })
+	return k
 }
