@@ -7,8 +7,12 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_SECONDS ?= 0
 LDFLAGS := -X main.version=$(VERSION)
+# The Debian package's version: ordered by commit time, so that a later
+# build upgrades an earlier one.
+DEB_VERSION ?= $(shell git log -1 --format='0.1.0~git%cd.%h' --date=format:%Y%m%d%H%M%S 2>/dev/null || echo 0.1.0~dev)
+DEB_DIR := bin/deb
 
-.PHONY: all build test unit lint cli-check e2e e2e-nft demo-check vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-nftables bench-nftables-lab fuzz demo clean
+.PHONY: all build test unit lint cli-check packaging-check deb deb-bin e2e e2e-nft demo-check vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-http bench-nftables bench-nftables-lab fuzz demo clean
 
 all: build
 
@@ -16,9 +20,10 @@ build:
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/switchman
 
 ## test: everything CI runs: lint, unit and integration tests (real etcd,
-## HAProxy, iptables in namespaces), the CLI checks, the agent on nf_tables
-## in namespaces, the demo for 5 seconds, and the QEMU IPVS lab.
-test: lint unit cli-check e2e-nft demo-check e2e vagrant-validate
+## HAProxy, iptables in namespaces), the CLI checks, the Debian package
+## under systemd, the agent on nf_tables in namespaces, the demo for 5 seconds,
+## and the QEMU IPVS lab.
+test: lint unit cli-check packaging-check e2e-nft demo-check e2e vagrant-validate
 
 unit:
 	$(GO) test -count=1 -timeout 20m $(PKGS)
@@ -42,6 +47,29 @@ e2e-nft: build
 	$(GO) test -c -tags nft_e2e -o bin/e2e-nft.test ./e2e/nft/
 	cd e2e/nft && $(SUDO) env SWITCHMAN_BIN=$(abspath $(BIN)) $(abspath bin/e2e-nft.test) -test.count=1 -test.timeout 15m
 
+## deb: the Debian package (dpkg-deb), in bin/deb/: the binary, the unit,
+## /etc/default/switchman, the man page, examples, alert rules, dashboard.
+deb: deb-bin
+	rm -f $(DEB_DIR)/*.deb
+	bash packaging/deb/build.sh $(DEB_DIR)/bin/switchman $(DEB_VERSION) $(DEB_DIR)
+
+deb-bin:
+	CGO_ENABLED=0 $(GO) build -ldflags '-s -w -X main.version=$(DEB_VERSION)' -o $(DEB_DIR)/bin/switchman ./cmd/switchman
+
+## packaging-check: the alert rules (promtool), then the package (built as
+## by make deb, with light compression) installed and run under systemd in
+## a lab host, upgraded under load and removed (root).
+packaging-check: deb-bin
+	promtool check rules packaging/prometheus/switchman-alerts.yaml
+	promtool test rules packaging/prometheus/switchman-alerts.test.yaml
+	rm -rf $(DEB_DIR)/test
+	DEB_COMPRESS_LEVEL=0 bash packaging/deb/build.sh $(DEB_DIR)/bin/switchman $(DEB_VERSION) $(DEB_DIR)/test
+	DEB_COMPRESS_LEVEL=0 bash packaging/deb/build.sh $(DEB_DIR)/bin/switchman $(DEB_VERSION)+upgrade $(DEB_DIR)/test/upgrade
+	lintian --fail-on error,warning $(DEB_DIR)/test/switchman_$(DEB_VERSION)_*.deb
+	CGO_ENABLED=0 $(GO) build -o $(DEB_DIR)/bin/labserver ./e2e/topology/labserver
+	bash packaging/test/run.sh $(DEB_DIR)/test/switchman_$(DEB_VERSION)_*.deb \
+		$(DEB_DIR)/test/upgrade/switchman_$(DEB_VERSION)+upgrade_*.deb $(DEB_DIR)/bin/labserver
+
 ## e2e: boot a Debian kernel with IPVS under QEMU and run the e2e suite in it.
 e2e:
 	bash e2e/lab/run.sh
@@ -60,7 +88,7 @@ demo: build
 demo-check:
 	$(MAKE) demo DEMO_SECONDS=5
 
-bench: bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-nftables
+bench: bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-http bench-nftables
 	@echo "figures: docs/BENCHMARKS.md"
 
 ## bench-scale: 10,000 definitions in one burst; agent RSS with 40,000 backends.
@@ -76,13 +104,18 @@ bench-ipvs:
 bench-convergence:
 	bash e2e/lab/run.sh -run 'Convergence'
 
-## bench-health: 10,000 targets at 1 s, switchman's checker vs HAProxy's (root).
+## bench-health: 2,000 and 10,000 targets at 1 s, switchman's checker vs HAProxy's (root).
 bench-health:
 	$(GO) run ./bench/health
 
 ## bench-haproxy: 100 pool changes under load, runtime API vs reload per change.
 bench-haproxy:
 	$(GO) test -run '^$$' -bench BenchmarkPoolChanges -benchtime 1x ./drivers/haproxy/
+
+## bench-http: 1,000 route changes and 100 new mode http services under load,
+## runtime API (maps, spare slots) vs render + reload per change (confd).
+bench-http:
+	$(GO) test -run '^$$' -bench BenchmarkHTTPChanges -benchtime 1x -timeout 30m ./drivers/haproxy/
 
 ## bench-nftables: 10,000 services x 4 backends through the agent on nf_tables
 ## (root, host, a namespace of its own): cold start, 100 one-weight changes to

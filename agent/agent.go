@@ -89,6 +89,12 @@ type Options struct {
 	LastGood *LastGood
 	// Restored are the last good versions read from LastGood at start.
 	Restored map[string]Input
+	// Ready, when set, is called once, from the loop's goroutine, when
+	// the first pass is done: every driver's first Sync has reported (a
+	// service a driver refused is failed and retried, and still counts as
+	// reported). The agent's systemd readiness hangs on it. It must not
+	// block.
+	Ready func()
 }
 
 // Agent is the reconcile loop. It owns all state; nothing else mutates it.
@@ -122,6 +128,9 @@ type Agent struct {
 	started   bool
 	synced    []bool
 	guardLeft int
+	// syncLeft counts the planes whose first Sync has not reported; Ready
+	// is called when it reaches 0.
+	syncLeft int
 
 	// groups counts the services in force per HA group.
 	groups map[string]int

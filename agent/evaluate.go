@@ -55,7 +55,8 @@ type Verdict struct {
 // Evaluator judges service definitions one service at a time: it parses
 // and merges them, applies the policy, keeps each service's last good
 // version, and resolves vip:port/protocol conflicts between the versions
-// in force (the service created first keeps the key). It is not safe for
+// in force (the service created first keeps the key; mode http services
+// share one when their routes do not overlap). It is not safe for
 // concurrent use; the loop owns it.
 type Evaluator struct {
 	policy Policy
@@ -65,6 +66,9 @@ type Evaluator struct {
 	secret func(key string) ([]byte, bool)
 	svcs   map[string]*judged
 	claims map[spec.Key]map[string]*judged
+	// resolved caches, per key, why each of its claimants loses it (or one
+	// of its routes); dropped whenever the key's claimants change.
+	resolved map[spec.Key]map[string]error
 }
 
 // judged is one service as the evaluator knows it.
@@ -95,7 +99,7 @@ type parsed[T any] struct {
 // etcd keys certificate_key names; nil when they cannot be looked up.
 func NewEvaluator(p Policy, secret func(key string) ([]byte, bool)) *Evaluator {
 	p.Prefix = strings.TrimSuffix(p.Prefix, "/")
-	return &Evaluator{policy: p, secret: secret, svcs: map[string]*judged{}, claims: map[spec.Key]map[string]*judged{}}
+	return &Evaluator{policy: p, secret: secret, svcs: map[string]*judged{}, claims: map[spec.Key]map[string]*judged{}, resolved: map[spec.Key]map[string]error{}}
 }
 
 // Update judges one service's new input. It returns the names whose
@@ -108,6 +112,9 @@ func (e *Evaluator) Update(name string, in Input) []string {
 		e.svcs[name] = j
 	}
 	affected := e.claimants(j)
+	if j.good != nil {
+		delete(e.resolved, j.claim) // the create revision may change below
+	}
 	j.exists = in.Exists
 	if !in.Exists {
 		// Deleted: the last good version goes with it.
@@ -157,10 +164,7 @@ func (e *Evaluator) Verdict(name string) Verdict {
 	if j.good == nil {
 		return v
 	}
-	if w := e.winner(j.claim); w != j {
-		lost := &spec.FieldError{Path: "vip", Msg: fmt.Sprintf(
-			"%s is already claimed by service %q (created at revision %d, before this one at %d)",
-			j.claim, w.name, w.createRev, j.createRev)}
+	if lost := e.lost(j); lost != nil {
 		switch {
 		case v.Rejected == nil:
 			v.Rejected = lost
@@ -198,15 +202,22 @@ func (e *Evaluator) Names() []string {
 	return out
 }
 
-// winner is the claimant of k created first (then the lower name).
-func (e *Evaluator) winner(k spec.Key) *judged {
-	var w *judged
-	for _, j := range e.claims[k] {
-		if w == nil || j.createRev < w.createRev || j.createRev == w.createRev && j.name < w.name {
-			w = j
+// lost says why j's last good version does not keep the vip:port it
+// claims (or one of its routes), or nil when it keeps it. The claimants of
+// one key are resolved together (spec.ResolveConflicts: the service created
+// first keeps a key; mode http services share one when their routes do not
+// overlap), once per change of the key's claimants.
+func (e *Evaluator) lost(j *judged) error {
+	res, ok := e.resolved[j.claim]
+	if !ok {
+		claims := make([]spec.Claim, 0, len(e.claims[j.claim]))
+		for _, c := range e.claims[j.claim] {
+			claims = append(claims, spec.Claim{Service: c.good, CreateRevision: c.createRev})
 		}
+		res = spec.ResolveConflicts(claims)
+		e.resolved[j.claim] = res
 	}
-	return w
+	return res[j.name]
 }
 
 func (e *Evaluator) claim(j *judged) {
@@ -214,6 +225,7 @@ func (e *Evaluator) claim(j *judged) {
 		return
 	}
 	j.claim = j.good.Key()
+	delete(e.resolved, j.claim)
 	if e.claims[j.claim] == nil {
 		e.claims[j.claim] = map[string]*judged{}
 	}
@@ -225,6 +237,7 @@ func (e *Evaluator) unclaim(j *judged) {
 		return
 	}
 	delete(e.claims[j.claim], j.name)
+	delete(e.resolved, j.claim)
 	if len(e.claims[j.claim]) == 0 {
 		delete(e.claims, j.claim)
 	}

@@ -18,6 +18,14 @@ func TestEvaluator(t *testing.T) {
 	good2 := `{"vip":"192.0.2.10","port":80,"backends":[{"address":"10.1.1.3"}]}`
 	other := `{"vip":"192.0.2.11","port":80,"backends":[{"address":"10.1.1.2"}]}`
 	bad := `{"vip":"192.0.2.10","port":70000}`
+	// httpSvc is a mode http service on 192.0.2.10:80 with the given
+	// routes (a JSON list, or "" for none) and extra fields.
+	httpSvc := func(routes, extra string) string {
+		if routes != "" {
+			extra += `"routes":` + routes + `,`
+		}
+		return `{"vip":"192.0.2.10","port":80,"mode":"http",` + extra + `"backends":[{"address":"10.1.1.2"}]}`
+	}
 	type step struct {
 		name string
 		in   Input
@@ -52,6 +60,38 @@ func TestEvaluator(t *testing.T) {
 			affected: []string{"b", "a"}},
 		{name: "a refused update keeps its claim", steps: []step{{"a", in(3, 3, good)}, {"b", in(7, 7, good2)}, {"a", in(8, 3, bad)}},
 			want: map[string]string{"a": "in force at 3; rejected: port", "b": `rejected: vip: 192.0.2.10:80/tcp is already claimed by service "a"`}},
+		// Mode http services share a vip:port when their routes do not overlap.
+		{name: "http services share a vip:port by host", steps: []step{{"www", in(3, 3, httpSvc(`[{"host":"www.example.com"}]`, ""))}, {"api", in(4, 4, httpSvc(`[{"host":"API.example.com"}]`, ""))}},
+			want: map[string]string{"www": "in force at 3", "api": "in force at 4"}, affected: []string{"www", "api"}},
+		{name: "http services share a host by path", steps: []step{{"www", in(3, 3, httpSvc(`[{"host":"www.example.com"}]`, ""))}, {"api", in(4, 4, httpSvc(`[{"host":"www.example.com","path_prefix":"/api"}]`, ""))}},
+			want: map[string]string{"www": "in force at 3", "api": "in force at 4"}},
+		{name: "an exact host and a wildcard do not overlap", steps: []step{{"wild", in(3, 3, httpSvc(`[{"host":"*.example.com"}]`, ""))}, {"www", in(4, 4, httpSvc(`[{"host":"www.example.com"}]`, ""))}},
+			want: map[string]string{"wild": "in force at 3", "www": "in force at 4"}},
+		{name: "an overlapping route goes to the service created first", steps: []step{{"b", in(7, 7, httpSvc(`[{"host":"b.example.com"},{"host":"www.example.com","path_prefix":"/api/"}]`, ""))}, {"a", in(8, 3, httpSvc(`[{"host":"www.example.com","path_prefix":"/api"}]`, ""))}},
+			want:     map[string]string{"a": "in force at 8", "b": `rejected: routes[1]: www.example.com/api on 192.0.2.10:80/tcp is already claimed by service "a" (created at revision 3, before this one at 7)`},
+			affected: []string{"a", "b"}},
+		{name: "a wildcard claimed twice", steps: []step{{"a", in(3, 3, httpSvc(`[{"host":"*.Example.com"}]`, ""))}, {"b", in(4, 4, httpSvc(`[{"host":"*.example.com"}]`, ""))}},
+			want: map[string]string{"a": "in force at 3", "b": `rejected: routes[0]: *.example.com/ on 192.0.2.10:80/tcp is already claimed by service "a"`}},
+		{name: "no routes is every host and path", steps: []step{{"a", in(3, 3, httpSvc("", ""))}, {"b", in(4, 4, httpSvc(`[{"path_prefix":"/"}]`, ""))}, {"c", in(5, 5, httpSvc(`[{"path_prefix":"/c"}]`, ""))}},
+			want: map[string]string{"a": "in force at 3", "b": `rejected: routes[0]: */ on 192.0.2.10:80/tcp is already claimed by service "a"`, "c": "in force at 5"}},
+		{name: "the loser takes over the route its winner gives up", steps: []step{{"a", in(3, 3, httpSvc(`[{"host":"www.example.com"}]`, ""))}, {"b", in(7, 7, httpSvc(`[{"host":"www.example.com"}]`, ""))}, {"a", in(9, 3, httpSvc(`[{"host":"old.example.com"}]`, ""))}},
+			want:     map[string]string{"a": "in force at 9", "b": "in force at 7"},
+			affected: []string{"a", "b"}},
+		{name: "the loser of a route keeps none of its other routes", steps: []step{{"a", in(3, 3, httpSvc(`[{"host":"x.example.com"}]`, ""))}, {"b", in(4, 4, httpSvc(`[{"host":"y.example.com"},{"host":"x.example.com"}]`, ""))}, {"c", in(5, 5, httpSvc(`[{"host":"y.example.com"}]`, ""))}},
+			want: map[string]string{"a": "in force at 3", "b": `rejected: routes[1]: x.example.com/ on 192.0.2.10:80/tcp is already claimed by service "a"`, "c": "in force at 5"}},
+		{name: "an http service cannot share a tcp service's vip:port", steps: []step{{"tcp", in(3, 3, good)}, {"web", in(4, 4, httpSvc("", ""))}},
+			want: map[string]string{"tcp": "in force at 3", "web": `rejected: vip: 192.0.2.10:80/tcp is already claimed by service "tcp" (created at revision 3, before this one at 4)`}},
+		{name: "a tcp service cannot share an http service's vip:port", steps: []step{{"web", in(3, 3, httpSvc("", ""))}, {"tcp", in(4, 4, good)}},
+			want: map[string]string{"web": "in force at 3", "tcp": `rejected: vip: 192.0.2.10:80/tcp is already claimed by service "web" (created at revision 3, before this one at 4), which serves it in mode http; only mode http services share a vip:port`}},
+		{name: "http services sharing a vip:port agree on TLS", steps: []step{{"plain", in(3, 3, httpSvc(`[{"host":"a.example.com"}]`, ""))}, {"secure", in(4, 4, httpSvc(`[{"host":"b.example.com"}]`, `"tls":{"certificate":"/etc/b.pem"},`))}},
+			want: map[string]string{"plain": "in force at 3", "secure": `rejected: tls: 192.0.2.10:80/tcp is served by service "plain" (created at revision 3, before this one at 4) without TLS`}},
+		{name: "http services with their own certificates share a vip:port", steps: []step{{"a", in(3, 3, httpSvc(`[{"host":"a.example.com"}]`, `"tls":{"certificate":"/etc/a.pem"},`))}, {"b", in(4, 4, httpSvc(`[{"host":"b.example.com"}]`, `"tls":{"certificate":"/etc/b.pem"},`))}},
+			want: map[string]string{"a": "in force at 3", "b": "in force at 4"}},
+		{name: "http services sharing a vip:port allow the same ranges", steps: []step{{"a", in(3, 3, httpSvc(`[{"host":"a.example.com"}]`, `"allow_cidrs":["10.0.0.0/8","192.168.0.0/16"],`))}, {"b", in(4, 4, httpSvc(`[{"host":"b.example.com"}]`, `"allow_cidrs":["192.168.0.0/16","10.0.0.0/8"],`))}, {"c", in(5, 5, httpSvc(`[{"host":"c.example.com"}]`, ""))}},
+			want: map[string]string{"a": "in force at 3", "b": "in force at 4", "c": `rejected: allow_cidrs: [0.0.0.0/0] differs from [10.0.0.0/8 192.168.0.0/16] of service "a"`}},
+		{name: "a refused update of a route keeps nothing of the service", steps: []step{{"a", in(3, 3, httpSvc(`[{"host":"a.example.com"}]`, ""))}, {"b", in(4, 4, httpSvc(`[{"host":"b.example.com"}]`, ""))}, {"b", in(6, 4, httpSvc(`[{"host":"a.example.com"}]`, ""))}},
+			want:     map[string]string{"a": "in force at 3", "b": `rejected: routes[0]: a.example.com/ on 192.0.2.10:80/tcp is already claimed by service "a"`},
+			affected: []string{"a", "b"}},
 		{name: "vip outside --vip-cidrs", policy: Policy{VIPCIDRs: []netip.Prefix{netip.MustParsePrefix("198.51.100.0/24")}},
 			steps: []step{{"web", in(5, 5, good)}},
 			want:  map[string]string{"web": "rejected: vip: 192.0.2.10 is outside the ranges this agent may serve (--vip-cidrs 198.51.100.0/24)"}},

@@ -4,9 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
 	"net/netip"
 	"os"
 	"strings"
@@ -16,6 +14,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/switchman-lb/switchman/internal/etcdtest"
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
@@ -125,74 +124,7 @@ func (d *recordingDriver) setFail(name string, err error) {
 	d.fail[name] = err
 }
 
-// cutProxy forwards TCP to etcd and can cut every connection and refuse new
-// ones, which is what a network partition looks like to the agent.
-type cutProxy struct {
-	ln     net.Listener
-	target string
-	mu     sync.Mutex
-	cut    bool
-	conns  map[net.Conn]bool
-}
-
-func newCutProxy(t *testing.T, target string) *cutProxy {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &cutProxy{ln: ln, target: target, conns: map[net.Conn]bool{}}
-	go p.serve()
-	t.Cleanup(func() { ln.Close(); p.setCut(true) })
-	return p
-}
-
-func (p *cutProxy) addr() string { return "http://" + p.ln.Addr().String() }
-
-func (p *cutProxy) serve() {
-	for {
-		c, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		p.mu.Lock()
-		if p.cut {
-			p.mu.Unlock()
-			c.Close()
-			continue
-		}
-		up, err := net.DialTimeout("tcp", p.target, 2*time.Second)
-		if err != nil {
-			p.mu.Unlock()
-			c.Close()
-			continue
-		}
-		p.conns[c], p.conns[up] = true, true
-		p.mu.Unlock()
-		go func() { _, _ = io.Copy(up, c); up.Close(); c.Close() }()
-		go func() { _, _ = io.Copy(c, up); up.Close(); c.Close() }()
-	}
-}
-
-func (p *cutProxy) setCut(cut bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.cut = cut
-	if cut {
-		for c := range p.conns {
-			c.Close()
-		}
-		p.conns = map[net.Conn]bool{}
-	}
-}
-
-func freeURL(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return "http://" + ln.Addr().String()
-}
+func freeURL(t *testing.T) string { return "http://" + etcdtest.FreeAddr(t) }
 
 type etcdFixture struct {
 	dir, clientURL, peerURL string
@@ -227,7 +159,7 @@ func client(t *testing.T, endpoint string) *clientv3.Client {
 type harness struct {
 	t      *testing.T
 	etcd   *etcdFixture
-	proxy  *cutProxy
+	proxy  *etcdtest.Proxy
 	admin  *clientv3.Client // talks to etcd directly, as an operator would
 	driver *recordingDriver
 	cancel context.CancelFunc
@@ -239,9 +171,9 @@ func newHarness(t *testing.T, leaseTTL time.Duration) *harness {
 	h := &harness{t: t, etcd: &etcdFixture{}, driver: newRecordingDriver(), done: make(chan struct{})}
 	startEtcd(t, h.etcd)
 	t.Cleanup(func() { h.etcd.srv.Close() })
-	h.proxy = newCutProxy(t, strings.TrimPrefix(h.etcd.clientURL, "http://"))
+	h.proxy = etcdtest.NewProxy(t, strings.TrimPrefix(h.etcd.clientURL, "http://"))
 	h.admin = client(t, h.etcd.clientURL)
-	cli := client(t, h.proxy.addr())
+	cli := client(t, h.proxy.URL())
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	w := watcher.New(cli, log, watcher.Options{Prefix: "/switchman", MinBackoff: 50 * time.Millisecond, MaxBackoff: 500 * time.Millisecond})
 	pub, err := status.NewPublisher(cli, log, "/switchman", "n1", status.Node{Version: "test"}, leaseTTL)
@@ -410,7 +342,7 @@ func TestCompactionWhileWatchCut(t *testing.T) {
 	eventually(t, "a applied", wantService(h, "a", "10.0.0.1:80/1"))
 	eventually(t, "b applied", wantService(h, "b", "10.0.0.2:80/1"))
 
-	h.proxy.setCut(true)
+	h.proxy.SetCut(true)
 	h.del("/switchman/services/a")
 	h.put("/switchman/services/b", svcJSON("192.0.2.2", 80, "10.0.0.3"))
 	rev := h.put("/switchman/services/c", svcJSON("192.0.2.3", 80, "10.0.0.4"))
@@ -424,7 +356,7 @@ func TestCompactionWhileWatchCut(t *testing.T) {
 	if _, ok := got["a"]; !ok || removals != 0 {
 		t.Fatalf("while etcd was unreachable the agent removed something: %v, %d removals", got, removals)
 	}
-	h.proxy.setCut(false)
+	h.proxy.SetCut(false)
 	eventually(t, "a gone after compaction", func() string {
 		if _, ok := h.driver.get("a"); ok {
 			return "a still applied"
@@ -461,7 +393,7 @@ func TestLeaseExpiryRemovesStatus(t *testing.T) {
 	h := newHarness(t, 2*time.Second)
 	h.put("/switchman/services/a", svcJSON("192.0.2.1", 80, "10.0.0.1"))
 	eventually(t, "status written", wantState(h, "a", "applied", ""))
-	h.proxy.setCut(true) // the agent can no longer keep its lease alive
+	h.proxy.SetCut(true) // the agent can no longer keep its lease alive
 	eventually(t, "status gone with the lease", func() string {
 		if _, ok := h.status("a"); ok {
 			return "status still present"
@@ -476,7 +408,7 @@ func TestLeaseExpiryRemovesStatus(t *testing.T) {
 	if _, ok := h.driver.get("a"); !ok {
 		t.Fatal("the data plane lost a service because its status lease expired")
 	}
-	h.proxy.setCut(false)
+	h.proxy.SetCut(false)
 	eventually(t, "status rewritten under a new lease", wantState(h, "a", "applied", ""))
 }
 

@@ -180,6 +180,10 @@ func (a *Agent) handle(res result) {
 	}
 	if res.kind == workSync && !a.synced[res.plane] {
 		a.synced[res.plane] = true
+		a.syncLeft--
+		if a.syncLeft == 0 {
+			a.ready()
+		}
 		if p.Guard {
 			a.guardLeft--
 			if a.guardLeft == 0 {
@@ -196,6 +200,10 @@ func (a *Agent) handle(res result) {
 func (a *Agent) firstSync() {
 	a.started = true
 	a.synced = make([]bool, len(a.planes))
+	a.syncLeft = len(a.planes)
+	if a.syncLeft == 0 {
+		a.ready() // no driver: nothing to apply
+	}
 	lists := make([][]*render.ServiceState, len(a.planes))
 	for _, name := range slices.Sorted(mapKeys(a.records)) {
 		r := a.records[name]
@@ -232,11 +240,26 @@ func (a *Agent) firstSync() {
 	}
 }
 
+// ready tells Options.Ready that the first pass is done.
+func (a *Agent) ready() {
+	if a.opts.Ready != nil {
+		a.opts.Ready()
+	}
+}
+
 // syncExposure issues the first Sync of every non-guard driver.
 func (a *Agent) syncExposure() {
 	lists := make([][]*render.ServiceState, len(a.planes))
 	for _, name := range slices.Sorted(mapKeys(a.records)) {
 		r := a.records[name]
+		// A service whose guards reported went on to the other drivers
+		// already (advance, as an Apply); their first Sync must list it
+		// too, or the Sync would remove it from what they hold.
+		for i, p := range a.planes {
+			if !p.Guard && r.state != nil && r.planes[i].sent == r.state {
+				lists[i] = append(lists[i], r.state)
+			}
+		}
 		ready := true
 		for _, i := range r.first {
 			if ps := r.planes[i]; ps.wait || ps.err != nil {

@@ -146,7 +146,7 @@ func coldStartFigures(t *testing.T, n, rounds int) {
 	driverRound := func(round int, batched bool) {
 		d, k := driverAndKernel(t, t.TempDir(), batched)
 		c0, start := selfCPU(t), time.Now()
-		if errs := d.Apply(ctx, &render.State{IPVS: table}); len(errs) != 0 {
+		if errs := d.Sync(ctx, render.Split(&render.State{IPVS: table})); len(errs) != 0 {
 			t.Fatalf("driver cold start: %d errors, e.g. %v", len(errs), firstErr(errs))
 		}
 		cold, cpu := time.Since(start), selfCPU(t).sub(c0)
@@ -161,12 +161,12 @@ func coldStartFigures(t *testing.T, n, rounds int) {
 		}
 		writes := d.Writes()
 		c0, start = selfCPU(t), time.Now()
-		if errs := d.Apply(ctx, &render.State{IPVS: table}); len(errs) != 0 {
+		if errs := d.Sync(ctx, render.Split(&render.State{IPVS: table})); len(errs) != 0 {
 			t.Fatalf("driver steady state: %v", firstErr(errs))
 		}
 		steady, steadyCPU := time.Since(start), selfCPU(t).sub(c0)
 		start = time.Now()
-		if errs := d.Apply(ctx, &render.State{}); len(errs) != 0 {
+		if errs := d.Sync(ctx, render.Split(&render.State{})); len(errs) != 0 {
 			t.Fatalf("driver removal: %v", firstErr(errs))
 		}
 		removal := time.Since(start)
@@ -206,11 +206,11 @@ func BenchmarkIPVSColdStart(b *testing.B) {
 		b.StopTimer()
 		d := newIPVSDriver(b, b.TempDir())
 		b.StartTimer()
-		if errs := d.Apply(ctx, &render.State{IPVS: table}); len(errs) != 0 {
+		if errs := d.Sync(ctx, render.Split(&render.State{IPVS: table})); len(errs) != 0 {
 			b.Fatal(firstErr(errs))
 		}
 		b.StopTimer()
-		if errs := d.Apply(ctx, &render.State{}); len(errs) != 0 {
+		if errs := d.Sync(ctx, render.Split(&render.State{})); len(errs) != 0 {
 			b.Fatal(firstErr(errs))
 		}
 		b.StartTimer()

@@ -49,12 +49,12 @@ func (w testWriter) Write(p []byte) (int, error) {
 }
 
 func mustApply(t testing.TB, d interface {
-	Apply(context.Context, *render.State) map[string]error
+	Sync(context.Context, []*render.ServiceState) map[string]error
 }, st *render.State) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
-	if errs := d.Apply(ctx, st); len(errs) != 0 {
+	if errs := d.Sync(ctx, render.Split(st)); len(errs) != 0 {
 		t.Fatalf("apply: %v", errs)
 	}
 }
@@ -124,7 +124,7 @@ func TestIPVSDriver(t *testing.T) {
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
-		if errs := d.Apply(ctx, &render.State{}); len(errs) != 0 {
+		if errs := d.Sync(ctx, render.Split(&render.State{})); len(errs) != 0 {
 			t.Errorf("cleanup apply: %v", errs)
 		}
 	})
@@ -200,7 +200,9 @@ func TestIPVSDriver(t *testing.T) {
 			VIPs:     []netip.Addr{netip.MustParseAddr(v)},
 			Services: []render.ServiceReport{{Name: "web", Driver: spec.DriverIPVS, Key: spec.Key{VIP: netip.MustParseAddr(v), Port: 80, Protocol: spec.TCP}}},
 		}
-		mustApply(t, vd, st)
+		if errs := vd.Apply(context.Background(), st); len(errs) != 0 {
+			t.Fatalf("vip: %v", errs)
+		}
 		mustApply(t, d, st)
 		url := "http://" + IPVSHostPort(v, 80) + "/"
 		client := HTTPClientNS(ClientNS)
@@ -273,7 +275,9 @@ func TestIPVSDriver(t *testing.T) {
 			return nil
 		})
 		mustApply(t, d, &render.State{})
-		mustApply(t, vd, &render.State{})
+		if errs := vd.Apply(context.Background(), &render.State{}); len(errs) != 0 {
+			t.Fatalf("vip: %v", errs)
+		}
 	})
 
 	t.Run("foreign-service-survives", func(t *testing.T) {
@@ -288,7 +292,7 @@ func TestIPVSDriver(t *testing.T) {
 		clash := rsvc("clash", spec.TCP, v, 80, spec.RoundRobin, nil, spec.NAT, be1.Addr)
 		for i := range 3 {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-			errs := d.Apply(ctx, &render.State{IPVS: []render.L4Service{clash, mine}})
+			errs := d.Sync(ctx, render.Split(&render.State{IPVS: []render.L4Service{clash, mine}}))
 			cancel()
 			var fe *ipvs.ForeignServiceError
 			if len(errs) != 1 || !errors.As(errs["clash"], &fe) {

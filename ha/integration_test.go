@@ -3,9 +3,7 @@ package ha_test
 import (
 	"context"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
 	"os"
 	"strings"
 	"sync"
@@ -16,6 +14,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/switchman-lb/switchman/ha"
+	"github.com/switchman-lb/switchman/internal/etcdtest"
 	"github.com/switchman-lb/switchman/spec"
 	"github.com/switchman-lb/switchman/watcher"
 	"github.com/switchman-lb/switchman/watcher/embedded"
@@ -94,72 +93,7 @@ func (h *hosts) sample(ctx context.Context, groups []string) {
 	}
 }
 
-// proxy forwards TCP to etcd and can cut every connection and refuse new
-// ones: one agent losing etcd.
-type proxy struct {
-	ln     net.Listener
-	target string
-	mu     sync.Mutex
-	cut    bool
-	conns  map[net.Conn]bool
-}
-
-func newProxy(t *testing.T, target string) *proxy {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &proxy{ln: ln, target: target, conns: map[net.Conn]bool{}}
-	go p.serve()
-	t.Cleanup(func() { ln.Close(); p.setCut(true) })
-	return p
-}
-
-func (p *proxy) serve() {
-	for {
-		c, err := p.ln.Accept()
-		if err != nil {
-			return
-		}
-		p.mu.Lock()
-		if p.cut {
-			p.mu.Unlock()
-			c.Close()
-			continue
-		}
-		up, err := net.DialTimeout("tcp", p.target, 2*time.Second)
-		if err != nil {
-			p.mu.Unlock()
-			c.Close()
-			continue
-		}
-		p.conns[c], p.conns[up] = true, true
-		p.mu.Unlock()
-		go func() { _, _ = io.Copy(up, c); up.Close(); c.Close() }()
-		go func() { _, _ = io.Copy(c, up); up.Close(); c.Close() }()
-	}
-}
-
-func (p *proxy) setCut(cut bool) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.cut = cut
-	if cut {
-		for c := range p.conns {
-			c.Close()
-		}
-		p.conns = map[net.Conn]bool{}
-	}
-}
-
-func freeURL(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return "http://" + ln.Addr().String()
-}
+func freeURL(t *testing.T) string { return "http://" + etcdtest.FreeAddr(t) }
 
 type etcdServer struct {
 	dir, client, peer string
@@ -194,15 +128,15 @@ func connect(t *testing.T, endpoint string) *clientv3.Client {
 type agent struct {
 	node   string
 	el     *ha.Elector
-	proxy  *proxy
+	proxy  *etcdtest.Proxy
 	cancel context.CancelFunc
 	done   chan struct{}
 }
 
 func startAgent(t *testing.T, node string, e *etcdServer, h *hosts, groups []string, reg prometheus.Registerer) *agent {
 	t.Helper()
-	p := newProxy(t, strings.TrimPrefix(e.client, "http://"))
-	cli := connect(t, "http://"+p.ln.Addr().String())
+	p := etcdtest.NewProxy(t, strings.TrimPrefix(e.client, "http://"))
+	cli := connect(t, p.URL())
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn})).With("node", node)
 	el, err := ha.New(ha.Options{Node: node, Listen: "127.0.0.1:0", Store: ha.NewEtcd(cli), Holder: hostHolder{h: h, node: node}, Logger: log, Registerer: reg})
 	if err != nil {
@@ -269,11 +203,11 @@ func TestElectorsWithEtcd(t *testing.T) {
 	t.Logf("%s died; %s held after %v", first, second, took)
 
 	// The next owner loses etcd but lives on.
-	agents[second].proxy.setCut(true)
+	agents[second].proxy.SetCut(true)
 	took = waitFor(t, 15*time.Second, "takeover from an owner without etcd", func() bool { o := one(h, "web"); return o != "" && o != second })
 	third := one(h, "web")
 	t.Logf("%s lost etcd; %s held after %v", second, third, took)
-	agents[second].proxy.setCut(false)
+	agents[second].proxy.SetCut(false)
 
 	// A planned stop hands over to the one left.
 	waitFor(t, 15*time.Second, second+" back in contact", agents[second].el.EtcdContact)

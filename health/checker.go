@@ -37,7 +37,7 @@ func NewChecker(t Target) (Checker, error) {
 	h := t.Health
 	switch h.Protocol {
 	case spec.HealthTCP:
-		return tcpChecker{addr: addr}, nil
+		return newTCPChecker(addr, timeout(h))
 	case spec.HealthHTTP, spec.HealthHTTPS:
 		return newHTTPChecker(addr, h), nil
 	case spec.HealthUDP:
@@ -50,36 +50,6 @@ func NewChecker(t Target) (Checker, error) {
 		return noneChecker{}, nil
 	}
 	return nil, fmt.Errorf("health.protocol %q: unknown check kind", h.Protocol)
-}
-
-// tcpChecker succeeds when the backend answers a TCP connection attempt
-// (SYN-ACK). It completes no handshake at the backend on Linux (see
-// delayFinalACK) and resets the connection at once.
-type tcpChecker struct{ addr netip.AddrPort }
-
-func (c tcpChecker) String() string { return "tcp " + c.addr.String() }
-
-func (c tcpChecker) Check(ctx context.Context) error {
-	// No keep-alive options (the connection lives for microseconds: fewer
-	// system calls), and the final ACK delayed.
-	d := net.Dialer{KeepAlive: -1, Control: delayFinalACK}
-	conn, err := d.DialContext(ctx, "tcp", c.addr.String())
-	if err != nil {
-		return fmt.Errorf("tcp connect %s: %w", c.addr, err)
-	}
-	closeNoLinger(conn)
-	return nil
-}
-
-// closeNoLinger closes a TCP connection with SO_LINGER 0: the kernel sends
-// RST instead of FIN and keeps no TIME_WAIT entry, so thousands of checks a
-// second do not use up ephemeral ports. Backends see a reset connection,
-// as they do with HAProxy's checks.
-func closeNoLinger(conn net.Conn) {
-	if tc, ok := conn.(*net.TCPConn); ok {
-		_ = tc.SetLinger(0)
-	}
-	_ = conn.Close()
 }
 
 // httpChecker sends GET path and succeeds on any 2xx status. Every check

@@ -96,11 +96,34 @@ func TestTCPCheck(t *testing.T) {
 		{"health.port overrides a closed backend port", Target{Service: "s", Addr: closed, Health: tcp(open.Port())}, nil},
 		{"health.port pointing at a closed port fails", Target{Service: "s", Addr: open, Health: tcp(closed.Port())}, syscall.ECONNREFUSED},
 	}
+	if silent, ok := unanswered(t); ok {
+		tests = append(tests, struct {
+			name    string
+			target  Target
+			wantErr error
+		}{"no answer times out", Target{Service: "s", Addr: silent, Health: tcp(0)}, os.ErrDeadlineExceeded})
+	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := runCheck(t, tt.target, time.Second)
+			err := runCheck(t, tt.target, 300*time.Millisecond)
 			checkErr(t, err, tt.wantErr)
 		})
+	}
+
+	// Canceling the context ends a check that waits for an answer.
+	if silent, ok := unanswered(t); ok {
+		c, err := NewChecker(Target{Service: "s", Addr: silent, Health: tcp(0)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() {
+			time.Sleep(50 * time.Millisecond)
+			cancel()
+		}()
+		if err := c.Check(ctx); !errors.Is(err, context.Canceled) {
+			t.Errorf("canceled check: %v, want context.Canceled", err)
+		}
 	}
 }
 

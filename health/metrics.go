@@ -42,15 +42,14 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	return m
 }
 
-func (m *metrics) result(k Key, ok bool) {
+// checkCounters returns a service's counters of successful and failed
+// checks (nil, nil without metrics), looked up once per service so a check
+// only increments one.
+func (m *metrics) checkCounters(service string) (ok, failed prometheus.Counter) {
 	if m == nil {
-		return
+		return nil, nil
 	}
-	r := "failure"
-	if ok {
-		r = "success"
-	}
-	m.checks.WithLabelValues(k.Service, r).Inc()
+	return m.checks.WithLabelValues(service, "success"), m.checks.WithLabelValues(service, "failure")
 }
 
 func (m *metrics) transition(k Key, healthy bool) {

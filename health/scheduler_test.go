@@ -3,7 +3,9 @@ package health
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net/netip"
+	"slices"
 	"sync"
 	"testing"
 	"time"
@@ -110,7 +112,25 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 func (s *Scheduler) idle() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.inFlight == 0 && (len(s.queue) == 0 || s.queue[0].due.After(s.clock.Now()))
+	if s.inFlight != 0 {
+		return false
+	}
+	for _, it := range s.queue.items {
+		if !it.p.dropped && it.key <= s.since(s.clock.Now()) {
+			return false
+		}
+	}
+	return true
+}
+
+// status returns k's state, failing the test when k is unknown.
+func status(t *testing.T, s *Scheduler, k Key) Status {
+	t.Helper()
+	st, ok := s.Status(k)
+	if !ok {
+		t.Fatalf("Status(%s): unknown key", k)
+	}
+	return st
 }
 
 func (s *Scheduler) isStarted() bool {
@@ -173,7 +193,7 @@ func TestSchedulerSpreadsFirstChecksThenKeepsInterval(t *testing.T) {
 	for i := range n {
 		targets = append(targets, target("web", i, health(10*time.Second, 2, 3)))
 	}
-	s.Update(targets)
+	s.SetService("web", targets)
 	if s.Settled() {
 		t.Fatal("Settled before any check ran")
 	}
@@ -227,10 +247,10 @@ func TestSchedulerHysteresisAndNotifications(t *testing.T) {
 	tg := target("api", 1, health(time.Second, 2, 3))
 	k := tg.Key()
 	fc.script(k, nil, errFake, errFake, errFake, nil, nil, errFake, nil)
-	s.Update([]Target{tg})
+	s.SetService("api", []Target{tg})
 	startRun(t, s)
 	waitFor(t, "start", s.idle)
-	if st := s.Snapshot()[k]; !st.Pending || st.Healthy {
+	if st := status(t, s, k); !st.Pending || st.Healthy {
 		t.Fatalf("before its first check: %+v, want pending and not healthy", st)
 	}
 	// want: the state after each check, and whether Changed fired.
@@ -253,7 +273,7 @@ func TestSchedulerHysteresisAndNotifications(t *testing.T) {
 		if n := len(fc.callTimes(k)); n != i+1 {
 			t.Fatalf("after step %d: %d checks, want %d", i, n, i+1)
 		}
-		st := s.Snapshot()[k]
+		st := status(t, s, k)
 		fired := changedFired(s)
 		if st.Pending || st.Healthy != w.healthy || fired != w.changed {
 			t.Errorf("after check %d: healthy %v pending %v changed %v, want healthy %v changed %v (%+v)", i, st.Healthy, st.Pending, fired, w.healthy, w.changed, st)
@@ -262,7 +282,7 @@ func TestSchedulerHysteresisAndNotifications(t *testing.T) {
 			t.Errorf("after check %d: gauge %v, want healthy=%v", i, g, w.healthy)
 		}
 	}
-	st := s.Snapshot()[k]
+	st := status(t, s, k)
 	if st.Successes != 1 || st.Failures != 0 || st.LastError != "" || st.LastTransition.IsZero() || st.Check != "fake "+k.String() {
 		t.Errorf("final status %+v", st)
 	}
@@ -282,31 +302,30 @@ func TestSchedulerHysteresisAndNotifications(t *testing.T) {
 	}
 }
 
-func TestSchedulerUpdateKeepsRestartsAndRemoves(t *testing.T) {
+func TestSchedulerSetServiceKeepsRestartsAndRemoves(t *testing.T) {
 	clk := clock.NewFake()
 	fc := newFakeChecks(clk)
 	s := New(Options{Clock: clk, NewChecker: fc.newChecker})
 	a := target("web", 1, health(time.Second, 2, 2))
 	b := target("web", 2, health(time.Second, 2, 2))
 	fc.script(b.Key(), errFake)
-	s.Update([]Target{a, b})
+	s.SetService("web", []Target{a, b})
 	startRun(t, s)
 	for range 3 {
 		step(t, clk, s, time.Second)
 	}
-	snap := s.Snapshot()
-	if st := snap[a.Key()]; !st.Healthy || st.Successes != 3 {
+	if st := status(t, s, a.Key()); !st.Healthy || st.Successes != 3 {
 		t.Fatalf("a after 3 successes: %+v", st)
 	}
-	if st := snap[b.Key()]; st.Healthy || st.Failures != 3 {
+	if st := status(t, s, b.Key()); st.Healthy || st.Failures != 3 {
 		t.Fatalf("b after 3 failures: %+v", st)
 	}
 
 	// The same targets again (a new slice, equal values): state and
 	// schedule are kept.
-	s.Update([]Target{b, a})
+	s.SetService("web", []Target{b, a})
 	step(t, clk, s, time.Second)
-	if st := s.Snapshot()[a.Key()]; st.Pending || st.Successes != 4 {
+	if st := status(t, s, a.Key()); st.Pending || st.Successes != 4 {
 		t.Errorf("a after an unchanged update and one more check: %+v, want 4 successes", st)
 	}
 	if !s.Settled() {
@@ -318,8 +337,8 @@ func TestSchedulerUpdateKeepsRestartsAndRemoves(t *testing.T) {
 	a2 := a
 	a2.Health.Fall = 5
 	fc.script(a.Key(), errFake)
-	s.Update([]Target{a2, b})
-	st := s.Snapshot()[a.Key()]
+	s.SetService("web", []Target{a2, b})
+	st := status(t, s, a.Key())
 	if !st.Pending || !st.Healthy || st.Successes != 0 || st.Failures != 0 {
 		t.Errorf("a right after its settings changed: %+v, want pending, still healthy, counts reset", st)
 	}
@@ -327,18 +346,18 @@ func TestSchedulerUpdateKeepsRestartsAndRemoves(t *testing.T) {
 		t.Error("Settled while a restarted target is pending")
 	}
 	step(t, clk, s, time.Second)
-	if st := s.Snapshot()[a.Key()]; st.Pending || st.Healthy || st.Failures != 1 {
+	if st := status(t, s, a.Key()); st.Pending || st.Healthy || st.Failures != 1 {
 		t.Errorf("a after its first check with new settings (a failure): %+v, want unhealthy at once despite fall 5", st)
 	}
 
 	// b is removed: gone from the snapshot and never checked again.
-	s.Update([]Target{a2})
+	s.SetService("web", []Target{a2})
 	n := len(fc.callTimes(b.Key()))
 	for range 3 {
 		step(t, clk, s, time.Second)
 	}
-	if _, ok := s.Snapshot()[b.Key()]; ok {
-		t.Error("b still in the snapshot after its removal")
+	if _, ok := s.Status(b.Key()); ok {
+		t.Error("b still known after its removal")
 	}
 	if got := len(fc.callTimes(b.Key())); got != n {
 		t.Errorf("b checked %d more times after its removal", got-n)
@@ -351,11 +370,11 @@ func TestSchedulerNoneIsHealthyAtOnce(t *testing.T) {
 	h := health(time.Second, 2, 3)
 	h.Protocol = spec.HealthNone
 	tg := target("udp-svc", 1, h)
-	s.Update([]Target{tg})
+	s.SetService("udp-svc", []Target{tg})
 	if !s.Settled() {
 		t.Fatal("a none target left the scheduler unsettled")
 	}
-	if st := s.Snapshot()[tg.Key()]; !st.Healthy || st.Pending {
+	if st := status(t, s, tg.Key()); !st.Healthy || st.Pending {
 		t.Errorf("none target: %+v, want healthy, not pending", st)
 	}
 	if !changedFired(s) {
@@ -368,13 +387,13 @@ func TestSchedulerNoneIsHealthyAtOnce(t *testing.T) {
 
 func TestWaitSettledTimesOutWhilePending(t *testing.T) {
 	s := New(Options{Clock: clock.NewFake()})
-	s.Update([]Target{target("web", 1, health(time.Second, 2, 3))})
+	s.SetService("web", []Target{target("web", 1, health(time.Second, 2, 3))})
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
 	defer cancel()
 	if err := s.WaitSettled(ctx); !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("WaitSettled with a pending target and no Run = %v, want DeadlineExceeded", err)
 	}
-	s.Update(nil)
+	s.SetService("web", nil)
 	if err := s.WaitSettled(context.Background()); err != nil {
 		t.Errorf("WaitSettled with no targets = %v", err)
 	}
@@ -389,7 +408,7 @@ func TestSchedulerConcurrencyLimitAndShutdown(t *testing.T) {
 	for i := range 20 {
 		targets = append(targets, target("web", i, health(time.Second, 1, 1)))
 	}
-	s.Update(targets)
+	s.SetService("web", targets)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Run(ctx) }()
@@ -442,4 +461,267 @@ func metricValue(t *testing.T, m prometheus.Metric) float64 {
 		return out.GetGauge().GetValue()
 	}
 	return out.GetCounter().GetValue()
+}
+
+// dueOf returns when k's next check is due (false: unknown or running).
+func dueOf(s *Scheduler, k Key) (int64, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	svc := s.services[k.Service]
+	if svc == nil || svc.targets[k.Addr] == nil || svc.targets[k.Addr].running {
+		return 0, false
+	}
+	return svc.targets[k.Addr].due, true
+}
+
+func TestSetServiceLeavesOtherServicesAlone(t *testing.T) {
+	h := health(time.Second, 2, 2)
+	a1, a2 := target("a", 1, h), target("a", 2, h)
+	b3, b4, b6 := target("b", 3, h), target("b", 4, h), target("b", 6, h)
+	c5 := target("c", 5, h)
+	b3slow := b3
+	b3slow.Health.Fall = 5
+	const (
+		kept      = "kept"      // state and schedule unchanged
+		restarted = "restarted" // pending, counts reset, Healthy kept
+		added     = "new"       // pending, not healthy
+		gone      = "gone"      // unknown
+	)
+	tests := []struct {
+		name string
+		set  []Target // b's new targets
+		want map[Target]string
+	}{
+		{"the same targets again", []Target{b3, b4}, map[Target]string{b3: kept, b4: kept}},
+		{"the same targets in another order", []Target{b4, b3}, map[Target]string{b3: kept, b4: kept}},
+		{"one target's settings change", []Target{b3slow, b4}, map[Target]string{b3: restarted, b4: kept}},
+		{"a target is added", []Target{b3, b4, b6}, map[Target]string{b3: kept, b4: kept, b6: added}},
+		{"a target is removed", []Target{b3}, map[Target]string{b3: kept, b4: gone}},
+		{"a duplicate address: the first wins", []Target{b3, b4, b3slow}, map[Target]string{b3: kept, b4: kept}},
+		{"nil removes the service", nil, map[Target]string{b3: gone, b4: gone}},
+		{"empty removes the service", []Target{}, map[Target]string{b3: gone, b4: gone}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clk := clock.NewFake()
+			fc := newFakeChecks(clk)
+			fc.script(a2.Key(), errFake)
+			fc.script(b4.Key(), errFake)
+			s := New(Options{Clock: clk, NewChecker: fc.newChecker})
+			s.SetService("a", []Target{a1, a2})
+			s.SetService("b", []Target{b3, b4})
+			s.SetService("c", []Target{c5})
+			startRun(t, s)
+			for range 3 {
+				step(t, clk, s, time.Second)
+			}
+			others := []Target{a1, a2, c5}
+			before := map[Key]Status{}
+			beforeDue := map[Key]int64{}
+			for _, tg := range append(others, b3, b4) {
+				before[tg.Key()] = status(t, s, tg.Key())
+				beforeDue[tg.Key()], _ = dueOf(s, tg.Key())
+			}
+			calls := map[Key]int{}
+			for _, tg := range append(others, b4) {
+				calls[tg.Key()] = len(fc.callTimes(tg.Key()))
+			}
+
+			s.SetService("b", tt.set)
+
+			for _, tg := range others {
+				k := tg.Key()
+				due, _ := dueOf(s, k)
+				if st := status(t, s, k); st != before[k] || due != beforeDue[k] {
+					t.Errorf("%s (another service) changed: %+v due %d, was %+v due %d", k, st, due, before[k], beforeDue[k])
+				}
+			}
+			for tg, want := range tt.want {
+				k := tg.Key()
+				st, ok := s.Status(k)
+				due, _ := dueOf(s, k)
+				switch want {
+				case kept:
+					if !ok || st != before[k] || due != beforeDue[k] {
+						t.Errorf("%s: %+v due %d, want it kept as %+v due %d", k, st, due, before[k], beforeDue[k])
+					}
+				case restarted:
+					if !ok || !st.Pending || st.Healthy != before[k].Healthy || st.Successes != 0 || st.Failures != 0 {
+						t.Errorf("%s: %+v, want pending with Healthy=%v and counts reset", k, st, before[k].Healthy)
+					}
+				case added:
+					if !ok || !st.Pending || st.Healthy {
+						t.Errorf("%s: %+v (known %v), want pending and not healthy", k, st, ok)
+					}
+				case gone:
+					if ok {
+						t.Errorf("%s: still known after its removal: %+v", k, st)
+					}
+				}
+			}
+
+			// The other services' checks keep their rhythm: one more each
+			// in the next second, one interval after the previous.
+			step(t, clk, s, time.Second)
+			for _, tg := range others {
+				k := tg.Key()
+				got := fc.callTimes(k)
+				if len(got) != calls[k]+1 {
+					t.Errorf("%s: %d checks in the next second, want 1", k, len(got)-calls[k])
+					continue
+				}
+				if gap := got[len(got)-1].Sub(got[len(got)-2]); gap != time.Second {
+					t.Errorf("%s: checks %v apart after the change, want 1s", k, gap)
+				}
+			}
+			if _, ok := s.Status(b4.Key()); !ok && len(fc.callTimes(b4.Key())) != calls[b4.Key()] {
+				t.Errorf("a removed target was checked after its removal")
+			}
+		})
+	}
+}
+
+func TestTakeChanged(t *testing.T) {
+	h := health(time.Second, 2, 2)
+	ts := []Target{target("web", 1, h), target("web", 2, h), target("web", 3, h), target("web", 4, h)}
+	other := target("db", 9, h)
+	none := target("web", 5, spec.Health{Protocol: spec.HealthNone})
+	slow := func(tg Target) Target { tg.Health.Fall = 5; return tg }
+	keys := func(tgs ...Target) []Key {
+		var out []Key
+		for _, tg := range tgs {
+			out = append(out, tg.Key())
+		}
+		return out
+	}
+	tests := []struct {
+		name string
+		// scripts are each target's results after its first check (which
+		// succeeds, except for ts[3]'s, which fails).
+		scripts map[Target][]error
+		steps   int                          // checks after the first round
+		change  func(s *Scheduler)           // after the steps, if set
+		want    []Key                        // TakeChanged then
+		then    func(*testing.T, *Scheduler) // more checks, if set
+	}{
+		{name: "successes and failures that flip nothing", steps: 3, want: nil},
+		{
+			name:    "a failure short of fall changes only LastError",
+			scripts: map[Target][]error{ts[0]: {errFake, nil}},
+			steps:   1,
+			want:    nil,
+			then: func(t *testing.T, s *Scheduler) {
+				if st := status(t, s, ts[0].Key()); st.LastError == "" || !st.Healthy {
+					t.Errorf("after one failure: %+v, want healthy with LastError", st)
+				}
+			},
+		},
+		{
+			name:    "fall flips one target",
+			scripts: map[Target][]error{ts[0]: {errFake}},
+			steps:   2,
+			want:    keys(ts[0]),
+		},
+		{
+			name:    "rise flips one back, fall another, in two services",
+			scripts: map[Target][]error{ts[3]: {nil}, ts[1]: {errFake}, other: {errFake}},
+			steps:   3,
+			want:    keys(other, ts[1], ts[3]),
+		},
+		{
+			name:   "a settings change restarts a settled target",
+			change: func(s *Scheduler) { s.SetService("web", []Target{slow(ts[0]), ts[1], ts[2], ts[3]}) },
+			want:   keys(ts[0]),
+		},
+		{
+			name:   "a new target is not reported until its first result",
+			change: func(s *Scheduler) { s.SetService("web", append(slices.Clone(ts), target("web", 7, h))) },
+			want:   nil,
+		},
+		{
+			name:   "a none target is healthy at once",
+			change: func(s *Scheduler) { s.SetService("web", append(slices.Clone(ts), none)) },
+			want:   keys(none),
+		},
+		{
+			name:    "a flipped target removed before the call is forgotten",
+			scripts: map[Target][]error{ts[0]: {errFake}},
+			steps:   2,
+			change:  func(s *Scheduler) { s.SetService("web", ts[1:]) },
+			want:    nil,
+		},
+		{
+			name:   "a removed service is forgotten",
+			change: func(s *Scheduler) { s.SetService("web", nil) },
+			want:   nil,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			clk := clock.NewFake()
+			fc := newFakeChecks(clk)
+			s := New(Options{Clock: clk, NewChecker: fc.newChecker})
+			for _, tg := range append(slices.Clone(ts), other) {
+				fc.script(tg.Key(), append([]error{map[bool]error{true: errFake}[tg == ts[3]]}, tt.scripts[tg]...)...)
+			}
+			s.SetService("web", ts)
+			s.SetService("db", []Target{other})
+			if got := s.TakeChanged(); got != nil {
+				t.Fatalf("before any check: %v, want nothing", got)
+			}
+			startRun(t, s)
+			step(t, clk, s, time.Second)
+			if got, want := s.TakeChanged(), keys(other, ts[0], ts[1], ts[2], ts[3]); !slices.Equal(got, want) {
+				t.Fatalf("after the first round: %v, want every key (first results) %v", got, want)
+			}
+			changedFired(s) // drain
+			for range tt.steps {
+				step(t, clk, s, time.Second)
+			}
+			if tt.change != nil {
+				tt.change(s)
+			}
+			fired := changedFired(s)
+			if got := s.TakeChanged(); !slices.Equal(got, tt.want) {
+				t.Errorf("TakeChanged = %v, want %v", got, tt.want)
+			}
+			if len(tt.want) > 0 && !fired {
+				t.Error("Changed did not fire")
+			}
+			if got := s.TakeChanged(); got != nil {
+				t.Errorf("a second TakeChanged = %v, want nothing", got)
+			}
+			if tt.then != nil {
+				tt.then(t, s)
+			}
+		})
+	}
+}
+
+// BenchmarkSetService sets one service of 4 targets, its Health changing
+// every other call (a restart of all 4), with 100 or 10,000 other services
+// of 4 targets loaded: the cost follows the one service, not all.
+func BenchmarkSetService(b *testing.B) {
+	for _, others := range []int{100, 10000} {
+		b.Run(fmt.Sprintf("others=%d", others), func(b *testing.B) {
+			fc := newFakeChecks(clock.NewFake())
+			s := New(Options{Clock: clock.NewFake(), NewChecker: fc.newChecker})
+			h := health(time.Second, 2, 3)
+			for i := range others {
+				name := fmt.Sprintf("svc%d", i)
+				s.SetService(name, []Target{target(name, 1, h), target(name, 2, h), target(name, 3, h), target(name, 4, h)})
+			}
+			h2 := h
+			h2.Fall = 5
+			sets := [2][]Target{}
+			for j, hh := range []spec.Health{h, h2} {
+				sets[j] = []Target{target("one", 1, hh), target("one", 2, hh), target("one", 3, hh), target("one", 4, hh)}
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := range b.N {
+				s.SetService("one", sets[i%2])
+			}
+		})
+	}
 }

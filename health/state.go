@@ -7,9 +7,9 @@ import "time"
 type state struct {
 	pending        bool // no result since the target (re)started
 	healthy        bool
-	successes      int // consecutive
-	failures       int // consecutive
-	lastError      string
+	successes      int   // consecutive
+	failures       int   // consecutive
+	lastErr        error // of the last check; nil after a success
 	lastCheck      time.Time
 	lastTransition time.Time
 }
@@ -30,11 +30,11 @@ func (s *state) observe(err error, rise, fall int, now time.Time) bool {
 	if err == nil {
 		s.successes++
 		s.failures = 0
-		s.lastError = ""
+		s.lastErr = nil
 	} else {
 		s.failures++
 		s.successes = 0
-		s.lastError = err.Error()
+		s.lastErr = err
 	}
 	switch {
 	case s.pending:

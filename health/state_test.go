@@ -55,8 +55,8 @@ func TestStateMachine(t *testing.T) {
 				if changed && !st.lastTransition.Equal(now) {
 					t.Errorf("result %d: lastTransition %v, want %v", i, st.lastTransition, now)
 				}
-				if (err == nil) != (st.lastError == "") {
-					t.Errorf("result %d: lastError %q for err %v", i, st.lastError, err)
+				if st.lastErr != err {
+					t.Errorf("result %d: lastErr %v for err %v", i, st.lastErr, err)
 				}
 			}
 			if string(gotState) != tt.want || string(gotChanges) != tt.changes {
@@ -72,7 +72,7 @@ func TestStateCounts(t *testing.T) {
 	for _, err := range []error{nil, nil, errors.New("x"), errors.New("y")} {
 		st.observe(err, 2, 3, now)
 	}
-	if st.successes != 0 || st.failures != 2 || st.lastError != "y" {
-		t.Errorf("counts = %d successes %d failures, lastError %q; want 0, 2, \"y\"", st.successes, st.failures, st.lastError)
+	if st.successes != 0 || st.failures != 2 || st.lastErr == nil || st.lastErr.Error() != "y" {
+		t.Errorf("counts = %d successes %d failures, lastErr %v; want 0, 2, \"y\"", st.successes, st.failures, st.lastErr)
 	}
 }

@@ -37,17 +37,12 @@ func (t Target) CheckAddr() netip.AddrPort {
 	return t.Addr
 }
 
-// TargetsFor returns one target per backend of every service.
-func TargetsFor(services []*spec.Service) []Target {
-	n := 0
-	for _, s := range services {
-		n += len(s.Backends)
-	}
-	out := make([]Target, 0, n)
-	for _, s := range services {
-		for _, b := range s.Backends {
-			out = append(out, Target{Service: s.Name, Addr: b.AddrPort(), Health: s.Health})
-		}
+// TargetsFor returns one target per backend of one service, for
+// Scheduler.SetService(svc.Name, TargetsFor(svc)).
+func TargetsFor(svc *spec.Service) []Target {
+	out := make([]Target, 0, len(svc.Backends))
+	for _, b := range svc.Backends {
+		out = append(out, Target{Service: svc.Name, Addr: b.AddrPort(), Health: svc.Health})
 	}
 	return out
 }

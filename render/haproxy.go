@@ -2,6 +2,7 @@ package render
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"net/netip"
@@ -31,8 +32,6 @@ type HAProxyOptions struct {
 	// AdminSocket is the runtime API socket (level admin, expose-fd
 	// listeners, so a reload hands the listening sockets over).
 	AdminSocket string
-	// StateFile is the server-state file HAProxy reads at start and reload.
-	StateFile string
 	// PIDFile is where HAProxy writes the master's pid.
 	PIDFile string
 	// Certificates maps the name of a service whose certificate comes from
@@ -43,6 +42,12 @@ type HAProxyOptions struct {
 	// HardStopAfter bounds how long a worker replaced by a reload keeps
 	// serving its old connections; zero leaves it unbounded.
 	HardStopAfter time.Duration
+	// StateDir holds the files of http frontends: routing maps under
+	// maps/, crt-lists and default certificates under certs/.
+	StateDir string
+	// HTTPSpareSlots is how many spare backend slots HAProxyConfig lays
+	// out per pool (0: DefaultHTTPSpareSlots).
+	HTTPSpareSlots int
 }
 
 var (
@@ -162,11 +167,10 @@ func haproxyDuration(d time.Duration) string {
 	return strconv.FormatInt(int64((d+time.Millisecond-1)/time.Millisecond), 10) + "ms"
 }
 
-type haproxyView struct {
-	AdminSocket, StateFile, PIDFile              string
+type haproxyHeaderView struct {
+	AdminSocket, PIDFile                         string
 	TimeoutConnect, TimeoutClient, TimeoutServer string
 	HardStopAfter                                string
-	Services                                     []haproxyServiceView
 }
 
 type haproxyServiceView struct {
@@ -183,54 +187,123 @@ type haproxyServerView struct {
 
 var haproxyTemplate = template.Must(template.New("haproxy.cfg.tmpl").ParseFS(templates.FS, "haproxy.cfg.tmpl"))
 
-// HAProxyConfig renders haproxy.cfg for services: a frontend and a backend
-// per service, with the servers and weights given. It is pure. Every value
-// is checked before it is written; anything that could break out of its
-// token (whitespace, newline, '#', ';', quotes) is refused with an error,
-// even though spec validation already rules it out.
+// HAProxyConfig renders haproxy.cfg for services: the header, then a
+// section (a frontend and a backend) per tcp service, in the order given,
+// with the servers and weights given, then the http part for the http
+// services (HAProxyHTTPSections, laid out afresh by LayoutHTTP with
+// opts.HTTPSpareSlots spares). It is pure. Every value is checked before
+// it is written; anything that could break out of its token (whitespace,
+// newline, '#', ';', quotes) is refused with an error, even though spec
+// validation already rules it out. The result is HAProxyHeader followed by
+// each tcp service's HAProxySection and the http sections.
 func HAProxyConfig(services []HAProxyService, opts HAProxyOptions) ([]byte, error) {
-	v := haproxyView{
+	head, parts, _, err := HAProxyConfigParts(services, opts)
+	if err != nil {
+		return nil, err
+	}
+	b := bytes.NewBuffer(head)
+	for _, p := range parts {
+		b.Write(p.Text)
+	}
+	return b.Bytes(), nil
+}
+
+// HAProxyConfigParts is HAProxyConfig in pieces: the header, the parts
+// after it (each tcp service's section, then the http sections), and the
+// http layout they follow.
+func HAProxyConfigParts(services []HAProxyService, opts HAProxyOptions) ([]byte, []HAProxyPart, HTTPLayout, error) {
+	head, err := HAProxyHeader(opts)
+	var errs []error
+	if err != nil {
+		errs = append(errs, err)
+	}
+	var parts []HAProxyPart
+	names := map[string]bool{}
+	binds := map[netip.AddrPort]string{} // bind -> "tcp" or "http"
+	var web []HAProxyService
+	for _, s := range services {
+		mode := "tcp"
+		if s.HTTP() {
+			mode = "http"
+		}
+		if names[s.Name] {
+			errs = append(errs, fmt.Errorf("service %q appears twice", s.Name))
+			continue
+		}
+		if m, taken := binds[s.Bind]; taken && (m == "tcp" || mode == "tcp") {
+			errs = append(errs, fmt.Errorf("service %q: bind %s is claimed twice", s.Name, s.Bind))
+			continue
+		}
+		names[s.Name], binds[s.Bind] = true, mode
+		if s.HTTP() {
+			if err := CheckHTTPService(s); err != nil {
+				errs = append(errs, fmt.Errorf("haproxy service %q: %w", s.Name, err))
+				continue
+			}
+			web = append(web, s)
+			continue
+		}
+		sec, err := HAProxySection(s, opts)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		parts = append(parts, HAProxyPart{Services: []string{s.Name}, Text: sec})
+	}
+	var layout HTTPLayout
+	if len(web) > 0 {
+		if layout, err = LayoutHTTP(web, HTTPLayout{}, cmp.Or(opts.HTTPSpareSlots, DefaultHTTPSpareSlots), nil); err != nil {
+			errs = append(errs, err)
+		}
+		webParts, err := HAProxyHTTPSections(layout, web, opts)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		parts = append(parts, webParts...)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, nil, HTTPLayout{}, err
+	}
+	return head, parts, layout, nil
+}
+
+// HAProxyHeader renders the part of haproxy.cfg that does not depend on
+// the services: the global and defaults sections, ending with a newline.
+func HAProxyHeader(opts HAProxyOptions) ([]byte, error) {
+	v := haproxyHeaderView{
+		AdminSocket:    opts.AdminSocket,
+		PIDFile:        opts.PIDFile,
 		TimeoutConnect: haproxyDuration(cmp0(opts.TimeoutConnect, DefaultHAProxyTimeoutConnect)),
 		TimeoutClient:  haproxyDuration(cmp0(opts.TimeoutClient, DefaultHAProxyTimeoutClient)),
 		TimeoutServer:  haproxyDuration(cmp0(opts.TimeoutServer, DefaultHAProxyTimeoutServer)),
 	}
-	var errs []error
-	for _, p := range []struct{ field, v string }{
-		{"admin socket", opts.AdminSocket}, {"server-state file", opts.StateFile}, {"pidfile", opts.PIDFile},
-	} {
-		errs = append(errs, CheckHAProxyPath(p.field, p.v))
-	}
-	v.AdminSocket, v.StateFile, v.PIDFile = opts.AdminSocket, opts.StateFile, opts.PIDFile
+	errs := []error{CheckHAProxyPath("admin socket", opts.AdminSocket), CheckHAProxyPath("pidfile", opts.PIDFile)}
 	if opts.TimeoutConnect < 0 || opts.TimeoutClient < 0 || opts.TimeoutServer < 0 || opts.HardStopAfter < 0 {
 		errs = append(errs, errors.New("negative timeout"))
 	}
 	if opts.HardStopAfter > 0 {
 		v.HardStopAfter = haproxyDuration(opts.HardStopAfter)
 	}
-	names := map[string]bool{}
-	binds := map[netip.AddrPort]bool{}
-	for _, s := range services {
-		sv, err := haproxyServiceViewOf(s, opts)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		if names[s.Name] {
-			errs = append(errs, fmt.Errorf("service %q appears twice", s.Name))
-			continue
-		}
-		if binds[s.Bind] {
-			errs = append(errs, fmt.Errorf("service %q: bind %s is claimed twice", s.Name, s.Bind))
-			continue
-		}
-		names[s.Name], binds[s.Bind] = true, true
-		v.Services = append(v.Services, sv)
-	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
 	var b bytes.Buffer
-	if err := haproxyTemplate.Execute(&b, v); err != nil {
+	if err := haproxyTemplate.ExecuteTemplate(&b, "header", v); err != nil {
+		return nil, fmt.Errorf("haproxy.cfg template: %w", err)
+	}
+	return b.Bytes(), nil
+}
+
+// HAProxySection renders one tcp service's section of haproxy.cfg: a blank
+// line, its frontend and its backend with the servers given, ending with a
+// newline. Every value is checked as HAProxyConfig says.
+func HAProxySection(s HAProxyService, opts HAProxyOptions) ([]byte, error) {
+	sv, err := haproxyServiceViewOf(s, opts)
+	if err != nil {
+		return nil, err
+	}
+	var b bytes.Buffer
+	if err := haproxyTemplate.ExecuteTemplate(&b, "service", sv); err != nil {
 		return nil, fmt.Errorf("haproxy.cfg template: %w", err)
 	}
 	return b.Bytes(), nil
@@ -273,32 +346,39 @@ func haproxyServiceViewOf(s HAProxyService, opts HAProxyOptions) (haproxyService
 	case s.Persistence < 0:
 		return fail(fmt.Errorf("persistence: negative %s", s.Persistence))
 	case s.Persistence > 0:
-		sv.StickType = "ip"
-		if s.Bind.Addr().Is6() && !s.Bind.Addr().Is4In6() {
-			sv.StickType = "ipv6"
-		}
+		sv.StickType = stickType(s.Bind.Addr())
 		sv.StickExpire = haproxyDuration(s.Persistence)
 	}
+	if sv.Servers, err = serverViews(s.Servers); err != nil {
+		return fail(err)
+	}
+	return sv, nil
+}
+
+// serverViews checks the servers of a backend and writes them for the
+// template.
+func serverViews(servers []HAProxyServer) ([]haproxyServerView, error) {
 	seen := map[string]bool{}
-	for _, srv := range s.Servers {
+	var out []haproxyServerView
+	for _, srv := range servers {
 		if err := CheckHAProxyServerName(srv.Name); err != nil {
-			return fail(err)
+			return nil, err
 		}
 		if seen[srv.Name] {
-			return fail(fmt.Errorf("server %q appears twice", srv.Name))
+			return nil, fmt.Errorf("server %q appears twice", srv.Name)
 		}
 		seen[srv.Name] = true
 		if err := CheckHAProxyAddr("server "+srv.Name, srv.Address); err != nil {
-			return fail(err)
+			return nil, err
 		}
 		if srv.Port == 0 {
-			return fail(fmt.Errorf("server %s: port 0", srv.Name))
+			return nil, fmt.Errorf("server %s: port 0", srv.Name)
 		}
-		sv.Servers = append(sv.Servers, haproxyServerView{
+		out = append(out, haproxyServerView{
 			Name:   srv.Name,
 			Addr:   netip.AddrPortFrom(srv.Address, srv.Port).String(),
 			Weight: HAProxyWeight(srv.Weight),
 		})
 	}
-	return sv, nil
+	return out, nil
 }

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -32,11 +33,50 @@ const (
 
 func goldenOpts() HAProxyOptions {
 	return HAProxyOptions{
-		AdminSocket:  goldenRunDir + "/admin.sock",
-		StateFile:    goldenRunDir + "/server-state",
-		PIDFile:      goldenRunDir + "/haproxy.pid",
-		Certificates: map[string]string{"etcd-tls": goldenRunDir + "/certs/etcd-tls.pem"},
+		AdminSocket:    goldenRunDir + "/admin.sock",
+		PIDFile:        goldenRunDir + "/haproxy.pid",
+		Certificates:   map[string]string{"etcd-tls": goldenRunDir + "/certs/etcd-tls.pem"},
+		StateDir:       goldenRunDir,
+		HTTPSpareSlots: 2,
 	}
+}
+
+// web is a mode http service on bind with routes written host/path ("*"
+// for any host).
+func web(name, bind string, routes ...string) HAProxyService {
+	s := HAProxyService{Name: name, Bind: netip.MustParseAddrPort(bind), Mode: spec.ModeHTTP, Scheduler: spec.RoundRobin,
+		Servers: []HAProxyServer{srv("10.1.2.3", 8080, 1)}}
+	for _, r := range routes {
+		host, path, _ := strings.Cut(r, "/")
+		if host == "*" {
+			host = ""
+		}
+		s.Routes = append(s.Routes, spec.Route{Host: host, PathPrefix: "/" + path})
+	}
+	return s
+}
+
+// goldenHTTPFiles renders the files the http frontends of services read,
+// as HAProxyConfig lays them out: "# path" then the content, per file.
+func goldenHTTPFiles(t *testing.T, services []HAProxyService) []byte {
+	t.Helper()
+	l, err := LayoutHTTP(services, HTTPLayout{}, goldenOpts().HTTPSpareSlots, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, err := HTTPFiles(l, services, goldenOpts())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	for _, f := range files {
+		b.WriteString("# " + f.Path + "\n")
+		if f.CopyOf != "" {
+			b.WriteString("#copy " + f.CopyOf + "\n")
+		}
+		b.Write(f.Content)
+	}
+	return b.Bytes()
 }
 
 func srv(addr string, port uint16, w int) HAProxyServer {
@@ -66,6 +106,44 @@ func TestHAProxyConfigGolden(t *testing.T) {
 		}}}},
 		{"empty-pool", []HAProxyService{{Name: "empty", Bind: netip.MustParseAddrPort("192.0.2.15:80")}}},
 		{"no-services", nil},
+		// Mode http: services sharing one vip:port by host and by path,
+		// a wildcard, a catch-all; maps in the .files golden.
+		{"http-shared", []HAProxyService{
+			web("www", "192.0.2.50:80", "www.example.com/"),
+			web("api", "192.0.2.50:80", "www.example.com/api", "api.example.com/", "www.example.com/api/v2/admin"),
+			web("wild", "192.0.2.50:80", "*.example.com/"),
+			func() HAProxyService {
+				s := web("rest", "192.0.2.50:80", "*/")
+				s.Scheduler = spec.LeastConnection
+				return s
+			}(),
+		}},
+		// TLS: two certificates chosen by SNI on one vip:port, a file and
+		// an etcd key; the first by name is the default.
+		{"http-tls", []HAProxyService{
+			func() HAProxyService {
+				s := web("etcd-tls", "192.0.2.52:443", "b.example.com/")
+				s.CertificateKey = "/switchman/certs/b"
+				return s
+			}(),
+			func() HAProxyService {
+				s := web("api", "192.0.2.52:443", "a.example.com/")
+				s.Certificate = goldenCertDir + "/api.pem"
+				return s
+			}(),
+		}},
+		// tcp and http side by side; persistence and hashing get pools of
+		// their own; an IPv6 frontend.
+		{"http-mixed", []HAProxyService{
+			{Name: "db", Bind: netip.MustParseAddrPort("192.0.2.10:5432"), Scheduler: spec.LeastConnection, Servers: two},
+			func() HAProxyService {
+				s := web("sticky", "[2001:db8::50]:80", "*/")
+				s.Scheduler, s.Persistence = spec.SourceHashing, 5*time.Minute
+				s.Servers = []HAProxyServer{srv("2001:db8::1:2", 8080, 1), srv("2001:db8::1:3", 8080, 300)}
+				return s
+			}(),
+			web("plain", "192.0.2.51:8080", "*/"),
+		}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -73,27 +151,40 @@ func TestHAProxyConfigGolden(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			golden := filepath.Join("testdata", "haproxy", tt.name+".cfg")
-			if *update {
-				if err := os.WriteFile(golden, got, 0o644); err != nil {
-					t.Fatal(err)
-				}
+			want := golden(t, tt.name+".cfg", got)
+			var files []byte
+			if slices.ContainsFunc(tt.services, HAProxyService.HTTP) {
+				files = golden(t, tt.name+".files", goldenHTTPFiles(t, tt.services))
 			}
-			want, err := os.ReadFile(golden)
-			if err != nil {
-				t.Fatalf("%v (run go test ./render -run Golden -update to create it)", err)
-			}
-			if !bytes.Equal(got, want) {
-				t.Errorf("rendered config differs from %s:\n--- got\n%s\n--- want\n%s", golden, got, want)
-			}
-			haproxyCheck(t, want)
+			haproxyCheck(t, want, files)
 		})
 	}
 }
 
+// golden compares got with testdata/haproxy/name (rewriting it first with
+// -update) and returns the golden content.
+func golden(t *testing.T, name string, got []byte) []byte {
+	t.Helper()
+	path := filepath.Join("testdata", "haproxy", name)
+	if *update {
+		if err := os.WriteFile(path, got, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("%v (run go test ./render -run Golden -update to create it)", err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Errorf("rendered text differs from %s:\n--- got\n%s\n--- want\n%s", path, got, want)
+	}
+	return want
+}
+
 // haproxyCheck runs the real `haproxy -c` on cfg, with the golden paths
-// moved into a temporary directory holding a freshly made certificate.
-func haproxyCheck(t *testing.T, cfg []byte) {
+// moved into a temporary directory holding a freshly made certificate and
+// the http files (as goldenHTTPFiles writes them).
+func haproxyCheck(t *testing.T, cfg, files []byte) {
 	t.Helper()
 	bin, err := exec.LookPath("haproxy")
 	if err != nil {
@@ -101,7 +192,7 @@ func haproxyCheck(t *testing.T, cfg []byte) {
 		return
 	}
 	dir := t.TempDir()
-	for _, d := range []string{"run/certs", "certs"} {
+	for _, d := range []string{"run/certs", "run/maps", "certs"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
 			t.Fatal(err)
 		}
@@ -112,8 +203,23 @@ func haproxyCheck(t *testing.T, cfg []byte) {
 			t.Fatal(err)
 		}
 	}
-	s := strings.ReplaceAll(string(cfg), goldenRunDir, filepath.Join(dir, "run"))
-	s = strings.ReplaceAll(s, goldenCertDir, filepath.Join(dir, "certs"))
+	move := func(s string) string {
+		s = strings.ReplaceAll(s, goldenRunDir, filepath.Join(dir, "run"))
+		return strings.ReplaceAll(s, goldenCertDir, filepath.Join(dir, "certs"))
+	}
+	for _, f := range strings.Split(string(files), "# ")[1:] {
+		path, content, _ := strings.Cut(f, "\n")
+		data := []byte(move(content))
+		if src, ok := strings.CutPrefix(content, "#copy "); ok {
+			if data, err = os.ReadFile(move(strings.TrimSpace(src))); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := os.WriteFile(move(path), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s := move(string(cfg))
 	path := filepath.Join(dir, "haproxy.cfg")
 	if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
 		t.Fatal(err)
@@ -264,7 +370,6 @@ func expectedShape(services []HAProxyService) []cfgLine {
 	g("global", 1)
 	g("master-worker", 1)
 	g("stats", 9)
-	g("server-state-file", 2)
 	g("pidfile", 2)
 	out = append(out, cfgLine{section: "global"})
 	d := func(kw string, n int) { out = append(out, cfgLine{section: "defaults", keyword: kw, tokens: n}) }
@@ -275,7 +380,6 @@ func expectedShape(services []HAProxyService) []cfgLine {
 	d("timeout", 3)
 	d("retries", 2)
 	d("option", 2)
-	d("load-server-state-from-file", 2)
 	last := "defaults"
 	for _, s := range services {
 		out = append(out, cfgLine{section: last})
@@ -335,7 +439,7 @@ func FuzzHAProxyConfig(f *testing.F) {
 			Scheduler: spec.Scheduler(sched), Persistence: time.Duration(persistMS) * time.Millisecond,
 			Servers: []HAProxyServer{{Name: server, Address: a, Port: port, Weight: weight}},
 		}
-		o := HAProxyOptions{AdminSocket: socket, StateFile: "/run/s/state", PIDFile: "/run/s/pid",
+		o := HAProxyOptions{AdminSocket: socket, PIDFile: "/run/s/pid",
 			Certificates: map[string]string{name: cert + ".from-etcd"}}
 		out, err := HAProxyConfig([]HAProxyService{s}, o)
 		if err != nil {

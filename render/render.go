@@ -185,7 +185,9 @@ type L4Destination struct {
 	Forwarding spec.Forwarding
 }
 
-// HAProxyService is one frontend and its backend in haproxy.cfg.
+// HAProxyService is one service of HAProxy: in mode tcp a frontend and a
+// backend of its own in haproxy.cfg; in mode http a backend slot and its
+// routes in the routing map of the frontend of its bind.
 type HAProxyService struct {
 	Name           string
 	Bind           netip.AddrPort
@@ -197,6 +199,11 @@ type HAProxyService struct {
 	Scheduler      spec.Scheduler
 	Persistence    time.Duration
 	Servers        []HAProxyServer // sorted by address and port
+	// Mode is spec.ModeHTTP for a service on a shared http frontend,
+	// routed by Host and path; tcp (or "") for a frontend of its own.
+	Mode spec.Mode
+	// Routes are the routes of an http service, in definition order.
+	Routes []spec.Route
 }
 
 // HAProxyServer is one server line of a HAProxy backend.
@@ -413,6 +420,8 @@ func haproxyService(s *spec.Service, rep ServiceReport) HAProxyService {
 		Bind:        netip.AddrPortFrom(s.VIP, s.Port),
 		Scheduler:   s.Scheduler,
 		Persistence: s.Persistence,
+		Mode:        s.Mode,
+		Routes:      slices.Clone(s.Routes),
 	}
 	if s.TLS != nil {
 		h.Certificate = s.TLS.Certificate
@@ -456,4 +465,38 @@ func filter(s *spec.Service, rep ServiceReport) (Filter, bool) {
 		}
 	}
 	return f, f.AllowCIDRs != nil || f.Masquerade
+}
+
+// Split is the inverse of Assemble: one ServiceState per service named in
+// st (its L4 service, HAProxy service and filter), sorted by name. VIPs and
+// reports are not split back; drivers that need only their own part (and
+// tests that hold whole states) use it.
+func Split(st *State) []*ServiceState {
+	by := map[string]*ServiceState{}
+	get := func(name string) *ServiceState {
+		s := by[name]
+		if s == nil {
+			s = &ServiceState{Name: name}
+			by[name] = s
+		}
+		return s
+	}
+	for i, list := range [][]L4Service{st.IPVS, st.NFTables} {
+		for _, l := range list {
+			l.Driver = []spec.Driver{spec.DriverIPVS, spec.DriverNFTables}[i]
+			get(l.Service).L4 = &l
+		}
+	}
+	for _, h := range st.HAProxy {
+		get(h.Name).HAProxy = &h
+	}
+	for _, f := range st.Filters {
+		get(f.Service).Filter = &f
+	}
+	out := make([]*ServiceState, 0, len(by))
+	for _, s := range by {
+		out = append(out, s)
+	}
+	slices.SortFunc(out, func(a, b *ServiceState) int { return cmp.Compare(a.Name, b.Name) })
+	return out
 }

@@ -47,6 +47,7 @@ func TestDefaults(t *testing.T) {
 		PreserveClientIP: true,
 		Driver:           DriverIPVS,
 		Group:            DefaultGroup,
+		Mode:             ModeTCP,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("defaults:\n got %+v\nwant %+v", got, want)
@@ -108,6 +109,30 @@ func TestParseAccepts(t *testing.T) {
 		{"plain decimal numbers, zero and quoted leading zeros", "vip: 192.0.2.10\nport: 8080\nbackends:\n  - address: 10.0.0.1\n    weight: 0\n  - address: 10.0.0.2\n    port: 443\npersistence: \"0300s\"\n", func(t *testing.T, s *Service) {
 			if s.Port != 8080 || s.Backends[0].Weight != 0 || s.Backends[1].Port != 443 || s.Persistence != 300*time.Second {
 				t.Errorf("port %d backends %+v persistence %s", s.Port, s.Backends, s.Persistence)
+			}
+		}},
+		{"mode http selects haproxy, no routes answer everything", minimal + "mode: http\n", func(t *testing.T, s *Service) {
+			if s.Mode != ModeHTTP || s.Driver != DriverHAProxy || !reflect.DeepEqual(s.Routes, []Route{{PathPrefix: "/"}}) {
+				t.Errorf("mode %q driver %q routes %+v", s.Mode, s.Driver, s.Routes)
+			}
+		}},
+		{"mode tcp by default, no routes", minimal, func(t *testing.T, s *Service) {
+			if s.Mode != ModeTCP || s.Routes != nil {
+				t.Errorf("mode %q routes %+v", s.Mode, s.Routes)
+			}
+		}},
+		{"routes normalized in definition order", minimal + "mode: http\ndriver: haproxy\nroutes:\n  - host: WWW.Example.COM\n    path_prefix: /api/\n  - host: \"*.example.com\"\n  - path_prefix: /static/v1\n  - host: xn--bcher-kva.example\n    path_prefix: /a%2Fb~c\n", func(t *testing.T, s *Service) {
+			want := []Route{{"www.example.com", "/api"}, {"*.example.com", "/"}, {"", "/static/v1"}, {"xn--bcher-kva.example", "/a%2Fb~c"}}
+			if !reflect.DeepEqual(s.Routes, want) {
+				t.Errorf("routes %+v, want %+v", s.Routes, want)
+			}
+			if got := s.Routes[2].String(); got != "*/static/v1" {
+				t.Errorf("String() = %q", got)
+			}
+		}},
+		{"mode http with tls", minimal + "mode: http\ntls:\n  certificate: /etc/switchman/certs/www.pem\n", func(t *testing.T, s *Service) {
+			if s.Mode != ModeHTTP || s.Driver != DriverHAProxy || s.TLS == nil {
+				t.Errorf("mode %q driver %q tls %v", s.Mode, s.Driver, s.TLS)
 			}
 		}},
 		{"health path with percent-encoding", minimal + "health:\n  protocol: http\n  path: /a%2Fb%7e?q=100%25\n", func(t *testing.T, s *Service) {

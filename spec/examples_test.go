@@ -110,6 +110,12 @@ var exampleFeatures = map[string]func(s *Service) string{
 	"drain": func(s *Service) string {
 		return want(s.Drain != DefaultDrain && !s.FailOpen, "a drain time of its own and fail_open false")
 	},
+	"http-www": func(s *Service) string {
+		return want(s.Mode == ModeHTTP && s.Driver == DriverHAProxy && len(s.Routes) == 2 && s.Routes[1].Host == "*.example.com", "mode http with an exact and a wildcard host")
+	},
+	"http-api": func(s *Service) string {
+		return want(s.Mode == ModeHTTP && s.Routes[0].PathPrefix == "/api" && s.VIP.String() == "192.0.2.60", "mode http routing a path, sharing http-www's vip:port")
+	},
 	"app-wrr": func(s *Service) string {
 		return want(s.Scheduler == WeightedRoundRobin && s.Health.Protocol == HealthHTTPS && s.Health.Verify, "wrr with a verified https check")
 	},

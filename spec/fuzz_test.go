@@ -15,6 +15,7 @@ var fuzzSeeds = []string{
 	`{"vip":"192.0.2.10","port":53,"protocol":"udp","scheduler":"wlc","health":{"protocol":"udp","payload":"ping"},"backends":[{"address":"10.0.0.1"}]}`,
 	minimal + "tls:\n  certificate: /etc/switchman/certs/api.pem\nhealth:\n  protocol: https\n  sni: api.example.com\n  verify: true\n  path: /healthz\n",
 	minimal + "scheduler: mh\nscheduler_flags: [mh-fallback, mh-port]\npersistence: 300s\n",
+	minimal + "mode: http\nroutes:\n  - host: \"*.Example.com\"\n    path_prefix: /api/\n  - path_prefix: /a%2Fb\n",
 	minimal + "forwarding: dr\nallow_cidrs: [198.51.100.0/24, 203.0.113.7]\npreserve_client_ip: false\n",
 	minimal + "health:\n  interval: 1s\n  timeout: 1s\n  rise: 0\n",
 	"vip: [1, {a: b}]\nport: {x: 1}\nbackends: [[], null, 3]\n",
@@ -173,6 +174,31 @@ func checkInvariants(t *testing.T, s *Service) {
 		}
 	default:
 		fail("driver %q", s.Driver)
+	}
+	switch s.Mode {
+	case ModeTCP:
+		if s.Routes != nil {
+			fail("routes in mode tcp")
+		}
+	case ModeHTTP:
+		if s.Driver != DriverHAProxy || len(s.Routes) == 0 || len(s.Routes) > MaxRoutes {
+			fail("mode http on %s with %d routes", s.Driver, len(s.Routes))
+		}
+	default:
+		fail("mode %q", s.Mode)
+	}
+	seenRoutes := map[Route]bool{}
+	for _, r := range s.Routes {
+		// What reaches a map file or the runtime API: one token of host
+		// characters and one of path characters.
+		if seenRoutes[r] || r.Host != "" && !routeHostRE.MatchString(r.Host) || !strings.HasPrefix(r.PathPrefix, "/") ||
+			r.PathPrefix != "/" && strings.HasSuffix(r.PathPrefix, "/") || strings.Contains(r.PathPrefix, "//") ||
+			strings.ContainsFunc(r.PathPrefix, func(c rune) bool {
+				return !strings.ContainsRune("/._~%-", c) && !('a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9')
+			}) {
+			fail("route %+v", r)
+		}
+		seenRoutes[r] = true
 	}
 	if s.TLS != nil {
 		c, k := s.TLS.Certificate, s.TLS.CertificateKey

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"net/netip"
 	"reflect"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -201,6 +202,28 @@ func TestResolveConflicts(t *testing.T) {
 		l1, l2 := ResolveConflicts([]Claim{a, b}), ResolveConflicts([]Claim{b, a})
 		if !reflect.DeepEqual(l1, l2) || l1["a"] == nil {
 			t.Errorf("losers differ by order: %v vs %v", l1, l2)
+		}
+	})
+	t.Run("mode http services share a key by route", func(t *testing.T) {
+		web := func(name, routes string, rev int64) Claim {
+			return Claim{Service: mustParse(t, name, minimal+"mode: http\nroutes: "+routes+"\n"), CreateRevision: rev}
+		}
+		claims := []Claim{
+			web("late", "[{host: www.example.com, path_prefix: /api}]", 9),
+			web("www", "[{host: www.example.com}]", 2),
+			web("api", "[{host: www.example.com, path_prefix: /api/}]", 4),
+			web("wild", "[{host: \"*.example.com\"}]", 5),
+			claim(t, "tcp", "192.0.2.10", 80, "tcp", 7),
+		}
+		losers := ResolveConflicts(claims)
+		if len(losers) != 2 || losers["late"] == nil || losers["tcp"] == nil {
+			t.Fatalf("losers = %v; want late and tcp", losers)
+		}
+		wantFieldError(t, Errors{asFieldError(t, losers["late"])}, "routes[0]", "www.example.com/api", `service "api"`, "revision 4")
+		wantFieldError(t, Errors{asFieldError(t, losers["tcp"])}, "vip", `service "www"`, "mode http")
+		slices.Reverse(claims)
+		if again := ResolveConflicts(claims); !reflect.DeepEqual(again, losers) {
+			t.Errorf("losers differ by order: %v vs %v", again, losers)
 		}
 	})
 	t.Run("input not reordered", func(t *testing.T) {

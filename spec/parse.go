@@ -34,7 +34,18 @@ var (
 	// httpPathRE is an absolute HTTP request path with an optional query,
 	// made of the characters RFC 3986 allows, so it cannot split a request.
 	httpPathRE = regexp.MustCompile(`^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*$`)
+	// routeHostRE is a route's host once lower-cased: a DNS name of
+	// letters, digits and hyphens, with an optional leading "*." wildcard.
+	routeHostRE = regexp.MustCompile(`^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$`)
+	// routeSegmentRE is one segment of a route's path prefix: unreserved
+	// URL characters and percent-escapes only, nothing HAProxy's map files
+	// or runtime API could read as syntax (no space, '#', ';', quote or
+	// backslash).
+	routeSegmentRE = regexp.MustCompile(`^[A-Za-z0-9._~%-]+$`)
 )
+
+// MaxRoutes bounds the routes of one service.
+const MaxRoutes = 1000
 
 // rawService mirrors the definition document; pointers tell "absent" from a
 // zero value so defaults can be applied.
@@ -55,6 +66,13 @@ type rawService struct {
 	PreserveClientIP *bool        `json:"preserve_client_ip"`
 	Driver           *string      `json:"driver"`
 	HAGroup          *string      `json:"ha_group"`
+	Mode             *string      `json:"mode"`
+	Routes           []rawRoute   `json:"routes"`
+}
+
+type rawRoute struct {
+	Host       *string `json:"host"`
+	PathPrefix *string `json:"path_prefix"`
 }
 
 type rawBackend struct {
@@ -226,8 +244,9 @@ func (v *validator) service(r *rawService, s *Service) {
 	if r.TLS != nil {
 		s.TLS = v.tls(r.TLS)
 	}
+	s.Mode = Mode(v.enum("mode", r.Mode, string(ModeTCP), "tcp", "http"))
 	defaultDriver := string(v.l4)
-	if s.TLS != nil {
+	if s.TLS != nil || s.Mode == ModeHTTP {
 		defaultDriver = string(DriverHAProxy)
 	}
 	s.Driver = Driver(v.enum("driver", r.Driver, defaultDriver, "ipvs", "nftables", "haproxy"))
@@ -246,6 +265,7 @@ func (v *validator) service(r *rawService, s *Service) {
 	}
 	s.Health = v.health(r.Health)
 	s.AllowCIDRs = v.cidrs(r.AllowCIDRs, s.VIP)
+	s.Routes = v.routes(r.Routes, s.Mode)
 
 	// Rules across fields.
 	if s.TLS != nil && s.Protocol == UDP {
@@ -267,6 +287,11 @@ func (v *validator) service(r *rawService, s *Service) {
 			v.errs.add("forwarding", "\"dr\" is not supported by driver nftables (its ingress hook, which could forward unchanged packets to a backend's MAC, runs before connection tracking, so the packets of one connection would not stay on one backend); use nat, or driver ipvs")
 		}
 	}
+	if s.Mode == ModeHTTP {
+		if s.Driver.L4() {
+			v.errs.add("driver", "%q cannot route HTTP requests; mode http needs driver haproxy (the default for mode http)", s.Driver)
+		}
+	}
 	if s.Driver == DriverHAProxy {
 		if s.Protocol == UDP {
 			v.errs.add("protocol", "\"udp\" is not supported by driver haproxy")
@@ -275,6 +300,110 @@ func (v *validator) service(r *rawService, s *Service) {
 			v.errs.add("forwarding", "%q is IPVS only; driver haproxy proxies connections", s.Forwarding)
 		}
 	}
+}
+
+// routes checks the routes of a service and normalizes them: hosts
+// lower-cased, path prefixes without a trailing '/'. A mode http service
+// without routes answers every host and path.
+func (v *validator) routes(raw []rawRoute, mode Mode) []Route {
+	if mode != ModeHTTP {
+		if raw != nil {
+			v.errs.add("routes", "set, but mode is %q; routes need mode http", mode)
+		}
+		return nil
+	}
+	if raw == nil {
+		return []Route{{PathPrefix: "/"}}
+	}
+	if len(raw) == 0 {
+		v.errs.add("routes", "the list is empty, which would answer nothing; leave it out to answer every host and path")
+		return nil
+	}
+	if len(raw) > MaxRoutes {
+		v.errs.add("routes", "has %d routes, more than the limit of %d", len(raw), MaxRoutes)
+		return nil
+	}
+	out := make([]Route, 0, len(raw))
+	seen := map[Route]int{}
+	for i, r := range raw {
+		path := fmt.Sprintf("routes[%d]", i)
+		rt := Route{PathPrefix: "/"}
+		ok := true
+		if r.Host != nil {
+			h, err := routeHost(*r.Host)
+			if err != "" {
+				v.errs.add(path+".host", "%q %s", *r.Host, err)
+				ok = false
+			}
+			rt.Host = h
+		}
+		if r.PathPrefix != nil {
+			p, err := routePath(*r.PathPrefix)
+			if err != "" {
+				v.errs.add(path+".path_prefix", "%q %s", *r.PathPrefix, err)
+				ok = false
+			}
+			rt.PathPrefix = p
+		}
+		if !ok {
+			continue
+		}
+		if j, dup := seen[rt]; dup {
+			v.errs.add(path, "%s is the same route as routes[%d]", rt, j)
+			continue
+		}
+		seen[rt] = i
+		out = append(out, rt)
+	}
+	return out
+}
+
+// routeHost lower-cases a route's host and checks it, returning why it is
+// not one ("" when it is).
+func routeHost(h string) (string, string) {
+	l := strings.ToLower(h)
+	switch {
+	case h == "":
+		return "", "is empty; leave host out to answer every host"
+	case h == "*":
+		return "", "is not a host name; leave host out to answer every host"
+	case len(h) > 253:
+		return "", "is longer than 253 characters"
+	case strings.Contains(h, ":"):
+		return "", "has a port or is an IPv6 address; give the host name alone (the port is the service's)"
+	case strings.Contains(l, "*") && !strings.HasPrefix(l, "*.") || strings.Count(l, "*") > 1:
+		return "", "has a '*' that is not a whole leading label; a wildcard is written *.example.com"
+	case !routeHostRE.MatchString(l):
+		return "", "is not a host name (letters, digits, '-' and '.', labels of 1-63 characters, an optional leading *.; internationalized names in their xn-- form)"
+	}
+	return l, ""
+}
+
+// routePath checks a route's path prefix and returns it without a
+// trailing '/', or why it is not one.
+func routePath(p string) (string, string) {
+	switch {
+	case !strings.HasPrefix(p, "/"):
+		return "", "is not an absolute path (it must start with '/')"
+	case len(p) > 1024:
+		return "", "is longer than 1024 characters"
+	case p == "/":
+		return p, ""
+	}
+	trimmed := strings.TrimSuffix(p, "/")
+	for _, seg := range strings.Split(trimmed[1:], "/") {
+		switch {
+		case seg == "":
+			return "", "has an empty segment ('//')"
+		case seg == "." || seg == "..":
+			return "", "has a '.' or '..' segment"
+		case !routeSegmentRE.MatchString(seg):
+			return "", "has a character other than letters, digits, '.', '_', '~', '-', '/' and percent-escapes"
+		case badEscape(seg) != "":
+			return "", fmt.Sprintf("has %q, which is not percent-encoding ('%%' must be followed by two hex digits)", badEscape(seg))
+		}
+	}
+	return trimmed, ""
 }
 
 func (v *validator) tls(r *rawTLS) *TLS {

@@ -54,6 +54,37 @@ const (
 // nftables), as opposed to the HAProxy proxy.
 func (d Driver) L4() bool { return d == DriverIPVS || d == DriverNFTables }
 
+// Mode is how a service treats its connections: as a byte stream (tcp) or
+// as HTTP requests routed by Host and path (http, HAProxy only).
+type Mode string
+
+// Modes.
+const (
+	ModeTCP  Mode = "tcp"
+	ModeHTTP Mode = "http"
+)
+
+// Route is one route of a mode http service: the requests it answers on a
+// shared vip:port. Host is lower-case: an exact name (www.example.com), a
+// wildcard of exactly one leading label (*.example.com matches
+// a.example.com, not example.com nor a.b.example.com), or "" for any host.
+// PathPrefix starts with '/' and has no trailing '/' (except "/" itself); it
+// matches whole path segments: /api matches /api and /api/v1, not /apix.
+type Route struct {
+	Host       string
+	PathPrefix string
+}
+
+// String formats the route as host + path prefix, "*" standing for any
+// host: www.example.com/api, *.example.com/, */.
+func (r Route) String() string {
+	h := r.Host
+	if h == "" {
+		h = "*"
+	}
+	return h + r.PathPrefix
+}
+
 // DefaultGroup is the HA group of a service that names none.
 const DefaultGroup = "default"
 
@@ -99,6 +130,12 @@ type Service struct {
 	Driver           Driver
 	// Group is the HA group (ha_group), DefaultGroup when not given.
 	Group string
+	// Mode is tcp (the default) or http.
+	Mode Mode
+	// Routes are the routes of a mode http service, in definition order
+	// (at least one: a definition without routes answers every host and
+	// path); nil in mode tcp.
+	Routes []Route
 }
 
 // Backend is one real server of a service.

@@ -14,8 +14,11 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -205,6 +208,28 @@ type Publisher struct {
 
 	mu   sync.Mutex
 	want map[string][]byte // service -> value
+
+	// held is set while a session holds its lease with the node key and
+	// the status keys written.
+	held atomic.Bool
+}
+
+// LeaseHeld reports whether the publisher holds its lease: granted, kept
+// alive, and the node and status keys written under it. While it is
+// false, this node's keys are missing or about to expire in etcd.
+func (p *Publisher) LeaseHeld() bool { return p.held.Load() }
+
+// Collector is the gauge switchman_status_lease_held: 1 while LeaseHeld.
+func (p *Publisher) Collector() prometheus.Collector {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "switchman_status_lease_held",
+		Help: "1 while the agent holds the lease of its status and node keys in etcd, 0 while it is lost (switchman status shows this node's services missing or stale).",
+	}, func() float64 {
+		if p.LeaseHeld() {
+			return 1
+		}
+		return 0
+	})
 }
 
 // NewPublisher returns a publisher for node under prefix with a lease of ttl.
@@ -290,6 +315,8 @@ func (p *Publisher) session(ctx context.Context) (worked bool, err error) {
 	if err != nil {
 		return false, err
 	}
+	p.held.Store(true)
+	defer p.held.Store(false)
 	retry := time.NewTimer(time.Hour)
 	retry.Stop() // armed only while some key waits for a retry
 	defer retry.Stop()

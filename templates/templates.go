@@ -5,7 +5,8 @@ package templates
 
 import "embed"
 
-// FS holds haproxy.cfg.tmpl.
+// FS holds haproxy.cfg.tmpl: the header, tcp service sections and the
+// http frontends, no-route backend and backend slots.
 //
 //go:embed haproxy.cfg.tmpl
 var FS embed.FS

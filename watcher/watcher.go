@@ -14,9 +14,11 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"google.golang.org/grpc/connectivity"
 
 	"github.com/switchman-lb/switchman/internal/backoff"
 )
@@ -65,6 +67,8 @@ type Watcher struct {
 	store  store
 	dirty  Changes
 	synced bool
+	// watching is set while a watch runs on a fresh list.
+	watching bool
 }
 
 // Changes names what changed since the last TakeChanges: services whose
@@ -111,6 +115,36 @@ func (w *Watcher) Synced() bool {
 	return w.synced
 }
 
+// Connected reports whether the watcher is in touch with etcd: its watch
+// runs on a fresh list and the client's connection is up. A watch whose
+// connection broke is resumed by the client without telling the watcher,
+// so the connection's state is asked too.
+func (w *Watcher) Connected() bool {
+	w.mu.Lock()
+	watching := w.watching
+	w.mu.Unlock()
+	return watching && w.cli.ActiveConnection().GetState() == connectivity.Ready
+}
+
+// Collector is the gauge switchman_etcd_connected: 1 while Connected.
+func (w *Watcher) Collector() prometheus.Collector {
+	return prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "switchman_etcd_connected",
+		Help: "1 while the agent's etcd watch runs on an established connection, 0 while etcd is unreachable (the data plane keeps its last state).",
+	}, func() float64 {
+		if w.Connected() {
+			return 1
+		}
+		return 0
+	})
+}
+
+func (w *Watcher) setWatching(v bool) {
+	w.mu.Lock()
+	w.watching = v
+	w.mu.Unlock()
+}
+
 // Run lists and watches until ctx is done. It never gives up: errors are
 // logged and retried with backoff, and the last copy stays in place.
 func (w *Watcher) Run(ctx context.Context) error {
@@ -124,7 +158,9 @@ func (w *Watcher) Run(ctx context.Context) error {
 			}
 			first = false
 			retry.Reset() // the list worked; start small again
+			w.setWatching(true)
 			err = w.watch(ctx, rev)
+			w.setWatching(false)
 			if err == nil || ctx.Err() != nil {
 				continue
 			}

@@ -30,7 +30,7 @@ import (
 func agentCommand() *cli.Command {
 	hostname, _ := os.Hostname()
 	flags := append(etcdFlags("etcd client URLs; when none is given, the agent starts an embedded single-node etcd (--embedded-etcd-client-url)"),
-		&cli.StringFlag{Name: "node", Value: hostname, Usage: "this host's name in status keys", EnvVars: env("node")},
+		&cli.StringFlag{Name: "node", Value: hostname, DefaultText: "the hostname", Usage: "this host's name in status keys", EnvVars: env("node")},
 		&cli.StringFlag{Name: "data-dir", Value: "/var/lib/switchman", Usage: "state files and the embedded etcd's data", EnvVars: env("data-dir")},
 		&cli.StringFlag{Name: "embedded-etcd-client-url", Value: "http://127.0.0.1:2379", Usage: "client URL of the embedded etcd (used when no --etcd-endpoints)", EnvVars: env("embedded-etcd-client-url")},
 		&cli.StringFlag{Name: "embedded-etcd-peer-url", Value: "http://127.0.0.1:2380", Usage: "peer URL of the embedded etcd", EnvVars: env("embedded-etcd-peer-url")},
@@ -57,6 +57,7 @@ func runAgent(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	notify := newNotifier() // before any child (HAProxy) is started
 	ctx, stop := signal.NotifyContext(c.Context, syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
@@ -130,6 +131,7 @@ func runAgent(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	reg.MustRegister(w.Collector(), pub.Collector())
 	l4, why, err := resolveL4(ctx, c.String("l4-driver"))
 	if err != nil {
 		return err
@@ -142,6 +144,12 @@ func runAgent(c *cli.Context) error {
 	loop := agent.New(log, w, set.planes, pub, set.health, metrics, agent.Options{
 		Policy:   agent.Policy{Prefix: prefix, VIPCIDRs: vipCIDRs, BackendCIDRs: backendCIDRs, Spec: spec.Options{L4Driver: l4}},
 		LastGood: lastGood, Restored: restored,
+		Ready: func() {
+			log.Info("first pass applied")
+			if err := notify.ready("first pass applied; switchman status shows each service"); err != nil {
+				log.Warn("tell systemd the agent is ready", "error", err)
+			}
+		},
 	})
 
 	var wg sync.WaitGroup
@@ -155,6 +163,7 @@ func runAgent(c *cli.Context) error {
 			}
 		}()
 	}
+	_ = notify.status("waiting for the first pass (etcd list, first health checks, every driver's first sync)")
 	run("watcher", w.Run)
 	run("status", pub.Run)
 	run("lastgood", lastGood.Run)
@@ -179,6 +188,7 @@ func runAgent(c *cli.Context) error {
 	log.Info("agent running", "node", node, "prefix", prefix, "etcd", conn.Endpoints, "drivers", set.names())
 	<-ctx.Done()
 	log.Info("shutting down; the data plane keeps its state")
+	_ = notify.stopping("stopping; the data plane stays in place")
 	wg.Wait()
 	return nil
 }

@@ -227,7 +227,7 @@ func (d *demo) build() error {
 		{"netns", "add", lb}, {"netns", "add", client},
 		{"-n", lb, "link", "set", "lo", "up"}, {"-n", client, "link", "set", "lo", "up"},
 		{"-n", lb, "addr", "add", demoVIP + "/32", "dev", "lo"},
-		{"-n", lb, "link", "add", "br0", "type", "bridge"},
+		{"-n", lb, "link", "add", "br0", "type", "bridge", "forward_delay", "0", "mcast_snooping", "0"},
 		{"-n", lb, "addr", "add", demoLBAddr + "/24", "dev", "br0"},
 		{"-n", lb, "link", "set", "br0", "up"},
 		{"-n", client, "link", "add", "eth0", "type", "veth", "peer", "name", "client", "netns", lb},

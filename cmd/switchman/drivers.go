@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -97,7 +96,7 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		if err != nil {
 			return nil, err
 		}
-		set.planes = append(set.planes, agent.Plane{Driver: agent.Whole(d), Part: render.PartIPVS})
+		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartIPVS})
 		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name:        "switchman_dataplane_writes_total",
 			Help:        "Changes the driver made to its data plane since the agent started.",
@@ -125,7 +124,7 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		if err != nil {
 			return nil, err
 		}
-		set.planes = append(set.planes, agent.Plane{Driver: agent.Whole(d), Part: render.PartHAProxy})
+		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartHAProxy})
 		if run != nil {
 			set.runners["haproxy"] = run
 		}
@@ -134,71 +133,7 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 		}
 	}
 	sched := health.New(health.Options{Logger: log.With("component", "health"), Registerer: reg, MaxConcurrent: c.Int("health-concurrency")})
-	set.health = newHealthView(sched)
+	set.health = health.NewView(sched)
 	set.runners["health"] = sched.Run
 	return set, nil
 }
-
-// healthView adapts the health scheduler to the loop. (Interim: it keeps
-// every target and diffs snapshots; the scheduler's keyed API replaces it.)
-type healthView struct {
-	s       *health.Scheduler
-	mu      sync.Mutex
-	targets map[string][]health.Target
-	last    map[health.Key]health.Status
-}
-
-func newHealthView(s *health.Scheduler) *healthView {
-	return &healthView{s: s, targets: map[string][]health.Target{}, last: map[health.Key]health.Status{}}
-}
-
-// SetService checks every backend of the service (nil: none).
-func (h *healthView) SetService(name string, svc *spec.Service) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if svc == nil {
-		delete(h.targets, name)
-	} else {
-		h.targets[name] = health.TargetsFor([]*spec.Service{svc})
-	}
-	var all []health.Target
-	for _, t := range h.targets {
-		all = append(all, t...)
-	}
-	h.s.Update(all)
-}
-
-// TakeChanged names the backends whose state changed since the last call.
-func (h *healthView) TakeChanged() []render.BackendRef {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	snap := h.s.Snapshot()
-	var out []render.BackendRef
-	for k, st := range snap {
-		if old, ok := h.last[k]; !ok || old.Healthy != st.Healthy || old.Pending != st.Pending {
-			out = append(out, render.BackendRef(k))
-		}
-	}
-	for k := range h.last {
-		if _, ok := snap[k]; !ok {
-			out = append(out, render.BackendRef(k))
-		}
-	}
-	h.last = snap
-	return out
-}
-
-// Backend reports one backend; one still pending counts as down unless it
-// was healthy before its settings changed.
-func (h *healthView) Backend(ref render.BackendRef) (render.Health, bool) {
-	st, ok := h.s.Status(health.Key(ref))
-	if !ok {
-		return render.Health{}, false
-	}
-	// A target restarted by a settings change keeps its state while its
-	// first new check runs; only one with no state is pending.
-	return render.Health{Healthy: st.Healthy, Pending: st.Pending && !st.Healthy, LastError: st.LastError, LastTransition: st.LastTransition}, true
-}
-
-func (h *healthView) Changed() <-chan struct{}              { return h.s.Changed() }
-func (h *healthView) WaitSettled(ctx context.Context) error { return h.s.WaitSettled(ctx) }

@@ -30,7 +30,7 @@ func newApp() *cli.App {
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: env("log-level")},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: env("log-format")},
 		},
-		Commands: []*cli.Command{agentCommand(), validateCommand(), planCommand(), statusCommand(), demoCommand()},
+		Commands: []*cli.Command{agentCommand(), validateCommand(), planCommand(), statusCommand(), demoCommand(), manCommand()},
 	}
 }
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -132,6 +133,35 @@ func TestPlanPrintsIPVSLines(t *testing.T) {
 		"-a -t 192.0.2.10:80 -r 10.1.1.3:8080 -m -w 1\n"
 	if !strings.Contains(stdout, want) {
 		t.Fatalf("plan output lacks\n%s\ngot:\n%s", want, stdout)
+	}
+}
+
+// TestPlanPrintsHTTPFrontend: two mode http services sharing port 80
+// plan to one frontend, a routing map and two slots; a third claiming one
+// of their routes is refused naming the winner.
+func TestPlanPrintsHTTPFrontend(t *testing.T) {
+	paths := writeDefs(t, map[string]string{
+		"a-www.yaml": "vip: 192.0.2.60\nport: 80\nmode: http\nroutes: [{host: www.example.com}]\nbackends: [{address: 10.1.1.2, port: 8080}]\n",
+		"b-api.yaml": "vip: 192.0.2.60\nport: 80\nmode: http\nroutes: [{host: www.example.com, path_prefix: /api}]\nbackends: [{address: 10.1.1.3, port: 9000}]\n",
+		"c-dup.yaml": "vip: 192.0.2.60\nport: 80\nmode: http\nroutes: [{host: WWW.example.com, path_prefix: /api/}]\nbackends: [{address: 10.1.1.4, port: 9000}]\n",
+	})
+	slices.Sort(paths) // the order of the arguments is the order of creation
+	stdout, stderr, err := run(t, append([]string{"plan"}, paths...)...)
+	if err == nil {
+		t.Fatalf("plan accepted a route claimed twice:\n%s", stdout)
+	}
+	if !strings.Contains(stderr, `routes[0]: www.example.com/api on 192.0.2.60:80/tcp is already claimed by service "b-api"`) {
+		t.Errorf("stderr does not name the route and its winner:\n%s", stderr)
+	}
+	for _, want := range []string{
+		"# HAProxy: 2 service(s)", "frontend fe_http_192.0.2.60_80\n", "bind 192.0.2.60:80\n",
+		"    # service a-www 192.0.2.60:80\n    server s10.1.1.2_8080 10.1.1.2:8080 weight 1\n",
+		"# routing map of fe_http_192.0.2.60_80", "www.example.com/api/ be_http_rr_2\nwww.example.com/ be_http_rr_1\n",
+		"# backend slots rr (balance roundrobin): 2 of 130 in use: a-www=be_http_rr_1 b-api=be_http_rr_2",
+	} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("plan lacks %q:\n%s", want, stdout)
+		}
 	}
 }
 

@@ -238,12 +238,16 @@ func printPlan(w io.Writer, st *render.State) error {
 		fmt.Fprint(w, rules)
 	}
 	if len(st.HAProxy) > 0 {
-		cfg, err := haproxyPlan(st.HAProxy)
+		cfg, http, err := haproxyPlan(st.HAProxy)
 		if err != nil {
 			return fmt.Errorf("render haproxy.cfg: %w", err)
 		}
 		fmt.Fprintf(w, "# HAProxy: %d service(s), haproxy.cfg:\n", len(st.HAProxy))
-		_, err = w.Write(cfg)
+		if _, err = w.Write(cfg); err != nil || len(http) == 0 {
+			return err
+		}
+		fmt.Fprintln(w, "# HAProxy mode http: the files its frontends read, and the backend slots in use")
+		_, err = w.Write(http)
 		return err
 	}
 	return nil

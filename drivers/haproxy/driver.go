@@ -1,13 +1,15 @@
 // Package haproxy is switchman's driver for the TLS-terminating path. It
-// renders haproxy.cfg for structure (frontends, binds, certificates,
-// schedulers, persistence) and reloads HAProxy only when that structure
-// changes; every pool change (servers added or removed, weights, addresses)
-// and every certificate content change goes through the runtime API on the
-// admin socket, without a reload.
+// keeps a record of the services the running HAProxy holds and works in
+// proportion to what changed: a pool change of a service (servers added,
+// removed, reweighted, failed) is runtime API commands on that service's
+// backend alone, a certificate content change is a hot swap, and only a
+// structural change (a service added or removed, a bind, a certificate
+// path, a scheduler, persistence) renders haproxy.cfg, checks it and
+// reloads HAProxy once, seamlessly. A bind HAProxy could not make is found
+// before the reload and fails only the service that asks for it.
 package haproxy
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -23,7 +25,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/switchman-lb/switchman/internal/atomicfile"
 	"github.com/switchman-lb/switchman/render"
 )
 
@@ -36,8 +37,8 @@ type Options struct {
 	// Bin is the haproxy binary (default "haproxy", looked up in PATH).
 	Bin string
 	// Dir is the working directory: haproxy.cfg, the sockets, the
-	// server-state file, the pidfile and certificates from etcd keys
-	// (default /run/switchman/haproxy).
+	// pidfile and certificates from etcd keys (default
+	// /run/switchman/haproxy).
 	Dir string
 	// AttachSocket, when set, is the admin socket of a HAProxy someone else
 	// runs on Dir/haproxy.cfg: the driver neither starts nor supervises it.
@@ -47,23 +48,27 @@ type Options struct {
 	AttachSocket string
 	// AttachMasterSocket is the attached HAProxy's master CLI socket (-S).
 	AttachMasterSocket string
-	// CommandTimeout bounds each runtime API command (default 2s).
+	// CommandTimeout bounds each runtime API command (default 2s); a
+	// reload or start may take ten times as long.
 	CommandTimeout time.Duration
-	// RemoveWait bounds how long a removed server, in maintenance, may keep
-	// its connections before they are shut down (default 5s).
-	RemoveWait time.Duration
 	// RestartBackoff and MaxRestartBackoff pace restarts of a HAProxy
 	// that died (default 500ms doubling up to 30s).
 	RestartBackoff, MaxRestartBackoff time.Duration
 	// HardStopAfter bounds how long workers replaced by a reload keep
 	// serving old connections (0: until they end).
 	HardStopAfter time.Duration
+	// HTTPSpareSlots is how many spare backend slots a pool of http
+	// services keeps when it is created or grown by a reload (default
+	// render.DefaultHTTPSpareSlots): the new http services a HAProxy can
+	// take without a reload.
+	HTTPSpareSlots int
 	// Logger receives the driver's and HAProxy's messages.
 	Logger *slog.Logger
 }
 
 // Driver programs HAProxy. Create it with New; it implements agent.Driver
-// and agent.ConnectionCounter.
+// and agent.ConnectionCounter. The agent calls it from one goroutine; a
+// mutex makes other callers safe too.
 type Driver struct {
 	log     *slog.Logger
 	opts    Options
@@ -71,36 +76,54 @@ type Driver struct {
 	proc    process
 	cfgPath string
 	base    render.HAProxyOptions
+	header  []byte // the header of haproxy.cfg this driver renders
 	reloads atomic.Uint64
-	// servers maps backend and server name to address, for Connections;
-	// replaced at the end of each Apply.
-	servers atomic.Pointer[map[string]map[string]netip.AddrPort]
 
-	// mu serializes Apply. Only Apply takes it: it guards the driver's
-	// record of what the running HAProxy holds, which Apply alone reads
-	// and writes.
 	mu       sync.Mutex
-	dirOK    bool // Dir and Dir/certs exist
-	running  bool
-	skeleton string                       // running config without server lines
-	loaded   map[string]prepared          // services in the running structure
-	certs    map[string][sha256.Size]byte // cert path -> content HAProxy serves
-	onDisk   []byte                       // content of cfgPath
-}
+	dirOK    bool   // Dir and Dir/certs exist
+	running  bool   // HAProxy runs the structure in loaded
+	recorded bool   // loaded is a record (of a load or an adoption)
+	restarts uint64 // proc.Restarts() when last looked at
+	// runHeader is the header of the running configuration.
+	runHeader []byte
+	// loaded are the services in the running structure, by name.
+	loaded map[string]*service
+	// certs maps a certificate path to the content HAProxy serves from
+	// it; a path that is absent is not known (it is read back first).
+	certs map[string][sha256.Size]byte
+	// files maps a certificate file written from an etcd key to its
+	// content on disk; absent: not known.
+	files map[string][sha256.Size]byte
+	// onDisk is the content of cfgPath; dirty says a section of loaded
+	// changed since it was written. Pool changes only mark it dirty: the
+	// file is brought up to date by loads, by each Sync and before
+	// supervision starts HAProxy again, not by every change.
+	onDisk []byte
+	dirty  bool
+	// loads counts the structures loaded (reloads and starts).
+	loads uint64
 
-// prepared is one service ready to render.
-type prepared struct {
-	svc      render.HAProxyService
-	certPath string // file the frontend loads; "" for plain TCP
-	fromEtcd bool   // certPath is ours to write
-	pem      []byte // canonical certificate content
-	skeleton string // the service rendered alone without servers
+	// layout is the http part of the running structure: its frontends,
+	// pools of backend slots, and which http service holds which slot.
+	layout render.HTTPLayout
+	// spare is Options.HTTPSpareSlots with its default.
+	spare int
+	// maps is the content of each routing map file as HAProxy holds it;
+	// a path that is absent is not known (it is pushed again).
+	maps map[string][]byte
+	// crtLists is the certificates of each crt-list as HAProxy holds
+	// them; absent: not known (read back first).
+	crtLists map[string][]string
+	// releasing are the slots whose former service's servers are still
+	// closing connections: not given out again until they are empty.
+	releasing map[string]bool
 }
 
 // New returns a driver. It creates Dir but starts nothing: HAProxy is
-// started by the first Apply that has a HAProxy service. A Dir that cannot
-// be created does not fail New: every HAProxy service fails with that
-// reason instead (and Apply tries again), so the agent serves the rest.
+// started (or a running one adopted) by the first pass that has a HAProxy
+// service. A Dir that cannot be created does not fail New: every HAProxy
+// service fails with that reason instead (and each pass tries again), so
+// the agent serves the rest.
 func New(opts Options) (*Driver, error) {
 	if opts.Bin == "" {
 		opts.Bin = "haproxy"
@@ -110,9 +133,6 @@ func New(opts Options) (*Driver, error) {
 	}
 	if opts.CommandTimeout <= 0 {
 		opts.CommandTimeout = 2 * time.Second
-	}
-	if opts.RemoveWait <= 0 {
-		opts.RemoveWait = 5 * time.Second
 	}
 	if opts.RestartBackoff <= 0 {
 		opts.RestartBackoff = 500 * time.Millisecond
@@ -133,27 +153,42 @@ func New(opts Options) (*Driver, error) {
 	if opts.AttachSocket != "" {
 		admin, master = opts.AttachSocket, opts.AttachMasterSocket
 	}
+	log := opts.Logger.With("component", "haproxy")
 	proc := &execProcess{
-		log: opts.Logger.With("component", "haproxy"), bin: opts.Bin, cfgPath: filepath.Join(dir, "haproxy.cfg"),
+		log: log, bin: opts.Bin, cfgPath: filepath.Join(dir, "haproxy.cfg"), pidFile: filepath.Join(dir, "haproxy.pid"),
 		adminSock: admin, masterSock: master, attach: opts.AttachSocket != "",
-		timeout: opts.CommandTimeout, backoff: [2]time.Duration{opts.RestartBackoff, opts.MaxRestartBackoff},
+		timeout: opts.CommandTimeout, restart: [2]time.Duration{opts.RestartBackoff, opts.MaxRestartBackoff},
+		stderr: lineLog{log: log},
 	}
-	return newDriver(opts, newSocketRuntime(admin, opts.CommandTimeout), proc, admin), nil
+	d, err := newDriver(opts, newSocketRuntime(admin, opts.CommandTimeout), proc, admin)
+	if err != nil {
+		return nil, err
+	}
+	proc.beforeRestart = d.flush
+	return d, nil
 }
 
-func newDriver(opts Options, rt Runtime, proc process, adminSock string) *Driver {
+func newDriver(opts Options, rt Runtime, proc process, adminSock string) (*Driver, error) {
 	d := &Driver{
 		log: opts.Logger, opts: opts, rt: rt, proc: proc,
 		cfgPath: filepath.Join(opts.Dir, "haproxy.cfg"),
 		base:    baseOptions(opts.Dir, adminSock),
-		loaded:  map[string]prepared{},
+		loaded:  map[string]*service{},
 		certs:   map[string][sha256.Size]byte{},
+		files:   map[string][sha256.Size]byte{},
+		maps:    map[string][]byte{}, crtLists: map[string][]string{}, releasing: map[string]bool{},
+		spare: opts.HTTPSpareSlots,
+	}
+	if d.spare <= 0 {
+		d.spare = render.DefaultHTTPSpareSlots
 	}
 	d.base.HardStopAfter = opts.HardStopAfter
-	if b, err := os.ReadFile(d.cfgPath); err == nil {
-		d.onDisk = b
+	h, err := render.HAProxyHeader(d.base)
+	if err != nil {
+		return nil, fmt.Errorf("haproxy: %w", err)
 	}
-	return d
+	d.header = h
+	return d, nil
 }
 
 // Name is "haproxy".
@@ -162,102 +197,313 @@ func (d *Driver) Name() string { return "haproxy" }
 // Reloads counts the reloads this driver made HAProxy do.
 func (d *Driver) Reloads() uint64 { return d.reloads.Load() }
 
-// Close stops the HAProxy the driver started (an attached one is left
-// alone).
+// Close stops supervising HAProxy and stops the HAProxy the driver
+// supervises (started or adopted); an attached one is left alone. The
+// agent does not call it: HAProxy keeps serving through an agent restart.
 func (d *Driver) Close() { d.proc.Close() }
 
-// Apply makes HAProxy serve desired.HAProxy: a reload when the structure
-// changed, runtime API commands for everything else.
-func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]error {
+// Apply brings each given service to its desired state and touches
+// nothing else: a pool change is runtime API commands on the service's
+// backend, a new certificate is swapped in memory, and a structural change
+// reloads HAProxy once for all the services that need it. A service whose
+// HAProxy part is nil is removed. Apply reads only what these services need:
+// nothing, when the record of what HAProxy holds is current.
+func (d *Driver) Apply(ctx context.Context, changed []*render.ServiceState) map[string]error {
+	return d.pass(ctx, changed, false)
+}
+
+// Sync makes HAProxy match all: it reads back the backends, every server
+// and every certificate HAProxy serves, repairs what differs (a missing
+// backend or a stray one reloads the recorded structure), removes the
+// services not in all, and writes nothing when nothing differs. It adopts
+// a HAProxy left running by an earlier agent without a reload.
+func (d *Driver) Sync(ctx context.Context, all []*render.ServiceState) map[string]error {
+	return d.pass(ctx, all, true)
+}
+
+// change is a structural change of one service.
+type change struct {
+	name string
+	next *service // nil: remove the service
+}
+
+// pass is Apply (full false: the services named) and Sync (full: all of
+// them, read back from HAProxy).
+func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, full bool) map[string]error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	errs := map[string]error{}
+	desired := make(map[string]*render.HAProxyService, len(states))
+	wantAny := false
+	for _, st := range states {
+		desired[st.Name] = st.HAProxy
+		wantAny = wantAny || st.HAProxy != nil
+	}
+	failAll := func(err error) map[string]error {
+		for n, h := range desired {
+			if h != nil || d.loaded[n] != nil {
+				errs[n] = err
+			}
+		}
+		return errs
+	}
 	err := d.proc.Available()
-	if err == nil && len(desired.HAProxy) > 0 {
+	if err == nil && wantAny {
 		err = d.makeDir()
 	}
 	if err != nil {
-		for _, s := range desired.HAProxy {
-			errs[s.Name] = err
-		}
+		return failAll(err)
+	}
+	d.observe(ctx, wantAny || (full && !d.recorded))
+	if !d.running && !wantAny && len(d.loaded) == 0 {
 		return errs
 	}
-	if !d.running {
-		if d.proc.Running(ctx) {
-			// A HAProxy from before an agent restart, or an attached one.
-			d.running = true
-			d.skeleton = skeletonOf(d.onDisk)
-		} else if len(desired.HAProxy) == 0 {
-			return errs
-		}
-	}
-
-	want := map[string]prepared{}
-	var order []string
-	for _, s := range desired.HAProxy {
-		p, err := d.prepare(s)
-		if err != nil {
-			errs[s.Name] = err
-			old, ok := d.loaded[s.Name]
-			if !ok {
-				continue
+	if full {
+		for n := range d.loaded {
+			if _, ok := desired[n]; !ok {
+				desired[n] = nil // not in all: removed
 			}
-			old.svc.Servers = s.Servers // keep the last good structure, serve the current pool
-			p = old
 		}
-		want[s.Name] = p
-		order = append(order, s.Name)
+	}
+	names := slices.Sorted(maps.Keys(desired))
+
+	// A Sync reads back what HAProxy holds: a backend missing from it, or
+	// one it holds that the record does not, is structural drift.
+	forced := map[string]bool{}
+	forceAll := d.running && string(d.runHeader) != string(d.header)
+	var actual map[string][]ServerState
+	readBack := full
+	if full && d.running {
+		var err error
+		actual, forceAll, err = d.readBack(ctx, forced, forceAll)
+		if err != nil {
+			return failAll(fmt.Errorf("read back HAProxy: %w", err))
+		}
 	}
 
-	cfg, err := d.config(order, want)
-	if err != nil { // prepare rendered each service alone, so this is unexpected
-		for _, n := range order {
-			errs[n] = err
-		}
-		return errs
-	}
-	if !d.running || skeletonOf(cfg) != d.skeleton {
-		d.load(ctx, order, want, errs)
-		if !d.running {
-			return errs
-		}
-	} else {
-		d.loaded = want
-	}
-
-	// Every service in the running structure gets its current pool; one
-	// whose new structure was refused keeps its old structure.
-	var synced []string
-	for _, n := range order {
-		p, ok := d.loaded[n]
-		if !ok {
+	var changes []change
+	pools := map[string][]render.HAProxyServer{}
+	prepared := map[string]*service{}
+	web := map[string]*service{} // http services that change: at run time when the layout's skeleton allows
+	for _, n := range names {
+		h, e := desired[n], d.loaded[n]
+		if h == nil {
+			switch {
+			case e != nil && e.http:
+				web[n] = nil
+			case e != nil:
+				changes = append(changes, change{name: n})
+			}
 			continue
 		}
-		if w := want[n]; p.skeleton == w.skeleton {
-			p = w
-		} else {
-			p.svc.Servers = w.svc.Servers
+		p, err := d.prepare(*h)
+		if err != nil {
+			errs[n] = err
+			if e != nil {
+				pools[n] = h.Servers // the last good structure serves the current pool
+				if forced[n] && !e.http {
+					changes = append(changes, change{name: n, next: e})
+				}
+			}
+			continue
 		}
-		d.loaded[n] = p
-		synced = append(synced, n)
-		if err := d.syncServers(ctx, n, p.svc.Servers); err != nil {
+		prepared[n] = p
+		pools[n] = h.Servers
+		switch {
+		case e != nil && e.http != p.http: // tcp <-> http: a section comes or goes
+			changes = append(changes, change{name: n, next: p})
+		case p.http:
+			web[n] = p
+		case e == nil || e.skeleton != p.skeleton || forced[n]:
+			changes = append(changes, change{name: n, next: p})
+		default:
+			e.adoptStructure(p)
+		}
+	}
+	var webLayout render.HTTPLayout
+	if len(web) > 0 {
+		// A change of the layout's skeleton (a vip:port, TLS, a pool that
+		// runs out) is loaded with the structural changes; the rest is
+		// made at run time.
+		var err error
+		if d.keepSlots(web) {
+			webLayout = d.layout // routes, pools, certificate contents: no slot moves
+		} else {
+			webLayout, err = d.layoutOf(d.withHTTP(web))
+		}
+		if err != nil || webLayout.Skeleton() != d.layout.Skeleton() || !d.running || forceAll || len(forced) > 0 {
+			for _, n := range slices.Sorted(maps.Keys(web)) {
+				changes = append(changes, change{name: n, next: web[n]})
+			}
+			web = nil
+		}
+	}
+
+	if len(changes) > 0 || forceAll || (!d.running && len(d.loaded) > 0) {
+		loads := d.loads
+		err := d.restructure(ctx, changes, forceAll, errs)
+		if d.loads != loads {
+			actual, readBack = nil, false // new workers hold the recorded pools
+		}
+		if err != nil {
+			for _, n := range names {
+				if errs[n] == nil && (desired[n] != nil || d.loaded[n] != nil) {
+					errs[n] = err
+				}
+			}
+		}
+	}
+	if !d.running {
+		return errs
+	}
+	if len(web) > 0 {
+		d.applyHTTP(ctx, web, webLayout, pools, full, errs)
+	}
+
+	certDone := map[string]error{}
+	for _, n := range names {
+		e := d.loaded[n]
+		servers, ok := pools[n]
+		if e == nil || !ok {
+			continue
+		}
+		act, seen := actual[e.backend()]
+		if err := d.syncPool(ctx, e, servers, act, readBack, seen); err != nil {
+			errs[n] = errors.Join(errs[n], err)
+		}
+		p := prepared[n]
+		if p == nil || p.certPath == "" || e.certPath != p.certPath {
+			continue // plain TCP, or a new certificate path that did not load
+		}
+		e.pem, e.fromEtcd = p.pem, p.fromEtcd
+		err, done := certDone[e.certPath]
+		if !done {
+			err = d.syncCert(ctx, e, readBack)
+			certDone[e.certPath] = err
+		}
+		if err != nil {
 			errs[n] = errors.Join(errs[n], err)
 		}
 	}
-	d.swapCertificates(ctx, synced, errs)
-	d.publishServers()
-
-	// Keep haproxy.cfg on disk equal to what runs, servers included, so a
-	// restart of HAProxy brings the current pool back. Only server lines
-	// can differ from the validated file, so no new check is needed.
-	if cur, err := d.config(slices.Sorted(maps.Keys(d.loaded)), d.loaded); err == nil && !bytes.Equal(cur, d.onDisk) {
-		if err := writeAtomic(d.cfgPath, cur); err != nil {
-			d.log.Warn("haproxy.cfg not updated with the current pool", "err", err)
-		} else {
-			d.onDisk = cur
-		}
+	if full {
+		d.syncHTTP(ctx, actual, errs)
+		d.persist(true)
+	} else {
+		d.retryReleases(ctx)
 	}
 	return errs
+}
+
+// flush brings haproxy.cfg up to date before supervision starts HAProxy
+// again. It does not wait for a pass in progress: that pass, or the next,
+// notices the restart and reads back what HAProxy holds.
+func (d *Driver) flush() {
+	if !d.mu.TryLock() {
+		return
+	}
+	defer d.mu.Unlock()
+	d.persist(false)
+}
+
+// observe notes what happened to HAProxy since the last pass: it died
+// (then it is started again by this pass), supervision restarted it (what
+// it holds is read back before it is trusted), or it runs without this
+// driver having started it (it is adopted, without a reload). look asks
+// to look for a running HAProxy even when no service is recorded.
+func (d *Driver) observe(ctx context.Context, look bool) {
+	if d.running && !d.proc.Alive() {
+		d.log.Warn("haproxy is not running; starting it again")
+		d.running = false
+	}
+	if r := d.proc.Restarts(); r != d.restarts {
+		d.restarts = r
+		d.unverify()
+	}
+	if d.running || (!look && len(d.loaded) == 0) || !d.proc.Running(ctx) {
+		return
+	}
+	if !d.recorded {
+		// A HAProxy from before an agent restart, or an attached one: its
+		// structure is what the driver last wrote to haproxy.cfg.
+		cfg, err := os.ReadFile(d.cfgPath)
+		if err != nil {
+			d.log.Warn("a running haproxy was found but haproxy.cfg cannot be read; its structure will be loaded again", "err", err)
+		}
+		d.runHeader, d.loaded, d.layout = parseConfig(cfg, d.opts.Dir)
+		d.adoptHTTPFiles()
+		d.onDisk = cfg
+		d.recorded = true
+		d.log.Info("adopted a running haproxy", "services", len(d.loaded))
+	}
+	d.running = true
+	d.unverify()
+	if err := d.proc.Adopt(ctx); err != nil {
+		d.log.Warn("the running haproxy cannot be supervised", "err", err)
+	}
+}
+
+// unverify forgets what the record says HAProxy holds at run time (pools,
+// certificates): the next pass that touches a service reads it back.
+func (d *Driver) unverify() {
+	for _, e := range d.loaded {
+		e.poolKnown = false
+	}
+	clear(d.certs)
+	clear(d.maps)
+	clear(d.crtLists)
+}
+
+// readBack reads the backends and every server HAProxy holds. It marks in
+// forced the recorded services whose backend is missing, and returns
+// forceAll set when HAProxy holds a backend the record does not.
+func (d *Driver) readBack(ctx context.Context, forced map[string]bool, forceAll bool) (map[string][]ServerState, bool, error) {
+	backends, err := d.rt.Backends(ctx)
+	if err != nil {
+		return nil, forceAll, err
+	}
+	actual, err := d.rt.AllServersState(ctx)
+	if err != nil {
+		return nil, forceAll, err
+	}
+	have := map[string]bool{}
+	recorded := map[string]bool{}
+	for _, be := range d.layout.Backends() {
+		recorded[be] = true
+	}
+	for _, e := range d.loaded {
+		if !e.http {
+			recorded[e.backend()] = true
+		}
+	}
+	for _, be := range backends {
+		have[be] = true
+		if strings.HasPrefix(be, "be_") && !recorded[be] {
+			d.log.Warn("haproxy holds a backend switchman did not record; loading the recorded structure", "backend", be)
+			forceAll = true
+		}
+	}
+	for be := range recorded {
+		if !have[be] {
+			d.log.Warn("haproxy lacks a recorded backend; loading the recorded structure", "backend", be)
+			forceAll = true
+		}
+	}
+	for n, e := range d.loaded {
+		be := e.backend()
+		if !have[be] {
+			forced[n] = true
+			continue
+		}
+		if actual[be] == nil {
+			actual[be] = []ServerState{} // present, without servers
+		}
+	}
+	for be := range recorded {
+		if have[be] && actual[be] == nil {
+			actual[be] = []ServerState{}
+		}
+	}
+	return actual, forceAll, nil
 }
 
 // makeDir creates the working directory and its certs folder once.
@@ -265,344 +511,34 @@ func (d *Driver) makeDir() error {
 	if d.dirOK {
 		return nil
 	}
-	if err := os.MkdirAll(filepath.Join(d.opts.Dir, "certs"), 0o700); err != nil {
-		return fmt.Errorf("the HAProxy working directory (--haproxy-dir %s) cannot be created: %w", d.opts.Dir, err)
+	for _, sub := range []string{"certs", "maps"} {
+		if err := os.MkdirAll(filepath.Join(d.opts.Dir, sub), 0o700); err != nil {
+			return fmt.Errorf("the HAProxy working directory (--haproxy-dir %s) cannot be created: %w", d.opts.Dir, err)
+		}
 	}
 	d.dirOK = true
 	return nil
 }
 
-// prepare resolves a service's certificate and renders it alone, which
-// both checks every value and gives its structural skeleton.
-func (d *Driver) prepare(s render.HAProxyService) (prepared, error) {
-	p := prepared{svc: s}
-	if err := render.CheckHAProxyName(s.Name); err != nil {
-		return p, err
-	}
-	switch {
-	case s.CertificateKey != "":
-		if len(s.CertificatePEM) == 0 {
-			return p, fmt.Errorf("tls.certificate_key %q is missing or empty in etcd", s.CertificateKey)
-		}
-		pem, err := canonicalPEM(s.CertificatePEM)
-		if err != nil {
-			return p, fmt.Errorf("tls.certificate_key %q: %w", s.CertificateKey, err)
-		}
-		p.certPath, p.fromEtcd, p.pem = certPath(d.opts.Dir, s.Name), true, pem
-	case s.Certificate != "":
-		if err := render.CheckHAProxyPath("tls.certificate", s.Certificate); err != nil {
-			return p, err
-		}
-		// A regular file of bounded size, opened without blocking: the
-		// definition's writer chooses the path (/dev/zero, a FIFO).
-		raw, err := atomicfile.ReadBounded(s.Certificate, maxCertificateFile)
-		if err != nil {
-			return p, fmt.Errorf("tls.certificate %q cannot be used: %w", s.Certificate, err)
-		}
-		pem, err := canonicalPEM(raw)
-		if err != nil {
-			return p, fmt.Errorf("tls.certificate %q: %w", s.Certificate, err)
-		}
-		p.certPath, p.pem = s.Certificate, pem
-	}
-	alone, err := render.HAProxyConfig([]render.HAProxyService{s}, d.renderOpts(map[string]prepared{s.Name: p}))
-	if err != nil {
-		return p, err
-	}
-	p.skeleton = skeletonOf(alone)
-	return p, nil
-}
-
-func (d *Driver) renderOpts(set map[string]prepared) render.HAProxyOptions {
-	o := d.base
-	o.Certificates = map[string]string{}
-	for n, p := range set {
-		if p.fromEtcd {
-			o.Certificates[n] = p.certPath
-		}
-	}
-	return o
-}
-
-func (d *Driver) config(order []string, set map[string]prepared) ([]byte, error) {
-	svcs := make([]render.HAProxyService, 0, len(order))
-	for _, n := range order {
-		svcs = append(svcs, set[n].svc)
-	}
-	return render.HAProxyConfig(svcs, d.renderOpts(set))
-}
-
-// skeletonOf is a config without its server lines: what needs a reload.
-func skeletonOf(cfg []byte) string {
-	var b strings.Builder
-	for _, l := range strings.SplitAfter(string(cfg), "\n") {
-		if !strings.HasPrefix(l, "    server ") {
-			b.WriteString(l)
-		}
-	}
-	return b.String()
-}
-
-// load writes, checks and loads a new structure (starting HAProxy if it
-// is not running). When the check fails, the services whose structure
-// changed fall back to their last good version (or are left out when new)
-// and get the error; the others are loaded. On success it records the
-// loaded services in d.loaded; on failure d.loaded stays as it was.
-func (d *Driver) load(ctx context.Context, order []string, want map[string]prepared, errs map[string]error) {
-	for _, n := range order {
-		p := want[n]
-		if p.fromEtcd {
-			if err := writeAtomic(p.certPath, p.pem); err != nil {
-				errs[n] = errors.Join(errs[n], fmt.Errorf("write certificate: %w", err))
-			}
-		}
-	}
-	cfg, err := d.config(order, want)
-	if err == nil {
-		err = d.check(ctx, cfg)
-	}
-	if err != nil {
-		var changed []string
-		fallback := map[string]prepared{}
-		var keep []string
-		for _, n := range order {
-			old, had := d.loaded[n]
-			if had && old.skeleton == want[n].skeleton {
-				fallback[n] = want[n]
-				keep = append(keep, n)
-				continue
-			}
-			changed = append(changed, n)
-			errs[n] = errors.Join(errs[n], err)
-			if had {
-				old.svc.Servers = want[n].svc.Servers
-				fallback[n] = old
-				keep = append(keep, n)
-			}
-		}
-		if len(changed) == 0 {
-			for _, n := range order {
-				errs[n] = errors.Join(errs[n], err)
-			}
-			return
-		}
-		d.log.Warn("haproxy configuration rejected; keeping the last good version of the changed services", "services", changed, "err", err)
-		order, want = keep, fallback
-		if cfg, err = d.config(order, want); err == nil {
-			err = d.check(ctx, cfg)
-		}
-		if err != nil {
-			for _, n := range order {
-				errs[n] = errors.Join(errs[n], err)
-			}
-			return
-		}
-		if skeletonOf(cfg) == d.skeleton && d.running {
-			return // the fallback is what already runs
-		}
-	}
-	prevDisk := d.onDisk
-	if err := writeAtomic(d.cfgPath, cfg); err != nil {
-		for _, n := range order {
-			errs[n] = errors.Join(errs[n], fmt.Errorf("write haproxy.cfg: %w", err))
-		}
-		return
-	}
-	d.onDisk = cfg
-	if d.running {
-		if dump, err := d.rt.DumpServersState(ctx); err == nil {
-			if err := writeAtomic(d.base.StateFile, dump); err != nil {
-				d.log.Warn("server-state file not written", "err", err)
-			}
-		}
-		err = d.proc.Reload(ctx)
-		if err == nil {
-			d.reloads.Add(1)
-		}
-	} else {
-		err = d.proc.Start(ctx)
-	}
-	if err != nil {
-		// Put the last good file back for the next start or reload.
-		if prevDisk != nil && writeAtomic(d.cfgPath, prevDisk) == nil {
-			d.onDisk = prevDisk
-		}
-		for _, n := range order {
-			errs[n] = errors.Join(errs[n], fmt.Errorf("load haproxy.cfg: %w", err))
-		}
-		return
-	}
-	d.running = true
-	d.skeleton = skeletonOf(cfg)
-	d.loaded = map[string]prepared{}
-	for _, n := range order {
-		p := want[n]
-		d.loaded[n] = p
-		if p.certPath != "" {
-			d.certs[p.certPath] = sha256.Sum256(p.pem)
-		}
-	}
-}
-
-// check validates cfg with haproxy -c before it replaces the running file.
-func (d *Driver) check(ctx context.Context, cfg []byte) error {
-	next := d.cfgPath + ".next"
-	if err := writeAtomic(next, cfg); err != nil {
-		return fmt.Errorf("write %s: %w", next, err)
-	}
-	defer os.Remove(next)
-	return d.proc.Validate(ctx, next)
-}
-
-// syncServers makes a backend's servers match want: missing servers are
-// added (they start in maintenance, so they are enabled), stray ones are
-// put in maintenance and deleted once their connections end, and
-// addresses, weights and maintenance are corrected. Additions come first
-// so capacity never dips.
-func (d *Driver) syncServers(ctx context.Context, service string, want []render.HAProxyServer) error {
-	be := render.HAProxyBackendName(service)
-	actual, err := d.rt.ServersState(ctx, be)
-	if err != nil {
-		return err
-	}
-	have := make(map[string]ServerState, len(actual))
-	for _, a := range actual {
-		have[a.Name] = a
-	}
-	var errs []error
-	wanted := map[string]bool{}
-	for _, s := range want {
-		wanted[s.Name] = true
-		ap := netip.AddrPortFrom(s.Address, s.Port)
-		w := render.HAProxyWeight(s.Weight)
-		a, ok := have[s.Name]
-		if !ok {
-			if err := d.rt.AddServer(ctx, be, s.Name, ap, w); err != nil {
-				errs = append(errs, err)
-				continue
-			}
-			errs = append(errs, d.rt.SetState(ctx, be, s.Name, StateReady))
-			continue
-		}
-		if a.Addr != ap {
-			errs = append(errs, d.rt.SetAddr(ctx, be, s.Name, ap))
-		}
-		if a.Weight != w {
-			errs = append(errs, d.rt.SetWeight(ctx, be, s.Name, w))
-		}
-		if a.Maint {
-			errs = append(errs, d.rt.SetState(ctx, be, s.Name, StateReady))
-		}
-	}
-	for _, a := range actual {
-		if !wanted[a.Name] {
-			errs = append(errs, d.removeServer(ctx, be, a))
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// removeServer puts a server in maintenance (no new connections), waits up
-// to RemoveWait for its connections to end, shuts down what is left and
-// deletes it.
-func (d *Driver) removeServer(ctx context.Context, be string, a ServerState) error {
-	if !a.Maint {
-		if err := d.rt.SetState(ctx, be, a.Name, StateMaint); err != nil {
-			return err
-		}
-	}
-	deadline := time.Now().Add(d.opts.RemoveWait)
-	for {
-		err := d.rt.DelServer(ctx, be, a.Name)
-		if !errors.Is(err, ErrServerBusy) {
-			return err
-		}
-		if !time.Now().Before(deadline) {
-			d.log.Warn("removed server still has connections; shutting them down", "backend", be, "server", a.Name)
-			if err := d.rt.ShutdownSessions(ctx, be, a.Name); err != nil {
-				return err
-			}
-			deadline = time.Now().Add(d.opts.CommandTimeout)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(25 * time.Millisecond):
-		}
-	}
-}
-
-// swapCertificates hot-swaps every loaded certificate whose content
-// differs from what HAProxy serves: written first (for an etcd key), then
-// `set ssl cert` + `commit ssl cert` on the same path, without a reload.
-func (d *Driver) swapCertificates(ctx context.Context, order []string, errs map[string]error) {
-	done := map[string]error{}
-	for _, n := range order {
-		p := d.loaded[n]
-		if p.certPath == "" {
-			continue
-		}
-		if err, seen := done[p.certPath]; seen {
-			if err != nil {
-				errs[n] = errors.Join(errs[n], err)
-			}
-			continue
-		}
-		sum := sha256.Sum256(p.pem)
-		if d.certs[p.certPath] == sum {
-			done[p.certPath] = nil
-			continue
-		}
-		var err error
-		if p.fromEtcd {
-			err = writeAtomic(p.certPath, p.pem)
-		}
-		if err == nil {
-			err = d.rt.SetCertificate(ctx, p.certPath, p.pem)
-		}
-		if err != nil {
-			err = fmt.Errorf("certificate %s: %w", p.certPath, err)
-			errs[n] = errors.Join(errs[n], err)
-		} else {
-			d.certs[p.certPath] = sum
-			d.log.Info("certificate replaced without reload", "service", n, "path", p.certPath)
-		}
-		done[p.certPath] = err
-	}
-}
-
-func (d *Driver) publishServers() {
-	m := map[string]map[string]netip.AddrPort{}
-	for n, p := range d.loaded {
-		s := map[string]netip.AddrPort{}
-		for _, srv := range p.svc.Servers {
-			s[srv.Name] = netip.AddrPortFrom(srv.Address, srv.Port)
-		}
-		m[render.HAProxyBackendName(n)] = s
-	}
-	d.servers.Store(&m)
-}
-
-// Connections returns the current connection count of every server of
-// every HAProxy service, which lets the agent end a drain early.
+// Connections returns the current connection count of every server of the
+// named services, one `show stat` of each service's backend, which lets
+// the agent end a drain early.
 func (d *Driver) Connections(ctx context.Context, services map[string]bool) (map[render.BackendRef]int, error) {
-	m := d.servers.Load()
-	if m == nil {
-		return map[render.BackendRef]int{}, nil
-	}
-	st, err := d.rt.Sessions(ctx)
-	if err != nil {
-		return nil, err
-	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	out := map[render.BackendRef]int{}
-	for be, servers := range *m {
-		svc := strings.TrimPrefix(be, "be_")
-		if !services[svc] {
+	for _, name := range slices.Sorted(maps.Keys(services)) {
+		e := d.loaded[name]
+		if e == nil || !services[name] {
 			continue
 		}
-		for name, ap := range servers {
-			if n, ok := st[be][name]; ok {
-				out[render.BackendRef{Service: svc, Addr: ap}] = n
+		st, err := d.rt.Sessions(ctx, e.backend())
+		if err != nil {
+			return nil, err
+		}
+		for _, s := range e.svc.Servers {
+			if n, ok := st[s.Name]; ok {
+				out[render.BackendRef{Service: name, Addr: netip.AddrPortFrom(s.Address, s.Port)}] = n
 			}
 		}
 	}

@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -244,16 +245,39 @@ func (c *clientLoop) resetRecent() {
 func workerPIDs(t testing.TB, d *Driver) string {
 	t.Helper()
 	p := d.proc.(*execProcess)
-	ws, err := p.showProc(context.Background())
+	st, err := p.showProc(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
-	return fmt.Sprint(ws)
+	return fmt.Sprint(st.workers)
+}
+
+// serving reports whether the HAProxy p supervises runs a worker (a
+// killed master's old worker may still answer the admin socket for a
+// while: the master CLI tells them apart).
+func serving(p *execProcess) bool {
+	p.mu.Lock()
+	cur := p.cur
+	p.mu.Unlock()
+	st, err := p.showProc(context.Background())
+	return cur != nil && err == nil && st.master == cur.pid && len(st.workers) > 0 && p.Running(context.Background())
+}
+
+// masterPID is the pid of the HAProxy master the driver supervises.
+func masterPID(t testing.TB, d *Driver) int {
+	t.Helper()
+	p := d.proc.(*execProcess)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.cur == nil {
+		t.Fatal("no supervised haproxy")
+	}
+	return p.cur.pid
 }
 
 func newRealDriver(t testing.TB, dir string) *Driver {
 	t.Helper()
-	d, err := New(Options{Dir: dir, RemoveWait: 2 * time.Second, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	d, err := New(Options{Dir: dir, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -265,7 +289,7 @@ func apply(t testing.TB, d *Driver, svcs ...render.HAProxyService) map[string]er
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	return d.Apply(ctx, &render.State{HAProxy: svcs})
+	return d.Apply(ctx, states(svcs...))
 }
 
 func TestRealHAProxyPoolChangesWithoutReload(t *testing.T) {
@@ -397,8 +421,10 @@ func TestRealHAProxyPoolChangesWithoutReload(t *testing.T) {
 
 // TestRealHAProxyRestartAndAdopt kills HAProxy's master: the driver starts
 // it again from the on-disk config, which holds the runtime-added servers.
-// A second driver on the same directory adopts a running HAProxy without
-// a reload.
+// Then the agent "exits" (supervision ends, HAProxy keeps serving) and a
+// second driver on the same directory adopts the running HAProxy: its
+// first Sync reloads nothing and writes nothing. When the adopted master
+// dies, the second driver brings HAProxy back (issue 10, item 8).
 func TestRealHAProxyRestartAndAdopt(t *testing.T) {
 	requireHAProxy(t)
 	dir := shortDir(t)
@@ -413,39 +439,345 @@ func TestRealHAProxyRestartAndAdopt(t *testing.T) {
 	if errs := apply(t, d, svc); len(errs) > 0 {
 		t.Fatal(errs)
 	}
-	p := d.proc.(*execProcess)
-	p.mu.Lock()
-	master := p.cmd.Process.Pid
-	p.mu.Unlock()
+	master := masterPID(t, d)
 	if err := syscallKill(master); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "haproxy restarted", func() bool {
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		return p.cmd != nil && p.cmd.Process.Pid != master && p.Running(context.Background())
-	})
+	p := d.proc.(*execProcess)
+	waitFor(t, "haproxy restarted", func() bool { return p.Restarts() == 1 && serving(p) })
 	waitFor(t, "b2 serves after the restart", func() bool { n, _, err := ask(vip, false); return err == nil && n == "b2" })
 
-	// A second driver (the agent restarted) adopts the running HAProxy.
-	d2, err := New(Options{Dir: dir})
+	// The agent exits: HAProxy keeps serving, unsupervised.
+	restarted := masterPID(t, d)
+	p.release()
+	pids := workerPIDs(t, d)
+	cfg, err := os.Stat(dir + "/haproxy.cfg")
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc.Servers = []render.HAProxyServer{b1.server(3), b2.server(7)}
-	if errs := apply(t, d2, svc); len(errs) > 0 {
+
+	// A second driver (the agent restarted) adopts the running HAProxy.
+	d2, err := New(Options{Dir: dir, RestartBackoff: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(d2.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if errs := d2.Sync(ctx, states(svc)); len(errs) > 0 {
 		t.Fatal(errs)
 	}
-	if d2.Reloads() != 0 {
-		t.Errorf("adopting driver reloaded %d times", d2.Reloads())
+	if d2.Reloads() != 0 || workerPIDs(t, d2) != pids {
+		t.Errorf("adopting driver reloaded (%d reloads, workers %s -> %s)", d2.Reloads(), pids, workerPIDs(t, d2))
 	}
-	st, err := d2.rt.ServersState(context.Background(), "be_tcp")
+	if cfg2, err := os.Stat(dir + "/haproxy.cfg"); err != nil || !os.SameFile(cfg, cfg2) || !cfg2.ModTime().Equal(cfg.ModTime()) {
+		t.Errorf("the adopting Sync rewrote haproxy.cfg (%v)", err)
+	}
+	svc.Servers = []render.HAProxyServer{b1.server(3), b2.server(7)}
+	if errs := d2.Apply(ctx, states(svc)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	st, err := d2.rt.ServersState(ctx, "be_tcp")
 	if err != nil || len(st) != 2 {
 		t.Fatalf("servers: %+v %v", st, err)
 	}
-	conns, err := d2.Connections(context.Background(), map[string]bool{"tcp": true})
+	conns, err := d2.Connections(ctx, map[string]bool{"tcp": true})
 	if err != nil || len(conns) != 2 {
 		t.Errorf("connections: %v %v", conns, err)
+	}
+
+	// The adopted master dies: the second driver starts HAProxy again.
+	adopted := masterPID(t, d2)
+	if adopted != restarted {
+		t.Fatalf("the second driver supervises pid %d, want the running master %d", adopted, restarted)
+	}
+	if err := syscallKill(adopted); err != nil {
+		t.Fatal(err)
+	}
+	p2 := d2.proc.(*execProcess)
+	waitFor(t, "the adopted haproxy started again", func() bool { return p2.Restarts() == 1 && serving(p2) })
+	if got := masterPID(t, d2); got == adopted {
+		t.Errorf("master pid %d unchanged", got)
+	}
+	seen := map[string]bool{}
+	waitFor(t, "both servers answer after the restart", func() bool {
+		if n, _, err := ask(vip, false); err == nil {
+			seen[n] = true
+		}
+		return seen["b2"] // source hashing: one client address reaches one server
+	})
+	// The next pass reads back what the restarted HAProxy holds.
+	if errs := d2.Apply(ctx, states(svc)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if st, err := d2.rt.ServersState(ctx, "be_tcp"); err != nil || len(st) != 2 {
+		t.Errorf("servers after the restart: %+v %v", st, err)
+	}
+}
+
+// holdPort holds a TCP port on loopback, as another program would (etcd
+// on 127.0.0.1:2379), until the test ends or release is called.
+func holdPort(t testing.TB) (netip.AddrPort, func()) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return netip.MustParseAddrPort(ln.Addr().String()), func() { ln.Close() }
+}
+
+// quick is how long a bind failure may take to be reported: generous, and
+// far below the ~20 s a failed reload used to block for.
+const quick = 10 * time.Second
+
+// TestRealHAProxyBindFailure (issue 10, defect 4): a service whose port is
+// taken fails alone, with the bind cause, quickly, at a start and while
+// HAProxy runs; the other services keep answering, nothing is reloaded
+// for it, and it is loaded once the port is free.
+func TestRealHAProxyBindFailure(t *testing.T) {
+	requireHAProxy(t)
+	d := newRealDriver(t, shortDir(t))
+	b1 := startNameServer(t, "b1")
+	taken, release := holdPort(t)
+	good := render.HAProxyService{Name: "good", Bind: freeVIP(t), Servers: []render.HAProxyServer{b1.server(1)}}
+	bad := render.HAProxyService{Name: "bad", Bind: taken, Servers: []render.HAProxyServer{b1.server(1)}}
+	wantBindError := func(what string, errs map[string]error, took time.Duration) {
+		t.Helper()
+		err := errs["bad"]
+		if !errors.Is(err, syscall.EADDRINUSE) || !strings.Contains(fmt.Sprint(err), "cannot bind socket "+taken.String()) {
+			t.Errorf("%s: error of bad = %v; want the bind cause", what, err)
+		}
+		if len(errs) != 1 {
+			t.Errorf("%s: errors %v; want one for bad only", what, errs)
+		}
+		if took > quick {
+			t.Errorf("%s took %v", what, took)
+		}
+		t.Logf("%s: bad failed in %v: %v", what, took, err)
+	}
+
+	t0 := time.Now()
+	errs := apply(t, d, good, bad)
+	wantBindError("start", errs, time.Since(t0))
+	if name, _, err := ask(good.Bind, false); err != nil || name != "b1" {
+		t.Fatalf("good does not answer: %q %v", name, err)
+	}
+
+	c := startClients(good.Bind, false)
+	defer c.stop()
+	waitFor(t, "clients served", func() bool { return c.total.Load() > 5 })
+	pids := workerPIDs(t, d)
+	t0 = time.Now()
+	errs = apply(t, d, bad)
+	wantBindError("retry alone", errs, time.Since(t0))
+	if d.Reloads() != 0 || workerPIDs(t, d) != pids {
+		t.Errorf("HAProxy was reloaded for a bind that fails (%d reloads)", d.Reloads())
+	}
+	other := render.HAProxyService{Name: "other", Bind: freeVIP(t), Servers: []render.HAProxyServer{b1.server(1)}}
+	t0 = time.Now()
+	errs = apply(t, d, bad, other)
+	wantBindError("with another new service", errs, time.Since(t0))
+	if name, _, err := ask(other.Bind, false); err != nil || name != "b1" || d.Reloads() != 1 {
+		t.Errorf("other: %q %v, %d reloads", name, err, d.Reloads())
+	}
+
+	release()
+	if errs := apply(t, d, bad); len(errs) > 0 {
+		t.Fatalf("bad after its port was freed: %v", errs)
+	}
+	if name, _, err := ask(taken, false); err != nil || name != "b1" {
+		t.Errorf("bad does not answer: %q %v", name, err)
+	}
+	c.stop()
+	if len(c.fails) > 0 {
+		t.Errorf("good failed %d of %d connections, first: %v", len(c.fails), c.total.Load(), c.fails[0])
+	}
+}
+
+// blindProbe is the real process with a probe that finds nothing wrong:
+// HAProxy itself refuses the bind, as when a port is taken between the
+// probe and the reload.
+type blindProbe struct{ *execProcess }
+
+func (blindProbe) ProbeBind(netip.AddrPort) error { return nil }
+
+// TestRealHAProxyRefusedReload: when HAProxy refuses a reload (here a bind
+// the probe missed), the refusal is known as soon as the master counts it
+// as failed, HAProxy's own words reach the service's error and name the
+// service (by the line of haproxy.cfg), the other changes are loaded, and
+// the old workers serve on. (While it retries a bind that fails, HAProxy
+// 2.6 pauses the old workers' listeners for about 2 s, refusing
+// connections: that is why binds are probed before a reload.)
+func TestRealHAProxyRefusedReload(t *testing.T) {
+	requireHAProxy(t)
+	d := newRealDriver(t, shortDir(t))
+	d.proc = blindProbe{d.proc.(*execProcess)}
+	b1 := startNameServer(t, "b1")
+	taken, _ := holdPort(t)
+	good := render.HAProxyService{Name: "good", Bind: freeVIP(t), Servers: []render.HAProxyServer{b1.server(1)}}
+	if errs := apply(t, d, good); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	c := startClients(good.Bind, false)
+	defer c.stop()
+	waitFor(t, "clients served", func() bool { return c.total.Load() > 5 })
+
+	bad := render.HAProxyService{Name: "bad", Bind: taken, Servers: []render.HAProxyServer{b1.server(1)}}
+	other := render.HAProxyService{Name: "other", Bind: freeVIP(t), Servers: []render.HAProxyServer{b1.server(1)}}
+	t0 := time.Now()
+	errs := apply(t, d, bad, other)
+	took := time.Since(t0)
+	t.Logf("a refused reload and a good one took %v: %v", took, errs["bad"])
+	if err := errs["bad"]; !errors.Is(err, ErrReloadFailed) || !strings.Contains(fmt.Sprint(err), "cannot bind socket") || len(errs) != 1 {
+		t.Errorf("errors %v; want bad refused with HAProxy's words, and nothing else", errs)
+	}
+	if took > quick {
+		t.Errorf("a refused reload and a good one took %v", took)
+	}
+	if d.Reloads() != 1 {
+		t.Errorf("%d reloads, want 1 (other)", d.Reloads())
+	}
+	if name, _, err := ask(other.Bind, false); err != nil || name != "b1" {
+		t.Errorf("other: %q %v", name, err)
+	}
+	c.resetRecent()
+	waitFor(t, "good served by the old workers after the refusal", func() bool { return c.recent(10, func(n string) bool { return n == "b1" }) })
+	c.stop()
+	t.Logf("good: %d of %d connections refused while HAProxy retried the bind", len(c.fails), c.total.Load())
+}
+
+// holdServer is a backend that keeps every connection open until the
+// client closes it.
+func holdServer(t testing.TB) (netip.AddrPort, *atomic.Int64) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	var open atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			open.Add(1)
+			go func() {
+				defer open.Add(-1)
+				defer c.Close()
+				_, _ = io.Copy(io.Discard, c)
+			}()
+		}
+	}()
+	return netip.MustParseAddrPort(ln.Addr().String()), &open
+}
+
+// TestRealHAProxyRemovalDoesNotWait (issue 11, one drain): a server that
+// leaves the desired pool with a connection still open is removed by
+// Apply at once, its connection shut down, without a poll for it to end.
+func TestRealHAProxyRemovalDoesNotWait(t *testing.T) {
+	requireHAProxy(t)
+	d := newRealDriver(t, shortDir(t))
+	b1 := startNameServer(t, "b1")
+	hold, open := holdServer(t)
+	held := render.HAProxyServer{Name: render.ServerName(hold.Addr(), hold.Port()), Address: hold.Addr(), Port: hold.Port(), Weight: 1}
+	svc := render.HAProxyService{Name: "web", Bind: freeVIP(t), Servers: []render.HAProxyServer{held}}
+	if errs := apply(t, d, svc); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	conn, err := net.DialTimeout("tcp", svc.Bind.String(), 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	waitFor(t, "the connection reaches the backend", func() bool { return open.Load() == 1 })
+	waitFor(t, "Connections counts the open connection", func() bool {
+		conns, err := d.Connections(context.Background(), map[string]bool{"web": true})
+		return err == nil && conns[render.BackendRef{Service: "web", Addr: hold}] == 1
+	})
+
+	svc.Servers = []render.HAProxyServer{b1.server(1)}
+	t0 := time.Now()
+	if errs := apply(t, d, svc); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	t.Logf("removal with an open connection took %v", time.Since(t0))
+	st, err := d.rt.ServersState(context.Background(), "be_web")
+	if err != nil || len(st) != 1 || st[0].Name != b1.server(1).Name {
+		t.Errorf("servers after the removal: %+v %v", st, err)
+	}
+	waitFor(t, "the removed server's connection is shut down", func() bool { return open.Load() == 0 })
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := conn.Read(make([]byte, 1)); err == nil {
+		t.Error("the client's connection to the removed server is still open")
+	}
+}
+
+// TestRealHAProxyAttach: attached to a HAProxy the operator runs on
+// Dir/haproxy.cfg (with its own sockets), the driver loads structure
+// through the operator's master socket, changes pools through the admin
+// socket, and neither supervises nor stops it.
+func TestRealHAProxyAttach(t *testing.T) {
+	requireHAProxy(t)
+	dir := shortDir(t)
+	admin, master := dir+"/op-admin.sock", dir+"/op-master.sock"
+	cfg, err := render.HAProxyConfig(nil, baseOptions(dir, admin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dir+"/haproxy.cfg", cfg, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	op := exec.Command("haproxy", "-W", "-db", "-f", dir+"/haproxy.cfg", "-S", master+",mode,600")
+	if err := op.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan struct{})
+	go func() { _ = op.Wait(); close(exited) }()
+	t.Cleanup(func() { _ = op.Process.Kill(); <-exited })
+	running := func() bool {
+		_, err := cliExchange(context.Background(), admin, time.Second, "show info", nil, false)
+		return err == nil
+	}
+	waitFor(t, "the operator's haproxy answers", running)
+
+	d, err := New(Options{Dir: dir, AttachSocket: admin, AttachMasterSocket: master})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b1, b2 := startNameServer(t, "b1"), startNameServer(t, "b2")
+	svc := render.HAProxyService{Name: "web", Bind: freeVIP(t), Servers: []render.HAProxyServer{b1.server(1)}}
+	if errs := apply(t, d, svc); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if name, _, err := ask(svc.Bind, false); err != nil || name != "b1" || d.Reloads() != 1 {
+		t.Fatalf("web: %q %v, %d reloads", name, err, d.Reloads())
+	}
+	svc.Servers = []render.HAProxyServer{b2.server(1)}
+	if errs := apply(t, d, svc); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	waitFor(t, "b2 serves", func() bool { n, _, err := ask(svc.Bind, false); return err == nil && n == "b2" })
+	if d.Reloads() != 1 {
+		t.Errorf("%d reloads for a pool change", d.Reloads())
+	}
+	d.Close()
+	if !running() {
+		t.Fatal("Close stopped the operator's haproxy")
+	}
+	// It dies: the driver does not start it; the next structural change
+	// fails, naming the operator's master socket.
+	_ = op.Process.Kill()
+	<-exited
+	svc.Scheduler = spec.LeastConnection
+	errs := apply(t, d, svc)
+	if err := errs["web"]; !errors.Is(err, syscall.ECONNREFUSED) || !strings.Contains(err.Error(), master) {
+		t.Errorf("error of web = %v; want the master socket refusing", err)
+	}
+	if running() {
+		t.Error("the driver started an attached haproxy")
 	}
 }
 
@@ -456,7 +788,7 @@ func TestMissingHAProxyBinary(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	errs := d.Apply(context.Background(), &render.State{HAProxy: []render.HAProxyService{{Name: "a"}, {Name: "b"}}})
+	errs := d.Apply(context.Background(), states(render.HAProxyService{Name: "a"}, render.HAProxyService{Name: "b"}))
 	for _, n := range []string{"a", "b"} {
 		if errs[n] == nil || !strings.Contains(errs[n].Error(), "apt-get install haproxy") || !strings.Contains(errs[n].Error(), "--haproxy-bin") {
 			t.Errorf("%s: %v", n, errs[n])

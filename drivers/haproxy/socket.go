@@ -119,33 +119,63 @@ func (r *socketRuntime) ServersState(ctx context.Context, backend string) ([]Ser
 	if err != nil {
 		return nil, err
 	}
+	all, err := parseServersState(out)
+	if err != nil {
+		return nil, fmt.Errorf("backend %s: %w", backend, err)
+	}
+	return all[backend], nil
+}
+
+func (r *socketRuntime) AllServersState(ctx context.Context) (map[string][]ServerState, error) {
+	out, err := r.do(ctx, "show servers state", nil)
+	if err != nil {
+		return nil, err
+	}
 	return parseServersState(out)
+}
+
+func (r *socketRuntime) Backends(ctx context.Context) ([]string, error) {
+	out, err := r.do(ctx, "show backend", nil)
+	if err != nil {
+		return nil, err
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) == 0 || lines[0] != "# name" {
+		return nil, fmt.Errorf("unexpected show backend answer: %.80q", out)
+	}
+	var names []string
+	for _, l := range lines[1:] {
+		if l = strings.TrimSpace(l); l != "" {
+			names = append(names, l)
+		}
+	}
+	return names, nil
 }
 
 // parseServersState reads `show servers state` output: a version line,
 // a "# be_id be_name ..." header naming the columns, then one line per
-// server.
-func parseServersState(out string) ([]ServerState, error) {
+// server. It returns the servers by backend name.
+func parseServersState(out string) (map[string][]ServerState, error) {
 	lines := strings.Split(strings.TrimSpace(out), "\n")
 	if len(lines) > 0 && strings.HasPrefix(lines[0], "Can't find backend") {
 		return nil, fmt.Errorf("%w: %s", ErrNoBackend, lines[0])
 	}
 	if len(lines) < 2 || lines[0] != "1" || !strings.HasPrefix(lines[1], "# ") {
-		return nil, fmt.Errorf("unexpected show servers state answer: %q", out)
+		return nil, fmt.Errorf("unexpected show servers state answer: %.80q", out)
 	}
 	col := map[string]int{}
 	for i, name := range strings.Fields(strings.TrimPrefix(lines[1], "# ")) {
 		col[name] = i
 	}
-	for _, c := range []string{"srv_name", "srv_addr", "srv_port", "srv_uweight", "srv_admin_state"} {
+	for _, c := range []string{"be_name", "srv_name", "srv_addr", "srv_port", "srv_uweight", "srv_admin_state"} {
 		if _, ok := col[c]; !ok {
 			return nil, fmt.Errorf("show servers state has no %s column", c)
 		}
 	}
-	var res []ServerState
+	res := map[string][]ServerState{}
 	for _, l := range lines[2:] {
 		f := strings.Fields(l)
-		if len(f) <= len(col)-1 || strings.HasPrefix(l, "#") {
+		if len(f) < len(col) || strings.HasPrefix(l, "#") {
 			continue
 		}
 		addr, err := netip.ParseAddr(f[col["srv_addr"]])
@@ -160,7 +190,8 @@ func parseServersState(out string) ([]ServerState, error) {
 		}
 		// Maintenance bits: forced (0x01), inherited (0x02), from the
 		// configuration (0x04), from DNS resolution (0x20).
-		res = append(res, ServerState{Name: f[col["srv_name"]], Addr: netip.AddrPortFrom(addr, uint16(port)), Weight: w, Maint: admin&0x27 != 0})
+		be := f[col["be_name"]]
+		res[be] = append(res[be], ServerState{Name: f[col["srv_name"]], Addr: netip.AddrPortFrom(addr, uint16(port)), Weight: w, Maint: admin&0x27 != 0})
 	}
 	return res, nil
 }
@@ -249,16 +280,42 @@ func (r *socketRuntime) SetCertificate(ctx context.Context, path string, pem []b
 	return nil
 }
 
-func (r *socketRuntime) Sessions(ctx context.Context) (map[string]map[string]int, error) {
-	out, err := r.do(ctx, "show stat", nil)
+func (r *socketRuntime) CertificateFingerprint(ctx context.Context, path string) (string, error) {
+	if err := render.CheckHAProxyPath("certificate", path); err != nil {
+		return "", err
+	}
+	out, err := r.do(ctx, "show ssl cert "+path, nil)
+	if err != nil {
+		return "", err
+	}
+	for _, l := range strings.Split(out, "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "SHA1 FingerPrint" {
+			return strings.ToUpper(strings.TrimSpace(v)), nil
+		}
+	}
+	return "", fmt.Errorf("show ssl cert %s: no fingerprint in the answer: %.120q", path, out)
+}
+
+func (r *socketRuntime) Sessions(ctx context.Context, backend string) (map[string]int, error) {
+	if err := render.CheckHAProxyToken("backend", backend); err != nil {
+		return nil, err
+	}
+	out, err := r.do(ctx, "show stat "+backend+" 4 -1", nil)
 	if err != nil {
 		return nil, err
 	}
-	return parseStat(out)
+	if strings.HasPrefix(out, "No such proxy") {
+		return nil, fmt.Errorf("%w: %s", ErrNoBackend, backend)
+	}
+	all, err := parseStat(out)
+	if err != nil {
+		return nil, err
+	}
+	return all[backend], nil
 }
 
 // parseStat reads the scur (current sessions) column of `show stat` CSV for
-// every server line.
+// every server line, by proxy and server name.
 func parseStat(out string) (map[string]map[string]int, error) {
 	rd := csv.NewReader(strings.NewReader(strings.TrimPrefix(out, "# ")))
 	rd.FieldsPerRecord = -1
@@ -294,13 +351,169 @@ func parseStat(out string) (map[string]map[string]int, error) {
 	return res, nil
 }
 
-func (r *socketRuntime) DumpServersState(ctx context.Context) ([]byte, error) {
-	out, err := r.do(ctx, "show servers state", nil)
+// mapChunk bounds the payload of one `add map` command: HAProxy reads a
+// command with its payload into one buffer (tune.bufsize, 16 KiB by
+// default).
+const mapChunk = 8 << 10
+
+func checkMapEntries(entries []render.HTTPMapEntry) error {
+	for _, e := range entries {
+		if err := render.CheckHTTPMapKey(e.Key); err != nil {
+			return err
+		}
+		if err := render.CheckHTTPSlot(e.Backend); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (r *socketRuntime) ReplaceMap(ctx context.Context, path string, entries []render.HTTPMapEntry) error {
+	if err := render.CheckHAProxyPath("map", path); err != nil {
+		return err
+	}
+	if err := checkMapEntries(entries); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, "prepare map "+path, nil)
+	if err != nil {
+		return err
+	}
+	_, v, ok := strings.Cut(strings.TrimSpace(out), "New version created:")
+	ver, verr := strconv.ParseUint(strings.TrimSpace(v), 10, 32)
+	if !ok || verr != nil {
+		return fmt.Errorf("haproxy refused prepare map %s: %s", path, strings.TrimSpace(out))
+	}
+	at := "@" + strconv.FormatUint(ver, 10) + " " + path
+	var chunk bytes.Buffer
+	flush := func() error {
+		if chunk.Len() == 0 {
+			return nil
+		}
+		defer chunk.Reset()
+		return r.expect(ctx, "add map "+at, chunk.Bytes(), "")
+	}
+	for _, e := range entries {
+		if chunk.Len()+len(e.Key)+len(e.Backend)+2 > mapChunk {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+		chunk.WriteString(e.Key + " " + e.Backend + "\n")
+	}
+	if err := flush(); err != nil {
+		return err
+	}
+	// Committing an empty version clears the map atomically.
+	return r.expect(ctx, "commit map "+at, nil, "")
+}
+
+func (r *socketRuntime) ShowMap(ctx context.Context, path string) ([]render.HTTPMapEntry, error) {
+	if err := render.CheckHAProxyPath("map", path); err != nil {
+		return nil, err
+	}
+	out, err := r.do(ctx, "show map "+path, nil)
 	if err != nil {
 		return nil, err
 	}
-	if !strings.HasPrefix(out, "1\n") {
-		return nil, fmt.Errorf("unexpected show servers state answer: %.80q", out)
+	var entries []render.HTTPMapEntry
+	for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+		f := strings.Fields(l)
+		switch {
+		case len(f) == 0:
+		case len(f) == 3 && strings.HasPrefix(f[0], "0x"):
+			entries = append(entries, render.HTTPMapEntry{Key: f[1], Backend: f[2]})
+		default:
+			return nil, fmt.Errorf("show map %s: unexpected answer: %.120q", path, out)
+		}
 	}
-	return []byte(out), nil
+	return entries, nil
+}
+
+func (r *socketRuntime) NewCertificate(ctx context.Context, path string) error {
+	if err := render.CheckHAProxyPath("certificate", path); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, "new ssl cert "+path, nil)
+	if err != nil {
+		return err
+	}
+	switch got := strings.TrimSpace(out); {
+	case strings.HasPrefix(got, "New empty certificate store"):
+		return nil
+	case strings.Contains(got, "already exists"):
+		return fmt.Errorf("new ssl cert %s: %w", path, ErrCertExists)
+	default:
+		return fmt.Errorf("haproxy refused new ssl cert %s: %s", path, got)
+	}
+}
+
+func (r *socketRuntime) DelCertificate(ctx context.Context, path string) error {
+	if err := render.CheckHAProxyPath("certificate", path); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, "del ssl cert "+path, nil)
+	if err != nil {
+		return err
+	}
+	if got := strings.TrimSpace(out); !strings.HasSuffix(got, "deleted!") {
+		return fmt.Errorf("haproxy refused del ssl cert %s: %s", path, got)
+	}
+	return nil
+}
+
+func checkCrtList(list, cert string) error {
+	if err := render.CheckHAProxyPath("crt-list", list); err != nil {
+		return err
+	}
+	return render.CheckHAProxyPath("certificate", cert)
+}
+
+func (r *socketRuntime) AddCrtListEntry(ctx context.Context, list, cert string) error {
+	if err := checkCrtList(list, cert); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, "add ssl crt-list "+list+" "+cert, nil)
+	if err != nil {
+		return err
+	}
+	if !strings.Contains(out, "Success!") {
+		return fmt.Errorf("haproxy refused add ssl crt-list %s %s: %s", list, cert, strings.TrimSpace(out))
+	}
+	return nil
+}
+
+func (r *socketRuntime) DelCrtListEntry(ctx context.Context, list, cert string) error {
+	if err := checkCrtList(list, cert); err != nil {
+		return err
+	}
+	out, err := r.do(ctx, "del ssl crt-list "+list+" "+cert, nil)
+	if err != nil {
+		return err
+	}
+	if got := strings.TrimSpace(out); !strings.HasSuffix(got, "deleted in crtlist '"+list+"'!") {
+		return fmt.Errorf("haproxy refused del ssl crt-list %s %s: %s", list, cert, got)
+	}
+	return nil
+}
+
+func (r *socketRuntime) CrtList(ctx context.Context, list string) ([]string, error) {
+	if err := render.CheckHAProxyPath("crt-list", list); err != nil {
+		return nil, err
+	}
+	out, err := r.do(ctx, "show ssl crt-list "+list, nil)
+	if err != nil {
+		return nil, err
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) == 0 || lines[0] != "# "+list {
+		return nil, fmt.Errorf("show ssl crt-list %s: unexpected answer: %.120q", list, out)
+	}
+	var certs []string
+	for _, l := range lines[1:] {
+		if f := strings.Fields(l); len(f) > 0 {
+			certs = append(certs, f[0])
+		}
+	}
+	return certs, nil
 }

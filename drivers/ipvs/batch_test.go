@@ -63,7 +63,7 @@ func TestBatchedPassesMatchOneByOne(t *testing.T) {
 		d := newDriver(t, kernel, t.TempDir())
 		for i, st := range steps {
 			k.ResetCounts()
-			if errs := d.Apply(context.Background(), &render.State{IPVS: st}); len(errs) != 0 {
+			if errs := d.Sync(context.Background(), render.Split(&render.State{IPVS: st})); len(errs) != 0 {
 				t.Fatalf("step %d: %v", i, errs)
 			}
 			checkState(t, k, st)
@@ -89,7 +89,7 @@ func TestRefusalInABatchFailsOnlyItsService(t *testing.T) {
 		}
 		st := &render.State{IPVS: []render.L4Service{good[0], badWeight, good[1], badSched, good[2]}}
 		d := newDriver(t, kernel, t.TempDir())
-		errs := d.Apply(context.Background(), st)
+		errs := d.Sync(context.Background(), render.Split(st))
 		if len(errs) != 2 || !errors.Is(errs["badweight"], syscall.ERANGE) || !errors.Is(errs["badsched"], syscall.ENOENT) {
 			t.Fatalf("errors %v, want only badweight (ERANGE) and badsched (ENOENT)", errs)
 		}
@@ -119,7 +119,7 @@ func TestRefusalInABatchFailsOnlyItsService(t *testing.T) {
 		// The next pass repairs what can be repaired and fails the rest
 		// the same way.
 		k.ResetCounts()
-		errs = d.Apply(context.Background(), st)
+		errs = d.Sync(context.Background(), render.Split(st))
 		if len(errs) != 2 {
 			t.Errorf("second pass: %v", errs)
 		}
@@ -137,7 +137,7 @@ func TestBatchesAreBounded(t *testing.T) {
 		v := netip.AddrFrom4([4]byte{198, 18, byte(i / 250), byte(i%250 + 1)})
 		st.IPVS = append(st.IPVS, webService(fmt.Sprintf("s%d", i), v, 80, rdst(be1, 80, 1)))
 	}
-	if errs := d.Apply(context.Background(), st); len(errs) != 0 {
+	if errs := d.Sync(context.Background(), render.Split(st)); len(errs) != 0 {
 		t.Fatalf("%d errors", len(errs))
 	}
 	if got := k.Calls(ipvsfake.ApplyBatch); got != 4 {
@@ -167,14 +167,14 @@ func TestLostAcknowledgementKeepsTheRecord(t *testing.T) {
 	dir := t.TempDir()
 	d := newDriver(t, lostAcks{k}, dir)
 	st := &render.State{IPVS: []render.L4Service{webService("a", vip4, 80, rdst(be1, 80, 1))}}
-	if errs := d.Apply(context.Background(), st); !errors.Is(errs["a"], syscall.ENOBUFS) {
+	if errs := d.Sync(context.Background(), render.Split(st)); !errors.Is(errs["a"], syscall.ENOBUFS) {
 		t.Fatalf("errors %v, want a failed with ENOBUFS", errs)
 	}
 	if _, ok := d.Owned()[key(ipvs.TCP, vip4, 80)]; !ok {
 		t.Fatal("record dropped for a service whose creation may have worked")
 	}
 	// The next pass (acknowledgements fine again) adopts it as its own.
-	if errs := newDriver(t, k, dir).Apply(context.Background(), st); len(errs) != 0 {
+	if errs := newDriver(t, k, dir).Sync(context.Background(), render.Split(st)); len(errs) != 0 {
 		t.Fatal(errs)
 	}
 	checkState(t, k, st.IPVS)

@@ -122,11 +122,29 @@ func (d *Driver) Owned() map[Key]string {
 	return maps.Clone(d.owned)
 }
 
-// Apply makes the kernel's IPVS match desired.IPVS for the services this
-// driver owns, and returns the switchman services it could not program.
-func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]error {
+// Sync makes the kernel's IPVS match the IPVS part of all (every service
+// this driver serves) for the services this driver owns, and returns the
+// switchman services it could not program. It lists the kernel's services
+// and reads back the destinations of every owned service it does not
+// trust (all of them every FullResync): the repair path.
+func (d *Driver) Sync(ctx context.Context, all []*render.ServiceState) map[string]error {
+	return d.syncL4(ctx, ipvsParts(all))
+}
+
+// ipvsParts collects the IPVS part of each state.
+func ipvsParts(states []*render.ServiceState) []render.L4Service {
+	var out []render.L4Service
+	for _, s := range states {
+		if p, ok := s.Part(render.PartIPVS); ok {
+			out = append(out, p.(render.L4Service))
+		}
+	}
+	return out
+}
+
+func (d *Driver) syncL4(ctx context.Context, services []render.L4Service) map[string]error {
 	errs := map[string]error{}
-	want, bad := DesiredFrom(desired.IPVS)
+	want, bad := DesiredFrom(services)
 	maps.Copy(errs, bad)
 	select {
 	case d.turn <- struct{}{}:
@@ -154,7 +172,7 @@ func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]er
 	for _, w := range want {
 		wantKeys[w.Service.Key()] = true
 	}
-	for _, s := range desired.IPVS {
+	for _, s := range services {
 		if _, failed := bad[s.Service]; failed {
 			// Not convertible this time: keep whatever the kernel has.
 			k := Key{Protocol: protocolOf(s.Protocol), Address: s.Address.Unmap(), Port: s.Port}
@@ -196,16 +214,31 @@ func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]er
 	ops, refused := Diff(ready, actual, owned)
 	maps.Copy(errs, refused)
 
-	// Forget services that are gone from the kernel and not wanted; record
-	// the owner of each service about to be created before creating it, so
-	// a crash in between leaves a record of a missing service (harmless)
-	// rather than an unrecorded service (which would be refused as foreign).
+	// Forget services that are gone from the kernel and not wanted.
 	next := maps.Clone(owned)
 	for k := range next {
 		if !listed[k] && !wantKeys[k] {
 			delete(next, k)
 		}
 	}
+	d.commit(ctx, ops, ready, next, errs)
+	// Remember what this pass left in the kernel; after any error, trust
+	// nothing and read everything again next time.
+	clear(d.applied)
+	if len(errs) == 0 {
+		for _, w := range ready {
+			d.applied[w.Service.Key()] = w
+		}
+	}
+	return errs
+}
+
+// commit records ownership, runs ops and records it again. next is the
+// ownership record before the writes: the owner of each service about to
+// be created is recorded before creating it, so a crash in between leaves a
+// record of a missing service (harmless) rather than an unrecorded service
+// (which would be refused as foreign).
+func (d *Driver) commit(ctx context.Context, ops []Op, ready []Desired, next map[Key]string, errs map[string]error) {
 	for _, w := range ready {
 		k := w.Service.Key()
 		if name, mine := next[k]; mine && name != w.Name {
@@ -226,22 +259,11 @@ func (d *Driver) Apply(ctx context.Context, desired *render.State) map[string]er
 		ops = dropOwners(ops, errs)
 		next = d.Owned()
 	}
-
-	changed := d.apply(ctx, ops, next, errs)
-	if changed {
+	if d.apply(ctx, ops, next, errs) {
 		if err := d.record(next); err != nil {
 			d.log.Error("record IPVS ownership", "error", err)
 		}
 	}
-	// Remember what this pass left in the kernel; after any error, trust
-	// nothing and read everything again next time.
-	clear(d.applied)
-	if len(errs) == 0 {
-		for _, w := range ready {
-			d.applied[w.Service.Key()] = w
-		}
-	}
-	return errs
 }
 
 // apply runs ops in order. A failed write fails its owner: the owner's

@@ -134,7 +134,7 @@ func TestApplyProgramsEveryKind(t *testing.T) {
 			k := ipvsfake.New()
 			d := newDriver(t, k, t.TempDir())
 			st := &render.State{IPVS: []render.L4Service{tt.svc}}
-			if errs := d.Apply(context.Background(), st); len(errs) != 0 {
+			if errs := d.Sync(context.Background(), render.Split(st)); len(errs) != 0 {
 				t.Fatal(errs)
 			}
 			checkState(t, k, st.IPVS)
@@ -142,7 +142,7 @@ func TestApplyProgramsEveryKind(t *testing.T) {
 				t.Errorf("cold start made %d writes (driver counted %d), want %d", got, d.Writes(), want)
 			}
 			k.ResetCounts()
-			if errs := d.Apply(context.Background(), st); len(errs) != 0 {
+			if errs := d.Sync(context.Background(), render.Split(st)); len(errs) != 0 {
 				t.Fatal(errs)
 			}
 			if k.Writes() != 0 {
@@ -178,7 +178,7 @@ func TestApplyChangesInPlace(t *testing.T) {
 			k := ipvsfake.New()
 			d := newDriver(t, k, t.TempDir())
 			s := base()
-			if errs := d.Apply(context.Background(), &render.State{IPVS: []render.L4Service{s}}); len(errs) != 0 {
+			if errs := d.Sync(context.Background(), render.Split(&render.State{IPVS: []render.L4Service{s}})); len(errs) != 0 {
 				t.Fatal(errs)
 			}
 			if err := k.SetConnections(key(ipvs.TCP, vip4, 80), netip.AddrPortFrom(be1, 80), 3, 4); err != nil {
@@ -187,7 +187,7 @@ func TestApplyChangesInPlace(t *testing.T) {
 			k.ResetCounts()
 			tt.change(&s)
 			st := &render.State{IPVS: []render.L4Service{s}}
-			if errs := d.Apply(context.Background(), st); len(errs) != 0 {
+			if errs := d.Sync(context.Background(), render.Split(st)); len(errs) != 0 {
 				t.Fatal(errs)
 			}
 			for _, m := range writes {
@@ -230,7 +230,7 @@ func TestForeignServicesUntouched(t *testing.T) {
 		webService("web", vip4, 80, rdst(be1, 80, 1)),
 	}}
 	for range 3 {
-		errs := d.Apply(ctx, st)
+		errs := d.Sync(ctx, render.Split(st))
 		var fe *ipvs.ForeignServiceError
 		if len(errs) != 1 || !errors.As(errs["web"], &fe) {
 			t.Fatalf("errors %v, want only web refused as foreign", errs)
@@ -240,7 +240,7 @@ func TestForeignServicesUntouched(t *testing.T) {
 		}
 	}
 	// Then nothing desired: api (ours) goes, foreign services stay.
-	if errs := d.Apply(ctx, &render.State{}); len(errs) != 0 {
+	if errs := d.Sync(ctx, render.Split(&render.State{})); len(errs) != 0 {
 		t.Fatal(errs)
 	}
 	after := k.State()
@@ -269,7 +269,7 @@ func TestRestartWithNothingChangedWritesNothing(t *testing.T) {
 		webService("a", vip4, 80, rdst(be1, 80, 1), rdst(be2, 80, 3)),
 		webService("b", vip6, 80, rdst(netip.MustParseAddr("2001:db8::5"), 80, 1)),
 	}}
-	if errs := newDriver(t, k, dir).Apply(ctx, st); len(errs) != 0 {
+	if errs := newDriver(t, k, dir).Sync(ctx, render.Split(st)); len(errs) != 0 {
 		t.Fatal(errs)
 	}
 	info, err := os.Stat(filepath.Join(dir, ipvs.StateFile))
@@ -294,7 +294,7 @@ func TestRestartWithNothingChangedWritesNothing(t *testing.T) {
 
 	k.ResetCounts()
 	d2 := newDriver(t, k, dir)
-	if errs := d2.Apply(ctx, st); len(errs) != 0 {
+	if errs := d2.Sync(ctx, render.Split(st)); len(errs) != 0 {
 		t.Fatal(errs)
 	}
 	if k.Writes() != 0 || d2.Writes() != 0 {
@@ -303,7 +303,7 @@ func TestRestartWithNothingChangedWritesNothing(t *testing.T) {
 	// And a restart after a change writes just the change.
 	st.IPVS[0].Destinations[1].Weight = 0
 	d3 := newDriver(t, k, dir)
-	if errs := d3.Apply(ctx, st); len(errs) != 0 {
+	if errs := d3.Sync(ctx, render.Split(st)); len(errs) != 0 {
 		t.Fatal(errs)
 	}
 	if k.Writes() != 1 || k.Calls(ipvsfake.UpdateDestination) != 1 {
@@ -315,11 +315,11 @@ func TestLostStateFileRefusesRatherThanAdopts(t *testing.T) {
 	ctx := context.Background()
 	k := ipvsfake.New()
 	st := &render.State{IPVS: []render.L4Service{webService("a", vip4, 80, rdst(be1, 80, 1))}}
-	if errs := newDriver(t, k, t.TempDir()).Apply(ctx, st); len(errs) != 0 {
+	if errs := newDriver(t, k, t.TempDir()).Sync(ctx, render.Split(st)); len(errs) != 0 {
 		t.Fatal(errs)
 	}
 	k.ResetCounts()
-	errs := newDriver(t, k, t.TempDir()).Apply(ctx, st)
+	errs := newDriver(t, k, t.TempDir()).Sync(ctx, render.Split(st))
 	var fe *ipvs.ForeignServiceError
 	if !errors.As(errs["a"], &fe) || k.Writes() != 0 {
 		t.Errorf("errors %v, %d writes; want a refused with no writes", errs, k.Writes())
@@ -336,7 +336,7 @@ func TestOneServiceFailingDoesNotFailOthers(t *testing.T) {
 		bad,
 		webService("c", vip4, 82, rdst(be1, 80, 1)),
 	}}
-	errs := d.Apply(context.Background(), st)
+	errs := d.Sync(context.Background(), render.Split(st))
 	if len(errs) != 1 || !errors.Is(errs["bad"], syscall.ENOENT) {
 		t.Fatalf("errors %v, want only bad failing with ENOENT", errs)
 	}
@@ -367,7 +367,7 @@ func TestHungCallTimesOut(t *testing.T) {
 				}}
 				k.Hang(hang, true)
 				start := time.Now()
-				errs := d.Apply(context.Background(), st)
+				errs := d.Sync(context.Background(), render.Split(st))
 				if el := time.Since(start); el > 5*time.Second {
 					t.Errorf("apply with a hung call took %v", el)
 				}
@@ -387,7 +387,7 @@ func TestHungCallTimesOut(t *testing.T) {
 					t.Error("a's record dropped after a time-out (it may exist)")
 				}
 				k.Hang(hang, false)
-				if errs := d.Apply(context.Background(), st); len(errs) != 0 {
+				if errs := d.Sync(context.Background(), render.Split(st)); len(errs) != 0 {
 					t.Fatalf("after the hang cleared: %v", errs)
 				}
 				checkState(t, k, st.IPVS)
@@ -404,7 +404,7 @@ func TestMissingIPVS(t *testing.T) {
 		webService("a", vip4, 80, rdst(be1, 80, 1)),
 		webService("b", vip4, 81, rdst(be1, 80, 1)),
 	}}
-	errs := d.Apply(context.Background(), st)
+	errs := d.Sync(context.Background(), render.Split(st))
 	for _, name := range []string{"a", "b"} {
 		if !errors.Is(errs[name], ipvs.ErrUnavailable) || !strings.Contains(errs[name].Error(), "modprobe ip_vs") || !strings.Contains(errs[name].Error(), "CONFIG_IP_VS") {
 			t.Errorf("%s: %v, want IPVS missing with how to fix it", name, errs[name])
@@ -414,11 +414,11 @@ func TestMissingIPVS(t *testing.T) {
 		t.Errorf("connections with nothing owned: %v", err)
 	}
 	// No IPVS services wanted: the kernel is not even asked.
-	if errs := d.Apply(context.Background(), &render.State{}); len(errs) != 0 {
+	if errs := d.Sync(context.Background(), render.Split(&render.State{})); len(errs) != 0 {
 		t.Errorf("nothing desired: %v", errs)
 	}
 	k.SetUnavailable(false) // modprobe ip_vs
-	if errs := d.Apply(context.Background(), st); len(errs) != 0 {
+	if errs := d.Sync(context.Background(), render.Split(st)); len(errs) != 0 {
 		t.Fatalf("after IPVS appeared: %v", errs)
 	}
 	checkState(t, k, st.IPVS)
@@ -439,7 +439,7 @@ func TestConnections(t *testing.T) {
 	}
 	d := newDriver(t, k, t.TempDir())
 	st := &render.State{IPVS: []render.L4Service{webService("web", vip4, 80, rdst(be1, 80, 1), rdst(be2, 80, 0))}}
-	if errs := d.Apply(ctx, st); len(errs) != 0 {
+	if errs := d.Sync(ctx, render.Split(st)); len(errs) != 0 {
 		t.Fatal(errs)
 	}
 	if err := k.SetConnections(key(ipvs.TCP, vip4, 80), netip.AddrPortFrom(be2, 80), 2, 5); err != nil {
@@ -478,7 +478,7 @@ func TestAddRaceWithSomeoneElse(t *testing.T) {
 	// Someone creates the service between the listing and our add: the
 	// fake's AddService fails with EEXIST as the kernel would.
 	k.Fail(ipvsfake.AddService, syscall.EEXIST)
-	errs := d.Apply(ctx, &render.State{IPVS: []render.L4Service{webService("web", vip4, 80, rdst(be1, 80, 1))}})
+	errs := d.Sync(ctx, render.Split(&render.State{IPVS: []render.L4Service{webService("web", vip4, 80, rdst(be1, 80, 1))}}))
 	var fe *ipvs.ForeignServiceError
 	if !errors.As(errs["web"], &fe) {
 		t.Errorf("error %v, want foreign", errs["web"])

@@ -36,7 +36,7 @@ func TestPassReadsOnlyChangedServices(t *testing.T) {
 				webService("b", vip4, 81, rdst(be1, 80, 1)),
 				webService("c", vip4, 82, rdst(be1, 80, 1)),
 			}}
-			if errs := d.Apply(ctx, st); len(errs) != 0 {
+			if errs := d.Sync(ctx, render.Split(st)); len(errs) != 0 {
 				t.Fatal(errs)
 			}
 			// Someone changes b's weight behind the driver's back.
@@ -49,7 +49,7 @@ func TestPassReadsOnlyChangedServices(t *testing.T) {
 			}
 			k.ResetCounts()
 			st.IPVS[0] = webService("a", vip4, 80, rdst(be1, 80, 5))
-			if errs := d.Apply(ctx, st); len(errs) != 0 {
+			if errs := d.Sync(ctx, render.Split(st)); len(errs) != 0 {
 				t.Fatal(errs)
 			}
 			if got := k.Calls(ipvsfake.Destinations); got != tc.wantDumps {

@@ -50,6 +50,9 @@ func (d *Driver) Apply(ctx context.Context, changed []*render.ServiceState) map[
 		if err := d.apply1(ctx, s); err != nil {
 			errs[s.Name] = err
 			delete(d.known, s.Name) // read it back next time
+			d.lost[s.Name] = true
+		} else {
+			delete(d.lost, s.Name)
 		}
 	}
 	return errs
@@ -64,6 +67,9 @@ func (d *Driver) apply1(ctx context.Context, s *render.ServiceState) error {
 		}
 	}
 	old, ok := d.known[s.Name]
+	if !ok && d.synced && !d.lost[s.Name] {
+		old, ok = installed{fam: want.fam}, true // known to have nothing
+	}
 	if !ok {
 		// Unknown: what may be left of it in a family in use (a family
 		// this process never used is cleaned by the next Sync).

@@ -149,3 +149,18 @@ func TestApplyRemovalOrder(t *testing.T) {
 		t.Errorf("removal calls %v, want %v (the jump out before the chain is emptied)", calls, want)
 	}
 }
+
+func TestApplyNewServiceReadsNothing(t *testing.T) {
+	f := newFakes()
+	f.apply(t, allow("web", "192.0.2.10", 443, "198.51.100.0/24"), allow("v6", "2001:db8::10", 443, "2001:db8:1::/48"), masq("m0", "192.0.2.13", 80, "10.1.1.3:80"))
+	reads := f.reads()
+	if errs := f.d.Apply(context.Background(), states(allow("new", "192.0.2.11", 443, "203.0.113.0/24"), masq("m", "192.0.2.12", 80, "10.1.1.2:80"))); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	if n := f.reads() - reads; n != 0 {
+		t.Errorf("new services after a Sync read the tables %d times, want 0", n)
+	}
+	if got := len(f.v4.dump("filter", serviceChain("new"))); got != 2 {
+		t.Errorf("new's chain has %d rules", got)
+	}
+}

@@ -60,9 +60,12 @@ type Driver struct {
 	tables [2]Tables // [0] iptables, [1] ip6tables; opened on first need
 
 	// known is what is in force for each service, as the last Sync or
-	// Apply left it; a service missing here (after an error) is read back
-	// before an Apply changes it.
-	known map[string]installed
+	// Apply left it; after a Sync, a service missing here has nothing. A
+	// service in lost (an error left it uncertain), or any service before
+	// the first Sync, is read back before an Apply changes it.
+	known  map[string]installed
+	lost   map[string]bool
+	synced bool
 	// based marks the tables (by family) whose base chain and jump are
 	// known to be in place.
 	based [2]map[string]bool
@@ -75,7 +78,7 @@ func New(log *slog.Logger) *Driver {
 }
 
 func newDriver(log *slog.Logger, open func(v6 bool) (Tables, error)) *Driver {
-	return &Driver{log: log, open: open, known: map[string]installed{}, based: [2]map[string]bool{{}, {}}}
+	return &Driver{log: log, open: open, known: map[string]installed{}, lost: map[string]bool{}, based: [2]map[string]bool{{}, {}}}
 }
 
 // Name is "netfilter".
@@ -95,6 +98,7 @@ func (d *Driver) Sync(ctx context.Context, all []*render.ServiceState) map[strin
 	}
 	errs := d.syncFilters(ctx, filters)
 	clear(d.known)
+	clear(d.lost)
 	for _, f := range filters {
 		if errs[f.Service] != nil {
 			continue
@@ -103,6 +107,10 @@ func (d *Driver) Sync(ctx context.Context, all []*render.ServiceState) map[strin
 			d.known[f.Service] = in
 		}
 	}
+	for name := range errs {
+		d.lost[name] = true
+	}
+	d.synced = true
 	return errs
 }
 

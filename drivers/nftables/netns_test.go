@@ -115,7 +115,7 @@ func newLab(t *testing.T) *lab {
 	netnstest.IP(t, "-n", l.lb, "addr", "add", "192.0.2.1/24", "dev", "l0")
 	netnstest.IP(t, "-n", l.lb, "addr", "add", "fd00:c::1/64", "dev", "l0", "nodad")
 	netnstest.IP(t, "-n", l.lb, "link", "set", "l0", "up")
-	netnstest.IP(t, "-n", l.lb, "link", "add", "br0", "type", "bridge")
+	netnstest.IP(t, "-n", l.lb, "link", "add", "br0", "type", "bridge", "forward_delay", "0", "mcast_snooping", "0")
 	netnstest.IP(t, "-n", l.lb, "addr", "add", "10.1.1.1/24", "dev", "br0")
 	netnstest.IP(t, "-n", l.lb, "addr", "add", "fd00:1::1/64", "dev", "br0", "nodad")
 	netnstest.IP(t, "-n", l.lb, "link", "set", "br0", "up")

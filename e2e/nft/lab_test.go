@@ -160,7 +160,7 @@ func newLab(t *testing.T) *lab {
 	netnstest.Veth(t, l.client, "c0", l.lb, "l0")
 	netnstest.Addr(t, l.client, "c0", "192.0.2.2/24", "192.0.2.130/24", "fd00:c::2/64", "fd00:c::82/64")
 	netnstest.Addr(t, l.lb, "l0", "192.0.2.1/24", "fd00:c::1/64")
-	netnstest.IP(t, "-n", l.lb, "link", "add", "br0", "type", "bridge")
+	netnstest.IP(t, "-n", l.lb, "link", "add", "br0", "type", "bridge", "forward_delay", "0", "mcast_snooping", "0")
 	netnstest.Addr(t, l.lb, "br0", "10.1.1.1/24", "fd00:1::1/64")
 	netnstest.IP(t, "-n", l.lb, "link", "set", "br0", "up")
 	netnstest.Sysctl(t, l.lb, "net/ipv4/ip_forward", "1")
