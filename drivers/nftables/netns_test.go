@@ -420,11 +420,11 @@ func TestNetnsScheduling(t *testing.T) {
 		v := netip.MustParseAddrPort("[fd00:f::10]:80")
 		s := l4("v6", v.String(), spec.TCP, spec.RoundRobin, nfdest(b1v6, 1), nfdest(b2v6, 1))
 		l.apply(t, s)
-		// Now and then a connection through the NAT loses its SYN-ACK on
-		// these kernels (seen on main too, about one run in twelve): the
-		// backend sits in SYN-RECV while the client times out. A lost
-		// connection takes its rr turn, so count answers over retries
-		// instead of their exact order (IPv4 rr above checks the order).
+		// A connection through the NAT could lose its SYN-ACK (about one
+		// run in twelve, before the bridge's multicast snooping was
+		// turned off: the backend sat in SYN-RECV while the client timed
+		// out). A lost connection takes its rr turn, so count answers over
+		// retries instead of their exact order (IPv4 rr above checks it).
 		var got []string
 		for try := 0; len(got) < 6; try++ {
 			name, _, err := l.hit(spec.TCP, l.in6, v)
