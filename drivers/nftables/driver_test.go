@@ -358,3 +358,37 @@ func TestDriverSyncReadsOnlyAfterOthersWrote(t *testing.T) {
 		t.Fatalf("the kernel holds\n%s\nwant\n%s", got, want)
 	}
 }
+
+// TestDriverApplySharedElements: an Apply sees only its services'
+// elements of the shared maps and sets, and changes only those.
+func TestDriverApplySharedElements(t *testing.T) {
+	k := nftfake.New()
+	d := newDriver(t, k)
+	a := l4("a", "192.0.2.10:80", spec.TCP, spec.RoundRobin, dest("10.1.1.2:8080", 1))
+	b := l4("b", "192.0.2.11:80", spec.TCP, spec.RoundRobin, dest("10.1.1.3:8080", 1))
+	for _, s := range []*render.L4Service{&a, &b} {
+		s.Masquerade = true
+		s.AllowCIDRs = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+	}
+	noErrors(t, "Apply", d.Apply(t.Context(), []*render.ServiceState{state(a), state(b)}))
+	a.Masquerade, a.AllowCIDRs = false, nil
+	k.ResetCounts()
+	noErrors(t, "Apply a", d.Apply(t.Context(), []*render.ServiceState{state(a)}))
+	for _, tx := range k.Log() {
+		for _, op := range tx {
+			for _, e := range op.Elements {
+				if e.Addr == b.Address || e.Goto != "" && !strings.HasSuffix(e.Goto, "-a") && !strings.Contains(e.Goto, "-a/") {
+					t.Errorf("a change of a wrote b's element: %s", op)
+				}
+			}
+		}
+	}
+	if got, want := dump(k.State()), dump(expected(t, a, b)); got != want {
+		t.Fatalf("the kernel holds\n%s\nwant\n%s", got, want)
+	}
+	// Taking b away leaves a's elements alone.
+	noErrors(t, "remove b", d.Apply(t.Context(), []*render.ServiceState{removed("b")}))
+	if got, want := dump(k.State()), dump(expected(t, a)); got != want {
+		t.Fatalf("after b went the kernel holds\n%s\nwant\n%s", got, want)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"slices"
 
 	"github.com/switchman-lb/switchman/render"
+	"github.com/switchman-lb/switchman/spec"
 )
 
 // record is what the kernel holds as far as the driver knows, indexed by
@@ -78,10 +79,10 @@ func (r *record) disown(f render.NFTFamily, name string, chain bool) {
 
 // view returns the part of the tables that Diff needs to bring the named
 // services into shape without All: the tables' own chains and sets (the
-// shared ones with all their elements), the named services' chains and
-// sets, and the objects of one other service where there is one, so that
-// a table that still serves others is never taken for empty. It shares
-// the record's objects; Diff does not change them.
+// shared ones with the named services' elements only), the named
+// services' chains and sets, and the objects of one other service where
+// there is one, so that a table that still serves others is never taken
+// for empty. It shares the record's objects; Diff does not change them.
 func (r *record) view(services map[string]*render.NFTService) map[render.NFTFamily]*Table {
 	out := map[render.NFTFamily]*Table{}
 	base := render.NFTBase()
@@ -97,6 +98,7 @@ func (r *record) view(services map[string]*render.NFTService) map[render.NFTFami
 				v.Sets[s.Name] = x
 			}
 		}
+		scopeShared(v, services)
 		add := func(o *owned) {
 			for c := range o.chains {
 				v.Chains[c] = t.Chains[c]
@@ -119,6 +121,47 @@ func (r *record) view(services map[string]*render.NFTService) map[render.NFTFami
 		out[f] = v
 	}
 	return out
+}
+
+// scopeShared replaces the shared maps and sets of view v by copies that
+// hold only the named services' elements: in the services and filters
+// maps those whose chain a named service owns, in the masquerade sets
+// those with the vip and port of such an element.
+func scopeShared(v *Table, services map[string]*render.NFTService) {
+	keys := map[render.NFTElement]bool{}
+	for _, name := range []string{render.NFTServicesMap, render.NFTFiltersMap} {
+		x := v.Sets[name]
+		if x == nil {
+			continue
+		}
+		c := *x
+		c.Elements = nil
+		for _, e := range x.Elements {
+			if owner, ok := render.NFTOwner(e.Goto); ok {
+				if _, in := services[owner]; in {
+					c.Elements = append(c.Elements, e)
+					k := e
+					k.Goto = ""
+					keys[k] = true
+				}
+			}
+		}
+		v.Sets[name] = &c
+	}
+	for name, proto := range map[string]spec.Protocol{render.NFTMasqTCPSet: spec.TCP, render.NFTMasqUDPSet: spec.UDP} {
+		x := v.Sets[name]
+		if x == nil {
+			continue
+		}
+		c := *x
+		c.Elements = nil
+		for _, e := range x.Elements {
+			if keys[render.NFTElement{Addr: e.Addr, Proto: proto, Port: e.Port}] {
+				c.Elements = append(c.Elements, e)
+			}
+		}
+		v.Sets[name] = &c
+	}
 }
 
 // apply applies committed writes to the record, with the handles the
