@@ -124,7 +124,7 @@ bench-http:
 ## Figures: docs/bench/nftables.md.
 bench-nftables: build
 	$(GO) build -o bin/bench-nftables ./bench/nftables
-	$(SUDO) bin/bench-nftables -agent $(BIN) -services 10000 -changes 100
+	$(SUDO) bin/bench-nftables -agent $(BIN) -services 10000 -changes 100 -budget 25m
 
 bench-nftables-lab:
 	bash e2e/lab/run.sh -run 'NFTablesVsIPVS'

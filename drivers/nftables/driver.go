@@ -85,6 +85,9 @@ type Driver struct {
 	// changed, and a Sync need not read the tables again.
 	gen      uint32
 	genKnown bool
+	// applied holds, by service, the Generation of the state last brought
+	// into the tables without error.
+	applied map[string]uint64
 
 	writes, commits atomic.Uint64
 }
@@ -107,7 +110,7 @@ func New(cfg Config) (*Driver, error) {
 		cfg.ReadTimeout = DefaultReadTimeout
 	}
 	return &Driver{kernel: cfg.Kernel, log: cfg.Logger, timeout: cfg.CallTimeout, readTimeout: cfg.ReadTimeout,
-		maxBatch: cfg.MaxBatch, turn: make(chan struct{}, 1)}, nil
+		maxBatch: cfg.MaxBatch, turn: make(chan struct{}, 1), applied: map[string]uint64{}}, nil
 }
 
 // Name is "nftables".
@@ -139,17 +142,38 @@ func (d *Driver) Sync(ctx context.Context, all []*render.ServiceState) map[strin
 }
 
 // pass renders states, diffs them against the record (read afresh for a
-// Sync) and commits the difference. A service that cannot be rendered is
-// left as the kernel has it.
+// Sync, unless nobody else has written since) and commits the difference.
+// A service that cannot be rendered is left as the kernel has it.
+//
+// A Sync that finds the tables unchanged works like an Apply: it looks at
+// the services whose state it has not applied yet (by Generation) and at
+// those the tables hold that all no longer names; the others are already
+// in the tables as the record says.
 func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, all bool) map[string]error {
 	errs := map[string]error{}
-	want := Desired{Services: map[string]*render.NFTService{}, All: all, Keep: map[string]bool{}}
+	if !d.take(ctx) {
+		for _, st := range states {
+			if st.L4 != nil && st.L4.Driver == spec.DriverNFTables || !all {
+				errs[st.Name] = fmt.Errorf("not applied: %w", ctx.Err())
+			}
+		}
+		return errs
+	}
+	defer d.release()
+	quick := all && d.record != nil && d.unchanged(ctx)
+	want := Desired{Services: map[string]*render.NFTService{}, All: all && !quick, Keep: map[string]bool{}}
+	gens := map[string]uint64{}
+	ours := map[string]bool{} // the services all serves with nf_tables
 	for _, st := range states {
 		if st.L4 == nil || st.L4.Driver != spec.DriverNFTables {
 			if !all {
 				want.Services[st.Name] = nil
 			}
 			continue
+		}
+		ours[st.Name] = true
+		if quick && st.Generation > 0 && d.applied[st.Name] == st.Generation {
+			continue // in the tables as applied, and they did not change
 		}
 		n, err := render.NFTablesService(*st.L4)
 		if err != nil {
@@ -158,25 +182,36 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, all bo
 			continue
 		}
 		want.Services[st.Name] = &n
+		gens[st.Name] = st.Generation
 	}
-	if !d.take(ctx) {
-		failAll(errs, want.Services, fmt.Errorf("not applied: %w", ctx.Err()))
-		return errs
+	if quick {
+		for name := range d.record.services() {
+			if !ours[name] {
+				want.Services[name] = nil
+			}
+		}
 	}
-	defer d.release()
-	if d.record == nil || (all && !d.unchanged(ctx)) {
+	if d.record == nil || (all && !quick) {
 		if err := d.read(ctx); err != nil {
 			failAll(errs, want.Services, err)
 			return errs
 		}
 	}
 	observed := d.record.tables
-	if !all {
-		// An Apply looks only at what the services it is given own (and
-		// the tables' own objects): work in proportion to the change.
+	if !want.All {
+		// Only what the services in hand own (and the tables' own
+		// objects): work in proportion to the change.
 		observed = d.record.view(want.Services)
 	}
 	d.run(ctx, Diff(observed, want), errs)
+	for name, svc := range want.Services {
+		switch {
+		case errs[name] != nil || svc == nil || gens[name] == 0:
+			delete(d.applied, name)
+		default:
+			d.applied[name] = gens[name]
+		}
+	}
 	return errs
 }
 

@@ -392,3 +392,55 @@ func TestDriverApplySharedElements(t *testing.T) {
 		t.Fatalf("after b went the kernel holds\n%s\nwant\n%s", got, want)
 	}
 }
+
+// TestDriverQuickSync: with the tables unchanged since the driver's own
+// writes, a Sync looks only at the services whose state it has not
+// applied (by Generation) and at those all no longer names; a service
+// that failed is tried again.
+func TestDriverQuickSync(t *testing.T) {
+	k := nftfake.New()
+	d := newDriver(t, k)
+	gen := func(s render.L4Service, g uint64) *render.ServiceState {
+		st := state(s)
+		st.Generation = g
+		return st
+	}
+	a := l4("a", "192.0.2.10:80", spec.TCP, spec.WeightedRoundRobin, dest("10.1.1.2:8080", 1), dest("10.1.1.3:8080", 1))
+	b := l4("b", "192.0.2.11:80", spec.TCP, spec.RoundRobin, dest("10.1.1.4:8080", 1))
+	c := l4("c", "192.0.2.12:80", spec.TCP, spec.RoundRobin, dest("10.1.1.5:8080", 1))
+	noErrors(t, "first Sync", d.Sync(t.Context(), []*render.ServiceState{gen(a, 1), gen(b, 1), gen(c, 1)}))
+
+	// c's next state is refused by the kernel: not recorded as applied,
+	// and the record is read again by the next Sync.
+	c.Destinations[0].Weight = 0
+	k.Fail(nftables.DelElements, fmt.Errorf("refused: %w", syscall.EPERM))
+	if errs := d.Apply(t.Context(), []*render.ServiceState{gen(c, 2)}); !errors.Is(errs["c"], syscall.EPERM) {
+		t.Fatalf("Apply c: %v, want EPERM", errs)
+	}
+	k.Fail(nftables.DelElements, nil)
+	noErrors(t, "Sync after the failure (reads again)", d.Sync(t.Context(), []*render.ServiceState{gen(a, 1), gen(b, 1), gen(c, 2)}))
+
+	// Unchanged: nothing read, nothing written.
+	k.ResetCounts()
+	noErrors(t, "Sync, nothing changed", d.Sync(t.Context(), []*render.ServiceState{gen(a, 1), gen(b, 1), gen(c, 2)}))
+	if cs := k.Counts(); cs.Reads != 0 || cs.Commits != 0 {
+		t.Errorf("an unchanged Sync read %d times and committed %d", cs.Reads, cs.Commits)
+	}
+	// A new state of a, and b no longer named: one service changed, one
+	// removed, without reading.
+	a.Destinations[1].Weight = 3
+	k.ResetCounts()
+	noErrors(t, "Sync", d.Sync(t.Context(), []*render.ServiceState{gen(a, 2), gen(c, 2)}))
+	if cs := k.Counts(); cs.Reads != 0 {
+		t.Errorf("a quick Sync read %d times", cs.Reads)
+	}
+	if got, want := dump(k.State()), dump(expected(t, a, c)); got != want {
+		t.Fatalf("the kernel holds\n%s\nwant\n%s", got, want)
+	}
+	// And back.
+	c.Destinations[0].Weight = 1
+	noErrors(t, "Apply c", d.Apply(t.Context(), []*render.ServiceState{gen(c, 3)}))
+	if got, want := dump(k.State()), dump(expected(t, a, c)); got != want {
+		t.Fatalf("the kernel holds\n%s\nwant\n%s", got, want)
+	}
+}

@@ -77,6 +77,17 @@ func (r *record) disown(f render.NFTFamily, name string, chain bool) {
 	}
 }
 
+// services returns the services that own something in the tables.
+func (r *record) services() map[string]bool {
+	out := map[string]bool{}
+	for _, owners := range r.owners {
+		for name := range owners {
+			out[name] = true
+		}
+	}
+	return out
+}
+
 // view returns the part of the tables that Diff needs to bring the named
 // services into shape without All: the tables' own chains and sets (the
 // shared ones with the named services' elements only), the named
