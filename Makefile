@@ -6,13 +6,15 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 # The demo, the namespace suite and the nf_tables benchmark need root.
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_SECONDS ?= 0
+# How long `make fuzz` runs each fuzz target.
+FUZZTIME ?= 60s
 LDFLAGS := -X main.version=$(VERSION)
 # The Debian package's version: ordered by commit time, so that a later
 # build upgrades an earlier one.
 DEB_VERSION ?= $(shell git log -1 --format='0.1.0~git%cd.%h' --date=format:%Y%m%d%H%M%S 2>/dev/null || echo 0.1.0~dev)
 DEB_DIR := bin/deb
 
-.PHONY: all build test unit lint cli-check packaging-check deb deb-bin e2e e2e-nft demo-check vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-http bench-nftables bench-nftables-lab fuzz demo clean
+.PHONY: all build test unit lint cli-check packaging-check deb deb-bin e2e e2e-nft e2e-ha-host demo-check vagrant-validate bench bench-scale bench-ipvs bench-convergence bench-ha bench-health bench-haproxy bench-http bench-nftables bench-nftables-lab fuzz demo clean
 
 all: build
 
@@ -88,7 +90,7 @@ demo: build
 demo-check:
 	$(MAKE) demo DEMO_SECONDS=5
 
-bench: bench-scale bench-ipvs bench-convergence bench-health bench-haproxy bench-http bench-nftables
+bench: bench-scale bench-ipvs bench-convergence bench-ha bench-health bench-haproxy bench-http bench-nftables
 	@echo "figures: docs/BENCHMARKS.md"
 
 ## bench-scale: 10,000 definitions in one burst; agent RSS with 40,000 backends.
@@ -103,6 +105,20 @@ bench-ipvs:
 ## per-change convergence vs a full ipvsadm -C/-R resync, restart writes.
 bench-convergence:
 	bash e2e/lab/run.sh -run 'Convergence'
+
+## bench-ha: two HA agents: 20 unplanned failovers (SIGKILL + links down)
+## and 20 planned ones (SIGTERM), time to the first answer through the VIP
+## and dual ownership seen by a sampler; in the QEMU lab (IPVS, emulated,
+## --ha-round 400ms) and on this host's kernel (HAProxy, default timing;
+## root).
+bench-ha:
+	bash e2e/lab/run.sh -run 'HAFigures'
+	bash e2e/lab/host-ha.sh -run 'HAFigures'
+
+## e2e-ha-host: the HA scenarios on this host's kernel with the default
+## timing (private namespaces, HAProxy as the data plane; root, haproxy).
+e2e-ha-host:
+	bash e2e/lab/host-ha.sh -run 'TestHA$$'
 
 ## bench-health: 2,000 and 10,000 targets at 1 s, switchman's checker vs HAProxy's (root).
 bench-health:
@@ -130,8 +146,11 @@ bench-nftables-lab:
 	bash e2e/lab/run.sh -run 'NFTablesVsIPVS'
 
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 60s ./spec/
-	$(GO) test -run '^$$' -fuzz '^FuzzEncode$$' -fuzztime 60s ./status/
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./spec/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseMember$$' -fuzztime $(FUZZTIME) ./spec/
+	$(GO) test -run '^$$' -fuzz '^FuzzEncode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2s ./status/
+	$(GO) test -run '^$$' -fuzz '^FuzzHAProxyConfig$$' -fuzztime $(FUZZTIME) ./render/
+	$(GO) test -run '^$$' -fuzz '^FuzzHTTPMapKey$$' -fuzztime $(FUZZTIME) ./render/
 
 clean:
 	rm -rf bin .lab

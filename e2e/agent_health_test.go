@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/switchman-lb/switchman/e2e/internal/lab"
 	"github.com/switchman-lb/switchman/status"
 )
 
@@ -21,29 +22,29 @@ import (
 // failing backend's weight goes to 0 and comes back, fail_open decides
 // what happens when every backend fails, and a removed backend drains.
 func TestAgentHealth(t *testing.T) {
-	l := newAgentLab(t)
-	all := Backends
+	l := lab.NewAgentLab(t)
+	all := lab.Backends
 
 	t.Run("down-and-up", func(t *testing.T) {
 		const vip = "192.0.2.161"
 		be2 := all[1]
-		l.putService(t, "hc", svcDef{"vip": vip, "port": 80, "backends": backendsDef(80, 1, all...), "health": fastHTTPCheck()})
-		addr := IPVSHostPort(vip, 80)
-		l.waitUp(t, "hc", "TCP", addr, weightsOf(80, 1, all...))
-		l.waitStatus(t, 0, "hc", "3 healthy backends", appliedHealthy(3))
-		waitHTTP(t, "http://"+addr+"/")
+		l.PutService(t, "hc", lab.SvcDef{"vip": vip, "port": 80, "backends": lab.BackendsDef(80, 1, all...), "health": lab.FastHTTPCheck()})
+		addr := lab.IPVSHostPort(vip, 80)
+		l.WaitUp(t, "hc", "TCP", addr, lab.WeightsOf(80, 1, all...))
+		l.WaitStatus(t, 0, "hc", "3 healthy backends", appliedHealthy(3))
+		lab.WaitHTTP(t, "http://"+addr+"/")
 
-		be2Addr := IPVSHostPort(be2.Addr, 80)
-		SetBackendHealth(t, be2.Name, false)
+		be2Addr := lab.IPVSHostPort(be2.Addr, 80)
+		lab.SetBackendHealth(t, be2.Name, false)
 		took := timeWeight(t, addr, be2Addr, 0)
 		t.Logf("FIGURE health detection (down-file written to weight 0 in ipvsadm, interval 1s x fall 2): %s", took.Round(time.Millisecond))
 		// interval x fall, plus a wide margin for the emulated VM: what
 		// this catches is detection by something other than the checks'
 		// own cadence (a late periodic pass, a resync).
-		if bound := fastInterval*fastFall + 10*time.Second; took > bound {
+		if bound := lab.FastInterval*lab.FastFall + 10*time.Second; took > bound {
 			t.Errorf("be2 reached weight 0 after %s, more than interval x fall + margin = %s", took, bound)
 		}
-		st := l.waitStatus(t, 0, "hc", "be2 unhealthy", func(st status.Status) error {
+		st := l.WaitStatus(t, 0, "hc", "be2 unhealthy", func(st status.Status) error {
 			for _, b := range st.Backends {
 				if b.Address == be2.Addr && !b.Healthy && b.Weight == 0 && b.LastError != "" {
 					return nil
@@ -52,36 +53,36 @@ func TestAgentHealth(t *testing.T) {
 			return errors.New("be2 not reported unhealthy with weight 0 and its last error")
 		})
 		t.Logf("status: %+v", st.Backends)
-		tally := Tally(15, func() (string, error) { return ClientGet("http://" + addr + "/") })
-		t.Logf("15 requests with be2 down: %s", TallyString(tally))
+		tally := lab.Tally(15, func() (string, error) { return lab.ClientGet("http://" + addr + "/") })
+		t.Logf("15 requests with be2 down: %s", lab.TallyString(tally))
 		requireNoErrors(t, tally)
 		if tally[be2.Name] != 0 {
 			t.Errorf("be2 still got %d of 15 new connections at weight 0", tally[be2.Name])
 		}
 
-		SetBackendHealth(t, be2.Name, true)
+		lab.SetBackendHealth(t, be2.Name, true)
 		took = timeWeight(t, addr, be2Addr, 1)
 		t.Logf("FIGURE health recovery (down-file removed to weight 1, rise 2): %s", took.Round(time.Millisecond))
-		l.waitStatus(t, 0, "hc", "3 healthy backends again", appliedHealthy(3))
-		tally = Tally(9, func() (string, error) { return ClientGet("http://" + addr + "/") })
+		l.WaitStatus(t, 0, "hc", "3 healthy backends again", appliedHealthy(3))
+		tally = lab.Tally(9, func() (string, error) { return lab.ClientGet("http://" + addr + "/") })
 		requireNoErrors(t, tally)
 		if tally[be2.Name] == 0 {
-			t.Errorf("be2 got none of 9 requests after it recovered: %s", TallyString(tally))
+			t.Errorf("be2 got none of 9 requests after it recovered: %s", lab.TallyString(tally))
 		}
 	})
 
 	t.Run("fail-open", func(t *testing.T) {
 		const vip = "192.0.2.162"
-		def := svcDef{"vip": vip, "port": 80, "fail_open": true, "backends": backendsDef(80, 1, all...), "health": fastHTTPCheck()}
-		l.putService(t, "fo", def)
-		addr := IPVSHostPort(vip, 80)
-		l.waitUp(t, "fo", "TCP", addr, weightsOf(80, 1, all...))
-		l.waitStatus(t, 0, "fo", "3 healthy backends", appliedHealthy(3))
+		def := lab.SvcDef{"vip": vip, "port": 80, "fail_open": true, "backends": lab.BackendsDef(80, 1, all...), "health": lab.FastHTTPCheck()}
+		l.PutService(t, "fo", def)
+		addr := lab.IPVSHostPort(vip, 80)
+		l.WaitUp(t, "fo", "TCP", addr, lab.WeightsOf(80, 1, all...))
+		l.WaitStatus(t, 0, "fo", "3 healthy backends", appliedHealthy(3))
 
 		for _, be := range all {
-			SetBackendHealth(t, be.Name, false)
+			lab.SetBackendHealth(t, be.Name, false)
 		}
-		l.waitStatus(t, 0, "fo", "failing open with every backend unhealthy", func(st status.Status) error {
+		l.WaitStatus(t, 0, "fo", "failing open with every backend unhealthy", func(st status.Status) error {
 			if !st.FailingOpen {
 				return errors.New("failing_open not set")
 			}
@@ -93,15 +94,15 @@ func TestAgentHealth(t *testing.T) {
 			return nil
 		})
 		// the configured weights stay, and traffic still flows
-		s := waitService(t, "TCP", addr, weightsOf(80, 1, all...))
+		s := lab.WaitService(t, "TCP", addr, lab.WeightsOf(80, 1, all...))
 		t.Logf("failing open: %+v", s.Dests)
-		waitHTTP(t, "http://"+addr+"/")
-		requireNoErrors(t, Tally(6, func() (string, error) { return ClientGet("http://" + addr + "/") }))
+		lab.WaitHTTP(t, "http://"+addr+"/")
+		requireNoErrors(t, lab.Tally(6, func() (string, error) { return lab.ClientGet("http://" + addr + "/") }))
 
 		def["fail_open"] = false
-		l.putService(t, "fo", def)
-		waitService(t, "TCP", addr, weightsOf(80, 0, all...))
-		l.waitStatus(t, 0, "fo", "not failing open with fail_open false", func(st status.Status) error {
+		l.PutService(t, "fo", def)
+		lab.WaitService(t, "TCP", addr, lab.WeightsOf(80, 0, all...))
+		l.WaitStatus(t, 0, "fo", "not failing open with fail_open false", func(st status.Status) error {
 			if st.FailingOpen {
 				return errors.New("failing_open still set")
 			}
@@ -109,25 +110,25 @@ func TestAgentHealth(t *testing.T) {
 		})
 
 		for _, be := range all {
-			SetBackendHealth(t, be.Name, true)
+			lab.SetBackendHealth(t, be.Name, true)
 		}
-		l.waitUp(t, "fo", "TCP", addr, weightsOf(80, 1, all...))
+		l.WaitUp(t, "fo", "TCP", addr, lab.WeightsOf(80, 1, all...))
 	})
 
 	t.Run("drain", func(t *testing.T) {
 		const vip = "192.0.2.163"
 		const drain = 60 * time.Second
-		def := svcDef{"vip": vip, "port": 80, "drain": "60s", "backends": backendsDef(80, 1, all...), "health": httpCheck()}
-		l.putService(t, "drain", def)
-		addr := IPVSHostPort(vip, 80)
-		l.waitUp(t, "drain", "TCP", addr, weightsOf(80, 1, all...))
-		l.waitStatus(t, 0, "drain", "3 healthy backends", appliedHealthy(3))
+		def := lab.SvcDef{"vip": vip, "port": 80, "drain": "60s", "backends": lab.BackendsDef(80, 1, all...), "health": lab.HTTPCheck()}
+		l.PutService(t, "drain", def)
+		addr := lab.IPVSHostPort(vip, 80)
+		l.WaitUp(t, "drain", "TCP", addr, lab.WeightsOf(80, 1, all...))
+		l.WaitStatus(t, 0, "drain", "3 healthy backends", appliedHealthy(3))
 
 		// The first traffic to the VIP: one keep-alive connection. Nothing
 		// else has touched the backends through IPVS, so the backend it
 		// lands on has exactly this one connection.
 		var conn *keepAlive
-		WaitFor(t, 0, "a keep-alive connection to "+addr, func() error {
+		lab.WaitFor(t, 0, "a keep-alive connection to "+addr, func() error {
 			c, err := dialKeepAlive(addr)
 			if err == nil {
 				conn = c
@@ -139,7 +140,7 @@ func TestAgentHealth(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var target Backend
+		var target lab.Backend
 		for _, be := range all {
 			if strings.HasPrefix(who, be.Name+" ") {
 				target = be
@@ -150,25 +151,25 @@ func TestAgentHealth(t *testing.T) {
 		}
 		t.Logf("the held connection is on %s (%s)", target.Name, who)
 
-		var rest []Backend
+		var rest []lab.Backend
 		for _, be := range all {
 			if be != target {
 				rest = append(rest, be)
 			}
 		}
-		def["backends"] = backendsDef(80, 1, rest...)
-		l.putService(t, "drain", def)
+		def["backends"] = lab.BackendsDef(80, 1, rest...)
+		l.PutService(t, "drain", def)
 		removed := time.Now()
-		targetAddr := IPVSHostPort(target.Addr, 80)
-		want := weightsOf(80, 1, rest...)
+		targetAddr := lab.IPVSHostPort(target.Addr, 80)
+		want := lab.WeightsOf(80, 1, rest...)
 		want[targetAddr] = 0
-		s := l.waitUp(t, "drain", "TCP", addr, want)
+		s := l.WaitUp(t, "drain", "TCP", addr, want)
 		d, _ := s.Dest(targetAddr)
 		t.Logf("draining: %+v", d)
 		if d.ActiveConn+d.InActConn == 0 {
 			t.Errorf("the draining destination shows no connection: %+v", d)
 		}
-		l.waitStatus(t, 0, "drain", target.Name+" draining", func(st status.Status) error {
+		l.WaitStatus(t, 0, "drain", target.Name+" draining", func(st status.Status) error {
 			for _, b := range st.Backends {
 				if b.Address == target.Addr && b.Draining && b.Weight == 0 {
 					return nil
@@ -180,10 +181,10 @@ func TestAgentHealth(t *testing.T) {
 		if got, err := conn.get("/"); err != nil || got != target.Name {
 			t.Errorf("the held connection during the drain: %q, %v", got, err)
 		}
-		tally := Tally(6, func() (string, error) { return ClientGet("http://" + addr + "/") })
+		tally := lab.Tally(6, func() (string, error) { return lab.ClientGet("http://" + addr + "/") })
 		requireNoErrors(t, tally)
 		if tally[target.Name] != 0 {
-			t.Errorf("the draining %s got %d new connections: %s", target.Name, tally[target.Name], TallyString(tally))
+			t.Errorf("the draining %s got %d new connections: %s", target.Name, tally[target.Name], lab.TallyString(tally))
 		}
 
 		// Close with a reset: IPVS keeps a gracefully closed connection in
@@ -193,8 +194,8 @@ func TestAgentHealth(t *testing.T) {
 			t.Fatal(err)
 		}
 		closed := time.Now()
-		WaitIPVS(t, drain, targetAddr+" deleted after its connection closed", func(svcs []L4Service) error {
-			s, ok := FindIPVSService(svcs, "TCP", addr)
+		lab.WaitIPVS(t, drain, targetAddr+" deleted after its connection closed", func(svcs []lab.L4Service) error {
+			s, ok := lab.FindIPVSService(svcs, "TCP", addr)
 			if !ok {
 				return errors.New("service missing")
 			}
@@ -223,9 +224,9 @@ func timeWeight(t *testing.T, addr, dest string, w int) time.Duration {
 	deadline := start.Add(60 * time.Second)
 	var last string
 	for {
-		svcs, err := IPVSList()
+		svcs, err := lab.IPVSList()
 		if err == nil {
-			s, _ := FindIPVSService(svcs, "TCP", addr)
+			s, _ := lab.FindIPVSService(svcs, "TCP", addr)
 			d, ok := s.Dest(dest)
 			if ok && d.Weight == w {
 				return time.Since(start)
@@ -249,7 +250,7 @@ type keepAlive struct {
 }
 
 func dialKeepAlive(addr string) (*keepAlive, error) {
-	c, err := DialNS(ClientNS, "tcp", addr, RequestTimeout)
+	c, err := lab.DialNS(lab.ClientNS, "tcp", addr, lab.RequestTimeout)
 	if err != nil {
 		return nil, err
 	}
@@ -258,7 +259,7 @@ func dialKeepAlive(addr string) (*keepAlive, error) {
 
 // get sends GET path on the connection and returns the trimmed body.
 func (k *keepAlive) get(path string) (string, error) {
-	if err := k.c.SetDeadline(time.Now().Add(RequestTimeout)); err != nil {
+	if err := k.c.SetDeadline(time.Now().Add(lab.RequestTimeout)); err != nil {
 		return "", err
 	}
 	if _, err := fmt.Fprintf(k.c, "GET %s HTTP/1.1\r\nHost: lab\r\n\r\n", path); err != nil {

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/switchman-lb/switchman/e2e/internal/lab"
 	"github.com/switchman-lb/switchman/status"
 )
 
@@ -24,42 +25,42 @@ import (
 // masquerades so a backend with no route back through the load balancer
 // still serves.
 func TestAgentNetfilter(t *testing.T) {
-	l := newAgentLab(t)
-	all := Backends
+	l := lab.NewAgentLab(t)
+	all := lab.Backends
 
 	t.Run("allow-cidrs", func(t *testing.T) {
 		const vip = "192.0.2.171"
 		const outside = "10.20.0.3"
-		MustRunNS(t, ClientNS, IPBin, "addr", "add", outside+"/24", "dev", "eth0")
-		t.Cleanup(func() { _, _ = RunNS(0, ClientNS, IPBin, "addr", "del", outside+"/24", "dev", "eth0") })
+		lab.MustRunNS(t, lab.ClientNS, lab.IPBin, "addr", "add", outside+"/24", "dev", "eth0")
+		t.Cleanup(func() { _, _ = lab.RunNS(0, lab.ClientNS, lab.IPBin, "addr", "del", outside+"/24", "dev", "eth0") })
 
-		def := svcDef{"vip": vip, "port": 80, "backends": backendsDef(80, 1, all...), "health": httpCheck()}
-		l.putService(t, "acl", def)
-		addr := IPVSHostPort(vip, 80)
-		l.waitUp(t, "acl", "TCP", addr, weightsOf(80, 1, all...))
+		def := lab.SvcDef{"vip": vip, "port": 80, "backends": lab.BackendsDef(80, 1, all...), "health": lab.HTTPCheck()}
+		l.PutService(t, "acl", def)
+		addr := lab.IPVSHostPort(vip, 80)
+		l.WaitUp(t, "acl", "TCP", addr, lab.WeightsOf(80, 1, all...))
 		// without allow_cidrs both sources connect
-		for _, src := range []string{ClientAddr, outside} {
-			WaitFor(t, 0, addr+" answering "+src, func() error {
-				_, err := getFrom(src, addr, "/whoami", RequestTimeout)
+		for _, src := range []string{lab.ClientAddr, outside} {
+			lab.WaitFor(t, 0, addr+" answering "+src, func() error {
+				_, err := getFrom(src, addr, "/whoami", lab.RequestTimeout)
 				return err
 			})
 		}
 
-		def["allow_cidrs"] = []string{ClientAddr + "/32"}
-		l.putService(t, "acl", def)
-		WaitFor(t, 0, "the agent dropping "+outside, func() error {
+		def["allow_cidrs"] = []string{lab.ClientAddr + "/32"}
+		l.PutService(t, "acl", def)
+		lab.WaitFor(t, 0, "the agent dropping "+outside, func() error {
 			if body, err := getFrom(outside, addr, "/", 2*time.Second); err == nil {
 				return fmt.Errorf("%s still answered %q", outside, body)
 			}
 			return nil
 		})
-		t.Logf("SWITCHMAN-FILTER and the service chain:\n%s", MustRun(t, "iptables", "-S"))
+		t.Logf("SWITCHMAN-FILTER and the service chain:\n%s", lab.MustRun(t, "iptables", "-S"))
 		for i := 0; i < 3; i++ {
-			who, err := getFrom(ClientAddr, addr, "/whoami", RequestTimeout)
+			who, err := getFrom(lab.ClientAddr, addr, "/whoami", lab.RequestTimeout)
 			if err != nil {
-				t.Fatalf("allowed source %s: %v", ClientAddr, err)
+				t.Fatalf("allowed source %s: %v", lab.ClientAddr, err)
 			}
-			if !strings.Contains(who, " "+ClientAddr+":") {
+			if !strings.Contains(who, " "+lab.ClientAddr+":") {
 				t.Errorf("allowed source: /whoami %q", who)
 			}
 			if body, err := getFrom(outside, addr, "/", 2*time.Second); err == nil {
@@ -70,8 +71,8 @@ func TestAgentNetfilter(t *testing.T) {
 		}
 
 		delete(def, "allow_cidrs")
-		l.putService(t, "acl", def)
-		WaitFor(t, 0, outside+" allowed again once allow_cidrs is gone", func() error {
+		l.PutService(t, "acl", def)
+		lab.WaitFor(t, 0, outside+" allowed again once allow_cidrs is gone", func() error {
 			_, err := getFrom(outside, addr, "/", 2*time.Second)
 			return err
 		})
@@ -83,9 +84,9 @@ func TestAgentNetfilter(t *testing.T) {
 	t.Run("no-window-before-the-filter", func(t *testing.T) {
 		const vip = "192.0.2.173"
 		const outside = "10.20.0.4"
-		MustRunNS(t, ClientNS, IPBin, "addr", "add", outside+"/24", "dev", "eth0")
-		t.Cleanup(func() { _, _ = RunNS(0, ClientNS, IPBin, "addr", "del", outside+"/24", "dev", "eth0") })
-		addr := IPVSHostPort(vip, 80)
+		lab.MustRunNS(t, lab.ClientNS, lab.IPBin, "addr", "add", outside+"/24", "dev", "eth0")
+		t.Cleanup(func() { _, _ = lab.RunNS(0, lab.ClientNS, lab.IPBin, "addr", "del", outside+"/24", "dev", "eth0") })
+		addr := lab.IPVSHostPort(vip, 80)
 		stop := make(chan struct{})
 		leaked := make(chan string, 1)
 		attempts := make(chan int, 4)
@@ -110,11 +111,11 @@ func TestAgentNetfilter(t *testing.T) {
 				}
 			}()
 		}
-		def := svcDef{"vip": vip, "port": 80, "backends": backendsDef(80, 1, all...), "health": httpCheck(), "allow_cidrs": []string{ClientAddr + "/32"}}
-		l.putService(t, "acl-new", def)
-		l.waitUp(t, "acl-new", "TCP", addr, weightsOf(80, 1, all...))
-		WaitFor(t, 0, "the allowed client answered", func() error {
-			_, err := getFrom(ClientAddr, addr, "/", RequestTimeout)
+		def := lab.SvcDef{"vip": vip, "port": 80, "backends": lab.BackendsDef(80, 1, all...), "health": lab.HTTPCheck(), "allow_cidrs": []string{lab.ClientAddr + "/32"}}
+		l.PutService(t, "acl-new", def)
+		l.WaitUp(t, "acl-new", "TCP", addr, lab.WeightsOf(80, 1, all...))
+		lab.WaitFor(t, 0, "the allowed client answered", func() error {
+			_, err := getFrom(lab.ClientAddr, addr, "/", lab.RequestTimeout)
 			return err
 		})
 		close(stop)
@@ -160,10 +161,10 @@ func TestAgentNetfilter(t *testing.T) {
 			}
 		}
 		t.Cleanup(restore)
-		addr := IPVSHostPort(vip, 80)
-		def := svcDef{"vip": vip, "port": 80, "backends": backendsDef(80, 1, all...), "health": httpCheck(), "allow_cidrs": []string{ClientAddr + "/32"}}
-		l.putService(t, "acl-broken", def)
-		got := l.waitStatus(t, 0, "acl-broken", "failed", func(s status.Status) error {
+		addr := lab.IPVSHostPort(vip, 80)
+		def := lab.SvcDef{"vip": vip, "port": 80, "backends": lab.BackendsDef(80, 1, all...), "health": lab.HTTPCheck(), "allow_cidrs": []string{lab.ClientAddr + "/32"}}
+		l.PutService(t, "acl-broken", def)
+		got := l.WaitStatus(t, 0, "acl-broken", "failed", func(s status.Status) error {
 			if s.State != status.StateFailed || !strings.Contains(s.Error, "netfilter") {
 				return fmt.Errorf("state %s %q", s.State, s.Error)
 			}
@@ -171,17 +172,17 @@ func TestAgentNetfilter(t *testing.T) {
 		})
 		t.Logf("status with iptables unusable: %s", got.Error)
 		for i := 0; i < 3; i++ {
-			if _, ok := FindIPVSService(MustIPVSList(t), "TCP", addr); ok {
+			if _, ok := lab.FindIPVSService(lab.MustIPVSList(t), "TCP", addr); ok {
 				t.Fatal("the service was created in IPVS without its filter")
 			}
-			if body, err := getFrom(ClientAddr, addr, "/", 2*time.Second); err == nil {
+			if body, err := getFrom(lab.ClientAddr, addr, "/", 2*time.Second); err == nil {
 				t.Fatalf("the service answered without its filter: %q", body)
 			}
 		}
 		restore()
-		l.waitUp(t, "acl-broken", "TCP", addr, weightsOf(80, 1, all...))
-		WaitFor(t, 0, "the service answering once filtered", func() error {
-			_, err := getFrom(ClientAddr, addr, "/", RequestTimeout)
+		l.WaitUp(t, "acl-broken", "TCP", addr, lab.WeightsOf(80, 1, all...))
+		lab.WaitFor(t, 0, "the service answering once filtered", func() error {
+			_, err := getFrom(lab.ClientAddr, addr, "/", lab.RequestTimeout)
 			return err
 		})
 	})
@@ -189,42 +190,42 @@ func TestAgentNetfilter(t *testing.T) {
 	t.Run("preserve-client-ip", func(t *testing.T) {
 		const vip = "192.0.2.172"
 		be := all[2]
-		def := svcDef{"vip": vip, "port": 80, "preserve_client_ip": true, "backends": backendsDef(80, 1, be), "health": httpCheck()}
-		l.putService(t, "keepip", def)
-		addr := IPVSHostPort(vip, 80)
-		l.waitUp(t, "keepip", "TCP", addr, weightsOf(80, 1, be))
+		def := lab.SvcDef{"vip": vip, "port": 80, "preserve_client_ip": true, "backends": lab.BackendsDef(80, 1, be), "health": lab.HTTPCheck()}
+		l.PutService(t, "keepip", def)
+		addr := lab.IPVSHostPort(vip, 80)
+		l.WaitUp(t, "keepip", "TCP", addr, lab.WeightsOf(80, 1, be))
 		var who string
-		WaitFor(t, 0, addr+" answering", func() error {
+		lab.WaitFor(t, 0, addr+" answering", func() error {
 			var err error
-			who, err = getFrom(ClientAddr, addr, "/whoami", RequestTimeout)
+			who, err = getFrom(lab.ClientAddr, addr, "/whoami", lab.RequestTimeout)
 			return err
 		})
-		if !strings.HasPrefix(who, be.Name+" "+ClientAddr+":") {
-			t.Errorf("preserve_client_ip true: /whoami %q, want %s seeing %s", who, be.Name, ClientAddr)
+		if !strings.HasPrefix(who, be.Name+" "+lab.ClientAddr+":") {
+			t.Errorf("preserve_client_ip true: /whoami %q, want %s seeing %s", who, be.Name, lab.ClientAddr)
 		}
 
 		// Take away the backend's route back to the client: it keeps only
 		// its own segment, where the load balancer is 10.10.0.1.
-		MustRunNS(t, be.Name, IPBin, "route", "del", "default")
+		lab.MustRunNS(t, be.Name, lab.IPBin, "route", "del", "default")
 		t.Cleanup(func() {
-			_, _ = RunNS(0, be.Name, IPBin, "route", "replace", "default", "via", LBBackendSide)
+			_, _ = lab.RunNS(0, be.Name, lab.IPBin, "route", "replace", "default", "via", lab.LBBackendSide)
 		})
-		if body, err := getFrom(ClientAddr, addr, "/whoami", 3*time.Second); err == nil {
+		if body, err := getFrom(lab.ClientAddr, addr, "/whoami", 3*time.Second); err == nil {
 			t.Fatalf("with the client's address kept and no route back, %s still answered %q", be.Name, body)
 		}
 
 		def["preserve_client_ip"] = false
-		l.putService(t, "keepip", def)
-		WaitFor(t, 0, addr+" answering through masquerade", func() error {
+		l.PutService(t, "keepip", def)
+		lab.WaitFor(t, 0, addr+" answering through masquerade", func() error {
 			var err error
-			who, err = getFrom(ClientAddr, addr, "/whoami", 3*time.Second)
+			who, err = getFrom(lab.ClientAddr, addr, "/whoami", 3*time.Second)
 			return err
 		})
 		t.Logf("masqueraded: /whoami %q", who)
-		if !strings.HasPrefix(who, be.Name+" "+LBBackendSide+":") {
-			t.Errorf("preserve_client_ip false: /whoami %q, want %s seeing the load balancer %s", who, be.Name, LBBackendSide)
+		if !strings.HasPrefix(who, be.Name+" "+lab.LBBackendSide+":") {
+			t.Errorf("preserve_client_ip false: /whoami %q, want %s seeing the load balancer %s", who, be.Name, lab.LBBackendSide)
 		}
-		tally := Tally(5, func() (string, error) { return getFrom(ClientAddr, addr, "/", 3*time.Second) })
+		tally := lab.Tally(5, func() (string, error) { return getFrom(lab.ClientAddr, addr, "/", 3*time.Second) })
 		requireNoErrors(t, tally)
 	})
 }
@@ -234,7 +235,7 @@ func TestAgentNetfilter(t *testing.T) {
 // body.
 func getFrom(src, addr, path string, timeout time.Duration) (string, error) {
 	var c net.Conn
-	err := InNetns(ClientNS, func() error {
+	err := lab.InNetns(lab.ClientNS, func() error {
 		d := net.Dialer{Timeout: timeout, LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
 		var err error
 		c, err = d.Dial("tcp", addr)

@@ -7,14 +7,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
-	"math"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -22,6 +19,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/switchman-lb/switchman/e2e/internal/lab"
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/spec"
 )
@@ -33,6 +31,10 @@ import (
 
 const (
 	convServices = 2000
+	// convSmall is the size of the small table the same changes are made
+	// against first: the cost of one change must not grow with the number
+	// of services loaded (issue 11).
+	convSmall    = 20
 	convBackends = 4
 	convPort     = 80
 	// convChanges is the number of one-weight changes per side.
@@ -64,8 +66,8 @@ type convService struct {
 	weights  [convBackends]int
 }
 
-func convModel() []convService {
-	out := make([]convService, convServices)
+func convModel(n int) []convService {
+	out := make([]convService, n)
 	for i := range out {
 		s := convService{
 			name: fmt.Sprintf("conv%04d", i),
@@ -97,18 +99,19 @@ func (s convService) definition() []byte {
 	return b
 }
 
-func (s convService) vipPort() string { return IPVSHostPort(s.vip.String(), convPort) }
+func (s convService) vipPort() string { return lab.IPVSHostPort(s.vip.String(), convPort) }
 
-func (s convService) dest(j int) string { return IPVSHostPort(s.backends[j].String(), convPort) }
+func (s convService) dest(j int) string { return lab.IPVSHostPort(s.backends[j].String(), convPort) }
 
 // convChange is one change: backend j of service svc gets weight w.
 type convChange struct{ svc, j int }
 
-// convChangeList picks n distinct services spread over the table.
-func convChangeList(n int) []convChange {
+// convChangeList picks n changes spread over a table of size services
+// (distinct services while n <= size).
+func convChangeList(n, size int) []convChange {
 	out := make([]convChange, n)
 	for i := range out {
-		out[i] = convChange{svc: (i*797 + 13) % convServices, j: i % convBackends} // 797 is prime to 2000
+		out[i] = convChange{svc: (i*797 + 13) % size, j: i % convBackends} // 797 is prime to 2000 and 20
 	}
 	return out
 }
@@ -134,9 +137,9 @@ func convWant(st *render.State) map[string]map[string]int {
 	for _, s := range st.IPVS {
 		d := make(map[string]int, len(s.Destinations))
 		for _, x := range s.Destinations {
-			d[IPVSHostPort(x.Address.String(), int(x.Port))] = x.Weight
+			d[lab.IPVSHostPort(x.Address.String(), int(x.Port))] = x.Weight
 		}
-		out[strings.ToUpper(string(s.Protocol))+" "+IPVSHostPort(s.Address.String(), int(s.Port))] = d
+		out[strings.ToUpper(string(s.Protocol))+" "+lab.IPVSHostPort(s.Address.String(), int(s.Port))] = d
 	}
 	return out
 }
@@ -145,11 +148,11 @@ func convWant(st *render.State) map[string]map[string]int {
 // the same services, real servers, weights and masquerading, nothing else.
 func convCheckKernel(t testing.TB, what string, want map[string]map[string]int) {
 	t.Helper()
-	out, err := Run(5*time.Minute, IPVSADMBin, "-Ln")
+	out, err := lab.Run(5*time.Minute, lab.IPVSADMBin, "-Ln")
 	if err != nil {
 		t.Fatalf("%s: %v", what, err)
 	}
-	svcs, err := ParseIPVSList(out)
+	svcs, err := lab.ParseIPVSList(out)
 	if err != nil {
 		t.Fatalf("%s: %v", what, err)
 	}
@@ -207,11 +210,11 @@ func convProcCount() (svcs, dests int, err error) {
 // convWeightVisible reads one service with ipvsadm -Ln -t and reports
 // whether real server dest has weight w.
 func convWeightVisible(vipPort, dest string, w int) bool {
-	out, err := Run(30*time.Second, IPVSADMBin, "-Ln", "-t", vipPort)
+	out, err := lab.Run(30*time.Second, lab.IPVSADMBin, "-Ln", "-t", vipPort)
 	if err != nil {
 		return false // not there (yet), e.g. between ipvsadm -C and -R
 	}
-	svcs, err := ParseIPVSList(out)
+	svcs, err := lab.ParseIPVSList(out)
 	if err != nil || len(svcs) != 1 {
 		return false
 	}
@@ -241,48 +244,20 @@ func convWaitWeight(t testing.TB, vipPort, dest string, w int, alive func() erro
 	}
 }
 
-// convPct is the nearest-rank percentile p (0-100) of ds.
-func convPct(ds []time.Duration, p float64) time.Duration {
-	if len(ds) == 0 {
-		return 0
-	}
-	s := slices.Clone(ds)
-	slices.Sort(s)
-	i := int(math.Ceil(p/100*float64(len(s)))) - 1
-	return s[max(0, min(i, len(s)-1))]
-}
-
-func ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
-
 // convStartAgent starts the agent binary as the figures run it (IPVS driver
 // only, logging warnings to a file) and records it in the fixture, so the
-// fixture's stopAgent, checkAgentRunning and metrics apply.
-func convStartAgent(t testing.TB, l *agentLab, dataDir string) {
+// fixture's StopAgent, CheckAgentRunning and Metrics apply.
+func convStartAgent(t testing.TB, l *lab.AgentLab, dataDir string) {
 	t.Helper()
-	l.spawnAgent(t, "--log-level", "warn", "agent",
-		"--etcd-endpoints", l.clientURL,
-		"--prefix", agentPrefix,
+	l.SpawnAgent(t, "--log-level", "warn", "agent",
+		"--etcd-endpoints", l.Etcd.URL(),
+		"--prefix", lab.Prefix,
 		"--drivers", "ipvs",
+		"--l4-driver", "ipvs",
 		"--data-dir", dataDir,
 		"--node", convNode,
-		"--metrics-addr", l.metricsAddr,
+		"--metrics-addr", l.Agent.MetricsAddr,
 	)
-}
-
-// convAlive returns an error when the agent process has exited.
-func convAlive(l *agentLab) error {
-	l.mu.Lock()
-	p := l.proc
-	l.mu.Unlock()
-	if p == nil {
-		return errors.New("the agent is not running")
-	}
-	select {
-	case <-p.done:
-		return fmt.Errorf("the agent exited: %v\n%s", p.err, TailFile(l.logPath, 40))
-	default:
-		return nil
-	}
 }
 
 // convPollEvery calls cond every interval until it returns nil, and fails
@@ -306,14 +281,14 @@ func convPollEvery(t testing.TB, interval, timeout time.Duration, what string, c
 
 // convWaitMetrics scrapes /metrics every 50 ms until cond accepts a
 // scrape, and returns it.
-func convWaitMetrics(t testing.TB, l *agentLab, timeout time.Duration, what string, cond func(map[string]float64) error) map[string]float64 {
+func convWaitMetrics(t testing.TB, l *lab.AgentLab, timeout time.Duration, what string, cond func(map[string]float64) error) map[string]float64 {
 	t.Helper()
 	var got map[string]float64
 	convPollEvery(t, 50*time.Millisecond, timeout, what, func() error {
-		if err := convAlive(l); err != nil {
+		if err := l.Agent.Alive(); err != nil {
 			t.Fatal(err)
 		}
-		m, err := l.metrics()
+		m, err := l.Metrics()
 		if err != nil {
 			return err
 		}
@@ -328,15 +303,13 @@ func convWaitMetrics(t testing.TB, l *agentLab, timeout time.Duration, what stri
 
 // convAgentCPU returns the running agent's user and system CPU time so far
 // (/proc/PID/stat, in clock ticks of 10 ms).
-func convAgentCPU(t testing.TB, l *agentLab) cpuTimes {
+func convAgentCPU(t testing.TB, l *lab.AgentLab) cpuTimes {
 	t.Helper()
-	l.mu.Lock()
-	p := l.proc
-	l.mu.Unlock()
-	if p == nil {
+	pid := l.Agent.PID()
+	if pid == 0 {
 		t.Fatal("the agent is not running")
 	}
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.cmd.Process.Pid))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -369,24 +342,24 @@ type convStartTimes struct {
 func (s convStartTimes) String() string {
 	k := ""
 	if s.inKernel > 0 {
-		k = fmt.Sprintf("whole table in the kernel %s, ", ms(s.inKernel))
+		k = fmt.Sprintf("whole table in the kernel %s, ", lab.Ms(s.inKernel))
 	}
 	return fmt.Sprintf("%s/metrics up %s, ready %s (its pass %s, so the pass began at about %s), agent CPU %s, %v IPVS writes",
-		k, ms(s.metricsUp), ms(s.ready), ms(s.pass), ms(s.ready-s.pass), s.cpu, s.writes)
+		k, lab.Ms(s.metricsUp), lab.Ms(s.ready), lab.Ms(s.pass), lab.Ms(s.ready-s.pass), s.cpu, s.writes)
 }
 
 // convTimedStart starts the agent and times it until ready (a pass done
 // with every service applied, up to etcd revision rev). With cold set it
 // also times the whole table appearing in /proc/net/ip_vs.
-func convTimedStart(t testing.TB, l *agentLab, dataDir string, rev int64, cold bool) convStartTimes {
+func convTimedStart(t testing.TB, l *lab.AgentLab, dataDir string, rev int64, cold bool, n int) convStartTimes {
 	t.Helper()
 	var st convStartTimes
-	ready := convReady(rev)
+	ready := convReady(rev, n)
 	start := time.Now()
 	convStartAgent(t, l, dataDir)
 	var m map[string]float64
 	convPollEvery(t, 50*time.Millisecond, convLongWait, "the agent started and ready", func() error {
-		if err := convAlive(l); err != nil {
+		if err := l.Agent.Alive(); err != nil {
 			t.Fatal(err)
 		}
 		now := time.Since(start)
@@ -395,11 +368,11 @@ func convTimedStart(t testing.TB, l *agentLab, dataDir string, rev int64, cold b
 			if err != nil {
 				t.Fatal(err)
 			}
-			if s == convServices && d == convServices*convBackends {
+			if s == n && d == n*convBackends {
 				st.inKernel = now
 			}
 		}
-		mm, err := l.metrics()
+		mm, err := l.Metrics()
 		if err != nil {
 			return err
 		}
@@ -417,7 +390,7 @@ func convTimedStart(t testing.TB, l *agentLab, dataDir string, rev int64, cold b
 	})
 	st.cpu = convAgentCPU(t, l)
 	st.pass = time.Duration(m[convMetricPassSum] * float64(time.Second))
-	st.writes = m[metricIPVSWrite]
+	st.writes = m[lab.MetricIPVSWrite]
 	if m[convMetricPasses] != 1 {
 		t.Logf("note: %v passes by the time the agent was ready", m[convMetricPasses])
 	}
@@ -426,13 +399,13 @@ func convTimedStart(t testing.TB, l *agentLab, dataDir string, rev int64, cold b
 
 // convReady accepts a scrape once a pass has finished with every service
 // applied and, when rev > 0, the definitions up to etcd revision rev.
-func convReady(rev int64) func(map[string]float64) error {
+func convReady(rev int64, n int) func(map[string]float64) error {
 	return func(m map[string]float64) error {
 		if m[convMetricPasses] < 1 {
 			return errors.New("no reconcile pass finished yet")
 		}
-		if v := m[metricApplied]; int(v) != convServices {
-			return fmt.Errorf("%s = %v, want %d", metricApplied, v, convServices)
+		if v := m[lab.MetricApplied]; int(v) != n {
+			return fmt.Errorf("%s = %v, want %d", lab.MetricApplied, v, n)
 		}
 		if v := m[convMetricRevision]; rev > 0 && int64(v) < rev {
 			return fmt.Errorf("%s = %v, want >= %d", convMetricRevision, v, rev)
@@ -455,7 +428,7 @@ func writeRules(t testing.TB, rules string) string {
 // then feeds rules to ipvsadm -R; it returns when each step finished.
 func convRestore(rulesPath string, flushFirst bool) (cleared, restored time.Time, err error) {
 	if flushFirst {
-		if out, err := exec.Command(IPVSADMBin, "-C").CombinedOutput(); err != nil {
+		if out, err := exec.Command(lab.IPVSADMBin, "-C").CombinedOutput(); err != nil {
 			return time.Time{}, time.Time{}, fmt.Errorf("ipvsadm -C: %w: %s", err, out)
 		}
 	}
@@ -465,7 +438,7 @@ func convRestore(rulesPath string, flushFirst bool) (cleared, restored time.Time
 		return cleared, time.Time{}, err
 	}
 	defer in.Close()
-	cmd := exec.Command(IPVSADMBin, "-R")
+	cmd := exec.Command(lab.IPVSADMBin, "-R")
 	cmd.Stdin = in
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return cleared, time.Time{}, fmt.Errorf("ipvsadm -R: %w: %s", err, out)
@@ -481,22 +454,30 @@ func convRestore(rulesPath string, flushFirst bool) (cleared, restored time.Time
 // table). It logs the figures and fails only when a table is wrong.
 // Figures go to docs/bench/convergence.md.
 func TestConvergenceFigures(t *testing.T) {
-	RequireLab(t)
-	// A figure, not a pass/fail test: it runs only when named
-	// (e2e/lab/run.sh -run Convergence).
-	if f := flag.Lookup("test.run"); f == nil || !strings.Contains(f.Value.String(), "Convergence") {
-		t.Skip("convergence figures run only when named: e2e/lab/run.sh -run Convergence")
-	}
-	SwitchmanBin(t)
+	lab.RequireLab(t)
+	// A figure, not a pass/fail test: it runs only when named.
+	lab.RequireNamed(t, "Convergence", "e2e/lab/run.sh -run Convergence")
+	lab.SwitchmanBin(t)
 	// The comparison flushes the table with ipvsadm -C: refuse to run when
 	// anything is in it.
 	if n, _, err := convProcCount(); err != nil || n != 0 {
 		t.Fatalf("the IPVS table must be empty before the run (ipvsadm -C flushes it): %d services, %v", n, err)
 	}
-	t.Cleanup(func() { _, _ = Run(5*time.Minute, IPVSADMBin, "-C") })
+	t.Cleanup(func() { _, _ = lab.Run(5*time.Minute, lab.IPVSADMBin, "-C") })
 
-	l := newEtcdLab(t, 60)
-	model := convModel()
+	l := lab.NewEtcdLab(t, 60)
+	flush := func() {
+		if out, err := lab.Run(5*time.Minute, lab.IPVSADMBin, "-C"); err != nil {
+			t.Fatal(out, err)
+		}
+	}
+
+	// 0. The same one-weight changes with a small table loaded, in the
+	// same VM run: the cost of a change must not grow with the table.
+	smallLat := convChangesOnSmallTable(t, l)
+	flush()
+
+	model := convModel(convServices)
 	parsed := convParsed(t, model)
 	initial := render.Render(render.Input{Services: parsed})
 	if len(initial.IPVS) != convServices {
@@ -511,17 +492,17 @@ func TestConvergenceFigures(t *testing.T) {
 	for i := 0; i < len(model); i += 100 {
 		var ops []clientv3.Op
 		for _, s := range model[i:min(i+100, len(model))] {
-			ops = append(ops, clientv3.OpPut(serviceKey(s.name), string(s.definition())))
+			ops = append(ops, clientv3.OpPut(lab.ServiceKey(s.name), string(s.definition())))
 		}
-		ctx, cancel := etcdCtx()
-		resp, err := l.cli.Txn(ctx).Then(ops...).Commit()
+		ctx, cancel := lab.EtcdCtx()
+		resp, err := l.Etcd.Client().Txn(ctx).Then(ops...).Commit()
 		cancel()
 		if err != nil {
 			t.Fatalf("etcd txn: %v", err)
 		}
 		lastRev = resp.Header.Revision
 	}
-	t.Logf("put %d definitions in %d txns in %s (revision %d)", len(model), (len(model)+99)/100, ms(time.Since(start)), lastRev)
+	t.Logf("put %d definitions in %d txns in %s (revision %d)", len(model), (len(model)+99)/100, lab.Ms(time.Since(start)), lastRev)
 
 	// 1. Cold start, two rounds, alternating who goes first: the agent
 	// (a fresh data dir each round) from its exec to the whole table in
@@ -529,7 +510,7 @@ func TestConvergenceFigures(t *testing.T) {
 	// render from an empty table. The agent of the last round stays up.
 	var agentCold, admCold []time.Duration
 	agentRound := func(round int) {
-		st := convTimedStart(t, l, filepath.Join(l.dir, fmt.Sprintf("data%d", round)), lastRev, true)
+		st := convTimedStart(t, l, filepath.Join(l.Dir(), fmt.Sprintf("data%d", round)), lastRev, true, convServices)
 		convCheckKernel(t, "after the agent's cold start", initialWant)
 		agentCold = append(agentCold, st.inKernel)
 		t.Logf("round %d agent cold start: %s", round, st)
@@ -538,23 +519,18 @@ func TestConvergenceFigures(t *testing.T) {
 		el, cpu := ipvsadmRestoreCPU(t, initialRules)
 		convCheckKernel(t, "after ipvsadm -R", initialWant)
 		admCold = append(admCold, el)
-		t.Logf("round %d ipvsadm -R cold start: %s (%s)", round, ms(el), cpu)
-	}
-	flush := func() {
-		if out, err := Run(5*time.Minute, IPVSADMBin, "-C"); err != nil {
-			t.Fatal(out, err)
-		}
+		t.Logf("round %d ipvsadm -R cold start: %s (%s)", round, lab.Ms(el), cpu)
 	}
 	agentRound(0)
-	l.stopAgent(t)
+	l.StopAgent(t)
 	flush()
 	admRound(0)
 	flush()
 	admRound(1)
 	flush()
 	agentRound(1)
-	dataDir := filepath.Join(l.dir, "data1")
-	m, err := l.metrics()
+	dataDir := filepath.Join(l.Dir(), "data1")
+	m, err := l.Metrics()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -563,7 +539,7 @@ func TestConvergenceFigures(t *testing.T) {
 	// the kernel showing it. Before the next change the agent's pass must
 	// be over (the applied revision reached the put's), so changes do not
 	// queue behind each other.
-	changes := convChangeList(convChanges)
+	changes := convChangeList(convChanges, convServices)
 	var agentLat []time.Duration
 	m0 := m
 	phase := time.Now()
@@ -574,31 +550,31 @@ func TestConvergenceFigures(t *testing.T) {
 		}
 		s := &model[c.svc]
 		s.weights[c.j]++
-		ctx, cancel := etcdCtx()
-		resp, err := l.cli.Put(ctx, serviceKey(s.name), string(s.definition()))
+		ctx, cancel := lab.EtcdCtx()
+		resp, err := l.Etcd.Client().Put(ctx, lab.ServiceKey(s.name), string(s.definition()))
 		cancel()
 		if err != nil {
 			t.Fatalf("etcd put: %v", err)
 		}
 		put := time.Now()
-		seen := convWaitWeight(t, s.vipPort(), s.dest(c.j), s.weights[c.j], func() error { return convAlive(l) })
+		seen := convWaitWeight(t, s.vipPort(), s.dest(c.j), s.weights[c.j], func() error { return l.Agent.Alive() })
 		agentLat = append(agentLat, seen.Sub(put))
-		m = convWaitMetrics(t, l, convChangeWait, "the agent's pass over", convReady(resp.Header.Revision))
+		m = convWaitMetrics(t, l, convChangeWait, "the agent's pass over", convReady(resp.Header.Revision, convServices))
 	}
 	afterChanges := render.Render(render.Input{Services: convParsed(t, model)})
 	convCheckKernel(t, "after the agent's changes", convWant(afterChanges))
 	passes := m[convMetricPasses] - m0[convMetricPasses]
 	t.Logf("agent changes: %d, visible after p50 %s p99 %s (min %s, max %s); %v passes, %.0f ms per pass on average, %v IPVS writes",
-		len(agentLat), ms(convPct(agentLat, 50)), ms(convPct(agentLat, 99)), ms(convPct(agentLat, 0)), ms(convPct(agentLat, 100)),
-		passes, 1000*(m[convMetricPassSum]-m0[convMetricPassSum])/max(passes, 1), m[metricIPVSWrite]-m0[metricIPVSWrite])
+		len(agentLat), lab.Ms(lab.Percentile(agentLat, 50)), lab.Ms(lab.Percentile(agentLat, 99)), lab.Ms(lab.Percentile(agentLat, 0)), lab.Ms(lab.Percentile(agentLat, 100)),
+		passes, 1000*(m[convMetricPassSum]-m0[convMetricPassSum])/max(passes, 1), m[lab.MetricIPVSWrite]-m0[lab.MetricIPVSWrite])
 
 	// 3. Restart with nothing changed: SIGTERM, start on the same data dir,
 	// until a pass has finished with every service applied.
-	l.stopAgent(t)
-	restart := convTimedStart(t, l, dataDir, 0, false)
+	l.StopAgent(t)
+	restart := convTimedStart(t, l, dataDir, 0, false, convServices)
 	convCheckKernel(t, "after the restart", convWant(afterChanges))
 	t.Logf("agent restart, nothing changed: %s", restart)
-	l.stopAgent(t)
+	l.StopAgent(t)
 
 	// The resync side starts from the initial table, like the agent did.
 	flush()
@@ -609,7 +585,7 @@ func TestConvergenceFigures(t *testing.T) {
 	// 2b. The same changes the resync-everything way: re-render the whole
 	// table, ipvsadm -C, ipvsadm -R, from the start of the render to the
 	// change visible (the same poller as above).
-	model2 := convModel()
+	model2 := convModel(convServices)
 	parsed2 := convParsed(t, model2)
 	rulesPath := filepath.Join(t.TempDir(), "rules")
 	var resLat, resFull, resRender, resGap []time.Duration
@@ -656,15 +632,66 @@ func TestConvergenceFigures(t *testing.T) {
 		convCheckKernel(t, "after the resync changes", convWant(last))
 	}
 	t.Logf("resync changes (render + ipvsadm -C + ipvsadm -R): %d, visible after p50 %s p99 %s (min %s, max %s); whole table back after p50 %s p99 %s; render p50 %s; table incomplete (ipvsadm -R running) p50 %s",
-		len(resLat), ms(convPct(resLat, 50)), ms(convPct(resLat, 99)), ms(convPct(resLat, 0)), ms(convPct(resLat, 100)),
-		ms(convPct(resFull, 50)), ms(convPct(resFull, 99)), ms(convPct(resRender, 50)), ms(convPct(resGap, 50)))
+		len(resLat), lab.Ms(lab.Percentile(resLat, 50)), lab.Ms(lab.Percentile(resLat, 99)), lab.Ms(lab.Percentile(resLat, 0)), lab.Ms(lab.Percentile(resLat, 100)),
+		lab.Ms(lab.Percentile(resFull, 50)), lab.Ms(lab.Percentile(resFull, 99)), lab.Ms(lab.Percentile(resRender, 50)), lab.Ms(lab.Percentile(resGap, 50)))
 
 	t.Logf("FIGURE cold start %d x %d (rr, NAT), 2 rounds: agent %s, %s; ipvsadm -R %s, %s; agent/ipvsadm (sums) = %.2f",
-		convServices, convBackends, ms(agentCold[0]), ms(agentCold[1]), ms(admCold[0]), ms(admCold[1]),
+		convServices, convBackends, lab.Ms(agentCold[0]), lab.Ms(agentCold[1]), lab.Ms(admCold[0]), lab.Ms(admCold[1]),
 		float64(agentCold[0]+agentCold[1])/float64(admCold[0]+admCold[1]))
 	t.Logf("FIGURE one weight change with %d services loaded: agent p50 %s p99 %s (%d changes); resync (ipvsadm -C + -R) p50 %s p99 %s (%d changes); resync/agent p50 = %.1f, p99 = %.1f",
-		convServices, ms(convPct(agentLat, 50)), ms(convPct(agentLat, 99)), len(agentLat),
-		ms(convPct(resLat, 50)), ms(convPct(resLat, 99)), len(resLat),
-		float64(convPct(resLat, 50))/float64(convPct(agentLat, 50)), float64(convPct(resLat, 99))/float64(convPct(agentLat, 99)))
-	t.Logf("FIGURE restart with nothing changed: ready after %s, %v IPVS writes", ms(restart.ready), restart.writes)
+		convServices, lab.Ms(lab.Percentile(agentLat, 50)), lab.Ms(lab.Percentile(agentLat, 99)), len(agentLat),
+		lab.Ms(lab.Percentile(resLat, 50)), lab.Ms(lab.Percentile(resLat, 99)), len(resLat),
+		float64(lab.Percentile(resLat, 50))/float64(lab.Percentile(agentLat, 50)), float64(lab.Percentile(resLat, 99))/float64(lab.Percentile(agentLat, 99)))
+	t.Logf("FIGURE restart with nothing changed: ready after %s, %v IPVS writes", lab.Ms(restart.ready), restart.writes)
+	t.Logf("FIGURE one weight change, %d vs %d services loaded (same VM run): p50 %s vs %s (ratio %.2f), p99 %s vs %s (ratio %.2f)",
+		convServices, convSmall, lab.Ms(lab.Percentile(agentLat, 50)), lab.Ms(lab.Percentile(smallLat, 50)),
+		float64(lab.Percentile(agentLat, 50))/float64(lab.Percentile(smallLat, 50)),
+		lab.Ms(lab.Percentile(agentLat, 99)), lab.Ms(lab.Percentile(smallLat, 99)),
+		float64(lab.Percentile(agentLat, 99))/float64(lab.Percentile(smallLat, 99)))
+}
+
+// convChangesOnSmallTable loads convSmall services, starts the agent, makes
+// convChanges one-weight changes (each from the put returning to the
+// kernel showing it), then stops the agent and deletes the services. It
+// returns the latencies.
+func convChangesOnSmallTable(t *testing.T, l *lab.AgentLab) []time.Duration {
+	t.Helper()
+	model := convModel(convSmall)
+	var ops []clientv3.Op
+	for _, s := range model {
+		ops = append(ops, clientv3.OpPut(lab.ServiceKey(s.name), string(s.definition())))
+	}
+	ctx, cancel := lab.EtcdCtx()
+	resp, err := l.Etcd.Client().Txn(ctx).Then(ops...).Commit()
+	cancel()
+	if err != nil {
+		t.Fatalf("etcd txn: %v", err)
+	}
+	st := convTimedStart(t, l, filepath.Join(l.Dir(), "small"), resp.Header.Revision, true, convSmall)
+	t.Logf("small table (%d services) cold start: %s", convSmall, st)
+	var lat []time.Duration
+	for _, c := range convChangeList(convChanges, convSmall) {
+		s := &model[c.svc]
+		s.weights[c.j]++
+		ctx, cancel := lab.EtcdCtx()
+		resp, err := l.Etcd.Client().Put(ctx, lab.ServiceKey(s.name), string(s.definition()))
+		cancel()
+		if err != nil {
+			t.Fatalf("etcd put: %v", err)
+		}
+		put := time.Now()
+		seen := convWaitWeight(t, s.vipPort(), s.dest(c.j), s.weights[c.j], func() error { return l.Agent.Alive() })
+		lat = append(lat, seen.Sub(put))
+		convWaitMetrics(t, l, convChangeWait, "the agent's pass over", convReady(resp.Header.Revision, convSmall))
+	}
+	t.Logf("small table changes: %d, visible after p50 %s p99 %s (min %s, max %s)", len(lat),
+		lab.Ms(lab.Percentile(lat, 50)), lab.Ms(lab.Percentile(lat, 99)), lab.Ms(lab.Percentile(lat, 0)), lab.Ms(lab.Percentile(lat, 100)))
+	l.StopAgent(t)
+	ctx, cancel = lab.EtcdCtx()
+	_, err = l.Etcd.Client().Delete(ctx, lab.ServiceKey(""), clientv3.WithPrefix())
+	cancel()
+	if err != nil {
+		t.Fatalf("etcd delete: %v", err)
+	}
+	return lat
 }

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/switchman-lb/switchman/e2e/internal/lab"
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/spec"
 )
@@ -73,7 +74,7 @@ func ipvsadmRestoreCPU(t testing.TB, rules string) (time.Duration, cpuTimes) {
 		t.Fatal(err)
 	}
 	defer in.Close()
-	cmd := exec.Command(IPVSADMBin, "-R")
+	cmd := exec.Command(lab.IPVSADMBin, "-R")
 	cmd.Stdin = in
 	start := time.Now()
 	out, err := cmd.CombinedOutput()
@@ -100,7 +101,7 @@ func deleteRules(rules string) string {
 func countServices(t testing.TB, prefix string) int {
 	t.Helper()
 	n := 0
-	for _, l := range strings.Split(MustRun(t, IPVSADMBin, "-Ln"), "\n") {
+	for _, l := range strings.Split(lab.MustRun(t, lab.IPVSADMBin, "-Ln"), "\n") {
 		if f := strings.Fields(l); len(f) >= 2 && f[0] == "TCP" && strings.HasPrefix(f[1], prefix) {
 			n++
 		}
@@ -114,7 +115,7 @@ func countServices(t testing.TB, prefix string) int {
 // logs the times and their ratio (no pass/fail on speed; it fails only
 // when a table is not what it should be). Figures go to docs/bench/ipvs.md.
 func TestIPVSColdStartFigures(t *testing.T) {
-	RequireLab(t)
+	lab.RequireLab(t)
 	// A figure, not a pass/fail test: it runs only when named, as
 	// `make bench-ipvs` does (e2e/lab/run.sh -run IPVSColdStart).
 	onlyWhenNamed(t, "ColdStart")
@@ -199,7 +200,7 @@ func coldStartFigures(t *testing.T, n, rounds int) {
 // BenchmarkIPVSColdStart is the driver's cold start as a Go benchmark (run
 // it in the lab with -test.bench IPVSColdStart -test.run '^$').
 func BenchmarkIPVSColdStart(b *testing.B) {
-	RequireLab(b)
+	lab.RequireLab(b)
 	table := coldStartTable(2000)
 	ctx := context.Background()
 	for b.Loop() {

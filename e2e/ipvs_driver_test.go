@@ -16,6 +16,7 @@ import (
 
 	"github.com/switchman-lb/switchman/drivers/ipvs"
 	"github.com/switchman-lb/switchman/drivers/vip"
+	"github.com/switchman-lb/switchman/e2e/internal/lab"
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/spec"
 )
@@ -59,6 +60,16 @@ func mustApply(t testing.TB, d interface {
 	}
 }
 
+// mustHold hands the VIP driver one service's state.
+func mustHold(t testing.TB, d *vip.Driver, st *render.ServiceState) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if errs := d.Apply(ctx, []*render.ServiceState{st}); len(errs) != 0 {
+		t.Fatalf("vip apply: %v", errs)
+	}
+}
+
 // rsvc builds a desired IPVS service on the lab's backends.
 func rsvc(name string, proto spec.Protocol, vipAddr string, port uint16, sched spec.Scheduler, flags []string, fwd spec.Forwarding, backends ...string) render.L4Service {
 	s := render.L4Service{Service: name, Protocol: proto, Address: netip.MustParseAddr(vipAddr), Port: port, Scheduler: sched, Flags: flags}
@@ -70,15 +81,15 @@ func rsvc(name string, proto spec.Protocol, vipAddr string, port uint16, sched s
 
 // ipvsKeyOf returns how ipvsadm -Ln names s: "TCP", "192.0.2.10:80".
 func ipvsKeyOf(s render.L4Service) (string, string) {
-	return strings.ToUpper(string(s.Protocol)), IPVSHostPort(s.Address.String(), int(s.Port))
+	return strings.ToUpper(string(s.Protocol)), lab.IPVSHostPort(s.Address.String(), int(s.Port))
 }
 
 // checkListed compares ipvsadm -Ln with the desired services.
-func checkListed(t *testing.T, svcs []L4Service, want []render.L4Service) {
+func checkListed(t *testing.T, svcs []lab.L4Service, want []render.L4Service) {
 	t.Helper()
 	for _, w := range want {
 		proto, addr := ipvsKeyOf(w)
-		got, ok := FindIPVSService(svcs, proto, addr)
+		got, ok := lab.FindIPVSService(svcs, proto, addr)
 		if !ok {
 			t.Errorf("%s %s missing from ipvsadm -Ln", proto, addr)
 			continue
@@ -104,13 +115,13 @@ func checkListed(t *testing.T, svcs []L4Service, want []render.L4Service) {
 			t.Errorf("%s: %d real servers, want %d", got.Key(), len(got.Dests), len(w.Destinations))
 		}
 		for _, wd := range w.Destinations {
-			ap := IPVSHostPort(wd.Address.String(), int(wd.Port))
+			ap := lab.IPVSHostPort(wd.Address.String(), int(wd.Port))
 			d, ok := got.Dest(ap)
 			if !ok {
 				t.Errorf("%s: real server %s missing", got.Key(), ap)
 				continue
 			}
-			if ForwardingName(d.Forward) != string(wd.Forwarding) || d.Weight != wd.Weight {
+			if lab.ForwardingName(d.Forward) != string(wd.Forwarding) || d.Weight != wd.Weight {
 				t.Errorf("%s: real server %s is %s weight %d, want %s weight %d", got.Key(), ap, d.Forward, d.Weight, wd.Forwarding, wd.Weight)
 			}
 		}
@@ -118,7 +129,7 @@ func checkListed(t *testing.T, svcs []L4Service, want []render.L4Service) {
 }
 
 func TestIPVSDriver(t *testing.T) {
-	RequireLab(t)
+	lab.RequireLab(t)
 	dir := t.TempDir()
 	d := newIPVSDriver(t, dir)
 	t.Cleanup(func() {
@@ -128,7 +139,7 @@ func TestIPVSDriver(t *testing.T) {
 			t.Errorf("cleanup apply: %v", errs)
 		}
 	})
-	be1, be2, be3 := Backends[0], Backends[1], Backends[2]
+	be1, be2, be3 := lab.Backends[0], lab.Backends[1], lab.Backends[2]
 
 	t.Run("kinds", func(t *testing.T) {
 		const v = "192.0.2.50"
@@ -151,7 +162,7 @@ func TestIPVSDriver(t *testing.T) {
 		}
 		st := &render.State{IPVS: all}
 		mustApply(t, d, st)
-		checkListed(t, MustIPVSList(t), all)
+		checkListed(t, lab.MustIPVSList(t), all)
 
 		w := d.Writes()
 		mustApply(t, d, st)
@@ -170,15 +181,15 @@ func TestIPVSDriver(t *testing.T) {
 		if n := d.Writes() - w; n != 5 {
 			t.Errorf("five in-place changes made %d writes, want 5", n)
 		}
-		checkListed(t, MustIPVSList(t), all)
+		checkListed(t, lab.MustIPVSList(t), all)
 
 		// Remove all but two: the rest leave the kernel.
 		st.IPVS = all[:2]
 		mustApply(t, d, st)
-		svcs := MustIPVSList(t)
+		svcs := lab.MustIPVSList(t)
 		checkListed(t, svcs, all[:2])
 		for _, gone := range all[2:] {
-			if p, a := ipvsKeyOf(gone); func() bool { _, ok := FindIPVSService(svcs, p, a); return ok }() {
+			if p, a := ipvsKeyOf(gone); func() bool { _, ok := lab.FindIPVSService(svcs, p, a); return ok }() {
 				t.Errorf("%s %s still present after it left the desired state", p, a)
 			}
 		}
@@ -192,7 +203,7 @@ func TestIPVSDriver(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { _, _ = Run(0, IPBin, "link", "del", "swm-e2e0") })
+		t.Cleanup(func() { _, _ = lab.Run(0, lab.IPBin, "link", "del", "swm-e2e0") })
 		web := rsvc("web", spec.TCP, v, 80, spec.RoundRobin, nil, spec.NAT, be1.Addr, be2.Addr)
 		web.Destinations[1].Weight = 1
 		st := &render.State{
@@ -200,12 +211,10 @@ func TestIPVSDriver(t *testing.T) {
 			VIPs:     []netip.Addr{netip.MustParseAddr(v)},
 			Services: []render.ServiceReport{{Name: "web", Driver: spec.DriverIPVS, Key: spec.Key{VIP: netip.MustParseAddr(v), Port: 80, Protocol: spec.TCP}}},
 		}
-		if errs := vd.Apply(context.Background(), st); len(errs) != 0 {
-			t.Fatalf("vip: %v", errs)
-		}
+		mustHold(t, vd, &render.ServiceState{Name: "web", VIP: netip.MustParseAddr(v)})
 		mustApply(t, d, st)
-		url := "http://" + IPVSHostPort(v, 80) + "/"
-		client := HTTPClientNS(ClientNS)
+		url := "http://" + lab.IPVSHostPort(v, 80) + "/"
+		client := lab.HTTPClientNS(lab.ClientNS)
 		get := func() (string, error) {
 			resp, err := client.Get(url)
 			if err != nil {
@@ -215,29 +224,29 @@ func TestIPVSDriver(t *testing.T) {
 			b, err := io.ReadAll(resp.Body)
 			return strings.TrimSpace(string(b)), err
 		}
-		WaitFor(t, 0, "the VIP answering", func() error { _, err := get(); return err })
-		before := Tally(4, get)
+		lab.WaitFor(t, 0, "the VIP answering", func() error { _, err := get(); return err })
+		before := lab.Tally(4, get)
 		if before["be1"] != 2 || before["be2"] != 2 {
-			t.Errorf("rr over be1,be2: %s, want 2 each", TallyString(before))
+			t.Errorf("rr over be1,be2: %s, want 2 each", lab.TallyString(before))
 		}
 		// The kernel folds its per-CPU counters into the totals ipvsadm
 		// shows every couple of seconds: poll.
-		svcAddr := IPVSHostPort(v, 80)
+		svcAddr := lab.IPVSHostPort(v, 80)
 		var connsBefore int
-		WaitFor(t, 0, "the service's connection counter to count the requests", func() error {
-			if connsBefore = statsConns(t, "TCP", svcAddr); connsBefore < 5 {
+		lab.WaitFor(t, 0, "the service's connection counter to count the requests", func() error {
+			if connsBefore = lab.StatsConns(t, "TCP", svcAddr); connsBefore < 5 {
 				return fmt.Errorf("Conns %d, want at least 5", connsBefore)
 			}
 			return nil
 		})
 		// An open connection shows as ActiveConn on the backend IPVS chose
 		// (finished requests linger only as InActConn, in TIME_WAIT).
-		held, err := DialNS("client", "tcp", svcAddr, 20*time.Second)
+		held, err := lab.DialNS("client", "tcp", svcAddr, 20*time.Second)
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer held.Close()
-		WaitFor(t, 0, "the held connection in Connections", func() error {
+		lab.WaitFor(t, 0, "the held connection in Connections", func() error {
 			counts, err := d.Connections(context.Background(), map[string]bool{"web": true})
 			if err != nil {
 				return err
@@ -258,35 +267,33 @@ func TestIPVSDriver(t *testing.T) {
 		if n := d.Writes() - w; n != 1 {
 			t.Errorf("a weight change made %d writes, want 1", n)
 		}
-		s, _ := FindIPVSService(MustIPVSList(t), "TCP", IPVSHostPort(v, 80))
-		if dd, _ := s.Dest(IPVSHostPort(be1.Addr, 80)); dd.Weight != 0 {
+		s, _ := lab.FindIPVSService(lab.MustIPVSList(t), "TCP", lab.IPVSHostPort(v, 80))
+		if dd, _ := s.Dest(lab.IPVSHostPort(be1.Addr, 80)); dd.Weight != 0 {
 			t.Errorf("be1 weight %d, want 0", dd.Weight)
 		}
-		got := Tally(3, get)
+		got := lab.Tally(3, get)
 		if got["be2"] != 3 {
-			t.Errorf("with be1 at weight 0: %s, want be2=3", TallyString(got))
+			t.Errorf("with be1 at weight 0: %s, want be2=3", lab.TallyString(got))
 		}
 		// A recreated service would count from 0 again, so it could not
 		// reach the old count plus the three new connections.
-		WaitFor(t, 0, "the connection counter to go on from where it was", func() error {
-			if after := statsConns(t, "TCP", svcAddr); after < connsBefore+3 {
+		lab.WaitFor(t, 0, "the connection counter to go on from where it was", func() error {
+			if after := lab.StatsConns(t, "TCP", svcAddr); after < connsBefore+3 {
 				return fmt.Errorf("Conns %d, want at least %d + 3", after, connsBefore)
 			}
 			return nil
 		})
 		mustApply(t, d, &render.State{})
-		if errs := vd.Apply(context.Background(), &render.State{}); len(errs) != 0 {
-			t.Fatalf("vip: %v", errs)
-		}
+		mustHold(t, vd, &render.ServiceState{Name: "web"})
 	})
 
 	t.Run("foreign-service-survives", func(t *testing.T) {
 		const v = "192.0.2.52"
-		foreign := IPVSHostPort(v, 80)
-		MustRun(t, IPVSADMBin, "-A", "-t", foreign, "-s", "wlc")
-		t.Cleanup(func() { _, _ = Run(0, IPVSADMBin, "-D", "-t", foreign) })
-		MustRun(t, IPVSADMBin, "-a", "-t", foreign, "-r", IPVSHostPort(be3.Addr, 80), "-m", "-w", "3")
-		before, _ := FindIPVSService(MustIPVSList(t), "TCP", foreign)
+		foreign := lab.IPVSHostPort(v, 80)
+		lab.MustRun(t, lab.IPVSADMBin, "-A", "-t", foreign, "-s", "wlc")
+		t.Cleanup(func() { _, _ = lab.Run(0, lab.IPVSADMBin, "-D", "-t", foreign) })
+		lab.MustRun(t, lab.IPVSADMBin, "-a", "-t", foreign, "-r", lab.IPVSHostPort(be3.Addr, 80), "-m", "-w", "3")
+		before, _ := lab.FindIPVSService(lab.MustIPVSList(t), "TCP", foreign)
 
 		mine := rsvc("mine", spec.TCP, v, 81, spec.RoundRobin, nil, spec.NAT, be1.Addr)
 		clash := rsvc("clash", spec.TCP, v, 80, spec.RoundRobin, nil, spec.NAT, be1.Addr)
@@ -303,7 +310,7 @@ func TestIPVSDriver(t *testing.T) {
 			}
 		}
 		mustApply(t, d, &render.State{})
-		after, ok := FindIPVSService(MustIPVSList(t), "TCP", foreign)
+		after, ok := lab.FindIPVSService(lab.MustIPVSList(t), "TCP", foreign)
 		if !ok || fmt.Sprint(after) != fmt.Sprint(before) {
 			t.Errorf("foreign service changed:\nbefore %+v\nafter  %+v", before, after)
 		}
@@ -316,13 +323,13 @@ func TestIPVSDriver(t *testing.T) {
 			rsvc("c", spec.TCP, "2001:db8:100::53", 443, spec.RoundRobin, nil, spec.NAT, be1.Addr6),
 		}}
 		mustApply(t, d, st)
-		before := MustRun(t, IPVSADMBin, "-Ln")
+		before := lab.MustRun(t, lab.IPVSADMBin, "-Ln")
 		fresh := newIPVSDriver(t, dir) // same ownership record, as after a restart
 		mustApply(t, fresh, st)
 		if fresh.Writes() != 0 {
 			t.Errorf("restarted driver made %d writes with nothing changed, want 0", fresh.Writes())
 		}
-		if after := MustRun(t, IPVSADMBin, "-Ln"); after != before {
+		if after := lab.MustRun(t, lab.IPVSADMBin, "-Ln"); after != before {
 			t.Errorf("table changed across the restart:\nbefore\n%s\nafter\n%s", before, after)
 		}
 		mustApply(t, fresh, &render.State{})

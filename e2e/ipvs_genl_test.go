@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/switchman-lb/switchman/drivers/ipvs"
+	"github.com/switchman-lb/switchman/e2e/internal/lab"
 )
 
 // unbatched hides ApplyBatch: the driver then writes one op per call.
@@ -46,16 +47,16 @@ func labDest(addr string, port uint16, w int, f ipvs.Forwarding) ipvs.Destinatio
 // TestIPVSBatchAnswers sends one batch in which the kernel refuses some
 // requests and checks that each answer lands on its own request.
 func TestIPVSBatchAnswers(t *testing.T) {
-	RequireLab(t)
+	lab.RequireLab(t)
 	ctx := labCtx(t)
 	k := newNetlink(t)
 	a := labService("192.0.2.60", 80, "rr")
 	missing := labService("192.0.2.60", 81, "rr")
 	nosuch := labService("192.0.2.60", 82, "nosuch")
-	t.Cleanup(func() { _, _ = Run(0, IPVSADMBin, "-D", "-t", "192.0.2.60:80") })
-	be1 := labDest(Backends[0].Addr, 80, 1, ipvs.Masq)
-	be2 := labDest(Backends[1].Addr, 80, 2, ipvs.Masq)
-	v6nat := labDest(Backends[0].Addr6, 80, 1, ipvs.Masq) // another family, not tunnelled
+	t.Cleanup(func() { _, _ = lab.Run(0, lab.IPVSADMBin, "-D", "-t", "192.0.2.60:80") })
+	be1 := labDest(lab.Backends[0].Addr, 80, 1, ipvs.Masq)
+	be2 := labDest(lab.Backends[1].Addr, 80, 2, ipvs.Masq)
+	v6nat := labDest(lab.Backends[0].Addr6, 80, 1, ipvs.Masq) // another family, not tunnelled
 	ops := []ipvs.Op{
 		{Kind: ipvs.AddService, Service: a},
 		{Kind: ipvs.AddDestination, Service: missing, Destination: be1},
@@ -81,11 +82,11 @@ func TestIPVSBatchAnswers(t *testing.T) {
 			t.Logf("op %d refused as expected: %v", i, err)
 		}
 	}
-	svc, ok := FindIPVSService(MustIPVSList(t), "TCP", "192.0.2.60:80")
+	svc, ok := lab.FindIPVSService(lab.MustIPVSList(t), "TCP", "192.0.2.60:80")
 	if !ok || svc.Scheduler != "wlc" || len(svc.Dests) != 1 {
 		t.Fatalf("ipvsadm -Ln: %+v, want 192.0.2.60:80 wlc with be2 only", svc)
 	}
-	if d, ok := svc.Dest(IPVSHostPort(Backends[1].Addr, 80)); !ok || d.Weight != 2 {
+	if d, ok := svc.Dest(lab.IPVSHostPort(lab.Backends[1].Addr, 80)); !ok || d.Weight != 2 {
 		t.Errorf("be2: %+v", d)
 	}
 	if errs := k.ApplyBatch(ctx, []ipvs.Op{{Kind: ipvs.DeleteService, Service: a}, {Kind: ipvs.DeleteService, Service: a}}); errs[0] != nil || !errors.Is(errs[1], syscall.ESRCH) {
@@ -97,7 +98,7 @@ func TestIPVSBatchAnswers(t *testing.T) {
 // through ApplyBatch in one call: every request must be answered, in as
 // many sends as the socket buffers need.
 func TestIPVSBatchLarge(t *testing.T) {
-	RequireLab(t)
+	lab.RequireLab(t)
 	ctx := labCtx(t)
 	k := newNetlink(t)
 	const n = 3000
@@ -105,8 +106,8 @@ func TestIPVSBatchLarge(t *testing.T) {
 	for i := range n {
 		s := labService(netip.AddrFrom4([4]byte{198, 19, byte(i / 250), byte(i%250 + 1)}).String(), 80, "rr")
 		adds = append(adds, ipvs.Op{Kind: ipvs.AddService, Service: s},
-			ipvs.Op{Kind: ipvs.AddDestination, Service: s, Destination: labDest(Backends[0].Addr, 80, 1, ipvs.Masq)},
-			ipvs.Op{Kind: ipvs.AddDestination, Service: s, Destination: labDest(Backends[1].Addr, 80, 1, ipvs.Masq)})
+			ipvs.Op{Kind: ipvs.AddDestination, Service: s, Destination: labDest(lab.Backends[0].Addr, 80, 1, ipvs.Masq)},
+			ipvs.Op{Kind: ipvs.AddDestination, Service: s, Destination: labDest(lab.Backends[1].Addr, 80, 1, ipvs.Masq)})
 		dels = append(dels, ipvs.Op{Kind: ipvs.DeleteService, Service: s})
 	}
 	t.Cleanup(func() { k.ApplyBatch(context.Background(), dels) })
@@ -147,7 +148,7 @@ func (c *countingDaemons) StopDaemon(ctx context.Context, r ipvs.Role) error {
 }
 
 func daemonLines(t testing.TB) string {
-	return strings.TrimSpace(MustRun(t, IPVSADMBin, "-L", "--daemon"))
+	return strings.TrimSpace(lab.MustRun(t, lab.IPVSADMBin, "-L", "--daemon"))
 }
 
 // TestIPVSSyncDaemons starts both sync daemons on one interface, reads them
@@ -156,17 +157,17 @@ func daemonLines(t testing.TB) string {
 // and finds out what the kernel answers for a service whose destinations
 // are of another address family.
 func TestIPVSSyncDaemons(t *testing.T) {
-	RequireLab(t)
+	lab.RequireLab(t)
 	ctx := labCtx(t)
 	k := newNetlink(t)
 	// A veth pair of our own with an address: the master's socket binds
 	// to the interface's IPv4 address, the backup joins the group on it.
 	const ifn = "swmsync0"
-	MustRun(t, IPBin, "link", "add", ifn, "type", "veth", "peer", "name", "swmsync1")
-	t.Cleanup(func() { _, _ = Run(0, IPBin, "link", "del", ifn) })
-	MustRun(t, IPBin, "addr", "add", "10.99.0.1/24", "dev", ifn)
-	MustRun(t, IPBin, "link", "set", ifn, "up")
-	MustRun(t, IPBin, "link", "set", "swmsync1", "up")
+	lab.MustRun(t, lab.IPBin, "link", "add", ifn, "type", "veth", "peer", "name", "swmsync1")
+	t.Cleanup(func() { _, _ = lab.Run(0, lab.IPBin, "link", "del", ifn) })
+	lab.MustRun(t, lab.IPBin, "addr", "add", "10.99.0.1/24", "dev", ifn)
+	lab.MustRun(t, lab.IPBin, "link", "set", ifn, "up")
+	lab.MustRun(t, lab.IPBin, "link", "set", "swmsync1", "up")
 	t.Cleanup(func() {
 		for _, r := range []ipvs.Role{ipvs.Master, ipvs.Backup} {
 			_ = k.StopDaemon(context.Background(), r)
@@ -251,8 +252,8 @@ func TestIPVSSyncDaemons(t *testing.T) {
 		// An IPv4 service with an IPv6 real server, which IPVS allows
 		// only when tunnelled.
 		s := labService("192.0.2.62", 80, "rr")
-		tun6 := labDest(Backends[0].Addr6, 80, 1, ipvs.Tunnel)
-		t.Cleanup(func() { _, _ = Run(0, IPVSADMBin, "-D", "-t", "192.0.2.62:80") })
+		tun6 := labDest(lab.Backends[0].Addr6, 80, 1, ipvs.Tunnel)
+		t.Cleanup(func() { _, _ = lab.Run(0, lab.IPVSADMBin, "-D", "-t", "192.0.2.62:80") })
 		for i, err := range k.ApplyBatch(ctx, []ipvs.Op{{Kind: ipvs.AddService, Service: s}, {Kind: ipvs.AddDestination, Service: s, Destination: tun6}}) {
 			if err != nil {
 				t.Fatalf("op %d: %v", i, err)
@@ -289,7 +290,7 @@ func TestIPVSSyncDaemons(t *testing.T) {
 // destinations; it runs only when named (LAB_MEM=4096 e2e/lab/run.sh -run
 // IPVSColdStartLarge).
 func TestIPVSColdStartLarge(t *testing.T) {
-	RequireLab(t)
+	lab.RequireLab(t)
 	onlyWhenNamed(t, "ColdStartLarge")
 	coldStartFigures(t, 10000, 1)
 }

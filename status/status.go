@@ -186,6 +186,8 @@ type Node struct {
 	Version string    `json:"version"`
 	Drivers []string  `json:"drivers"`
 	Started time.Time `json:"started"`
+	// Groups are the HA groups whose addresses this agent holds.
+	Groups []string `json:"groups,omitempty"`
 }
 
 // Publisher writes the node key and the status keys under one lease. It
@@ -198,7 +200,6 @@ type Publisher struct {
 	log    *slog.Logger
 	prefix string
 	node   string
-	nodeV  []byte
 	ttl    int64
 	wake   chan struct{}
 	// lease paces new sessions after a lost lease, retry the rewrites of
@@ -206,8 +207,10 @@ type Publisher struct {
 	// success.
 	lease, retry *backoff.Backoff
 
-	mu   sync.Mutex
-	want map[string][]byte // service -> value
+	mu    sync.Mutex
+	want  map[string][]byte // service -> value
+	info  Node
+	nodeV []byte // info encoded
 
 	// held is set while a session holds its lease with the node key and
 	// the status keys written.
@@ -238,7 +241,7 @@ func NewPublisher(cli *clientv3.Client, log *slog.Logger, prefix, node string, i
 	if err != nil {
 		return nil, fmt.Errorf("encode node info: %w", err)
 	}
-	return &Publisher{cli: cli, log: log, prefix: strings.TrimSuffix(prefix, "/"), node: node, nodeV: nodeV,
+	return &Publisher{cli: cli, log: log, prefix: strings.TrimSuffix(prefix, "/"), node: node, info: info, nodeV: nodeV,
 		ttl: max(int64(ttl/time.Second), 2), wake: make(chan struct{}, 1), want: map[string][]byte{},
 		lease: backoff.New(500*time.Millisecond, 10*time.Second, 0.2),
 		retry: backoff.New(time.Second, 30*time.Second, 0.2)}, nil
@@ -258,6 +261,49 @@ func (p *Publisher) Publish(statuses map[string]Status) {
 	case p.wake <- struct{}{}:
 	default:
 	}
+}
+
+// SetGroups sets the HA groups this agent holds, for the node key. It
+// never blocks.
+func (p *Publisher) SetGroups(groups []string) {
+	p.mu.Lock()
+	p.info.Groups = slices.Clone(groups)
+	v, err := json.Marshal(p.info)
+	if err == nil {
+		p.nodeV = v
+	}
+	p.mu.Unlock()
+	select {
+	case p.wake <- struct{}{}:
+	default:
+	}
+}
+
+// syncKeys writes the node key and the status keys that differ from
+// what was written; a failed node key write is reported as the error.
+func (p *Publisher) syncKeys(ctx context.Context, lease clientv3.LeaseID, written map[string][]byte, nodeWritten *[]byte) (map[string]error, error) {
+	nodeErr := p.syncNode(ctx, lease, nodeWritten)
+	failed, err := p.sync(ctx, lease, written, false)
+	if err == nil {
+		err = nodeErr
+	}
+	return failed, err
+}
+
+// syncNode writes the node key when its value differs from what was
+// written.
+func (p *Publisher) syncNode(ctx context.Context, lease clientv3.LeaseID, written *[]byte) error {
+	p.mu.Lock()
+	v := p.nodeV
+	p.mu.Unlock()
+	if string(v) == string(*written) {
+		return nil
+	}
+	if err := p.put(ctx, p.prefix+"/nodes/"+p.node, v, lease); err != nil {
+		return err
+	}
+	*written = v
+	return nil
 }
 
 func (p *Publisher) statusPrefix() string { return p.prefix + "/status/" + p.node + "/" }
@@ -307,7 +353,8 @@ func (p *Publisher) session(ctx context.Context) (worked bool, err error) {
 		return false, fmt.Errorf("keep lease alive: %w", err)
 	}
 	written := map[string][]byte{}
-	if err := p.put(ctx, p.prefix+"/nodes/"+p.node, p.nodeV, lease.ID); err != nil {
+	var nodeWritten []byte
+	if err := p.syncNode(ctx, lease.ID, &nodeWritten); err != nil {
 		return false, err
 	}
 	// Remove what an earlier run left behind, then write everything.
@@ -345,9 +392,9 @@ func (p *Publisher) session(ctx context.Context) (worked bool, err error) {
 				return true, fmt.Errorf("lease %x expired or keep-alive failed", lease.ID)
 			}
 		case <-p.wake:
-			after(p.sync(ctx, lease.ID, written, false))
+			after(p.syncKeys(ctx, lease.ID, written, &nodeWritten))
 		case <-retry.C:
-			after(p.sync(ctx, lease.ID, written, false))
+			after(p.syncKeys(ctx, lease.ID, written, &nodeWritten))
 		}
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/switchman-lb/switchman/agent"
+	"github.com/switchman-lb/switchman/ha"
 	"github.com/switchman-lb/switchman/spec"
 	"github.com/switchman-lb/switchman/status"
 	"github.com/switchman-lb/switchman/watcher"
@@ -43,6 +44,7 @@ func agentCommand() *cli.Command {
 		&cli.DurationFlag{Name: "lease-ttl", Value: 15 * time.Second, Usage: "TTL of the lease under which status and node keys are written", EnvVars: env("lease-ttl")},
 	)
 	flags = append(flags, driverFlags()...)
+	flags = append(flags, haFlags()...)
 	return &cli.Command{
 		Name:   "agent",
 		Usage:  "run the agent: watch etcd, program IPVS/HAProxy, check health, write status",
@@ -83,6 +85,10 @@ func runAgent(c *cli.Context) error {
 	if node == "" {
 		return errors.New("--node is empty and the hostname is unknown")
 	}
+	haCfg, err := haFromFlags(c, interfaceAddrs)
+	if err != nil {
+		return err
+	}
 	dataDir := c.String("data-dir")
 	if err := os.MkdirAll(dataDir, 0o700); err != nil {
 		return fmt.Errorf("--data-dir: %w", err)
@@ -120,7 +126,7 @@ func runAgent(c *cli.Context) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := agent.NewMetrics(reg)
 
-	set, err := buildDrivers(ctx, c, log, reg, dataDir)
+	set, err := buildDrivers(ctx, c, log, reg, dataDir, haCfg)
 	if err != nil {
 		return err
 	}
@@ -141,7 +147,7 @@ func runAgent(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	loop := agent.New(log, w, set.planes, pub, set.health, metrics, agent.Options{
+	opts := agent.Options{
 		Policy:   agent.Policy{Prefix: prefix, VIPCIDRs: vipCIDRs, BackendCIDRs: backendCIDRs, Spec: spec.Options{L4Driver: l4}},
 		LastGood: lastGood, Restored: restored,
 		Ready: func() {
@@ -150,20 +156,36 @@ func runAgent(c *cli.Context) error {
 				log.Warn("tell systemd the agent is ready", "error", err)
 			}
 		},
-	})
+	}
+	var elector *ha.Elector
+	if haCfg.Interface != "" {
+		if elector, err = newElector(haCfg, cli, node, prefix, set.vip, pub.SetGroups, log, reg); err != nil {
+			return err
+		}
+		opts.Groups = elector
+	}
+	loop := agent.New(log, w, set.planes, pub, set.health, metrics, opts)
 
+	// The components run until the signal has been handled: on SIGTERM
+	// the HA groups are handed over first, while everything else still
+	// runs.
+	runCtx, cancelRun := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelRun()
 	var wg sync.WaitGroup
 	run := func(name string, f func(context.Context) error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			if err := f(ctx); err != nil && !errors.Is(err, context.Canceled) {
+			if err := f(runCtx); err != nil && !errors.Is(err, context.Canceled) {
 				log.Error("component stopped", "component", name, "error", err)
 				stop()
 			}
 		}()
 	}
 	_ = notify.status("waiting for the first pass (etcd list, first health checks, every driver's first sync)")
+	if elector != nil {
+		run("ha", elector.Run)
+	}
 	run("watcher", w.Run)
 	run("status", pub.Run)
 	run("lastgood", lastGood.Run)
@@ -174,7 +196,7 @@ func runAgent(c *cli.Context) error {
 	if addr := c.String("metrics-addr"); addr != "" {
 		ln, err := net.Listen("tcp", addr)
 		if err != nil {
-			stop()
+			cancelRun()
 			wg.Wait()
 			return fmt.Errorf("--metrics-addr %s: %w", addr, err)
 		}
@@ -185,10 +207,14 @@ func runAgent(c *cli.Context) error {
 		defer hs.Close()
 		log.Info("serving metrics", "addr", ln.Addr().String())
 	}
-	log.Info("agent running", "node", node, "prefix", prefix, "etcd", conn.Endpoints, "drivers", set.names())
+	log.Info("agent running", "node", node, "prefix", prefix, "etcd", conn.Endpoints, "drivers", set.names(), "ha_interface", haCfg.Interface)
 	<-ctx.Done()
-	log.Info("shutting down; the data plane keeps its state")
 	_ = notify.stopping("stopping; the data plane stays in place")
+	if elector != nil {
+		release(runCtx, elector, log)
+	}
+	log.Info("shutting down; the data plane keeps its state")
+	cancelRun()
 	wg.Wait()
 	return nil
 }

@@ -22,7 +22,10 @@ import (
 // driverSet is what buildDrivers made: the planes the loop runs, the
 // health checker, and goroutines to run beside the loop.
 type driverSet struct {
-	planes  []agent.Plane
+	planes []agent.Plane
+	// vip is the address holder (the HA elector's Holder), nil when the
+	// vip driver does not run.
+	vip     *vip.Driver
 	health  agent.HealthSource
 	runners map[string]func(context.Context) error
 	closers []func()
@@ -66,7 +69,7 @@ func resolveL4(ctx context.Context, flag string) (spec.Driver, string, error) {
 
 func driverFlags() []cli.Flag {
 	return append([]cli.Flag{
-		&cli.StringFlag{Name: "vip-interface", Value: vip.DefaultInterface, Usage: "dummy interface that holds the VIPs", EnvVars: env("vip-interface")},
+		&cli.StringFlag{Name: "vip-interface", Value: vip.DefaultInterface, Usage: "dummy interface that holds the VIPs without --ha-interface (lo when the kernel cannot create dummy interfaces)", EnvVars: env("vip-interface")},
 		&cli.IntFlag{Name: "health-concurrency", Value: health.DefaultMaxConcurrent, Usage: "health checks running at once at most", EnvVars: env("health-concurrency")},
 	}, haproxyFlags()...)
 }
@@ -74,20 +77,27 @@ func driverFlags() []cli.Flag {
 // buildDrivers makes the drivers named by --drivers, each a plane of the
 // loop serving one part of every service's state; netfilter is the guard
 // (a service's filter is in force before the others expose it).
-func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg prometheus.Registerer, dataDir string) (*driverSet, error) {
+func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg prometheus.Registerer, dataDir string, h haConfig) (*driverSet, error) {
 	set := &driverSet{runners: map[string]func(context.Context) error{}}
 	want, err := wantedDrivers(c.StringSlice("drivers"))
 	if err != nil {
 		return nil, err
 	}
+	if h.Interface != "" && !want["vip"] {
+		return nil, fmt.Errorf("--ha-interface %s needs the vip driver, which holds the addresses of the groups this agent owns (add vip to --drivers)", h.Interface)
+	}
 	if want["vip"] {
 		links := vip.NewNetlink("")
-		set.closers = append(set.closers, links.Close)
-		d, err := vip.New(vip.Config{Links: links, Interface: c.String("vip-interface"), Logger: log.With("driver", "vip")})
+		d, err := vip.New(vip.Config{Links: links, Interface: c.String("vip-interface"), HAInterface: h.Interface,
+			Lifetime: h.Lifetime, StateDir: dataDir, Logger: log.With("driver", "vip")})
 		if err != nil {
+			links.Close()
 			return nil, err
 		}
-		set.planes = append(set.planes, agent.Plane{Driver: agent.Whole(d), Part: render.PartVIP})
+		set.closers = append(set.closers, d.Close, links.Close)
+		set.planes = append(set.planes, agent.Plane{Driver: d, Part: render.PartVIP})
+		set.runners["vip"] = d.Run
+		set.vip = d
 	}
 	if want["ipvs"] {
 		kernel := ipvs.NewNetlink("")

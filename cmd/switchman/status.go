@@ -45,9 +45,25 @@ func statusCommand() *cli.Command {
 			if err != nil {
 				return watcher.Explain(err, eps)
 			}
+			groups, err := status.ReadGroups(ctx, cli, c.String("prefix"))
+			if err != nil {
+				return watcher.Explain(err, eps)
+			}
 			tw := tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "SERVICE\tNODE\tVIP\tDRIVER\tSTATE\tHEALTHY\tERROR")
 			for _, row := range statusRows(all) {
+				fmt.Fprintln(tw, row)
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			if len(groups) == 0 {
+				return nil
+			}
+			fmt.Fprintln(c.App.Writer)
+			tw = tabwriter.NewWriter(c.App.Writer, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "GROUP\tOWNER\tSINCE\tSTANDBYS")
+			for _, row := range groupRows(groups, time.Now()) {
 				fmt.Fprintln(tw, row)
 			}
 			return tw.Flush()
@@ -77,6 +93,33 @@ func statusRows(all map[string]map[string]status.Status) []string {
 		}
 	}
 	sort.Strings(rows)
+	return rows
+}
+
+// groupRows formats one tab-separated row per HA group: its owner ("-"
+// when none), since when (and how long), and the live agents that may take
+// it over. Text from etcd goes through printable.
+func groupRows(groups []status.Group, now time.Time) []string {
+	rows := make([]string, 0, len(groups))
+	for _, g := range groups {
+		owner, since := "-", "-"
+		if g.Owner != "" {
+			owner = printable(g.Owner)
+			since = fmt.Sprintf("%s (%s ago)", g.Since.UTC().Format(time.RFC3339), now.Sub(g.Since).Round(time.Second))
+		}
+		standbys := make([]string, len(g.Standbys))
+		for i, n := range g.Standbys {
+			standbys[i] = printable(n)
+		}
+		list := strings.Join(standbys, ",")
+		if list == "" {
+			list = "-"
+		}
+		if g.Error != "" {
+			list += "  (" + printable(g.Error) + ")"
+		}
+		rows = append(rows, fmt.Sprintf("%s\t%s\t%s\t%s", printable(g.Name), owner, since, list))
+	}
 	return rows
 }
 

@@ -16,18 +16,15 @@ import (
 	"github.com/switchman-lb/switchman/drivers/vip"
 	"github.com/switchman-lb/switchman/drivers/vip/vipfake"
 	"github.com/switchman-lb/switchman/render"
-	"github.com/switchman-lb/switchman/spec"
 )
 
 var (
 	vipA = netip.MustParseAddr("192.0.2.10")
 	vipB = netip.MustParseAddr("192.0.2.11")
 	vip6 = netip.MustParseAddr("2001:db8::10")
-	be   = netip.MustParseAddr("10.1.1.1")
 )
 
-// procSys makes a fake /proc/sys with the given sysctls (path -> value);
-// a path of "-" leaves net/ipv4/vs out, as on a kernel without IPVS.
+// procSys makes a fake /proc/sys with the given sysctls (path -> value).
 func procSys(t *testing.T, values map[string]string) string {
 	t.Helper()
 	root := t.TempDir()
@@ -49,6 +46,7 @@ func allSysctls(v string) map[string]string {
 		"net/ipv6/conf/all/forwarding":   v,
 		"net/ipv4/vs/conntrack":          v,
 		"net/ipv4/vs/expire_nodest_conn": v,
+		"net/ipv4/ip_nonlocal_bind":      v,
 	}
 }
 
@@ -61,103 +59,176 @@ func readSysctl(t *testing.T, root, p string) string {
 	return strings.TrimSpace(string(b))
 }
 
-// state builds a desired state with one service per VIP: an IPVS service
-// with a NAT destination for the IPv4 ones unless dr, and the v6 one too.
-func state(vips ...netip.Addr) *render.State {
-	st := &render.State{}
-	for i, a := range vips {
-		name := "svc" + string(rune('a'+i))
-		st.Services = append(st.Services, render.ServiceReport{Name: name, Driver: spec.DriverIPVS, Key: spec.Key{VIP: a, Port: 80, Protocol: spec.TCP}})
-		st.IPVS = append(st.IPVS, render.L4Service{Service: name, Protocol: spec.TCP, Address: a, Port: 80, Scheduler: spec.RoundRobin,
-			Destinations: []render.L4Destination{{Address: be, Port: 80, Weight: 1, Forwarding: spec.NAT}}})
+// svc is the state of one service holding vip in group ("" for
+// "default"), needing the given sysctls.
+func svc(name string, vip netip.Addr, group string, sysctls ...string) *render.ServiceState {
+	if group == "" {
+		group = "default"
 	}
-	st.VIPs = slices.Clone(vips)
-	slices.SortFunc(st.VIPs, netip.Addr.Compare)
-	st.VIPs = slices.Compact(st.VIPs)
-	return st
+	return &render.ServiceState{Name: name, VIP: vip, Group: group, Sysctls: sysctls}
 }
 
-func newDriver(t *testing.T, l vip.Links, root string, log *slog.Logger) *vip.Driver {
-	t.Helper()
-	d, err := vip.New(vip.Config{Links: l, ProcSys: root, Logger: log})
-	if err != nil {
-		t.Fatal(err)
+// gone is the state that removes a service.
+func gone(name string) *render.ServiceState { return &render.ServiceState{Name: name} }
+
+func states(s ...*render.ServiceState) []*render.ServiceState { return s }
+
+type fixture struct {
+	t     *testing.T
+	links *vipfake.Links
+	root  string
+	dir   string
+	logs  *bytes.Buffer
+}
+
+func newFixture(t *testing.T) *fixture {
+	return &fixture{t: t, links: vipfake.New(), root: procSys(t, allSysctls("1")), dir: t.TempDir(), logs: &bytes.Buffer{}}
+}
+
+func (f *fixture) driver(mod func(*vip.Config)) *vip.Driver {
+	f.t.Helper()
+	cfg := vip.Config{Links: f.links, ProcSys: f.root, StateDir: f.dir, Logger: slog.New(slog.NewTextHandler(f.logs, nil))}
+	if mod != nil {
+		mod(&cfg)
 	}
+	d, err := vip.New(cfg)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.t.Cleanup(d.Close)
 	return d
 }
 
+func (f *fixture) addrs(iface string) []netip.Prefix {
+	_, _, a := f.links.Interface(iface)
+	return a
+}
+
 func prefixes(ss ...string) []netip.Prefix {
-	var out []netip.Prefix
+	out := []netip.Prefix{}
 	for _, s := range ss {
 		out = append(out, netip.MustParsePrefix(s))
 	}
+	slices.SortFunc(out, func(x, y netip.Prefix) int { return x.Addr().Compare(y.Addr()) })
 	return out
 }
 
-func TestAddressesLifecycle(t *testing.T) {
-	ctx := context.Background()
-	l := vipfake.New()
-	d := newDriver(t, l, procSys(t, allSysctls("1")), nil)
-
-	// Nothing wanted, no interface: nothing is created.
-	if errs := d.Apply(ctx, &render.State{}); len(errs) != 0 || l.Writes() != 0 {
-		t.Fatalf("empty state: errors %v, %d writes", errs, l.Writes())
-	}
-	if exists, _, _ := l.Interface("switchman0"); exists {
-		t.Fatal("interface created with no VIP to hold")
-	}
-
-	if errs := d.Apply(ctx, state(vipA, vipB, vip6)); len(errs) != 0 {
-		t.Fatal(errs)
-	}
-	exists, up, addrs := l.Interface("switchman0")
-	want := prefixes("192.0.2.10/32", "192.0.2.11/32", "2001:db8::10/128", "fe80::1/64")
-	if !exists || !up || !slices.Equal(addrs, want) {
-		t.Fatalf("switchman0: exists %v up %v addrs %v, want up with %v", exists, up, addrs, want)
-	}
-	w := l.Writes()
-	if errs := d.Apply(ctx, state(vipA, vipB, vip6)); len(errs) != 0 || l.Writes() != w {
-		t.Errorf("second apply: errors %v, %d writes, want 0", errs, l.Writes()-w)
-	}
-
-	// A stray address on switchman0 goes; loopback is never touched.
-	l.AddInterface("switchman0", true, append(want, netip.MustParsePrefix("198.51.100.7/32"))...)
-	if errs := d.Apply(ctx, state(vipA)); len(errs) != 0 {
-		t.Fatal(errs)
-	}
-	if _, _, addrs := l.Interface("switchman0"); !slices.Equal(addrs, prefixes("192.0.2.10/32", "fe80::1/64")) {
-		t.Errorf("after shrinking: %v", addrs)
-	}
-	if errs := d.Apply(ctx, &render.State{}); len(errs) != 0 {
-		t.Fatal(errs)
-	}
-	if _, _, addrs := l.Interface("switchman0"); !slices.Equal(addrs, prefixes("fe80::1/64")) {
-		t.Errorf("after removing all VIPs: %v (the kernel's link-local must stay)", addrs)
-	}
-	if _, _, lo := l.Interface("lo"); !slices.Equal(lo, prefixes("127.0.0.1/8")) {
-		t.Errorf("lo changed: %v", lo)
+func noErrs(t *testing.T, what string, errs map[string]error) {
+	t.Helper()
+	if len(errs) != 0 {
+		t.Fatalf("%s: %v", what, errs)
 	}
 }
 
-func TestCustomInterfaceName(t *testing.T) {
-	l := vipfake.New()
-	d, err := vip.New(vip.Config{Links: l, Interface: "lbvip", ProcSys: procSys(t, allSysctls("1"))})
-	if err != nil {
-		t.Fatal(err)
+func TestSingleHostLifecycle(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	d := f.driver(nil)
+
+	// Nothing wanted, no interface: nothing is created.
+	noErrs(t, "empty sync", d.Sync(ctx, nil))
+	if exists, _, _ := f.links.Interface("switchman0"); exists || f.links.Writes() != 0 {
+		t.Fatalf("interface created (%v) or %d writes with no VIP to hold", exists, f.links.Writes())
 	}
-	if errs := d.Apply(context.Background(), state(vipA)); len(errs) != 0 {
-		t.Fatal(errs)
+
+	// svcb and svcc share vipB: one address, held while either wants it.
+	noErrs(t, "apply", d.Apply(ctx, states(svc("svca", vipA, ""), svc("svcb", vipB, ""), svc("svcc", vipB, ""), svc("svcd", vip6, ""))))
+	exists, up, _ := f.links.Interface("switchman0")
+	want := prefixes("192.0.2.10/32", "192.0.2.11/32", "2001:db8::10/128", "fe80::1/64")
+	if got := f.addrs("switchman0"); !exists || !up || !slices.Equal(got, want) {
+		t.Fatalf("switchman0: exists %v up %v addrs %v, want up with %v", exists, up, got, want)
 	}
-	if exists, _, addrs := l.Interface("lbvip"); !exists || !slices.Contains(addrs, netip.MustParsePrefix("192.0.2.10/32")) {
-		t.Errorf("lbvip: %v %v", exists, addrs)
+	if f.links.Lifetime("switchman0", netip.MustParsePrefix("192.0.2.10/32")) != 0 {
+		t.Error("a single-host VIP has a lifetime")
 	}
-	if exists, _, _ := l.Interface("switchman0"); exists {
-		t.Error("switchman0 created although another name was configured")
+	w := f.links.Writes()
+	noErrs(t, "same again", d.Apply(ctx, states(svc("svcb", vipB, ""))))
+	noErrs(t, "sync", d.Sync(ctx, states(svc("svca", vipA, ""), svc("svcb", vipB, ""), svc("svcc", vipB, ""), svc("svcd", vip6, ""))))
+	if f.links.Writes() != w {
+		t.Errorf("repeated apply and a sync with nothing changed made %d writes", f.links.Writes()-w)
 	}
-	for _, bad := range []string{"a/b", "much-too-long-name0", "a b"} {
-		if _, err := vip.New(vip.Config{Links: l, Interface: bad}); err == nil {
-			t.Errorf("interface name %q accepted", bad)
-		}
+
+	noErrs(t, "remove svcb", d.Apply(ctx, states(gone("svcb"))))
+	if !slices.Contains(f.addrs("switchman0"), netip.MustParsePrefix("192.0.2.11/32")) {
+		t.Error("vipB removed while svcc still uses it")
+	}
+	noErrs(t, "remove svcc", d.Apply(ctx, states(gone("svcc"))))
+	if slices.Contains(f.addrs("switchman0"), netip.MustParsePrefix("192.0.2.11/32")) {
+		t.Error("vipB kept after its last service went")
+	}
+
+	// Sync repairs: a stray address on switchman0 goes, a missing VIP
+	// comes back; lo is never touched.
+	f.links.AddInterface("switchman0", true, append(prefixes("192.0.2.10/32", "fe80::1/64"), netip.MustParsePrefix("198.51.100.7/32"))...)
+	noErrs(t, "repair", d.Sync(ctx, states(svc("svca", vipA, ""), svc("svcd", vip6, ""))))
+	if got, want := f.addrs("switchman0"), prefixes("192.0.2.10/32", "2001:db8::10/128", "fe80::1/64"); !slices.Equal(got, want) {
+		t.Errorf("after the repair: %v, want %v", got, want)
+	}
+	noErrs(t, "all gone", d.Sync(ctx, nil))
+	if got := f.addrs("switchman0"); !slices.Equal(got, prefixes("fe80::1/64")) {
+		t.Errorf("after removing all VIPs: %v (the kernel's link-local must stay)", got)
+	}
+	if got := f.addrs("lo"); !slices.Equal(got, prefixes("127.0.0.1/8")) {
+		t.Errorf("lo changed: %v", got)
+	}
+}
+
+// TestApplyReadsNothing: the incremental path never lists addresses, and
+// touches only the services it is given.
+func TestApplyReadsNothing(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	d := f.driver(nil)
+	noErrs(t, "apply a", d.Apply(ctx, states(svc("svca", vipA, ""))))
+	f.links.Fail(vipfake.Addresses, func(netip.Prefix) error { return syscall.EIO })
+	noErrs(t, "apply b", d.Apply(ctx, states(svc("svcb", vipB, ""))))
+	noErrs(t, "remove a", d.Apply(ctx, states(gone("svca"))))
+	if got := f.addrs("switchman0"); !slices.Equal(got, prefixes("192.0.2.11/32", "fe80::1/64")) {
+		t.Errorf("switchman0: %v", got)
+	}
+}
+
+// TestFallbackToLo: on a kernel without dummy interfaces the VIPs go on
+// lo, which the host shares: the driver removes only what its record says
+// it added, across restarts.
+func TestFallbackToLo(t *testing.T) {
+	ctx := context.Background()
+	f := newFixture(t)
+	f.links.Fail(vipfake.AddDummy, func(netip.Prefix) error { return syscall.EOPNOTSUPP })
+	hostOwn := prefixes("127.0.0.1/8", "192.0.2.99/32", "192.0.2.12/32")
+	f.links.AddInterface("lo", true, hostOwn...)
+	vipC := netip.MustParseAddr("192.0.2.12") // already on lo: the host's
+
+	d := f.driver(nil)
+	noErrs(t, "apply", d.Apply(ctx, states(svc("svca", vipA, ""), svc("svcb", vipB, ""), svc("svcc", vipC, ""))))
+	if exists, _, _ := f.links.Interface("switchman0"); exists {
+		t.Fatal("switchman0 exists although the kernel cannot create it")
+	}
+	if got, want := f.addrs("lo"), prefixes("127.0.0.1/8", "192.0.2.10/32", "192.0.2.11/32", "192.0.2.12/32", "192.0.2.99/32"); !slices.Equal(got, want) {
+		t.Fatalf("lo: %v, want %v", got, want)
+	}
+	if !strings.Contains(f.logs.String(), "cannot create dummy interfaces") {
+		t.Errorf("the fallback was not logged: %s", f.logs.String())
+	}
+
+	// Restart with svca gone while the agent was down and svcc gone too:
+	// svca's address (ours) goes; 192.0.2.12 (the host's) stays.
+	d2 := f.driver(nil)
+	w := f.links.Writes()
+	noErrs(t, "sync after restart", d2.Sync(ctx, states(svc("svcb", vipB, ""))))
+	if got, want := f.addrs("lo"), prefixes("127.0.0.1/8", "192.0.2.11/32", "192.0.2.12/32", "192.0.2.99/32"); !slices.Equal(got, want) {
+		t.Errorf("lo after the restart: %v, want %v", got, want)
+	}
+	if f.links.Writes()-w != 2 { // AddDummy (refused) and one removal
+		t.Errorf("restart made %d writes, want 2", f.links.Writes()-w)
+	}
+	noErrs(t, "last gone", d2.Apply(ctx, states(gone("svcb"))))
+	if got := f.addrs("lo"); !slices.Equal(got, hostOwn) {
+		t.Errorf("lo at the end: %v, want the host's own %v", got, hostOwn)
+	}
+	b, err := os.ReadFile(filepath.Join(f.dir, vip.RecordFile))
+	if err != nil || strings.Contains(string(b), "192.0.2") {
+		t.Errorf("record at the end: %s %v", b, err)
 	}
 }
 
@@ -166,6 +237,7 @@ func TestErrorsMapToServices(t *testing.T) {
 		name   string
 		method vipfake.Method
 		fail   func(netip.Prefix) error
+		errno  error
 		want   []string // services failing
 	}{
 		{"one address refused", vipfake.AddAddress, func(p netip.Prefix) error {
@@ -173,20 +245,21 @@ func TestErrorsMapToServices(t *testing.T) {
 				return syscall.EPERM
 			}
 			return nil
-		}, []string{"svcb", "svcc"}},
-		{"interface cannot be created", vipfake.AddDummy, func(netip.Prefix) error { return syscall.EPERM }, []string{"svca", "svcb", "svcc"}},
-		{"addresses cannot be listed", vipfake.Addresses, func(netip.Prefix) error { return syscall.ENOBUFS }, []string{"svca", "svcb", "svcc"}},
+		}, syscall.EPERM, []string{"svcb", "svcc"}},
+		{"interface cannot be created", vipfake.AddDummy, func(netip.Prefix) error { return syscall.EPERM }, syscall.EPERM, []string{"svca", "svcb", "svcc"}},
+		{"interface cannot be looked up", vipfake.Link, func(netip.Prefix) error { return syscall.ENOBUFS }, syscall.ENOBUFS, []string{"svca", "svcb", "svcc"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			l := vipfake.New()
-			l.Fail(tt.method, tt.fail)
-			d := newDriver(t, l, procSys(t, allSysctls("1")), nil)
-			errs := d.Apply(context.Background(), state(vipA, vipB, vipB)) // svcb and svcc share vipB
+			f := newFixture(t)
+			f.links.Fail(tt.method, tt.fail)
+			d := f.driver(nil)
+			all := states(svc("svca", vipA, ""), svc("svcb", vipB, ""), svc("svcc", vipB, ""))
+			errs := d.Apply(context.Background(), all)
 			var got []string
 			for n, err := range errs {
 				got = append(got, n)
-				if !errors.Is(err, syscall.EPERM) && !errors.Is(err, syscall.ENOBUFS) {
+				if !errors.Is(err, tt.errno) {
 					t.Errorf("%s: %v does not carry the errno", n, err)
 				}
 			}
@@ -194,58 +267,43 @@ func TestErrorsMapToServices(t *testing.T) {
 			if !slices.Equal(got, tt.want) {
 				t.Errorf("failing %v, want %v", got, tt.want)
 			}
-			l.Fail(tt.method, nil)
-			if errs := d.Apply(context.Background(), state(vipA, vipB, vipB)); len(errs) != 0 {
-				t.Errorf("retry: %v", errs)
-			}
+			f.links.Fail(tt.method, nil)
+			noErrs(t, "retry", d.Sync(context.Background(), all))
 		})
 	}
 }
 
 func TestSysctls(t *testing.T) {
-	masq := func(st *render.State) *render.State {
-		st.Filters = append(st.Filters, render.Filter{Service: st.IPVS[0].Service, Masquerade: true})
-		return st
-	}
-	dr := func(st *render.State) *render.State {
-		for i := range st.IPVS {
-			for j := range st.IPVS[i].Destinations {
-				st.IPVS[i].Destinations[j].Forwarding = spec.Direct
-			}
-		}
-		return st
-	}
 	tests := []struct {
-		name  string
-		state *render.State
-		want  map[string]string // sysctl -> value after Apply, from all "0"
+		name string
+		svcs []*render.ServiceState
+		want map[string]string // sysctl -> value after Apply, from all "0"
 	}{
-		{"nat v4", state(vipA), map[string]string{"net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "0", "net/ipv4/vs/expire_nodest_conn": "1", "net/ipv4/vs/conntrack": "0"}},
-		{"nat v6", state(vip6), map[string]string{"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "1", "net/ipv4/vs/expire_nodest_conn": "1", "net/ipv4/vs/conntrack": "0"}},
-		{"dr needs no forwarding", dr(state(vipA)), map[string]string{"net/ipv4/ip_forward": "0", "net/ipv4/vs/expire_nodest_conn": "1", "net/ipv4/vs/conntrack": "0"}},
-		{"masquerade needs vs conntrack", masq(state(vipA)), map[string]string{"net/ipv4/ip_forward": "1", "net/ipv4/vs/conntrack": "1", "net/ipv4/vs/expire_nodest_conn": "1"}},
-		{"no ipvs services: nothing set", &render.State{VIPs: []netip.Addr{vipA}}, map[string]string{"net/ipv4/ip_forward": "0", "net/ipv4/vs/expire_nodest_conn": "0", "net/ipv4/vs/conntrack": "0"}},
+		{"nat v4 ipvs", states(svc("a", vipA, "", "net/ipv4/ip_forward", "net/ipv4/vs/expire_nodest_conn")),
+			map[string]string{"net/ipv4/ip_forward": "1", "net/ipv6/conf/all/forwarding": "0", "net/ipv4/vs/expire_nodest_conn": "1", "net/ipv4/vs/conntrack": "0"}},
+		{"two services, one setting each", states(svc("a", vipA, "", "net/ipv6/conf/all/forwarding"), svc("b", vipB, "", "net/ipv4/vs/conntrack")),
+			map[string]string{"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "1", "net/ipv4/vs/conntrack": "1"}},
+		{"haproxy nonlocal bind", states(svc("a", vipA, "", "net/ipv4/ip_nonlocal_bind")),
+			map[string]string{"net/ipv4/ip_nonlocal_bind": "1", "net/ipv4/ip_forward": "0"}},
+		{"none asked", states(svc("a", vipA, "")),
+			map[string]string{"net/ipv4/ip_forward": "0", "net/ipv4/vs/expire_nodest_conn": "0", "net/ipv4/vs/conntrack": "0"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			root := procSys(t, allSysctls("0"))
-			var logs bytes.Buffer
-			d := newDriver(t, vipfake.New(), root, slog.New(slog.NewTextHandler(&logs, nil)))
-			if errs := d.Apply(context.Background(), tt.state); len(errs) != 0 {
-				t.Fatal(errs)
-			}
+			f := newFixture(t)
+			f.root = procSys(t, allSysctls("0"))
+			d := f.driver(nil)
+			noErrs(t, "apply", d.Apply(context.Background(), tt.svcs))
 			for p, v := range tt.want {
-				if got := readSysctl(t, root, p); got != v {
+				if got := readSysctl(t, f.root, p); got != v {
 					t.Errorf("%s = %s, want %s", p, got, v)
 				}
 			}
-			set := strings.Count(logs.String(), "set sysctl")
-			logs.Reset()
-			if errs := d.Apply(context.Background(), tt.state); len(errs) != 0 {
-				t.Fatal(errs)
-			}
-			if strings.Contains(logs.String(), "set sysctl") {
-				t.Errorf("second apply set sysctls again: %s", logs.String())
+			set := strings.Count(f.logs.String(), "set sysctl")
+			f.logs.Reset()
+			noErrs(t, "sync", d.Sync(context.Background(), tt.svcs))
+			if strings.Contains(f.logs.String(), "set sysctl") {
+				t.Errorf("the sync set sysctls again: %s", f.logs.String())
 			}
 			ones := 0
 			for _, v := range tt.want {
@@ -256,30 +314,69 @@ func TestSysctls(t *testing.T) {
 			if set != ones {
 				t.Errorf("%d 'set sysctl' log lines, want %d", set, ones)
 			}
+			// Removing the services turns nothing off.
+			noErrs(t, "remove", d.Apply(context.Background(), states(gone("a"), gone("b"))))
+			for p, v := range tt.want {
+				if got := readSysctl(t, f.root, p); got != v {
+					t.Errorf("after removal %s = %s, want %s", p, got, v)
+				}
+			}
 		})
 	}
 }
 
-func TestNoIPVSSysctlsIsNotFatal(t *testing.T) {
-	root := procSys(t, map[string]string{"net/ipv4/ip_forward": "0", "net/ipv6/conf/all/forwarding": "0"})
-	l := vipfake.New()
-	d := newDriver(t, l, root, nil)
-	if errs := d.Apply(context.Background(), state(vipA)); len(errs) != 0 {
-		t.Fatalf("without /proc/sys/net/ipv4/vs: %v", errs)
+func TestSysctlErrors(t *testing.T) {
+	f := newFixture(t)
+	f.root = procSys(t, map[string]string{"net/ipv6/conf/all/forwarding": "1"}) // no net/ipv4/vs, no ip_forward
+	d := f.driver(nil)
+	errs := d.Apply(context.Background(), states(
+		svc("ipvs", vipA, "", "net/ipv4/vs/expire_nodest_conn"),
+		svc("nat4", vipB, "", "net/ipv4/ip_forward"),
+		svc("nat6", vip6, "", "net/ipv6/conf/all/forwarding"),
+		svc("bad", vipB, "", "../../etc/passwd"),
+	))
+	if len(errs) != 2 || !errors.Is(errs["nat4"], os.ErrNotExist) || !strings.Contains(errs["nat4"].Error(), "net.ipv4.ip_forward") {
+		t.Errorf("errors %v: want nat4 failing on net.ipv4.ip_forward (missing), no IPVS settings skipped quietly", errs)
 	}
-	if _, _, addrs := l.Interface("switchman0"); !slices.Contains(addrs, netip.MustParsePrefix("192.0.2.10/32")) {
-		t.Errorf("VIP not added: %v", addrs)
+	if err := errs["bad"]; err == nil || !strings.Contains(err.Error(), "../../etc/passwd") {
+		t.Errorf("a sysctl outside /proc/sys: %v", err)
 	}
-	if readSysctl(t, root, "net/ipv4/ip_forward") != "1" {
-		t.Error("ip_forward not set")
+	if !slices.Contains(f.addrs("switchman0"), netip.MustParsePrefix("192.0.2.10/32")) {
+		t.Error("the VIP of a service on a kernel without IPVS settings was not added")
 	}
 }
 
-func TestMissingForwardingSysctlFailsNATServices(t *testing.T) {
-	root := procSys(t, map[string]string{"net/ipv4/vs/conntrack": "1", "net/ipv4/vs/expire_nodest_conn": "1", "net/ipv6/conf/all/forwarding": "1"})
-	d := newDriver(t, vipfake.New(), root, nil)
-	errs := d.Apply(context.Background(), state(vipA, vip6))
-	if len(errs) != 1 || !errors.Is(errs["svca"], os.ErrNotExist) || !strings.Contains(errs["svca"].Error(), "net.ipv4.ip_forward") {
-		t.Errorf("errors %v, want only svca failing on net.ipv4.ip_forward", errs)
+func TestConfigErrors(t *testing.T) {
+	l := vipfake.New()
+	for _, c := range []vip.Config{
+		{Links: l, Interface: "a/b"},
+		{Links: l, Interface: "much-too-long-name0"},
+		{Links: l, HAInterface: "a b"},
+		{Links: l, Fallback: "x:y"},
+		{Links: l, HAInterface: "eth0", Lifetime: 500 * 1000 * 1000},
+		{},
+	} {
+		if _, err := vip.New(c); err == nil {
+			t.Errorf("config %+v accepted", c)
+		}
+	}
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, vip.RecordFile), []byte(`{"version":1,"addresses":[{"interface":"lo","address":"nonsense"}]}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vip.New(vip.Config{Links: l, StateDir: dir}); err == nil || !strings.Contains(err.Error(), vip.RecordFile) {
+		t.Errorf("a broken record: %v", err)
+	}
+}
+
+func TestCustomInterfaceName(t *testing.T) {
+	f := newFixture(t)
+	d := f.driver(func(c *vip.Config) { c.Interface = "lbvip" })
+	noErrs(t, "apply", d.Apply(context.Background(), states(svc("a", vipA, ""))))
+	if !slices.Contains(f.addrs("lbvip"), netip.MustParsePrefix("192.0.2.10/32")) {
+		t.Errorf("lbvip: %v", f.addrs("lbvip"))
+	}
+	if exists, _, _ := f.links.Interface("switchman0"); exists {
+		t.Error("switchman0 created although another name was configured")
 	}
 }

@@ -180,41 +180,51 @@ func (n *Netlink) Addresses(ctx context.Context, name string) ([]netip.Prefix, e
 	return out, nil
 }
 
-// AddAddress adds p to the interface; IPv6 addresses skip duplicate
-// address detection, so they are usable at once.
-func (n *Netlink) AddAddress(ctx context.Context, name string, p netip.Prefix) error {
-	err := n.do(ctx, func(h *netlink.Handle) error {
-		l, err := h.LinkByName(name)
-		if err != nil {
-			return err
-		}
-		return h.AddrAdd(l, toAddr(p))
-	})
-	if err != nil {
-		return fmt.Errorf("add %s to %s: %w", p, name, err)
-	}
-	return nil
+// AddAddress adds p to the interface, with the kernel's valid and
+// preferred lifetimes set to lifetime (rounded up to whole seconds) when
+// it is above zero; IPv6 addresses skip duplicate address detection, so
+// they are usable at once.
+func (n *Netlink) AddAddress(ctx context.Context, name string, p netip.Prefix, lifetime time.Duration) error {
+	return n.address(ctx, "add %s to %s", name, p, lifetime, (*netlink.Handle).AddrAdd)
+}
+
+// RenewAddress replaces p on the interface with the lifetime given
+// (NLM_F_REPLACE), which restarts the kernel's count, or adds it when it
+// is missing.
+func (n *Netlink) RenewAddress(ctx context.Context, name string, p netip.Prefix, lifetime time.Duration) error {
+	return n.address(ctx, "renew %s on %s", name, p, lifetime, (*netlink.Handle).AddrReplace)
 }
 
 // DeleteAddress removes p from the interface.
 func (n *Netlink) DeleteAddress(ctx context.Context, name string, p netip.Prefix) error {
+	return n.address(ctx, "remove %s from %s", name, p, 0, (*netlink.Handle).AddrDel)
+}
+
+// address runs one address call on the interface name; what formats the
+// error with p and name.
+func (n *Netlink) address(ctx context.Context, what, name string, p netip.Prefix, lifetime time.Duration,
+	call func(*netlink.Handle, netlink.Link, *netlink.Addr) error) error {
 	err := n.do(ctx, func(h *netlink.Handle) error {
 		l, err := h.LinkByName(name)
 		if err != nil {
 			return err
 		}
-		return h.AddrDel(l, toAddr(p))
+		return call(h, l, toAddr(p, lifetime))
 	})
 	if err != nil {
-		return fmt.Errorf("remove %s from %s: %w", p, name, err)
+		return fmt.Errorf(what+": %w", p, name, err)
 	}
 	return nil
 }
 
-func toAddr(p netip.Prefix) *netlink.Addr {
+func toAddr(p netip.Prefix, lifetime time.Duration) *netlink.Addr {
 	a := &netlink.Addr{IPNet: &net.IPNet{IP: net.IP(p.Addr().AsSlice()), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}}
 	if p.Addr().Is6() {
 		a.Flags = unix.IFA_F_NODAD
+	}
+	if lifetime > 0 {
+		secs := int((lifetime + time.Second - 1) / time.Second)
+		a.ValidLft, a.PreferedLft = secs, secs
 	}
 	return a
 }

@@ -1,14 +1,15 @@
 #!/bin/sh
 # Vagrant lab, backend host: the same backend server as the QEMU lab
 # (labserver: HTTP on 80/8080/8443, UDP echo on 53/5353, every answer starts
-# with the host's name) and a route to the client network via the active LB,
-# so NAT replies pass back through IPVS.
-# Usage: vagrant-backend.sh NAME FRONT_NET ACTIVE_LB_BACK_ADDRESS
+# with the host's name) and a route to the client network via the HA group's
+# floating back address, held by whichever LB owns the group, so NAT replies
+# pass back through its IPVS.
+# Usage: vagrant-backend.sh NAME FRONT_NET FLOATING_BACK_ADDRESS
 # For direct routing: /vagrant/e2e/topology/dr-backend.sh VIP - [dr|tun]
 set -eu
 NAME=${1:?usage: vagrant-backend.sh NAME FRONT_NET LB_ADDRESS}
 FRONT=${2:?front network}
-LB=${3:?active LB address}
+LB=${3:?floating back address}
 export DEBIAN_FRONTEND=noninteractive
 
 /sbin/ip route replace "$FRONT" via "$LB"

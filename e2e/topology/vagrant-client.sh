@@ -1,10 +1,11 @@
 #!/bin/sh
-# Vagrant lab, client host: routes the VIP range via the active LB.
-# Usage: vagrant-client.sh VIP_RANGE ACTIVE_LB_FRONT_ADDRESS
-# Fail over by hand: ip route replace VIP_RANGE via OTHER_LB
+# Vagrant lab, client host: routes the VIP range via the HA group's floating
+# front address, held by whichever LB owns the group (gratuitous ARP moves
+# it on a takeover).
+# Usage: vagrant-client.sh VIP_RANGE FLOATING_FRONT_ADDRESS
 set -eu
 VIPS=${1:?usage: vagrant-client.sh VIP_RANGE LB_ADDRESS}
-LB=${2:?active LB address}
+LB=${2:?floating front address}
 /sbin/ip route replace "$VIPS" via "$LB"
 cat >/etc/network/if-up.d/switchman-lab <<EOT
 #!/bin/sh

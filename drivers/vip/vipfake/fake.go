@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/switchman-lb/switchman/drivers/vip"
 )
@@ -25,12 +26,15 @@ const (
 	SetUp         Method = "SetUp"
 	Addresses     Method = "Addresses"
 	AddAddress    Method = "AddAddress"
+	RenewAddress  Method = "RenewAddress"
 	DeleteAddress Method = "DeleteAddress"
 )
 
 type link struct {
 	up    bool
 	addrs []netip.Prefix
+	// lifetime of each address given one (0 or absent: permanent)
+	lifetime map[netip.Prefix]time.Duration
 }
 
 // Links is the fake. Use New.
@@ -170,8 +174,9 @@ func (l *Links) Addresses(ctx context.Context, name string) ([]netip.Prefix, err
 	return slices.Clone(k.addrs), nil
 }
 
-// AddAddress adds p; EEXIST when present, ENODEV when name is missing.
-func (l *Links) AddAddress(ctx context.Context, name string, p netip.Prefix) error {
+// AddAddress adds p with lifetime (0: permanent); EEXIST when present,
+// ENODEV when name is missing.
+func (l *Links) AddAddress(ctx context.Context, name string, p netip.Prefix, lifetime time.Duration) error {
 	if err := l.enter(ctx, AddAddress, true, p); err != nil {
 		return err
 	}
@@ -187,7 +192,59 @@ func (l *Links) AddAddress(ctx context.Context, name string, p netip.Prefix) err
 		return fmt.Errorf("fake add %s to %s: %w", p, name, syscall.EEXIST)
 	}
 	k.addrs = append(k.addrs, p)
+	k.setLifetime(p, lifetime)
 	return nil
+}
+
+// RenewAddress sets p's lifetime, adding p when missing; ENODEV when name
+// is missing.
+func (l *Links) RenewAddress(ctx context.Context, name string, p netip.Prefix, lifetime time.Duration) error {
+	if err := l.enter(ctx, RenewAddress, true, p); err != nil {
+		return err
+	}
+	defer l.mu.Unlock()
+	k, ok := l.links[name]
+	if !ok {
+		return fmt.Errorf("fake renew %s on %s: %w", p, name, syscall.ENODEV)
+	}
+	if !slices.Contains(k.addrs, p) {
+		k.addrs = append(k.addrs, p)
+	}
+	k.setLifetime(p, lifetime)
+	return nil
+}
+
+func (k *link) setLifetime(p netip.Prefix, lifetime time.Duration) {
+	if k.lifetime == nil {
+		k.lifetime = map[netip.Prefix]time.Duration{}
+	}
+	if lifetime > 0 {
+		k.lifetime[p] = lifetime
+	} else {
+		delete(k.lifetime, p)
+	}
+}
+
+// Lifetime returns the lifetime the address p on name was last given (0:
+// permanent or absent).
+func (l *Links) Lifetime(name string, p netip.Prefix) time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if k, ok := l.links[name]; ok {
+		return k.lifetime[p]
+	}
+	return 0
+}
+
+// RemoveAddress removes p from name directly (as an operator or the
+// kernel's lifetime expiry would), without counting a write.
+func (l *Links) RemoveAddress(name string, p netip.Prefix) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if k, ok := l.links[name]; ok {
+		k.addrs = slices.DeleteFunc(k.addrs, func(x netip.Prefix) bool { return x == p })
+		delete(k.lifetime, p)
+	}
 }
 
 // DeleteAddress removes p; EADDRNOTAVAIL when absent, ENODEV when name is
@@ -206,5 +263,6 @@ func (l *Links) DeleteAddress(ctx context.Context, name string, p netip.Prefix) 
 		return fmt.Errorf("fake remove %s from %s: %w", p, name, syscall.EADDRNOTAVAIL)
 	}
 	k.addrs = slices.Delete(k.addrs, i, i+1)
+	delete(k.lifetime, p)
 	return nil
 }
