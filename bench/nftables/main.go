@@ -60,7 +60,9 @@ func run(agent string, services, changes int, budget time.Duration, resync bool)
 		return err
 	}
 	logf("load average at the end: %s", loadavg())
-	p := func(ds []time.Duration, q float64) time.Duration { return l4bench.Pct(ds, q).Round(100 * time.Microsecond) }
+	p := func(ds []time.Duration, q float64) time.Duration {
+		return l4bench.Pct(ds, q).Round(100 * time.Microsecond)
+	}
 	fmt.Printf("\nFIGURES (%d services x 4 backends, wrr, nf_tables)\n", services)
 	fmt.Printf("cold start through the agent: in the kernel after %s, all applied after %s, %v writes; nft -f of the same table from empty: %s\n",
 		res.ColdInKernel.Round(time.Millisecond), res.ColdReady.Round(time.Millisecond), res.ColdWrites, res.ResyncCold.Round(time.Millisecond))

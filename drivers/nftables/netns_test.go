@@ -3,6 +3,7 @@ package nftables_test
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -15,6 +16,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	gnft "github.com/google/nftables"
+	"github.com/google/nftables/expr"
 
 	"github.com/switchman-lb/switchman/drivers/nftables"
 	"github.com/switchman-lb/switchman/internal/netns"
@@ -926,7 +930,8 @@ func TestNetnsCallersNamespace(t *testing.T) {
 
 // BenchmarkNetnsWeightChange is one weight change (one Apply) of one
 // service with 10,000 services x 4 backends (wrr) loaded, on the real
-// kernel; it logs the cold start of the 10,000 as well.
+// kernel; it logs the cold start of the 10,000 as well. What the kernel
+// alone takes per kind of element: BenchmarkNetnsElementKinds.
 //
 //	go test -run '^$' -bench NetnsWeightChange ./drivers/nftables/
 func BenchmarkNetnsWeightChange(b *testing.B) {
@@ -938,22 +943,9 @@ func BenchmarkNetnsWeightChange(b *testing.B) {
 		b.Fatal(err)
 	}
 	const n = 10000
-	services := make([]render.L4Service, n)
-	states := make([]*render.ServiceState, n)
-	for i := range services {
-		vip := netip.AddrFrom4([4]byte{198, 18, byte(i / 250), byte(i%250 + 1)})
-		var dests []render.L4Destination
-		for j := range 4 {
-			dests = append(dests, nfdest(netip.AddrFrom4([4]byte{10, byte(100 + j), byte(i / 250), byte(i%250 + 1)}), 1))
-		}
-		services[i] = l4(fmt.Sprintf("s%05d", i), netip.AddrPortFrom(vip, 80).String(), spec.TCP, spec.WeightedRoundRobin, dests...)
-		states[i] = state(services[i])
-		states[i].Generation = 1
-	}
+	services := wrrServices(n)
 	start := time.Now()
-	if errs := d.Sync(b.Context(), states); len(errs) > 0 {
-		b.Fatalf("Sync: %d errors, e.g. %v", len(errs), errs[states[0].Name])
-	}
+	syncAll(b, d, services)
 	b.Logf("%d services x 4 backends from empty: %s, %d writes in %d transactions", n, time.Since(start), d.Writes(), d.Commits())
 	start = time.Now()
 	if _, err := nl.Tables(b.Context()); err != nil {
@@ -961,48 +953,10 @@ func BenchmarkNetnsWeightChange(b *testing.B) {
 	}
 	b.Logf("reading the tables back: %s", time.Since(start))
 	start = time.Now()
-	if errs := d.Sync(b.Context(), states); len(errs) > 0 {
-		b.Fatalf("Sync: %d errors, e.g. %v", len(errs), errs[states[0].Name])
-	}
+	syncAll(b, d, services)
 	b.Logf("a Sync with nothing changed (the generation has not moved): %s", time.Since(start))
-	// What the kernel alone takes for one small transaction with the
-	// 10,000 loaded: an element of a plain set, and one of a verdict map
-	// (a goto, which makes the kernel validate the chains it reaches).
-	for _, c := range []struct {
-		what string
-		op   nftables.Op
-	}{
-		{"plain set element", nftables.Op{Kind: nftables.AddElements, Family: render.NFTIPv4,
-			Set: render.NFTSet{Name: render.NFTMasqTCPSet, Key: render.NFTKeyAddrPort}, Elements: []render.NFTElement{{Addr: netip.MustParseAddr("192.0.2.99"), Port: 80}}}},
-		{"verdict map element (goto)", nftables.Op{Kind: nftables.AddElements, Family: render.NFTIPv4,
-			Set: render.NFTSet{Name: "slots-s00013", Key: render.NFTKeySlot, Verdicts: true}, Elements: []render.NFTElement{{Slot: 99, Goto: "be-s00013/10.100.0.14/8080"}}}},
-	} {
-		start := time.Now()
-		if _, err := nl.Commit(b.Context(), []nftables.Op{c.op}); err != nil {
-			b.Fatal(err)
-		}
-		b.Logf("one transaction adding a %s: %s", c.what, time.Since(start))
-		del := c.op
-		del.Kind = nftables.DelElements
-		if _, err := nl.Commit(b.Context(), []nftables.Op{del}); err != nil {
-			b.Fatal(err)
-		}
-	}
-	w0 := d.Writes()
 	k.commits, k.reads = 0, 0
-	b.ResetTimer()
-	for i := range b.N {
-		s := &services[(i*797+13)%n]
-		s.Destinations[i%4].Weight++
-		s.Destinations = slices.Clone(s.Destinations)
-		st := state(*s)
-		st.Generation = uint64(i + 2)
-		if errs := d.Apply(b.Context(), []*render.ServiceState{st}); len(errs) > 0 {
-			b.Fatal(errs)
-		}
-	}
-	b.StopTimer()
-	b.ReportMetric(float64(d.Writes()-w0)/float64(b.N), "writes/op")
+	applyWeightChanges(b, d, services)
 	b.ReportMetric(float64(k.commits.Microseconds())/float64(b.N), "commit-us/op")
 	b.ReportMetric(float64(k.reads.Microseconds())/float64(b.N), "read-us/op")
 }
@@ -1032,24 +986,8 @@ func (k *timedKernel) Tables(ctx context.Context) (map[render.NFTFamily]*nftable
 func BenchmarkNetnsReadTables(b *testing.B) {
 	netnstest.Require(b, "nft:nftables")
 	ns := netnstest.New(b, "swm-nft", "read")
-	var services []render.L4Service
-	for i := range 10000 {
-		vip := netip.AddrFrom4([4]byte{198, 18, byte(i / 250), byte(i%250 + 1)})
-		var dests []render.L4Destination
-		for j := range 4 {
-			dests = append(dests, nfdest(netip.AddrFrom4([4]byte{10, byte(100 + j), byte(i / 250), byte(i%250 + 1)}), 1))
-		}
-		services = append(services, l4(fmt.Sprintf("s%05d", i), netip.AddrPortFrom(vip, 80).String(), spec.TCP, spec.WeightedRoundRobin, dests...))
-	}
-	ruleset, err := render.NFTablesRuleset(services)
-	if err != nil {
-		b.Fatal(err)
-	}
-	path := b.TempDir() + "/ruleset.nft"
-	if err := os.WriteFile(path, []byte(ruleset), 0o600); err != nil {
-		b.Fatal(err)
-	}
-	netnstest.Exec(b, ns, "nft", "-f", path)
+	services := wrrServices(10000)
+	loadRuleset(b, ns, services, "")
 	k := netlinkIn(b, ns)
 	b.ResetTimer()
 	for range b.N {
@@ -1075,4 +1013,103 @@ func netlinkIn(tb testing.TB, ns string) *nftables.Netlink {
 	k := nftables.NewNetlink(int(f.Fd()))
 	tb.Cleanup(func() { k.Close() })
 	return k
+}
+
+// loadRuleset loads services (and extra, more nft -f input) into
+// namespace ns with nft -f.
+func loadRuleset(tb testing.TB, ns string, services []render.L4Service, extra string) {
+	tb.Helper()
+	ruleset, err := render.NFTablesRuleset(services)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	path := tb.TempDir() + "/ruleset.nft"
+	if err := os.WriteFile(path, []byte(ruleset+extra), 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	netnstest.Exec(tb, ns, "nft", "-f", path)
+}
+
+// BenchmarkNetnsElementKinds is what the kernel alone takes for a
+// transaction that adds one element, and for one that deletes it, by the
+// kind of set, with 1,000 and
+// 10,000 services x 4 backends (wrr) loaded: an element of a plain set
+// (masq-tcp); of a verdict map (a goto to a backend's chain, what a
+// weight change writes into a service's slots map); and of a data map
+// from a slot to a backend address and port, which switchman does not
+// program (the layout without a chain per backend, where `dnat to numgen
+// inc mod N map @m` selects the backend). A goto makes nf_tables look
+// for loops through the table's sets and validate the whole table at
+// commit, so its cost grows with the table.
+//
+//	go test -run '^$' -bench NetnsElementKinds -benchtime 30x ./drivers/nftables/
+func BenchmarkNetnsElementKinds(b *testing.B) {
+	for _, n := range []int{1000, 10000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			netnstest.Require(b, "nft:nftables")
+			ns := netnstest.New(b, "swm-nft", "kinds")
+			const dataMap, dataChain = "bench-data", "bench-data"
+			loadRuleset(b, ns, wrrServices(n), fmt.Sprintf(`table ip %s {
+	map %s {
+		typeof numgen inc mod 1024 : ip daddr . tcp dport
+	}
+	chain %s {
+		meta l4proto tcp dnat to numgen inc mod 4 map @%s
+	}
+}
+`, render.NFTTable, dataMap, dataChain, dataMap))
+			// Reachable from the base chains, as a service's chain is.
+			netnstest.Exec(b, ns, "nft", "add", "element", "ip", render.NFTTable, render.NFTServicesMap,
+				fmt.Sprintf("{ 198.51.100.1 . tcp . 80 : goto %s }", dataChain))
+			f, err := os.Open(netns.Path(ns))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer f.Close()
+			c, err := gnft.New(gnft.WithNetNSFd(int(f.Fd())), gnft.AsLasting())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.CloseLasting()
+			slot := binary.NativeEndian.AppendUint32(nil, 99)
+			backend := render.NFTBackendChain("s00013", netip.MustParseAddrPort("10.100.0.14:8080"))
+			kinds := []struct {
+				metric, set string
+				el          gnft.SetElement
+			}{
+				{"plain", render.NFTMasqTCPSet, gnft.SetElement{Key: []byte{192, 0, 2, 99, 0, 80, 0, 0}}},
+				{"goto", "slots-s00013", gnft.SetElement{Key: slot, VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: backend}}},
+				{"data", dataMap, gnft.SetElement{Key: slot, Val: []byte{10, 0, 0, 9, 0x1f, 0x90, 0, 0}}},
+			}
+			table := &gnft.Table{Name: render.NFTTable, Family: gnft.TableFamilyIPv4}
+			spent := make([]time.Duration, 2*len(kinds))
+			b.ResetTimer()
+			for range b.N {
+				for i, k := range kinds {
+					set := &gnft.Set{Table: table, Name: k.set}
+					start := time.Now()
+					if err := c.SetAddElements(set, []gnft.SetElement{k.el}); err != nil {
+						b.Fatal(err)
+					}
+					if err := c.Flush(); err != nil {
+						b.Fatalf("%s: %v", k.metric, err)
+					}
+					added := time.Now()
+					spent[2*i] += added.Sub(start)
+					if err := c.SetDeleteElements(set, []gnft.SetElement{k.el}); err != nil {
+						b.Fatal(err)
+					}
+					if err := c.Flush(); err != nil {
+						b.Fatal(err)
+					}
+					spent[2*i+1] += time.Since(added)
+				}
+			}
+			b.StopTimer()
+			for i, k := range kinds {
+				b.ReportMetric(float64(spent[2*i].Microseconds())/float64(b.N), k.metric+"-add-us/op")
+				b.ReportMetric(float64(spent[2*i+1].Microseconds())/float64(b.N), k.metric+"-del-us/op")
+			}
+		})
+	}
 }
