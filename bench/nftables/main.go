@@ -1,6 +1,6 @@
 // Command nftables measures the agent on nf_tables at scale, outside the
-// pass/fail tests (docs/bench/nftables.md): N services x 4 backends
-// programmed from empty through the agent binary, then one backend
+// pass/fail tests (figures: the nf_tables section of docs/BENCHMARKS.md):
+// N services x 4 backends programmed from empty through the agent binary, then one backend
 // weight changed at a time with the N loaded (from the etcd put to the
 // change in the kernel's selection map), against the same table and
 // changes applied the resync-everything way (render.NFTablesRuleset of the
