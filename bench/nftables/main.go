@@ -1,10 +1,11 @@
 // Command nftables measures the agent on nf_tables at scale, outside the
 // pass/fail tests (figures: the nf_tables section of docs/BENCHMARKS.md):
-// N services x 4 backends programmed from empty through the agent binary, then one backend
-// weight changed at a time with the N loaded (from the etcd put to the
-// change in the kernel's selection map), against the same table and
-// changes applied the resync-everything way (render.NFTablesRuleset of the
-// whole state, `nft -f` per change), and the agent's resident memory.
+// N services x 4 backends programmed from empty through the agent
+// binary, then one backend weight changed at a time with the N loaded
+// (from the etcd put to the change in the kernel's selection map),
+// against the same table and changes applied the resync-everything way
+// (render.NFTablesRuleset of the whole state, `nft -f` per change), and
+// the agent's resident memory.
 // It needs root; everything happens in a network namespace of its own.
 //
 //	go build -o bin/switchman ./cmd/switchman
