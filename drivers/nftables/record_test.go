@@ -1,6 +1,7 @@
 package nftables
 
 import (
+	"fmt"
 	"net/netip"
 	"reflect"
 	"slices"
@@ -54,9 +55,15 @@ func TestRecordIndex(t *testing.T) {
 		{"d removed: ip6 table gone", false, map[string]*render.L4Service{"d": nil}},
 		{"all removed", true, map[string]*render.L4Service{}},
 	}
+	// More services than apply inserts one by one, in one transaction,
+	// their VIPs in the reverse order of their names.
+	for i := range insertLimit + 4 {
+		name := fmt.Sprintf("x%02d", i)
+		steps[0].want[name] = new(svc(name, fmt.Sprintf("192.0.2.%d:443", 200-i), spec.TCP, i%2 == 0, "", 1))
+	}
 	r := newRecord(map[render.NFTFamily]*Table{})
 	var handle uint64
-	for _, step := range steps {
+	for n, step := range steps {
 		want := Desired{Services: map[string]*render.NFTService{}, All: step.all}
 		for name, s := range step.want {
 			if s == nil {
@@ -74,15 +81,33 @@ func TestRecordIndex(t *testing.T) {
 			observed = r.view(want.Services)
 			checkView(t, step.name, r, observed, want.Services)
 		}
+		// The first step as one transaction, the others one per group.
+		var txs [][]Op
 		for _, g := range Diff(observed, want) {
-			handles := make([]uint64, len(g.Ops))
-			for i, op := range g.Ops {
+			if n == 0 && len(txs) > 0 {
+				txs[0] = append(txs[0], g.Ops...)
+				continue
+			}
+			txs = append(txs, g.Ops)
+		}
+		for _, ops := range txs {
+			handles := make([]uint64, len(ops))
+			for i, op := range ops {
 				if op.Kind == AddRule || op.Kind == ReplaceRule {
 					handle++
 					handles[i] = handle
 				}
 			}
-			r.apply(g.Ops, handles)
+			r.apply(ops, handles)
+		}
+		for f, tbl := range r.tables {
+			for name, set := range tbl.Sets {
+				for i := 1; i < len(set.Elements); i++ {
+					if set.Elements[i-1].Compare(set.Elements[i]) >= 0 {
+						t.Fatalf("%s: %s set %s is not sorted by key: %v", step.name, f, name, set.Elements)
+					}
+				}
+			}
 		}
 		fresh := newRecord(r.tables)
 		if !reflect.DeepEqual(r.owners, fresh.owners) || !reflect.DeepEqual(r.shared, fresh.shared) {
