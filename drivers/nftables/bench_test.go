@@ -75,16 +75,24 @@ func (k *nullKernel) Connections(context.Context, nftables.ConnKey) (map[netip.A
 //
 //	go test -run '^$' -bench ApplyWeightChange ./drivers/nftables/
 func BenchmarkApplyWeightChange(b *testing.B) {
+	bySize(b, func(b *testing.B, d *nftables.Driver, n int) {
+		services := wrrServices(n)
+		syncAll(b, d, services)
+		b.ReportAllocs()
+		applyWeightChanges(b, d, services)
+	})
+}
+
+// bySize runs fn as sub-benchmarks with 100, 2,000 and 10,000 services,
+// each with a driver of its own on a nullKernel.
+func bySize(b *testing.B, fn func(b *testing.B, d *nftables.Driver, n int)) {
 	for _, n := range []int{100, 2000, 10000} {
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
 			d, err := nftables.New(nftables.Config{Kernel: &nullKernel{}})
 			if err != nil {
 				b.Fatal(err)
 			}
-			services := wrrServices(n)
-			syncAll(b, d, services)
-			b.ReportAllocs()
-			applyWeightChanges(b, d, services)
+			fn(b, d, n)
 		})
 	}
 }
@@ -95,27 +103,21 @@ func BenchmarkApplyWeightChange(b *testing.B) {
 //
 //	go test -run '^$' -bench ApplyAddRemove ./drivers/nftables/
 func BenchmarkApplyAddRemove(b *testing.B) {
-	for _, n := range []int{100, 2000, 10000} {
-		b.Run(fmt.Sprint(n), func(b *testing.B) {
-			d, err := nftables.New(nftables.Config{Kernel: &nullKernel{}})
-			if err != nil {
-				b.Fatal(err)
-			}
-			services := wrrServices(n + 1)
-			syncAll(b, d, services[:n])
-			extra := state(services[n])
-			gone := &render.ServiceState{Name: extra.Name}
-			b.ReportAllocs()
-			b.ResetTimer()
-			for range b.N {
-				for _, st := range []*render.ServiceState{extra, gone} {
-					if errs := d.Apply(b.Context(), []*render.ServiceState{st}); len(errs) > 0 {
-						b.Fatal(errs)
-					}
+	bySize(b, func(b *testing.B, d *nftables.Driver, n int) {
+		services := wrrServices(n + 1)
+		syncAll(b, d, services[:n])
+		extra := state(services[n])
+		gone := &render.ServiceState{Name: extra.Name}
+		b.ReportAllocs()
+		b.ResetTimer()
+		for range b.N {
+			for _, st := range []*render.ServiceState{extra, gone} {
+				if errs := d.Apply(b.Context(), []*render.ServiceState{st}); len(errs) > 0 {
+					b.Fatal(errs)
 				}
 			}
-		})
-	}
+		}
+	})
 }
 
 // syncAll brings d to services (each at Generation 1) with one Sync.
