@@ -300,7 +300,7 @@ func (d *Driver) run(ctx context.Context, groups []Group, errs map[string]error)
 		if len(batch) == 0 {
 			return
 		}
-		var ops []Op
+		ops := make([]Op, 0, n)
 		for _, g := range batch {
 			ops = append(ops, g.Ops...)
 		}
