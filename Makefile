@@ -137,10 +137,10 @@ bench-http:
 ## (root, host, a namespace of its own): cold start, 100 one-weight changes to
 ## the kernel, a full nft -f re-render per change, agent RSS.
 ## bench-nftables-lab: 2,000 services, nf_tables and IPVS in one VM run.
-## Figures: docs/bench/nftables.md.
+## Figures: the nf_tables section of docs/BENCHMARKS.md.
 bench-nftables: build
 	$(GO) build -o bin/bench-nftables ./bench/nftables
-	$(SUDO) bin/bench-nftables -agent $(BIN) -services 10000 -changes 100
+	$(SUDO) bin/bench-nftables -agent $(BIN) -services 10000 -changes 100 -budget 25m
 
 bench-nftables-lab:
 	bash e2e/lab/run.sh -run 'NFTablesVsIPVS'
