@@ -222,10 +222,10 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.log.Warn("health checks did not all finish their first round; unchecked backends start at weight 0", "waited", a.opts.SettleTimeout)
 		}
 		cancel()
-		// Render again with the first round's results.
-		a.health.TakeChanged()
-		for n := range a.records {
-			a.rerender[n] = true
+		// Render again the services whose backends the first round
+		// decided (those with health "none" have nothing to redo).
+		for _, ref := range a.health.TakeChanged() {
+			a.rerender[ref.Service] = true
 		}
 		a.evaluateDirty()
 	}
