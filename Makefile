@@ -139,10 +139,10 @@ bench-http:
 ## (root, host, a namespace of its own): cold start, 100 one-weight changes to
 ## the kernel, a full nft -f re-render per change, agent RSS.
 ## bench-nftables-lab: 2,000 services, nf_tables and IPVS in one VM run.
-## Figures: docs/bench/nftables.md.
+## Figures: the nf_tables section of docs/BENCHMARKS.md.
 bench-nftables: build
 	$(GO) build -o bin/bench-nftables ./bench/nftables
-	$(SUDO) bin/bench-nftables -agent $(BIN) -services 10000 -changes 100
+	$(SUDO) bin/bench-nftables -agent $(BIN) -services 10000 -changes 100 -budget 25m
 
 bench-nftables-lab:
 	bash e2e/lab/run.sh -run 'NFTablesVsIPVS'
@@ -150,6 +150,7 @@ bench-nftables-lab:
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./spec/
 	$(GO) test -run '^$$' -fuzz '^FuzzParseMember$$' -fuzztime $(FUZZTIME) ./spec/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseJSON$$' -fuzztime $(FUZZTIME) ./spec/
 	$(GO) test -run '^$$' -fuzz '^FuzzEncode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2s ./status/
 	$(GO) test -run '^$$' -fuzz '^FuzzHAProxyConfig$$' -fuzztime $(FUZZTIME) ./render/
 	$(GO) test -run '^$$' -fuzz '^FuzzHTTPMapKey$$' -fuzztime $(FUZZTIME) ./render/

@@ -71,7 +71,9 @@ type Options struct {
 	// Policy is what definitions are judged by.
 	Policy Policy
 	// Debounce is how long the loop waits after a change for more to come
-	// (coalescing bursts); MaxDelay bounds the wait under a steady stream.
+	// (coalescing bursts) when the change comes within Debounce of the last
+	// pass; a lone change after a quiet spell is taken at once. MaxDelay
+	// bounds the wait under a steady stream.
 	Debounce, MaxDelay time.Duration
 	// SettleTimeout bounds how long the first apply waits for the health
 	// checker's first round.
@@ -220,10 +222,10 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.log.Warn("health checks did not all finish their first round; unchecked backends start at weight 0", "waited", a.opts.SettleTimeout)
 		}
 		cancel()
-		// Render again with the first round's results.
-		a.health.TakeChanged()
-		for n := range a.records {
-			a.rerender[n] = true
+		// Render again the services whose backends the first round
+		// decided (those with health "none" have nothing to redo).
+		for _, ref := range a.health.TakeChanged() {
+			a.rerender[ref.Service] = true
 		}
 		a.evaluateDirty()
 	}
@@ -244,21 +246,21 @@ func (a *Agent) Run(ctx context.Context) error {
 	drainT := a.clk.NewTimer()
 	defer drainT.Stop()
 	a.armDrain(drainT)
-	var firstChange time.Time
+	th := throttle{quiet: a.opts.Debounce, maxDelay: a.opts.MaxDelay}
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-a.src.Changed():
-			firstChange = a.debounce(debounce, firstChange)
+			debounce.ResetAt(th.change(a.clk.Now()))
 			continue
 		case <-healthCh:
-			firstChange = a.debounce(debounce, firstChange)
+			debounce.ResetAt(th.change(a.clk.Now()))
 			continue
 		case r := <-a.results:
 			a.handle(r)
 		case <-debounce.C():
-			firstChange = time.Time{}
+			th.passed(a.clk.Now())
 			a.collect()
 			a.evaluateDirty()
 		case <-retry.C():
@@ -272,18 +274,6 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.armRetry(retry)
 		a.armDrain(drainT)
 	}
-}
-
-// debounce (re)arms the timer after a change: a burst is coalesced into
-// one pass, which comes no later than MaxDelay after the burst's first
-// change.
-func (a *Agent) debounce(t clock.Timer, firstChange time.Time) time.Time {
-	now := a.clk.Now()
-	if firstChange.IsZero() {
-		firstChange = now
-	}
-	t.ResetAt(now.Add(max(0, min(a.opts.Debounce, a.opts.MaxDelay-now.Sub(firstChange)))))
-	return firstChange
 }
 
 // restore seeds the evaluator with the last good versions kept on disk.
@@ -334,11 +324,13 @@ func (a *Agent) evaluateDirty() {
 			}
 		}
 	}
-	clear(a.dirty)
+	// New maps, not clear: a map keeps the size it once grew to (10,000
+	// entries after a first pass), and ranging over it costs that much.
+	a.dirty = map[string]bool{}
 	for _, name := range slices.Sorted(mapKeys(a.rerender)) {
 		a.renderOne(name)
 	}
-	clear(a.rerender)
+	a.rerender = map[string]bool{}
 	if n > 0 {
 		a.metrics.observePass(a.clk.Now().Sub(start), n)
 	}

@@ -10,7 +10,6 @@ package agent
 import (
 	"context"
 	"maps"
-	"slices"
 	"sync"
 	"time"
 
@@ -167,7 +166,7 @@ func (w *worker) step(ctx context.Context) bool {
 		for _, s := range w.pending {
 			batch = append(batch, s)
 		}
-		clear(w.pending)
+		w.pending = map[string]*render.ServiceState{} // not clear: see evaluateDirty
 	}
 	w.sync, w.syncing, w.count = nil, false, nil
 	w.mu.Unlock()
@@ -219,71 +218,4 @@ func (w *worker) send(ctx context.Context, r result) {
 	case w.out <- r:
 	case <-ctx.Done():
 	}
-}
-
-// StateDriver is a driver that knows only the whole desired state: each
-// Apply hands it everything. Whole adapts one to Driver while it has no
-// incremental path of its own.
-type StateDriver interface {
-	Name() string
-	Apply(ctx context.Context, desired *render.State) map[string]error
-}
-
-// Whole adapts a StateDriver: it keeps the latest state of every service
-// the driver serves and hands the driver the whole assembled state on each
-// Apply and Sync, reporting back only the services asked about.
-func Whole(d StateDriver) Driver { return &whole{d: d, states: map[string]*render.ServiceState{}} }
-
-type whole struct {
-	d      StateDriver
-	states map[string]*render.ServiceState
-}
-
-func (w *whole) Name() string { return w.d.Name() }
-
-func (w *whole) Apply(ctx context.Context, changed []*render.ServiceState) map[string]error {
-	for _, s := range changed {
-		if s.Removed() {
-			delete(w.states, s.Name)
-		} else {
-			w.states[s.Name] = s
-		}
-	}
-	errs := w.d.Apply(ctx, w.assemble())
-	out := map[string]error{}
-	for _, s := range changed {
-		if err := errs[s.Name]; err != nil {
-			out[s.Name] = err
-		}
-	}
-	return out
-}
-
-func (w *whole) Sync(ctx context.Context, all []*render.ServiceState) map[string]error {
-	clear(w.states)
-	for _, s := range all {
-		w.states[s.Name] = s
-	}
-	return w.d.Apply(ctx, w.assemble())
-}
-
-func (w *whole) assemble() *render.State {
-	names := make([]string, 0, len(w.states))
-	for n := range w.states {
-		names = append(names, n)
-	}
-	slices.Sort(names)
-	list := make([]*render.ServiceState, len(names))
-	for i, n := range names {
-		list[i] = w.states[n]
-	}
-	return render.Assemble(list)
-}
-
-// Connections passes through to the driver when it counts connections.
-func (w *whole) Connections(ctx context.Context, services map[string]bool) (map[render.BackendRef]int, error) {
-	if cc, ok := w.d.(ConnectionCounter); ok {
-		return cc.Connections(ctx, services)
-	}
-	return map[render.BackendRef]int{}, nil
 }

@@ -23,6 +23,9 @@ import (
 // service written atomically, so that an agent restarted while etcd holds
 // a bad version of a service still serves the good one. Writes happen in a
 // goroutine of its own (Run), never in the loop; Save and Delete only queue.
+// Run writes nothing before Start: the agent starts it once its first pass
+// is done, so that a cold start's thousands of file writes do not compete
+// with the data plane's programming (the versions are in etcd meanwhile).
 type LastGood struct {
 	dir string
 	log *slog.Logger
@@ -33,6 +36,9 @@ type LastGood struct {
 	wake   chan struct{}
 	idle   chan struct{} // closed while nothing is queued or being written
 	busy   bool          // idle is open
+
+	start     chan struct{} // closed by Start
+	startOnce sync.Once
 }
 
 // lastGoodFile is one service's file.
@@ -55,7 +61,7 @@ func OpenLastGood(dir string, log *slog.Logger) (*LastGood, map[string]Input, er
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("last good versions: %w", err)
 	}
-	l := &LastGood{dir: dir, log: log, queue: map[string]*Input{}, onDisk: map[string]string{}, wake: make(chan struct{}, 1), idle: make(chan struct{})}
+	l := &LastGood{dir: dir, log: log, queue: map[string]*Input{}, onDisk: map[string]string{}, wake: make(chan struct{}, 1), idle: make(chan struct{}), start: make(chan struct{})}
 	close(l.idle)
 	entries, err := os.ReadDir(dir)
 	if err != nil {
@@ -139,9 +145,18 @@ func (l *LastGood) Flushed() <-chan struct{} {
 	return l.idle
 }
 
-// Run writes queued records until ctx is done, then writes what is still
-// queued and returns.
+// Start lets Run write. It may be called more than once.
+func (l *LastGood) Start() { l.startOnce.Do(func() { close(l.start) }) }
+
+// Run writes queued records, once Start was called, until ctx is done,
+// then writes what is still queued and returns.
 func (l *LastGood) Run(ctx context.Context) error {
+	select {
+	case <-l.start:
+	case <-ctx.Done():
+		l.flush()
+		return ctx.Err()
+	}
 	for {
 		select {
 		case <-ctx.Done():

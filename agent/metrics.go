@@ -16,6 +16,7 @@ type Metrics struct {
 	services     *prometheus.GaugeVec
 	watchRestart prometheus.Counter
 	revision     prometheus.Gauge
+	startup      *prometheus.GaugeVec
 	maxRev       int64
 }
 
@@ -48,12 +49,26 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "switchman_last_applied_revision",
 			Help: "The highest etcd revision of a service definition applied.",
 		}),
+		startup: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "switchman_first_pass_seconds",
+			Help: "What the first pass after the start spent, by phase (etcd_list, evaluate_and_render, health_first_round, drivers, total).",
+		}, []string{"phase"}),
 	}
-	reg.MustRegister(m.pass, m.rendered, m.driver, m.services, m.watchRestart, m.revision)
+	reg.MustRegister(m.pass, m.rendered, m.driver, m.services, m.watchRestart, m.revision, m.startup)
 	for _, s := range []string{status.StateApplied, status.StateRejected, status.StateFailed, "failing_open"} {
 		m.services.WithLabelValues(s)
 	}
 	return m
+}
+
+// firstPass records the phases of the first pass.
+func (m *Metrics) firstPass(phases []phase) {
+	if m == nil {
+		return
+	}
+	for _, p := range phases {
+		m.startup.WithLabelValues(p.name).Set(p.took.Seconds())
+	}
 }
 
 // WatchRestarted counts one re-established watch.

@@ -240,14 +240,29 @@ func (a *Agent) firstSync() {
 	}
 }
 
+// phase is one part of the first pass and the time it took.
+type phase struct {
+	name string
+	took time.Duration
+}
+
 // ready tells Options.Ready that the first pass is done, and logs what
 // it spent.
 func (a *Agent) ready() {
 	now, st := a.clk.Now(), a.start
-	a.log.Info("first pass done: every driver read back its system and applied the services",
-		"services", len(a.records),
-		"etcd_list", st.listed.Sub(st.begin), "evaluate_and_render", st.evaluated.Sub(st.listed),
-		"health_first_round", st.synced.Sub(st.evaluated), "drivers", now.Sub(st.synced), "total", now.Sub(st.begin))
+	phases := []phase{
+		{"etcd_list", st.listed.Sub(st.begin)}, {"evaluate_and_render", st.evaluated.Sub(st.listed)},
+		{"health_first_round", st.synced.Sub(st.evaluated)}, {"drivers", now.Sub(st.synced)}, {"total", now.Sub(st.begin)},
+	}
+	args := []any{"services", len(a.records)}
+	for _, p := range phases {
+		args = append(args, p.name, p.took)
+	}
+	a.log.Info("first pass done: every driver read back its system and applied the services", args...)
+	a.metrics.firstPass(phases)
+	if a.opts.LastGood != nil {
+		a.opts.LastGood.Start()
+	}
 	if a.opts.Ready != nil {
 		a.opts.Ready()
 	}

@@ -310,54 +310,6 @@ func decodeJSON(data []byte) (generic any, ok bool, err error) {
 	if len(trimmed) == 0 || trimmed[0] != '{' || !json.Valid(trimmed) {
 		return nil, false, nil
 	}
-	dec := json.NewDecoder(bytes.NewReader(trimmed))
-	dec.UseNumber()
-	if err := noDuplicateKeys(dec); err != nil {
-		return nil, true, err
-	}
-	dec = json.NewDecoder(bytes.NewReader(trimmed))
-	dec.UseNumber()
-	if err := dec.Decode(&generic); err != nil {
-		return nil, false, nil
-	}
-	return generic, true, nil
-}
-
-// noDuplicateKeys walks one JSON value token by token and reports a key
-// that appears twice in the same object.
-func noDuplicateKeys(dec *json.Decoder) error {
-	tok, err := dec.Token()
-	if err != nil {
-		return err
-	}
-	delim, ok := tok.(json.Delim)
-	if !ok {
-		return nil
-	}
-	switch delim {
-	case '{':
-		seen := map[string]bool{}
-		for dec.More() {
-			k, err := dec.Token()
-			if err != nil {
-				return err
-			}
-			key, _ := k.(string)
-			if seen[key] {
-				return fmt.Errorf("not valid JSON or YAML: key %q already set in map", key)
-			}
-			seen[key] = true
-			if err := noDuplicateKeys(dec); err != nil {
-				return err
-			}
-		}
-	case '[':
-		for dec.More() {
-			if err := noDuplicateKeys(dec); err != nil {
-				return err
-			}
-		}
-	}
-	_, err = dec.Token() // the closing delimiter
-	return err
+	generic, err = parseJSON(trimmed)
+	return generic, true, err
 }

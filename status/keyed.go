@@ -1,16 +1,12 @@
 package status
 
-import "encoding/json"
-
 // Set sets the wanted status of one service, leaving the others alone.
+// The value is bounded (Encode).
 func (p *Publisher) Set(name string, st Status) {
-	v, err := json.Marshal(st)
-	if err != nil {
-		p.log.Error("encode status", "service", name, "error", err)
-		return
-	}
+	v := Encode(st)
 	p.mu.Lock()
 	p.want[name] = v
+	p.changed[name] = true
 	p.mu.Unlock()
 	p.kick()
 }
@@ -19,6 +15,7 @@ func (p *Publisher) Set(name string, st Status) {
 func (p *Publisher) Delete(name string) {
 	p.mu.Lock()
 	delete(p.want, name)
+	p.changed[name] = true
 	p.mu.Unlock()
 	p.kick()
 }

@@ -3,7 +3,10 @@ package status
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
+	"maps"
+	"strings"
 	"testing"
 	"time"
 
@@ -130,7 +133,9 @@ func TestPublisherOneFailedWriteBlocksNothing(t *testing.T) {
 	}
 	p := runPublisher(t, lb1, slog.New(slog.DiscardHandler))
 	small := Status{State: StateApplied, Driver: "ipvs", Backends: manyBackends(2)}
-	p.Publish(map[string]Status{"a": small, "bad": small, "big": {State: StateApplied, Driver: "ipvs", Backends: manyBackends(19_999)}, "z": small})
+	for name, st := range map[string]Status{"a": small, "bad": small, "big": {State: StateApplied, Driver: "ipvs", Backends: manyBackends(19_999)}, "z": small} {
+		p.Set(name, st)
+	}
 
 	waitFor(t, "statuses a, big and z written, old deleted", func() bool {
 		_, a := value(ctx, root, pfx+"a")
@@ -188,5 +193,61 @@ func TestPublisherLeaseBackoffResets(t *testing.T) {
 	all := retries(rec)
 	if d := all[before]; d > 500*time.Millisecond {
 		t.Errorf("after a session that worked, the next lease is %v away; want at most the minimum 500ms (delays: %v)", d, all)
+	}
+}
+
+// TestPublisherWritesOnlyWhatChanged: with 500 statuses written, setting
+// one and deleting another writes those two keys and no other, and setting
+// a value already written writes nothing.
+func TestPublisherWritesOnlyWhatChanged(t *testing.T) {
+	ep := etcdtest.Start(t, nil)
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{ep}, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cli.Close() })
+	ctx := testCtx(t)
+	p := runPublisher(t, cli, slog.New(slog.DiscardHandler))
+	pfx := "/switchman/status/lb1/"
+	st := Status{State: StateApplied, Driver: "ipvs", Backends: manyBackends(2)}
+	for i := range 500 {
+		p.Set(fmt.Sprintf("s%03d", i), st)
+	}
+	waitFor(t, "500 statuses written", func() bool {
+		resp, err := cli.Get(ctx, pfx, clientv3.WithPrefix(), clientv3.WithCountOnly())
+		return err == nil && resp.Count == 500
+	})
+	resp, err := cli.Get(ctx, pfx, clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	wch := cli.Watch(ctx, pfx, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
+	changed := st
+	changed.State = StateFailed
+	p.Set("s042", changed)
+	p.Delete("s100")
+	p.Set("s200", st) // the same value: nothing to write
+	seen := map[string]int{}
+	for len(seen) < 2 {
+		select {
+		case wr := <-wch:
+			for _, ev := range wr.Events {
+				seen[strings.TrimPrefix(string(ev.Kv.Key), pfx)]++
+			}
+		case <-ctx.Done():
+			t.Fatalf("events seen: %v", seen)
+		}
+	}
+	// Anything else written would show up after the two events: a put
+	// that settles the publisher's state is the last word.
+	p.Set("s499", changed)
+	for seen["s499"] == 0 {
+		wr := <-wch
+		for _, ev := range wr.Events {
+			seen[strings.TrimPrefix(string(ev.Kv.Key), pfx)]++
+		}
+	}
+	if want := map[string]int{"s042": 1, "s100": 1, "s499": 1}; !maps.Equal(seen, want) {
+		t.Errorf("keys written: %v, want %v", seen, want)
 	}
 }

@@ -223,10 +223,13 @@ type Publisher struct {
 	// success.
 	lease, retry *backoff.Backoff
 
-	mu    sync.Mutex
-	want  map[string][]byte // service -> value
-	info  Node
-	nodeV []byte // info encoded
+	mu   sync.Mutex
+	want map[string][]byte // service -> value
+	// changed are the services whose wanted value was set or deleted
+	// since the last write of the keys (with the keys that failed).
+	changed map[string]bool
+	info    Node
+	nodeV   []byte // info encoded
 
 	// held is set while a session holds its lease with the node key and
 	// the status keys written.
@@ -258,25 +261,9 @@ func NewPublisher(cli *clientv3.Client, log *slog.Logger, prefix, node string, i
 		return nil, fmt.Errorf("encode node info: %w", err)
 	}
 	return &Publisher{cli: cli, log: log, prefix: strings.TrimSuffix(prefix, "/"), node: node, info: info, nodeV: nodeV,
-		ttl: max(int64(ttl/time.Second), 2), wake: make(chan struct{}, 1), want: map[string][]byte{},
+		ttl: max(int64(ttl/time.Second), 2), wake: make(chan struct{}, 1), want: map[string][]byte{}, changed: map[string]bool{},
 		lease: backoff.New(500*time.Millisecond, 10*time.Second, 0.2),
 		retry: backoff.New(time.Second, 30*time.Second, 0.2)}, nil
-}
-
-// Publish sets the wanted status of every service; services left out have
-// their status key removed.
-func (p *Publisher) Publish(statuses map[string]Status) {
-	want := make(map[string][]byte, len(statuses))
-	for name, st := range statuses {
-		want[name] = Encode(st)
-	}
-	p.mu.Lock()
-	p.want = want
-	p.mu.Unlock()
-	select {
-	case p.wake <- struct{}{}:
-	default:
-	}
 }
 
 // SetGroups sets the HA groups this agent holds, for the node key. It
@@ -433,15 +420,37 @@ func (p *Publisher) session(ctx context.Context) (worked bool, err error) {
 }
 
 // sync deletes the keys no longer wanted, then writes the keys whose wanted
-// value differs from what was written. With full, it first lists the
+// value differs from what was written: those of the services set or
+// deleted since the last sync, or with full every one, after listing the
 // node's status keys in etcd to find stale ones. A key whose write or
 // deletion fails is returned in failed, with its reason, and the others go
 // on; err is set when it had to stop (etcd did not answer in time, the
-// lease is gone), since every other write would fail the same way.
+// lease is gone), since every other write would fail the same way. The
+// keys not written are looked at again by the next sync.
 func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written map[string][]byte, full bool) (failed map[string]error, err error) {
 	p.mu.Lock()
-	want := maps.Clone(p.want)
+	names := p.changed
+	p.changed = map[string]bool{}
+	want := make(map[string][]byte, len(names))
+	if full {
+		want = maps.Clone(p.want)
+	} else {
+		for name := range names {
+			if v, ok := p.want[name]; ok {
+				want[name] = v
+			}
+		}
+	}
 	p.mu.Unlock()
+	failed = map[string]error{}
+	defer func() {
+		// What was not written is looked at again next time.
+		p.mu.Lock()
+		for name := range names {
+			p.changed[name] = true
+		}
+		p.mu.Unlock()
+	}()
 	if full {
 		lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		resp, err := p.cli.Get(lctx, p.statusPrefix(), clientv3.WithPrefix(), clientv3.WithKeysOnly())
@@ -453,14 +462,21 @@ func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written ma
 			name := strings.TrimPrefix(string(kv.Key), p.statusPrefix())
 			if _, ok := want[name]; !ok {
 				written[name] = nil // mark for deletion below
+				names[name] = true
 			}
 		}
+		for name := range want {
+			names[name] = true
+		}
 	}
-	failed = map[string]error{}
 	// Deletions first: a status of a removed service goes even when some
 	// write fails.
-	for _, name := range slices.Sorted(maps.Keys(written)) {
+	for _, name := range slices.Sorted(maps.Keys(names)) {
 		if _, ok := want[name]; ok {
+			continue
+		}
+		if _, ok := written[name]; !ok && !full {
+			delete(names, name) // never written
 			continue
 		}
 		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
@@ -475,10 +491,12 @@ func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written ma
 			continue
 		}
 		delete(written, name)
+		delete(names, name)
 	}
 	for _, name := range slices.Sorted(maps.Keys(want)) {
 		v := want[name]
 		if old, ok := written[name]; ok && string(old) == string(v) {
+			delete(names, name)
 			continue
 		}
 		if err := p.put(ctx, p.statusPrefix()+name, v, lease); err != nil {
@@ -489,6 +507,7 @@ func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written ma
 			continue
 		}
 		written[name] = v
+		delete(names, name)
 	}
 	return failed, nil
 }

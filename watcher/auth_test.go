@@ -185,7 +185,7 @@ func TestTLSAndAuth(t *testing.T) {
 	pctx, pcancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() { _ = pub.Run(pctx); close(done) }()
-	pub.Publish(map[string]status.Status{"web": {State: status.StateApplied, Revision: 2, Driver: "ipvs"}})
+	pub.Set("web", status.Status{State: status.StateApplied, Revision: 2, Driver: "ipvs"})
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		resp, err := root.Get(ctx, "/switchman/status/lb1/web")

@@ -17,6 +17,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	grpcbackoff "google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -54,6 +55,13 @@ func Connect(o ConnOptions, log *slog.Logger) (*clientv3.Client, error) {
 		DialKeepAliveTime:    10 * time.Second,
 		DialKeepAliveTimeout: 5 * time.Second,
 		RejectOldCluster:     false,
+		// gRPC's default reconnect backoff grows to 2 minutes: after an
+		// outage an agent would learn that etcd is back seconds after its
+		// peers, and an HA owner that cannot renew in time must drop.
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           grpcbackoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+			MinConnectTimeout: o.DialTimeout,
+		})},
 	}
 	if (o.Cert == "") != (o.Key == "") {
 		return nil, fmt.Errorf("--etcd-cert %q and --etcd-key %q go together: give both or neither", o.Cert, o.Key)

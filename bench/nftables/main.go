@@ -1,10 +1,11 @@
 // Command nftables measures the agent on nf_tables at scale, outside the
-// pass/fail tests (docs/bench/nftables.md): N services x 4 backends
-// programmed from empty through the agent binary, then one backend
-// weight changed at a time with the N loaded (from the etcd put to the
-// change in the kernel's selection map), against the same table and
-// changes applied the resync-everything way (render.NFTablesRuleset of the
-// whole state, `nft -f` per change), and the agent's resident memory.
+// pass/fail tests (figures: the nf_tables section of docs/BENCHMARKS.md):
+// N services x 4 backends programmed from empty through the agent
+// binary, then one backend weight changed at a time with the N loaded
+// (from the etcd put to the change in the kernel's selection map),
+// against the same table and changes applied the resync-everything way
+// (render.NFTablesRuleset of the whole state, `nft -f` per change), and
+// the agent's resident memory.
 // It needs root; everything happens in a network namespace of its own.
 //
 //	go build -o bin/switchman ./cmd/switchman
@@ -60,15 +61,17 @@ func run(agent string, services, changes int, budget time.Duration, resync bool)
 		return err
 	}
 	logf("load average at the end: %s", loadavg())
-	p := l4bench.Pct
+	p := func(ds []time.Duration, q float64) time.Duration {
+		return l4bench.Pct(ds, q).Round(100 * time.Microsecond)
+	}
 	fmt.Printf("\nFIGURES (%d services x 4 backends, wrr, nf_tables)\n", services)
 	fmt.Printf("cold start through the agent: in the kernel after %s, all applied after %s, %v writes; nft -f of the same table from empty: %s\n",
 		res.ColdInKernel.Round(time.Millisecond), res.ColdReady.Round(time.Millisecond), res.ColdWrites, res.ResyncCold.Round(time.Millisecond))
 	fmt.Printf("one weight change, put to kernel: agent p50 %s p99 %s max %s (%d changes, %v writes in all; driver Apply %s, loop pass %s on average, loop debounce 50ms)\n",
-		p(res.Changes, 50), p(res.Changes, 99), p(res.Changes, 100), len(res.Changes), res.ChangeWrites, res.ApplyMean, res.PassMean)
+		p(res.Changes, 50), p(res.Changes, 99), p(res.Changes, 100), len(res.Changes), res.ChangeWrites, res.ApplyMean.Round(100*time.Microsecond), res.PassMean.Round(10*time.Microsecond))
 	if len(res.Resync) > 0 {
 		fmt.Printf("the same, full re-render + nft -f: p50 %s p99 %s (%d changes; render p50 %s, nft -f p50 %s); resync/agent p50 %.0fx, p99 %.0fx\n",
-			p(res.Resync, 50), p(res.Resync, 99), len(res.Resync), p(res.ResyncRender, 50), p(res.ResyncApply, 50),
+			p(res.Resync, 50).Round(time.Millisecond), p(res.Resync, 99).Round(time.Millisecond), len(res.Resync), p(res.ResyncRender, 50).Round(time.Millisecond), p(res.ResyncApply, 50).Round(time.Millisecond),
 			float64(p(res.Resync, 50))/float64(p(res.Changes, 50)), float64(p(res.Resync, 99))/float64(p(res.Changes, 99)))
 	}
 	fmt.Printf("agent RSS: %d MiB when ready, %d MiB after the changes\n", res.RSSReady>>20, res.RSSAfter>>20)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime/pprof"
 	"strings"
 
 	"github.com/urfave/cli/v2"
@@ -29,9 +30,38 @@ func newApp() *cli.App {
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: env("log-level")},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: env("log-format")},
+			&cli.StringFlag{Name: "cpu-profile", Usage: "write a CPU profile (go tool pprof) of the whole run to this file", Hidden: true},
 		},
+		Before:   startProfile,
+		After:    stopProfile,
 		Commands: []*cli.Command{agentCommand(), validateCommand(), planCommand(), statusCommand(), demoCommand(), manCommand()},
 	}
+}
+
+// startProfile starts the CPU profile of --cpu-profile, a tool for
+// finding where a start-up or a benchmark spends its time.
+func startProfile(c *cli.Context) error {
+	path := c.String("cpu-profile")
+	if path == "" {
+		return nil
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("--cpu-profile %q: %w", path, err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return fmt.Errorf("--cpu-profile %q: %w", path, err)
+	}
+	return nil
+}
+
+// stopProfile ends the CPU profile started by startProfile.
+func stopProfile(c *cli.Context) error {
+	if c.String("cpu-profile") != "" {
+		pprof.StopCPUProfile()
+	}
+	return nil
 }
 
 // noArgs refuses positional arguments to a command that takes none: flag

@@ -369,7 +369,11 @@ func split(t *Table) (base, orphans *objects, services map[string]*objects) {
 type phases [9][]Op
 
 func (p *phases) ops() []Op {
-	var out []Op
+	n := 0
+	for _, ops := range p {
+		n += len(ops)
+	}
+	out := make([]Op, 0, n)
 	for _, ops := range p {
 		out = append(out, ops...)
 	}

@@ -28,6 +28,9 @@ type Kernel interface {
 	// added and chains and sets created exclusively: what exists already
 	// fails with EEXIST.
 	Commit(ctx context.Context, ops []Op) ([]uint64, error)
+	// Generation returns nf_tables' generation, which every committed
+	// transaction (anyone's, in any table) advances by one.
+	Generation(ctx context.Context) (uint32, error)
 	// Connections counts the connections conntrack holds for a service,
 	// by backend (the source of the reply direction): for TCP those not
 	// yet closing (SYN_SENT, SYN_RECV, ESTABLISHED), for UDP all.
@@ -37,6 +40,10 @@ type Kernel interface {
 // Defaults for Config.
 const (
 	DefaultCallTimeout = 10 * time.Second
+	// DefaultReadTimeout bounds reading the tables back: tens of seconds
+	// with 10,000 services on a busy host (the kernel looks each set up
+	// by name, in a list).
+	DefaultReadTimeout = 2 * time.Minute
 	// DefaultMaxBatch bounds the writes of one transaction. The kernel
 	// answers every write; a batch much larger fills the socket's receive
 	// buffer (ENOBUFS). One service's writes are never split.
@@ -47,8 +54,12 @@ const (
 type Config struct {
 	Kernel Kernel
 	Logger *slog.Logger
-	// CallTimeout bounds each kernel call; 0 means DefaultCallTimeout.
+	// CallTimeout bounds each kernel call but the read of the tables; 0
+	// means DefaultCallTimeout.
 	CallTimeout time.Duration
+	// ReadTimeout bounds the read of the tables; 0 means
+	// DefaultReadTimeout.
+	ReadTimeout time.Duration
 	// MaxBatch bounds the writes of one transaction; 0 means
 	// DefaultMaxBatch.
 	MaxBatch int
@@ -57,17 +68,26 @@ type Config struct {
 // Driver serves nf_tables services. It implements the agent's Driver and
 // ConnectionCounter.
 type Driver struct {
-	kernel   Kernel
-	log      *slog.Logger
-	timeout  time.Duration
-	maxBatch int
-	turn     chan struct{} // one Apply or Sync at a time; waiting honours ctx
+	kernel      Kernel
+	log         *slog.Logger
+	timeout     time.Duration
+	readTimeout time.Duration
+	maxBatch    int
+	turn        chan struct{} // one Apply or Sync at a time; waiting honours ctx
 
 	// record is what the kernel holds as far as the driver knows: read by
 	// the last Sync (or the first Apply) and kept up to date with every
 	// transaction since. nil when unknown: the next pass reads it. Used
 	// under turn only.
 	record *record
+	// gen is the nf_tables generation the record is exact for, when
+	// genKnown: as long as the kernel's generation is still gen, nothing
+	// changed, and a Sync need not read the tables again.
+	gen      uint32
+	genKnown bool
+	// applied holds, by service, the Generation of the state last brought
+	// into the tables without error.
+	applied map[string]uint64
 
 	writes, commits atomic.Uint64
 }
@@ -86,8 +106,11 @@ func New(cfg Config) (*Driver, error) {
 	if cfg.MaxBatch <= 0 {
 		cfg.MaxBatch = DefaultMaxBatch
 	}
-	return &Driver{kernel: cfg.Kernel, log: cfg.Logger, timeout: cfg.CallTimeout, maxBatch: cfg.MaxBatch,
-		turn: make(chan struct{}, 1)}, nil
+	if cfg.ReadTimeout <= 0 {
+		cfg.ReadTimeout = DefaultReadTimeout
+	}
+	return &Driver{kernel: cfg.Kernel, log: cfg.Logger, timeout: cfg.CallTimeout, readTimeout: cfg.ReadTimeout,
+		maxBatch: cfg.MaxBatch, turn: make(chan struct{}, 1), applied: map[string]uint64{}}, nil
 }
 
 // Name is "nftables".
@@ -109,25 +132,48 @@ func (d *Driver) Apply(ctx context.Context, changed []*render.ServiceState) map[
 	return d.pass(ctx, changed, false)
 }
 
-// Sync reads switchman's tables back and makes them match all: it repairs
-// drift, removes what is not in all, and writes nothing when nothing
-// differs.
+// Sync makes switchman's tables match all: it repairs drift, removes
+// what is not in all, and writes nothing when nothing differs. It reads
+// the tables back unless nf_tables' generation shows that nobody but the
+// driver has committed anything since it last knew them exactly (then
+// they are what it recorded, and nothing can have drifted).
 func (d *Driver) Sync(ctx context.Context, all []*render.ServiceState) map[string]error {
 	return d.pass(ctx, all, true)
 }
 
 // pass renders states, diffs them against the record (read afresh for a
-// Sync) and commits the difference. A service that cannot be rendered is
-// left as the kernel has it.
+// Sync, unless nobody else has written since) and commits the difference.
+// A service that cannot be rendered is left as the kernel has it.
+//
+// A Sync that finds the tables unchanged works like an Apply: it looks at
+// the services whose state it has not applied yet (by Generation) and at
+// those the tables hold that all no longer names; the others are already
+// in the tables as the record says.
 func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, all bool) map[string]error {
 	errs := map[string]error{}
-	want := Desired{Services: map[string]*render.NFTService{}, All: all, Keep: map[string]bool{}}
+	if !d.take(ctx) {
+		for _, st := range states {
+			if st.L4 != nil && st.L4.Driver == spec.DriverNFTables || !all {
+				errs[st.Name] = fmt.Errorf("not applied: %w", ctx.Err())
+			}
+		}
+		return errs
+	}
+	defer d.release()
+	quick := all && d.record != nil && d.unchanged(ctx)
+	want := Desired{Services: map[string]*render.NFTService{}, All: all && !quick, Keep: map[string]bool{}}
+	gens := map[string]uint64{}
+	ours := map[string]bool{} // the services all serves with nf_tables
 	for _, st := range states {
 		if st.L4 == nil || st.L4.Driver != spec.DriverNFTables {
 			if !all {
 				want.Services[st.Name] = nil
 			}
 			continue
+		}
+		ours[st.Name] = true
+		if quick && st.Generation > 0 && d.applied[st.Name] == st.Generation {
+			continue // in the tables as applied, and they did not change
 		}
 		n, err := render.NFTablesService(*st.L4)
 		if err != nil {
@@ -136,25 +182,36 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, all bo
 			continue
 		}
 		want.Services[st.Name] = &n
+		gens[st.Name] = st.Generation
 	}
-	if !d.take(ctx) {
-		failAll(errs, want.Services, fmt.Errorf("not applied: %w", ctx.Err()))
-		return errs
+	if quick {
+		for name := range d.record.services() {
+			if !ours[name] {
+				want.Services[name] = nil
+			}
+		}
 	}
-	defer d.release()
-	if all || d.record == nil {
+	if d.record == nil || (all && !quick) {
 		if err := d.read(ctx); err != nil {
 			failAll(errs, want.Services, err)
 			return errs
 		}
 	}
 	observed := d.record.tables
-	if !all {
-		// An Apply looks only at what the services it is given own (and
-		// the tables' own objects): work in proportion to the change.
+	if !want.All {
+		// Only what the services in hand own (and the tables' own
+		// objects): work in proportion to the change.
 		observed = d.record.view(want.Services)
 	}
 	d.run(ctx, Diff(observed, want), errs)
+	for name, svc := range want.Services {
+		switch {
+		case errs[name] != nil || svc == nil || gens[name] == 0:
+			delete(d.applied, name)
+		default:
+			d.applied[name] = gens[name]
+		}
+	}
 	return errs
 }
 
@@ -169,17 +226,49 @@ func (d *Driver) take(ctx context.Context) bool {
 
 func (d *Driver) release() { <-d.turn }
 
-// read replaces the record with the kernel's tables.
-func (d *Driver) read(ctx context.Context) error {
+// unchanged reports whether the kernel's generation is still the one the
+// record is exact for: nobody has committed anything since, so the record
+// is what the kernel holds.
+func (d *Driver) unchanged(ctx context.Context) bool {
+	if !d.genKnown {
+		return false
+	}
 	c, cancel := context.WithTimeout(ctx, d.timeout)
 	defer cancel()
+	g, err := d.kernel.Generation(c)
+	return err == nil && g == d.gen
+}
+
+// read replaces the record with the kernel's tables. A read that fails
+// keeps the record the driver has (its best knowledge: it wrote nothing
+// since), so Applies go on; the next Sync reads again.
+func (d *Driver) read(ctx context.Context) error {
+	c, cancel := context.WithTimeout(ctx, d.readTimeout)
+	defer cancel()
+	before, gerr := d.kernel.Generation(c)
 	tables, err := d.kernel.Tables(c)
 	if err != nil {
-		d.record = nil
+		d.genKnown = false
 		return fmt.Errorf("read nf_tables: %w", err)
 	}
+	after, aerr := d.kernel.Generation(c)
 	d.record = newRecord(tables)
+	// Exact only if nobody committed while the tables were read.
+	d.gen, d.genKnown = after, gerr == nil && aerr == nil && before == after
 	return nil
+}
+
+// committed notes a transaction of the driver's own that the kernel
+// took: the record stays exact if it was, and this transaction is the
+// only one since (the generation moved by one).
+func (d *Driver) committed(ctx context.Context) {
+	if !d.genKnown {
+		return
+	}
+	c, cancel := context.WithTimeout(ctx, d.timeout)
+	defer cancel()
+	g, err := d.kernel.Generation(c)
+	d.gen, d.genKnown = g, err == nil && g == d.gen+1
 }
 
 // run commits groups, several to a transaction up to maxBatch writes. A
@@ -191,7 +280,7 @@ func (d *Driver) run(ctx context.Context, groups []Group, errs map[string]error)
 	limit, stale := d.maxBatch, false
 	defer func() {
 		if stale {
-			d.record = nil
+			d.record, d.genKnown = nil, false
 		}
 	}()
 	for len(groups) > 0 {
@@ -211,7 +300,7 @@ func (d *Driver) run(ctx context.Context, groups []Group, errs map[string]error)
 		if len(batch) == 0 {
 			return
 		}
-		var ops []Op
+		ops := make([]Op, 0, n)
 		for _, g := range batch {
 			ops = append(ops, g.Ops...)
 		}
@@ -225,6 +314,7 @@ func (d *Driver) run(ctx context.Context, groups []Group, errs map[string]error)
 		case err == nil:
 			if d.record != nil {
 				d.record.apply(ops, handles)
+				d.committed(ctx)
 			}
 		case errors.As(err, &oe) && oe.Index >= 0 && oe.Index < len(ops):
 			i, at := 0, 0

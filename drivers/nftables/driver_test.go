@@ -289,3 +289,158 @@ func TestDriverApplyKeepsOthers(t *testing.T) {
 		t.Errorf("tables left after the last service went:\n%s", dump(k.State()))
 	}
 }
+
+// TestDriverSyncReadsOnlyAfterOthersWrote: a Sync reads the tables only
+// when nf_tables' generation moved past the driver's own transactions;
+// a read that fails keeps the record, so Applies go on.
+func TestDriverSyncReadsOnlyAfterOthersWrote(t *testing.T) {
+	k := nftfake.New()
+	d := newDriver(t, k)
+	web := l4("web", "192.0.2.10:80", spec.TCP, spec.WeightedRoundRobin, dest("10.1.1.2:8080", 1), dest("10.1.1.3:8080", 1))
+	all := []*render.ServiceState{state(web)}
+	noErrors(t, "first Sync", d.Sync(t.Context(), all))
+	web.Destinations[0].Weight = 2
+	all = []*render.ServiceState{state(web)}
+	noErrors(t, "Apply", d.Apply(t.Context(), all))
+
+	k.ResetCounts()
+	noErrors(t, "Sync, nobody else wrote", d.Sync(t.Context(), all))
+	if c := k.Counts(); c.Reads != 0 || c.Commits != 0 {
+		t.Errorf("a Sync after the driver's own writes only read %d times and committed %d, want 0 and 0", c.Reads, c.Commits)
+	}
+
+	// Someone else commits (in any table): the next Sync reads.
+	if _, err := k.Commit(t.Context(), []nftables.Op{{Kind: nftables.AddTable, Family: render.NFTIPv6}}); err != nil {
+		t.Fatal(err)
+	}
+	k.ResetCounts()
+	noErrors(t, "Sync after another's write", d.Sync(t.Context(), all))
+	if c := k.Counts(); c.Reads != 1 {
+		t.Errorf("a Sync after another's write read %d times, want 1", c.Reads)
+	}
+	if _, ok := k.State()[render.NFTIPv6]; ok {
+		t.Error("the table nobody needs was left")
+	}
+
+	// Drift: found and repaired, then known again.
+	k.Edit(func(tables map[render.NFTFamily]*nftables.Table) {
+		delete(tables[render.NFTIPv4].Sets, "slots-web")
+	})
+	noErrors(t, "Sync after drift", d.Sync(t.Context(), all))
+	if got, want := dump(k.State()), dump(expected(t, web)); got != want {
+		t.Fatalf("after the repair the kernel holds\n%s\nwant\n%s", got, want)
+	}
+	k.ResetCounts()
+	noErrors(t, "Sync again", d.Sync(t.Context(), all))
+	if c := k.Counts(); c.Reads != 0 {
+		t.Errorf("a Sync right after a repair read %d times, want 0", c.Reads)
+	}
+
+	// A read that fails: the Sync fails, the record stays, Applies work.
+	k.Edit(func(map[render.NFTFamily]*nftables.Table) {}) // the generation moves
+	k.FailReads(fmt.Errorf("dump: %w", syscall.EINTR))
+	if errs := d.Sync(t.Context(), all); !errors.Is(errs["web"], syscall.EINTR) {
+		t.Errorf("Sync with failing reads: %v, want EINTR", errs)
+	}
+	web.Destinations[0].Weight = 3
+	k.ResetCounts()
+	noErrors(t, "Apply after a failed read", d.Apply(t.Context(), []*render.ServiceState{state(web)}))
+	if c := k.Counts(); c.Reads != 0 || c.Commits != 1 {
+		t.Errorf("an Apply after a failed read read %d times and committed %d, want 0 and 1", c.Reads, c.Commits)
+	}
+	k.FailReads(nil)
+	k.ResetCounts()
+	noErrors(t, "Sync once reads work", d.Sync(t.Context(), []*render.ServiceState{state(web)}))
+	if c := k.Counts(); c.Reads != 1 {
+		t.Errorf("a Sync after a failed read read %d times, want 1", c.Reads)
+	}
+	if got, want := dump(k.State()), dump(expected(t, web)); got != want {
+		t.Fatalf("the kernel holds\n%s\nwant\n%s", got, want)
+	}
+}
+
+// TestDriverApplySharedElements: an Apply sees only its services'
+// elements of the shared maps and sets, and changes only those.
+func TestDriverApplySharedElements(t *testing.T) {
+	k := nftfake.New()
+	d := newDriver(t, k)
+	a := l4("a", "192.0.2.10:80", spec.TCP, spec.RoundRobin, dest("10.1.1.2:8080", 1))
+	b := l4("b", "192.0.2.11:80", spec.TCP, spec.RoundRobin, dest("10.1.1.3:8080", 1))
+	for _, s := range []*render.L4Service{&a, &b} {
+		s.Masquerade = true
+		s.AllowCIDRs = []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8")}
+	}
+	noErrors(t, "Apply", d.Apply(t.Context(), []*render.ServiceState{state(a), state(b)}))
+	a.Masquerade, a.AllowCIDRs = false, nil
+	k.ResetCounts()
+	noErrors(t, "Apply a", d.Apply(t.Context(), []*render.ServiceState{state(a)}))
+	for _, tx := range k.Log() {
+		for _, op := range tx {
+			for _, e := range op.Elements {
+				if e.Addr == b.Address || e.Goto != "" && !strings.HasSuffix(e.Goto, "-a") && !strings.Contains(e.Goto, "-a/") {
+					t.Errorf("a change of a wrote b's element: %s", op)
+				}
+			}
+		}
+	}
+	if got, want := dump(k.State()), dump(expected(t, a, b)); got != want {
+		t.Fatalf("the kernel holds\n%s\nwant\n%s", got, want)
+	}
+	// Taking b away leaves a's elements alone.
+	noErrors(t, "remove b", d.Apply(t.Context(), []*render.ServiceState{removed("b")}))
+	if got, want := dump(k.State()), dump(expected(t, a)); got != want {
+		t.Fatalf("after b went the kernel holds\n%s\nwant\n%s", got, want)
+	}
+}
+
+// TestDriverQuickSync: with the tables unchanged since the driver's own
+// writes, a Sync looks only at the services whose state it has not
+// applied (by Generation) and at those all no longer names; a service
+// that failed is tried again.
+func TestDriverQuickSync(t *testing.T) {
+	k := nftfake.New()
+	d := newDriver(t, k)
+	gen := func(s render.L4Service, g uint64) *render.ServiceState {
+		st := state(s)
+		st.Generation = g
+		return st
+	}
+	a := l4("a", "192.0.2.10:80", spec.TCP, spec.WeightedRoundRobin, dest("10.1.1.2:8080", 1), dest("10.1.1.3:8080", 1))
+	b := l4("b", "192.0.2.11:80", spec.TCP, spec.RoundRobin, dest("10.1.1.4:8080", 1))
+	c := l4("c", "192.0.2.12:80", spec.TCP, spec.RoundRobin, dest("10.1.1.5:8080", 1))
+	noErrors(t, "first Sync", d.Sync(t.Context(), []*render.ServiceState{gen(a, 1), gen(b, 1), gen(c, 1)}))
+
+	// c's next state is refused by the kernel: not recorded as applied,
+	// and the record is read again by the next Sync.
+	c.Destinations[0].Weight = 0
+	k.Fail(nftables.DelElements, fmt.Errorf("refused: %w", syscall.EPERM))
+	if errs := d.Apply(t.Context(), []*render.ServiceState{gen(c, 2)}); !errors.Is(errs["c"], syscall.EPERM) {
+		t.Fatalf("Apply c: %v, want EPERM", errs)
+	}
+	k.Fail(nftables.DelElements, nil)
+	noErrors(t, "Sync after the failure (reads again)", d.Sync(t.Context(), []*render.ServiceState{gen(a, 1), gen(b, 1), gen(c, 2)}))
+
+	// Unchanged: nothing read, nothing written.
+	k.ResetCounts()
+	noErrors(t, "Sync, nothing changed", d.Sync(t.Context(), []*render.ServiceState{gen(a, 1), gen(b, 1), gen(c, 2)}))
+	if cs := k.Counts(); cs.Reads != 0 || cs.Commits != 0 {
+		t.Errorf("an unchanged Sync read %d times and committed %d", cs.Reads, cs.Commits)
+	}
+	// A new state of a, and b no longer named: one service changed, one
+	// removed, without reading.
+	a.Destinations[1].Weight = 3
+	k.ResetCounts()
+	noErrors(t, "Sync", d.Sync(t.Context(), []*render.ServiceState{gen(a, 2), gen(c, 2)}))
+	if cs := k.Counts(); cs.Reads != 0 {
+		t.Errorf("a quick Sync read %d times", cs.Reads)
+	}
+	if got, want := dump(k.State()), dump(expected(t, a, c)); got != want {
+		t.Fatalf("the kernel holds\n%s\nwant\n%s", got, want)
+	}
+	// And back.
+	c.Destinations[0].Weight = 1
+	noErrors(t, "Apply c", d.Apply(t.Context(), []*render.ServiceState{gen(c, 3)}))
+	if got, want := dump(k.State()), dump(expected(t, a, c)); got != want {
+		t.Fatalf("the kernel holds\n%s\nwant\n%s", got, want)
+	}
+}

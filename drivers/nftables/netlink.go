@@ -180,6 +180,32 @@ func encode(fn func(ae *netlink.AttributeEncoder)) []byte {
 	return b
 }
 
+// Generation implements Kernel.
+func (n *Netlink) Generation(ctx context.Context) (uint32, error) {
+	c, done, err := n.session(ctx)
+	if err != nil {
+		return 0, err
+	}
+	defer done()
+	msgs, err := c.Execute(request(unix.NFT_MSG_GETGEN, unix.AF_UNSPEC, 0, nil))
+	if err != nil {
+		n.reset()
+		return 0, ioError(ctx, "nf_tables generation", err)
+	}
+	for _, m := range msgs {
+		ad, err := decoder(m)
+		if err != nil {
+			return 0, err
+		}
+		for ad.Next() {
+			if ad.Type() == unix.NFTA_GEN_ID {
+				return ad.Uint32(), nil
+			}
+		}
+	}
+	return 0, errors.New("nf_tables generation: no generation in the answer")
+}
+
 // Commit implements Kernel.
 func (n *Netlink) Commit(ctx context.Context, ops []Op) ([]uint64, error) {
 	c, done, err := n.session(ctx)

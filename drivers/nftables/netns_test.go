@@ -3,6 +3,7 @@ package nftables_test
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -15,6 +16,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	gnft "github.com/google/nftables"
+	"github.com/google/nftables/expr"
 
 	"github.com/switchman-lb/switchman/drivers/nftables"
 	"github.com/switchman-lb/switchman/internal/netns"
@@ -40,17 +44,10 @@ func newNetns(t *testing.T, role string) string {
 	return netnstest.New(t, "swm-nft", role)
 }
 
-// kernelIn returns the real kernel adapter for namespace ns.
+// kernelIn returns the real kernel adapter for namespace ns, counting.
 func kernelIn(t *testing.T, ns string) *countingKernel {
 	t.Helper()
-	f, err := os.Open("/run/netns/" + ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	k := nftables.NewNetlink(int(f.Fd()))
-	t.Cleanup(func() { k.Close() })
-	return &countingKernel{Kernel: k}
+	return &countingKernel{Kernel: netlinkIn(t, ns)}
 }
 
 // countingKernel records what goes through the real adapter.
@@ -237,12 +234,16 @@ func (l *lab) hit(proto spec.Protocol, src netip.Addr, vip netip.AddrPort) (name
 	return l.hitWithin(proto, src, vip, 5*time.Second)
 }
 
+// isTimeout reports whether err is a connection attempt that timed out.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
 // blocked asserts that a connection attempt is dropped: it times out.
 func (l *lab) blocked(t *testing.T, what string, proto spec.Protocol, src netip.Addr, vip netip.AddrPort) {
 	t.Helper()
-	_, _, err := l.hitWithin(proto, src, vip, time.Second)
-	var ne net.Error
-	if !errors.As(err, &ne) || !ne.Timeout() {
+	if _, _, err := l.hitWithin(proto, src, vip, time.Second); !isTimeout(err) {
 		t.Errorf("%s: %v, want a timeout (dropped)", what, err)
 	}
 }
@@ -423,9 +424,25 @@ func TestNetnsScheduling(t *testing.T) {
 		v := netip.MustParseAddrPort("[fd00:f::10]:80")
 		s := l4("v6", v.String(), spec.TCP, spec.RoundRobin, nfdest(b1v6, 1), nfdest(b2v6, 1))
 		l.apply(t, s)
-		got := l.hits(t, spec.TCP, l.in6, v, 4)
-		if want := []string{"b1", "b2", "b1", "b2"}; !slices.Equal(got, want) {
-			t.Errorf("IPv6 rr sent %v, want %v", got, want)
+		// A connection through the NAT could lose its SYN-ACK (about one
+		// run in twelve, before the bridge's multicast snooping was
+		// turned off: the backend sat in SYN-RECV while the client timed
+		// out). A lost connection takes its rr turn, so count answers over
+		// retries instead of their exact order (IPv4 rr above checks it).
+		var got []string
+		for try := 0; len(got) < 6; try++ {
+			name, _, err := l.hit(spec.TCP, l.in6, v)
+			switch {
+			case err == nil:
+				got = append(got, name)
+			case try < 12 && isTimeout(err):
+				t.Logf("an IPv6 connection was lost; another: %v", err)
+			default:
+				t.Fatalf("IPv6 rr after %v: %v", got, err)
+			}
+		}
+		if c := counts(got); c["b1"] < 2 || c["b2"] < 2 {
+			t.Errorf("IPv6 rr sent %v, want both backends in turn", got)
 		}
 		u := l4("v6udp", "[fd00:f::10]:53", spec.UDP, spec.MaglevHashing, nfdest(b1v6, 1), nfdest(b2v6, 1))
 		l.apply(t, u)
@@ -913,77 +930,33 @@ func TestNetnsCallersNamespace(t *testing.T) {
 
 // BenchmarkNetnsWeightChange is one weight change (one Apply) of one
 // service with 10,000 services x 4 backends (wrr) loaded, on the real
-// kernel; it logs the cold start of the 10,000 as well.
+// kernel; it logs the cold start of the 10,000 as well. What the kernel
+// alone takes per kind of element: BenchmarkNetnsElementKinds.
 //
 //	go test -run '^$' -bench NetnsWeightChange ./drivers/nftables/
 func BenchmarkNetnsWeightChange(b *testing.B) {
 	netnstest.Require(b, "nft:nftables")
-	ns := netnstest.New(b, "swm-nft", "bench")
-	f, err := os.Open(netns.Path(ns))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	nl := nftables.NewNetlink(int(f.Fd()))
-	defer nl.Close()
+	nl := netlinkIn(b, netnstest.New(b, "swm-nft", "bench"))
 	k := &timedKernel{Kernel: nl}
 	d, err := nftables.New(nftables.Config{Kernel: k})
 	if err != nil {
 		b.Fatal(err)
 	}
 	const n = 10000
-	services := make([]render.L4Service, n)
-	states := make([]*render.ServiceState, n)
-	for i := range services {
-		vip := netip.AddrFrom4([4]byte{198, 18, byte(i / 250), byte(i%250 + 1)})
-		var dests []render.L4Destination
-		for j := range 4 {
-			dests = append(dests, nfdest(netip.AddrFrom4([4]byte{10, byte(100 + j), byte(i / 250), byte(i%250 + 1)}), 1))
-		}
-		services[i] = l4(fmt.Sprintf("s%05d", i), netip.AddrPortFrom(vip, 80).String(), spec.TCP, spec.WeightedRoundRobin, dests...)
-		states[i] = state(services[i])
-	}
+	services := wrrServices(n)
 	start := time.Now()
-	if errs := d.Sync(b.Context(), states); len(errs) > 0 {
-		b.Fatalf("Sync: %d errors, e.g. %v", len(errs), errs)
-	}
+	syncAll(b, d, services)
 	b.Logf("%d services x 4 backends from empty: %s, %d writes in %d transactions", n, time.Since(start), d.Writes(), d.Commits())
-	// What the kernel alone takes for one small transaction with the
-	// 10,000 loaded: an element of a plain set, and one of a verdict map
-	// (a goto, which makes the kernel validate the chains it reaches).
-	for _, c := range []struct {
-		what string
-		op   nftables.Op
-	}{
-		{"plain set element", nftables.Op{Kind: nftables.AddElements, Family: render.NFTIPv4,
-			Set: render.NFTSet{Name: render.NFTMasqTCPSet, Key: render.NFTKeyAddrPort}, Elements: []render.NFTElement{{Addr: netip.MustParseAddr("192.0.2.99"), Port: 80}}}},
-		{"verdict map element (goto)", nftables.Op{Kind: nftables.AddElements, Family: render.NFTIPv4,
-			Set: render.NFTSet{Name: "slots-s00013", Key: render.NFTKeySlot, Verdicts: true}, Elements: []render.NFTElement{{Slot: 99, Goto: "be-s00013/10.100.0.14/8080"}}}},
-	} {
-		start := time.Now()
-		if _, err := nl.Commit(b.Context(), []nftables.Op{c.op}); err != nil {
-			b.Fatal(err)
-		}
-		b.Logf("one transaction adding a %s: %s", c.what, time.Since(start))
-		del := c.op
-		del.Kind = nftables.DelElements
-		if _, err := nl.Commit(b.Context(), []nftables.Op{del}); err != nil {
-			b.Fatal(err)
-		}
+	start = time.Now()
+	if _, err := nl.Tables(b.Context()); err != nil {
+		b.Fatal(err)
 	}
-	w0 := d.Writes()
+	b.Logf("reading the tables back: %s", time.Since(start))
+	start = time.Now()
+	syncAll(b, d, services)
+	b.Logf("a Sync with nothing changed (the generation has not moved): %s", time.Since(start))
 	k.commits, k.reads = 0, 0
-	b.ResetTimer()
-	for i := range b.N {
-		s := &services[(i*797+13)%n]
-		s.Destinations[i%4].Weight++
-		s.Destinations = slices.Clone(s.Destinations)
-		if errs := d.Apply(b.Context(), []*render.ServiceState{state(*s)}); len(errs) > 0 {
-			b.Fatal(errs)
-		}
-	}
-	b.StopTimer()
-	b.ReportMetric(float64(d.Writes()-w0)/float64(b.N), "writes/op")
+	applyWeightChanges(b, d, services)
 	b.ReportMetric(float64(k.commits.Microseconds())/float64(b.N), "commit-us/op")
 	b.ReportMetric(float64(k.reads.Microseconds())/float64(b.N), "read-us/op")
 }
@@ -1004,4 +977,139 @@ func (k *timedKernel) Tables(ctx context.Context) (map[render.NFTFamily]*nftable
 	start := time.Now()
 	defer func() { k.reads += time.Since(start) }()
 	return k.Kernel.Tables(ctx)
+}
+
+// BenchmarkNetnsReadTables reads back 10,000 services x 4 backends (wrr),
+// loaded with nft -f: the read every Sync starts with.
+//
+//	go test -run '^$' -bench NetnsReadTables ./drivers/nftables/
+func BenchmarkNetnsReadTables(b *testing.B) {
+	netnstest.Require(b, "nft:nftables")
+	ns := netnstest.New(b, "swm-nft", "read")
+	services := wrrServices(10000)
+	loadRuleset(b, ns, services, "")
+	k := netlinkIn(b, ns)
+	b.ResetTimer()
+	for range b.N {
+		tables, err := k.Tables(b.Context())
+		if err != nil {
+			b.Fatal(err)
+		}
+		if n := len(tables[render.NFTIPv4].Sets[render.NFTServicesMap].Elements); n != len(services) {
+			b.Fatalf("%d services read, want %d", n, len(services))
+		}
+	}
+}
+
+// netlinkIn returns the real kernel adapter for namespace ns, closed when
+// the test ends.
+func netlinkIn(tb testing.TB, ns string) *nftables.Netlink {
+	tb.Helper()
+	f, err := os.Open(netns.Path(ns))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { f.Close() })
+	k := nftables.NewNetlink(int(f.Fd()))
+	tb.Cleanup(func() { k.Close() })
+	return k
+}
+
+// loadRuleset loads services (and extra, more nft -f input) into
+// namespace ns with nft -f.
+func loadRuleset(tb testing.TB, ns string, services []render.L4Service, extra string) {
+	tb.Helper()
+	ruleset, err := render.NFTablesRuleset(services)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	path := tb.TempDir() + "/ruleset.nft"
+	if err := os.WriteFile(path, []byte(ruleset+extra), 0o600); err != nil {
+		tb.Fatal(err)
+	}
+	netnstest.Exec(tb, ns, "nft", "-f", path)
+}
+
+// BenchmarkNetnsElementKinds is what the kernel alone takes for a
+// transaction that adds one element, and for one that deletes it, by the
+// kind of set, with 1,000 and
+// 10,000 services x 4 backends (wrr) loaded: an element of a plain set
+// (masq-tcp); of a verdict map (a goto to a backend's chain, what a
+// weight change writes into a service's slots map); and of a data map
+// from a slot to a backend address and port, which switchman does not
+// program (the layout without a chain per backend, where `dnat to numgen
+// inc mod N map @m` selects the backend). A goto makes nf_tables look
+// for loops through the table's sets and validate the whole table at
+// commit, so its cost grows with the table.
+//
+//	go test -run '^$' -bench NetnsElementKinds -benchtime 30x ./drivers/nftables/
+func BenchmarkNetnsElementKinds(b *testing.B) {
+	for _, n := range []int{1000, 10000} {
+		b.Run(fmt.Sprint(n), func(b *testing.B) {
+			netnstest.Require(b, "nft:nftables")
+			ns := netnstest.New(b, "swm-nft", "kinds")
+			const dataMap, dataChain = "bench-data", "bench-data"
+			loadRuleset(b, ns, wrrServices(n), fmt.Sprintf(`table ip %s {
+	map %s {
+		typeof numgen inc mod 1024 : ip daddr . tcp dport
+	}
+	chain %s {
+		meta l4proto tcp dnat to numgen inc mod 4 map @%s
+	}
+}
+`, render.NFTTable, dataMap, dataChain, dataMap))
+			// Reachable from the base chains, as a service's chain is.
+			netnstest.Exec(b, ns, "nft", "add", "element", "ip", render.NFTTable, render.NFTServicesMap,
+				fmt.Sprintf("{ 198.51.100.1 . tcp . 80 : goto %s }", dataChain))
+			f, err := os.Open(netns.Path(ns))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer f.Close()
+			c, err := gnft.New(gnft.WithNetNSFd(int(f.Fd())), gnft.AsLasting())
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.CloseLasting()
+			slot := binary.NativeEndian.AppendUint32(nil, 99)
+			backend := render.NFTBackendChain("s00013", netip.MustParseAddrPort("10.100.0.14:8080"))
+			kinds := []struct {
+				metric, set string
+				el          gnft.SetElement
+			}{
+				{"plain", render.NFTMasqTCPSet, gnft.SetElement{Key: []byte{192, 0, 2, 99, 0, 80, 0, 0}}},
+				{"goto", "slots-s00013", gnft.SetElement{Key: slot, VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: backend}}},
+				{"data", dataMap, gnft.SetElement{Key: slot, Val: []byte{10, 0, 0, 9, 0x1f, 0x90, 0, 0}}},
+			}
+			table := &gnft.Table{Name: render.NFTTable, Family: gnft.TableFamilyIPv4}
+			spent := make([]time.Duration, 2*len(kinds))
+			b.ResetTimer()
+			for range b.N {
+				for i, k := range kinds {
+					set := &gnft.Set{Table: table, Name: k.set}
+					start := time.Now()
+					if err := c.SetAddElements(set, []gnft.SetElement{k.el}); err != nil {
+						b.Fatal(err)
+					}
+					if err := c.Flush(); err != nil {
+						b.Fatalf("%s: %v", k.metric, err)
+					}
+					added := time.Now()
+					spent[2*i] += added.Sub(start)
+					if err := c.SetDeleteElements(set, []gnft.SetElement{k.el}); err != nil {
+						b.Fatal(err)
+					}
+					if err := c.Flush(); err != nil {
+						b.Fatal(err)
+					}
+					spent[2*i+1] += time.Since(added)
+				}
+			}
+			b.StopTimer()
+			for i, k := range kinds {
+				b.ReportMetric(float64(spent[2*i].Microseconds())/float64(b.N), k.metric+"-add-us/op")
+				b.ReportMetric(float64(spent[2*i+1].Microseconds())/float64(b.N), k.metric+"-del-us/op")
+			}
+		})
+	}
 }

@@ -5,50 +5,94 @@ import (
 	"slices"
 
 	"github.com/switchman-lb/switchman/render"
+	"github.com/switchman-lb/switchman/spec"
 )
 
 // record is what the kernel holds as far as the driver knows, indexed by
-// the service that owns each chain and set, so that an Apply looks at the
-// services it changes and not at the whole table.
+// the service that owns each chain, set and shared element, so that an
+// Apply looks at the services it changes and not at the whole table.
 type record struct {
 	tables map[render.NFTFamily]*Table
-	// owners lists, per family and service, the chains and sets the
-	// service owns.
+	// owners lists, per family and service, what the service owns.
 	owners map[render.NFTFamily]map[string]*owned
+	// shared holds, per family and shared set (NFTBase's), its elements
+	// by key (keyOf).
+	shared map[render.NFTFamily]map[string]map[render.NFTElement]render.NFTElement
 }
 
-// owned names one service's chains and sets in one family.
+// owned names what one service owns in one family: chains, sets, and the
+// keys (keyOf) of its elements in the shared verdict maps, by map.
 type owned struct {
 	chains, sets map[string]bool
+	elements     map[string]map[render.NFTElement]bool
+}
+
+func (o *owned) empty() bool { return len(o.chains) == 0 && len(o.sets) == 0 && len(o.elements) == 0 }
+
+// keyOf is e as a key of its set: what SameKey compares.
+func keyOf(e render.NFTElement) render.NFTElement {
+	e.Goto, e.Open = "", false
+	return e
+}
+
+// sharedVerdictMaps are the shared maps whose elements belong to the
+// service that owns their chain; masqSets the shared sets whose elements
+// belong to the service with their vip and port, by protocol.
+var (
+	sharedVerdictMaps = []string{render.NFTServicesMap, render.NFTFiltersMap}
+	masqSets          = map[string]spec.Protocol{render.NFTMasqTCPSet: spec.TCP, render.NFTMasqUDPSet: spec.UDP}
+)
+
+func isShared(set string) bool {
+	_, masq := masqSets[set]
+	return masq || slices.Contains(sharedVerdictMaps, set)
 }
 
 func newRecord(tables map[render.NFTFamily]*Table) *record {
-	r := &record{tables: tables, owners: map[render.NFTFamily]map[string]*owned{}}
+	r := &record{tables: tables, owners: map[render.NFTFamily]map[string]*owned{},
+		shared: map[render.NFTFamily]map[string]map[render.NFTElement]render.NFTElement{}}
 	for f, t := range tables {
 		for name := range t.Chains {
 			r.own(f, name, true)
 		}
-		for name := range t.Sets {
+		for name, s := range t.Sets {
 			r.own(f, name, false)
+			if isShared(name) {
+				r.addShared(f, name, s.Elements)
+			}
 		}
 	}
 	return r
 }
 
-// own notes a chain or set in the index, when a service owns it.
-func (r *record) own(f render.NFTFamily, name string, chain bool) {
-	owner, ok := render.NFTOwner(name)
-	if !ok {
-		return
+// owner returns the index entry of service in family f, made when create.
+func (r *record) owner(f render.NFTFamily, service string, create bool) *owned {
+	o := r.owners[f][service]
+	if o != nil || !create {
+		return o
 	}
 	if r.owners[f] == nil {
 		r.owners[f] = map[string]*owned{}
 	}
-	o := r.owners[f][owner]
-	if o == nil {
-		o = &owned{chains: map[string]bool{}, sets: map[string]bool{}}
-		r.owners[f][owner] = o
+	o = &owned{chains: map[string]bool{}, sets: map[string]bool{}, elements: map[string]map[render.NFTElement]bool{}}
+	r.owners[f][service] = o
+	return o
+}
+
+// forget drops service's index entry in family f when it owns nothing.
+func (r *record) forget(f render.NFTFamily, service string, o *owned) {
+	if o.empty() {
+		delete(r.owners[f], service)
 	}
+}
+
+// own notes a chain or set in the index, when a service owns it.
+func (r *record) own(f render.NFTFamily, name string, chain bool) {
+	service, ok := render.NFTOwner(name)
+	if !ok {
+		return
+	}
+	o := r.owner(f, service, true)
 	if chain {
 		o.chains[name] = true
 	} else {
@@ -58,11 +102,11 @@ func (r *record) own(f render.NFTFamily, name string, chain bool) {
 
 // disown takes a deleted chain or set out of the index.
 func (r *record) disown(f render.NFTFamily, name string, chain bool) {
-	owner, ok := render.NFTOwner(name)
+	service, ok := render.NFTOwner(name)
 	if !ok {
 		return
 	}
-	o := r.owners[f][owner]
+	o := r.owner(f, service, false)
 	if o == nil {
 		return
 	}
@@ -71,17 +115,100 @@ func (r *record) disown(f render.NFTFamily, name string, chain bool) {
 	} else {
 		delete(o.sets, name)
 	}
-	if len(o.chains) == 0 && len(o.sets) == 0 {
-		delete(r.owners[f], owner)
+	r.forget(f, service, o)
+}
+
+// addShared notes elements added to shared set name.
+func (r *record) addShared(f render.NFTFamily, name string, elems []render.NFTElement) {
+	if len(elems) == 0 {
+		return
 	}
+	if r.shared[f] == nil {
+		r.shared[f] = map[string]map[render.NFTElement]render.NFTElement{}
+	}
+	m := r.shared[f][name]
+	if m == nil {
+		m = map[render.NFTElement]render.NFTElement{}
+		r.shared[f][name] = m
+	}
+	for _, e := range elems {
+		k := keyOf(e)
+		m[k] = e
+		if service, ok := render.NFTOwner(e.Goto); ok {
+			o := r.owner(f, service, true)
+			if o.elements[name] == nil {
+				o.elements[name] = map[render.NFTElement]bool{}
+			}
+			o.elements[name][k] = true
+		}
+	}
+}
+
+// delShared notes elements deleted from shared set name.
+func (r *record) delShared(f render.NFTFamily, name string, elems []render.NFTElement) {
+	m := r.shared[f][name]
+	for _, e := range elems {
+		k := keyOf(e)
+		had, ok := m[k]
+		if !ok {
+			continue
+		}
+		delete(m, k)
+		service, ok := render.NFTOwner(had.Goto)
+		if !ok {
+			continue
+		}
+		if o := r.owner(f, service, false); o != nil {
+			delete(o.elements[name], k)
+			if len(o.elements[name]) == 0 {
+				delete(o.elements, name)
+			}
+			r.forget(f, service, o)
+		}
+	}
+	if len(m) == 0 {
+		delete(r.shared[f], name)
+	}
+	if len(r.shared[f]) == 0 {
+		delete(r.shared, f)
+	}
+}
+
+// dropShared forgets shared set name (deleted with its elements).
+func (r *record) dropShared(f render.NFTFamily, name string) {
+	m := r.shared[f][name]
+	elems := make([]render.NFTElement, 0, len(m))
+	for _, e := range m {
+		elems = append(elems, e)
+	}
+	r.delShared(f, name, elems)
+}
+
+// dropFamily forgets everything of family f.
+func (r *record) dropFamily(f render.NFTFamily) {
+	delete(r.owners, f)
+	delete(r.shared, f)
+}
+
+// services returns the services that own something in the tables.
+func (r *record) services() map[string]bool {
+	out := map[string]bool{}
+	for _, owners := range r.owners {
+		for name := range owners {
+			out[name] = true
+		}
+	}
+	return out
 }
 
 // view returns the part of the tables that Diff needs to bring the named
 // services into shape without All: the tables' own chains and sets (the
-// shared ones with all their elements), the named services' chains and
-// sets, and the objects of one other service where there is one, so that
-// a table that still serves others is never taken for empty. It shares
-// the record's objects; Diff does not change them.
+// shared ones with the named services' elements only), the named
+// services' chains and sets, and the objects of one other service where
+// there is one, so that a table that still serves others is never taken
+// for empty. It shares the record's chains and the sets the named
+// services own; Diff does not change them. Its work is in proportion to
+// the named services, not to the table.
 func (r *record) view(services map[string]*render.NFTService) map[render.NFTFamily]*Table {
 	out := map[render.NFTFamily]*Table{}
 	base := render.NFTBase()
@@ -97,6 +224,7 @@ func (r *record) view(services map[string]*render.NFTService) map[render.NFTFami
 				v.Sets[s.Name] = x
 			}
 		}
+		r.scopeShared(f, v, services)
 		add := func(o *owned) {
 			for c := range o.chains {
 				v.Chains[c] = t.Chains[c]
@@ -121,19 +249,68 @@ func (r *record) view(services map[string]*render.NFTService) map[render.NFTFami
 	return out
 }
 
-// apply applies committed writes to the record, with the handles the
-// kernel gave the rules. A set that gains elements is sorted once, at
-// the end.
-func (r *record) apply(ops []Op, handles []uint64) {
-	type setRef struct {
-		f    render.NFTFamily
-		name string
+// scopeShared replaces the shared maps and sets of view v (family f) by
+// copies that hold only the named services' elements: in the services
+// and filters maps those whose chain a named service owns, in the
+// masquerade sets those with the vip and port of such an element.
+func (r *record) scopeShared(f render.NFTFamily, v *Table, services map[string]*render.NFTService) {
+	var keys []render.NFTElement
+	for _, name := range sharedVerdictMaps {
+		x := v.Sets[name]
+		if x == nil {
+			continue
+		}
+		c := *x
+		c.Elements = nil
+		for service := range services {
+			o := r.owners[f][service]
+			if o == nil {
+				continue
+			}
+			for k := range o.elements[name] {
+				c.Elements = append(c.Elements, r.shared[f][name][k])
+				keys = append(keys, k)
+			}
+		}
+		slices.SortFunc(c.Elements, render.NFTElement.Compare)
+		v.Sets[name] = &c
 	}
-	grown := map[setRef]bool{}
+	for name, proto := range masqSets {
+		x := v.Sets[name]
+		if x == nil {
+			continue
+		}
+		c := *x
+		c.Elements = nil
+		for _, k := range keys {
+			if k.Proto != proto {
+				continue
+			}
+			if e, ok := r.shared[f][name][render.NFTElement{Addr: k.Addr, Port: k.Port}]; ok {
+				c.Elements = append(c.Elements, e)
+			}
+		}
+		slices.SortFunc(c.Elements, render.NFTElement.Compare)
+		c.Elements = slices.Compact(c.Elements)
+		v.Sets[name] = &c
+	}
+}
+
+// insertLimit is the most elements apply inserts one by one into a set's
+// sorted elements; more are appended and the set sorted again.
+const insertLimit = 16
+
+// apply applies committed writes to the record, with the handles the
+// kernel gave the rules. Sets keep their elements sorted: a few added
+// elements are inserted in place and deleted ones found by binary search,
+// so that one service's elements in a shared set of 10,000 cost no scan
+// or sort of the set.
+func (r *record) apply(ops []Op, handles []uint64) {
+	added := map[*render.NFTSet][]render.NFTElement{}
 	for i, op := range ops {
 		if op.Kind == AddTable {
 			r.tables[op.Family] = NewTable(op.Family)
-			delete(r.owners, op.Family)
+			r.dropFamily(op.Family)
 			continue
 		}
 		t := r.tables[op.Family]
@@ -147,7 +324,7 @@ func (r *record) apply(ops []Op, handles []uint64) {
 		switch op.Kind {
 		case DelTable:
 			delete(r.tables, op.Family)
-			delete(r.owners, op.Family)
+			r.dropFamily(op.Family)
 		case AddChain:
 			t.Chains[op.Chain] = &Chain{Name: op.Chain, Hook: op.Hook}
 			r.own(op.Family, op.Chain, true)
@@ -162,16 +339,27 @@ func (r *record) apply(ops []Op, handles []uint64) {
 		case DelSet:
 			delete(t.Sets, op.Set.Name)
 			r.disown(op.Family, op.Set.Name, false)
+			if isShared(op.Set.Name) {
+				r.dropShared(op.Family, op.Set.Name)
+			}
 		case AddElements:
 			if s := t.Sets[op.Set.Name]; s != nil {
-				s.Elements = append(s.Elements, op.Elements...)
-				grown[setRef{op.Family, s.Name}] = true
+				added[s] = append(added[s], op.Elements...)
+				if isShared(s.Name) {
+					r.addShared(op.Family, s.Name, op.Elements)
+				}
 			}
 		case DelElements:
 			if s := t.Sets[op.Set.Name]; s != nil {
-				s.Elements = slices.DeleteFunc(s.Elements, func(e render.NFTElement) bool {
-					return slices.ContainsFunc(op.Elements, func(x render.NFTElement) bool { return x.SameKey(e) })
-				})
+				for _, x := range op.Elements {
+					if i, ok := slices.BinarySearchFunc(s.Elements, x, render.NFTElement.Compare); ok {
+						s.Elements = slices.Delete(s.Elements, i, i+1)
+					}
+					added[s] = slices.DeleteFunc(added[s], x.SameKey)
+				}
+				if isShared(s.Name) {
+					r.delShared(op.Family, s.Name, op.Elements)
+				}
 			}
 		case AddRule, ReplaceRule, DelRule:
 			if c := t.Chains[op.Chain]; c != nil {
@@ -179,10 +367,17 @@ func (r *record) apply(ops []Op, handles []uint64) {
 			}
 		}
 	}
-	for ref := range grown {
-		if t := r.tables[ref.f]; t != nil {
-			if s := t.Sets[ref.name]; s != nil {
-				slices.SortFunc(s.Elements, render.NFTElement.Compare)
+	for s, elems := range added {
+		if len(elems) > insertLimit {
+			s.Elements = append(s.Elements, elems...)
+			slices.SortFunc(s.Elements, render.NFTElement.Compare)
+			continue
+		}
+		for _, e := range elems {
+			if i, ok := slices.BinarySearchFunc(s.Elements, e, render.NFTElement.Compare); ok {
+				s.Elements[i] = e
+			} else {
+				s.Elements = slices.Insert(s.Elements, i, e)
 			}
 		}
 	}
@@ -197,17 +392,13 @@ func (r *record) connKeys(services map[string]bool) (map[string]ConnKey, map[str
 		return keys, backends
 	}
 	for f, t := range r.tables {
-		if s := t.Sets[render.NFTServicesMap]; s != nil {
-			for _, e := range s.Elements {
-				if name, ok := render.NFTOwner(e.Goto); ok && services[name] {
-					keys[name] = ConnKey{Protocol: e.Proto, VIP: e.Addr, Port: e.Port}
-				}
-			}
-		}
 		for name := range services {
 			o := r.owners[f][name]
 			if o == nil {
 				continue
+			}
+			for k := range o.elements[render.NFTServicesMap] {
+				keys[name] = ConnKey{Protocol: k.Proto, VIP: k.Addr, Port: k.Port}
 			}
 			for c := range o.chains {
 				for _, rule := range t.Chains[c].Rules {

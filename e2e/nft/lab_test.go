@@ -611,6 +611,26 @@ func (l *lab) hits(t testing.TB, proto string, src netip.Addr, vip netip.AddrPor
 	return out
 }
 
+// hitsRetrying makes connections until n were answered, trying again
+// after one that timed out (at most n times), and returns who answered.
+func (l *lab) hitsRetrying(t testing.TB, proto string, src netip.Addr, vip netip.AddrPort, n int) []string {
+	t.Helper()
+	var out []string
+	for try := 0; len(out) < n; try++ {
+		name, _, err := l.hit(proto, src, vip, 5*time.Second)
+		var ne net.Error
+		switch {
+		case err == nil:
+			out = append(out, name)
+		case try < 2*n && errors.As(err, &ne) && ne.Timeout():
+			t.Logf("%s %s from %s: a connection was lost; another: %v", proto, vip, src, err)
+		default:
+			t.Fatalf("%s %s from %s after %v: %v", proto, vip, src, out, err)
+		}
+	}
+	return out
+}
+
 // dropped asserts that a connection attempt gets no answer at all.
 func (l *lab) dropped(t testing.TB, what, proto string, src netip.Addr, vip netip.AddrPort) {
 	t.Helper()

@@ -33,6 +33,8 @@ type Kernel struct {
 	maxBatch    int
 	unavailable bool
 	conns       map[nftables.ConnKey]map[netip.AddrPort]int
+	gen         uint32 // bumped by every commit and edit, as nf_tables' generation
+	readErr     error
 }
 
 var _ nftables.Kernel = (*Kernel)(nil)
@@ -60,6 +62,13 @@ func (k *Kernel) SetMaxBatch(n int) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	k.maxBatch = n
+}
+
+// FailReads makes every later Tables fail with err (nil clears it).
+func (k *Kernel) FailReads(err error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.readErr = err
 }
 
 // SetUnavailable makes every call fail as on a kernel without nf_tables.
@@ -120,6 +129,17 @@ func (k *Kernel) Edit(fn func(map[render.NFTFamily]*nftables.Table)) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	fn(k.tables)
+	k.gen++
+}
+
+// Generation implements nftables.Kernel.
+func (k *Kernel) Generation(ctx context.Context) (uint32, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if err := k.check(ctx); err != nil {
+		return 0, err
+	}
+	return k.gen, nil
 }
 
 // Tables implements nftables.Kernel.
@@ -129,6 +149,9 @@ func (k *Kernel) Tables(ctx context.Context) (map[render.NFTFamily]*nftables.Tab
 	k.reads++
 	if err := k.check(ctx); err != nil {
 		return nil, err
+	}
+	if k.readErr != nil {
+		return nil, k.readErr
 	}
 	out := cloneTables(k.tables)
 	for _, t := range out {
@@ -189,6 +212,7 @@ func (k *Kernel) Commit(ctx context.Context, ops []nftables.Op) ([]uint64, error
 		}
 	}
 	k.tables, k.handle = next, handle
+	k.gen++
 	k.log = append(k.log, slices.Clone(ops))
 	return handles, nil
 }

@@ -26,6 +26,8 @@ type Agent struct {
 	NS          string
 	LogPath     string
 	MetricsAddr string
+	// Env is added to the agent's environment at its next Spawn.
+	Env []string
 
 	mu   sync.Mutex
 	proc *agentProc
@@ -53,6 +55,9 @@ func (a *Agent) Spawn(t testing.TB, args ...string) {
 		name = IPBin
 	}
 	cmd := exec.Command(name, args...)
+	if len(a.Env) > 0 {
+		cmd.Env = append(os.Environ(), a.Env...)
+	}
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	if err := cmd.Start(); err != nil {
