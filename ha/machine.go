@@ -209,10 +209,15 @@ type machine struct {
 	renewedAt time.Time // send time of the latest successful renewal or grant
 
 	reading  bool
+	readSent time.Time // send time of the read in flight
 	nextRead time.Time
 	lastOK   time.Time // send time of the latest successful read
-	since    time.Time // when the current run of successful reads began (response time)
-	rev      int64
+	// contact is etcdOK as of the last step, lostAt when it last went
+	// false: for the logs of lapses.
+	contact bool
+	lostAt  time.Time
+	since   time.Time // when the current run of successful reads began (response time)
+	rev     int64
 
 	members  map[string]string // node -> heartbeat address, this agent included
 	settings map[string]spec.Group
@@ -334,6 +339,13 @@ type (
 		addrs []string
 		data  []byte
 	}
+	// effClaim reports a claim sent: ready is when the group became
+	// claimable by the safety rules (free, or its owner gone), gate what
+	// held the claim back after that (none, start, regain, rank).
+	effClaim struct {
+		group, kind, gate string
+		ready             time.Time
+	}
 	// effOwner reports a new owner of a group (node "" when none).
 	effOwner struct {
 		group string
@@ -426,8 +438,9 @@ func (m *machine) onRead(now time.Time, e evRead, out []any) []any {
 	if !m.etcdOK(now) {
 		m.since = now
 		if !m.lastOK.IsZero() {
-			m.log.Info("ha: etcd contact regained")
+			m.log.Info("ha: etcd contact regained", "lapse", now.Sub(m.lostAt).Round(time.Millisecond), "read_took", now.Sub(e.sent).Round(time.Millisecond))
 		}
+		m.contact = true
 	}
 	if e.sent.After(m.lastOK) {
 		m.lastOK = e.sent
@@ -794,6 +807,20 @@ func (m *machine) claimFrom() time.Time {
 	return maxTime(m.start.Add(m.cfg.t.StartGrace), m.since.Add(m.cfg.t.Regain))
 }
 
+// gate names what held a claim back after the group became claimable at
+// ready: the start grace, the regain wait, the rank's stagger, or none.
+func (m *machine) gate(ready time.Time, rank int) string {
+	switch {
+	case m.start.Add(m.cfg.t.StartGrace).After(ready) && !m.start.Add(m.cfg.t.StartGrace).Before(m.since.Add(m.cfg.t.Regain)):
+		return "start"
+	case m.since.Add(m.cfg.t.Regain).After(ready):
+		return "regain"
+	case rank > 0:
+		return "rank"
+	}
+	return "none"
+}
+
 func (m *machine) mayClaim(now time.Time) bool {
 	return !m.releasing && m.lease != 0 && m.member && m.contactStable(now) && now.Sub(m.start) >= m.cfg.t.StartGrace
 }
@@ -831,8 +858,19 @@ func (m *machine) step(now time.Time, out []any) []any {
 		v, _ := json.Marshal(memberValue{Node: m.cfg.node, Addr: m.cfg.addr})
 		out = append(out, effPut{key: m.cfg.membersPrefix() + m.cfg.node, value: v, lease: m.lease})
 	}
+	if ok := m.etcdOK(now); ok != m.contact {
+		if !ok {
+			m.lostAt = now
+			in := time.Duration(0)
+			if m.reading {
+				in = now.Sub(m.readSent)
+			}
+			m.log.Info("ha: etcd contact lost", "since_last_ok", now.Sub(m.lastOK).Round(time.Millisecond), "read_in_flight", in.Round(time.Millisecond))
+		}
+		m.contact = ok
+	}
 	if !m.reading && !now.Before(m.nextRead) && !m.released {
-		m.reading, m.nextRead = true, now.Add(t.Round)
+		m.reading, m.nextRead, m.readSent = true, now.Add(t.Round), now
 		r := effRead{sent: now, prefixes: []string{m.cfg.ownersPrefix(), m.cfg.groupsPrefix(), m.cfg.membersPrefix()}}
 		if m.lease != 0 && now.Sub(m.renewedAt) >= m.cfg.ttl/6 {
 			r.renew = m.lease
@@ -1018,10 +1056,12 @@ func (m *machine) claim(now time.Time, g *group, out []any) []any {
 	}
 	// Less preferred agents wait a little longer, counted from when the
 	// group became free to claim, so the preferred one wins the race.
-	base := maxTime(maxTime(g.absent, safe), m.claimFrom())
+	ready := maxTime(g.absent, safe)
+	base := maxTime(ready, m.claimFrom())
 	if now.Before(base.Add(time.Duration(rank) * t.Stagger)) {
 		return out
 	}
+	out = append(out, effClaim{group: g.name, kind: "create", ready: ready, gate: m.gate(ready, rank)})
 	epoch := g.viewRev + 1
 	if p != nil && p.epoch >= epoch {
 		epoch = p.epoch + 1
@@ -1063,6 +1103,7 @@ func (m *machine) takeover(now time.Time, g *group, out []any) []any {
 	if rank < 0 || now.Before(maxTime(trigger, m.claimFrom()).Add(time.Duration(rank)*t.Stagger)) {
 		return out
 	}
+	out = append(out, effClaim{group: g.name, kind: "replace", ready: trigger, gate: m.gate(trigger, rank)})
 	epoch := max(g.viewRev, o.epoch) + 1
 	v, _ := json.Marshal(ownerValue{Node: m.cfg.node, Since: now.UTC(), Epoch: epoch})
 	g.op = "replace"

@@ -189,7 +189,7 @@ func (s *sim) exec(a *simAgent, eff any) {
 				}
 			}
 		}
-	case effOwner:
+	case effOwner, effClaim:
 	case effReleased:
 		a.releasedAt = now
 		a.log = append(a.log, simLog{at: now, what: "released"})
