@@ -6,6 +6,8 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 # The demo, the namespace suite and the nf_tables benchmark need root.
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_SECONDS ?= 0
+# How long `make fuzz` runs each fuzz target.
+FUZZTIME ?= 60s
 LDFLAGS := -X main.version=$(VERSION)
 # The Debian package's version: ordered by commit time, so that a later
 # build upgrades an earlier one.
@@ -144,8 +146,11 @@ bench-nftables-lab:
 	bash e2e/lab/run.sh -run 'NFTablesVsIPVS'
 
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime 60s ./spec/
-	$(GO) test -run '^$$' -fuzz '^FuzzEncode$$' -fuzztime 60s ./status/
+	$(GO) test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) ./spec/
+	$(GO) test -run '^$$' -fuzz '^FuzzParseMember$$' -fuzztime $(FUZZTIME) ./spec/
+	$(GO) test -run '^$$' -fuzz '^FuzzEncode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 2s ./status/
+	$(GO) test -run '^$$' -fuzz '^FuzzHAProxyConfig$$' -fuzztime $(FUZZTIME) ./render/
+	$(GO) test -run '^$$' -fuzz '^FuzzHTTPMapKey$$' -fuzztime $(FUZZTIME) ./render/
 
 clean:
 	rm -rf bin .lab

@@ -128,6 +128,10 @@ type Agent struct {
 	started   bool
 	synced    []bool
 	guardLeft int
+	// start times the first pass, for the log line that says what the
+	// start-up spent.
+	start struct{ begin, listed, evaluated, synced time.Time }
+
 	// syncLeft counts the planes whose first Sync has not reported; Ready
 	// is called when it reaches 0.
 	syncLeft int
@@ -189,6 +193,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	for _, w := range a.workers {
 		go w.run(ctx)
 	}
+	a.start.begin = a.clk.Now()
 	for !a.src.Synced() {
 		select {
 		case <-ctx.Done():
@@ -196,6 +201,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-a.src.Changed():
 		}
 	}
+	a.start.listed = a.clk.Now()
 	a.restore()
 	a.src.TakeChanges() // the first pass reads everything
 	for _, n := range a.src.ServiceNames() {
@@ -205,6 +211,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.dirty[n] = true // restored but deleted from etcd meanwhile: removed
 	}
 	a.evaluateDirty()
+	a.start.evaluated = a.clk.Now()
 	if a.health != nil {
 		// Let the checker's first round finish, so a restart does not
 		// program weight 0 for healthy backends.
@@ -220,6 +227,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 		a.evaluateDirty()
 	}
+	a.start.synced = a.clk.Now()
 	a.firstSync()
 
 	var healthCh <-chan struct{}

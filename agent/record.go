@@ -240,8 +240,14 @@ func (a *Agent) firstSync() {
 	}
 }
 
-// ready tells Options.Ready that the first pass is done.
+// ready tells Options.Ready that the first pass is done, and logs what
+// it spent.
 func (a *Agent) ready() {
+	now, st := a.clk.Now(), a.start
+	a.log.Info("first pass done: every driver read back its system and applied the services",
+		"services", len(a.records),
+		"etcd_list", st.listed.Sub(st.begin), "evaluate_and_render", st.evaluated.Sub(st.listed),
+		"health_first_round", st.synced.Sub(st.evaluated), "drivers", now.Sub(st.synced), "total", now.Sub(st.begin))
 	if a.opts.Ready != nil {
 		a.opts.Ready()
 	}

@@ -31,6 +31,10 @@ import (
 
 const (
 	convServices = 2000
+	// convSmall is the size of the small table the same changes are made
+	// against first: the cost of one change must not grow with the number
+	// of services loaded (issue 11).
+	convSmall    = 20
 	convBackends = 4
 	convPort     = 80
 	// convChanges is the number of one-weight changes per side.
@@ -62,8 +66,8 @@ type convService struct {
 	weights  [convBackends]int
 }
 
-func convModel() []convService {
-	out := make([]convService, convServices)
+func convModel(n int) []convService {
+	out := make([]convService, n)
 	for i := range out {
 		s := convService{
 			name: fmt.Sprintf("conv%04d", i),
@@ -102,11 +106,12 @@ func (s convService) dest(j int) string { return lab.IPVSHostPort(s.backends[j].
 // convChange is one change: backend j of service svc gets weight w.
 type convChange struct{ svc, j int }
 
-// convChangeList picks n distinct services spread over the table.
-func convChangeList(n int) []convChange {
+// convChangeList picks n changes spread over a table of size services
+// (distinct services while n <= size).
+func convChangeList(n, size int) []convChange {
 	out := make([]convChange, n)
 	for i := range out {
-		out[i] = convChange{svc: (i*797 + 13) % convServices, j: i % convBackends} // 797 is prime to 2000
+		out[i] = convChange{svc: (i*797 + 13) % size, j: i % convBackends} // 797 is prime to 2000 and 20
 	}
 	return out
 }
@@ -248,6 +253,7 @@ func convStartAgent(t testing.TB, l *lab.AgentLab, dataDir string) {
 		"--etcd-endpoints", l.Etcd.URL(),
 		"--prefix", lab.Prefix,
 		"--drivers", "ipvs",
+		"--l4-driver", "ipvs",
 		"--data-dir", dataDir,
 		"--node", convNode,
 		"--metrics-addr", l.Agent.MetricsAddr,
@@ -345,10 +351,10 @@ func (s convStartTimes) String() string {
 // convTimedStart starts the agent and times it until ready (a pass done
 // with every service applied, up to etcd revision rev). With cold set it
 // also times the whole table appearing in /proc/net/ip_vs.
-func convTimedStart(t testing.TB, l *lab.AgentLab, dataDir string, rev int64, cold bool) convStartTimes {
+func convTimedStart(t testing.TB, l *lab.AgentLab, dataDir string, rev int64, cold bool, n int) convStartTimes {
 	t.Helper()
 	var st convStartTimes
-	ready := convReady(rev)
+	ready := convReady(rev, n)
 	start := time.Now()
 	convStartAgent(t, l, dataDir)
 	var m map[string]float64
@@ -362,7 +368,7 @@ func convTimedStart(t testing.TB, l *lab.AgentLab, dataDir string, rev int64, co
 			if err != nil {
 				t.Fatal(err)
 			}
-			if s == convServices && d == convServices*convBackends {
+			if s == n && d == n*convBackends {
 				st.inKernel = now
 			}
 		}
@@ -393,13 +399,13 @@ func convTimedStart(t testing.TB, l *lab.AgentLab, dataDir string, rev int64, co
 
 // convReady accepts a scrape once a pass has finished with every service
 // applied and, when rev > 0, the definitions up to etcd revision rev.
-func convReady(rev int64) func(map[string]float64) error {
+func convReady(rev int64, n int) func(map[string]float64) error {
 	return func(m map[string]float64) error {
 		if m[convMetricPasses] < 1 {
 			return errors.New("no reconcile pass finished yet")
 		}
-		if v := m[lab.MetricApplied]; int(v) != convServices {
-			return fmt.Errorf("%s = %v, want %d", lab.MetricApplied, v, convServices)
+		if v := m[lab.MetricApplied]; int(v) != n {
+			return fmt.Errorf("%s = %v, want %d", lab.MetricApplied, v, n)
 		}
 		if v := m[convMetricRevision]; rev > 0 && int64(v) < rev {
 			return fmt.Errorf("%s = %v, want >= %d", convMetricRevision, v, rev)
@@ -460,7 +466,18 @@ func TestConvergenceFigures(t *testing.T) {
 	t.Cleanup(func() { _, _ = lab.Run(5*time.Minute, lab.IPVSADMBin, "-C") })
 
 	l := lab.NewEtcdLab(t, 60)
-	model := convModel()
+	flush := func() {
+		if out, err := lab.Run(5*time.Minute, lab.IPVSADMBin, "-C"); err != nil {
+			t.Fatal(out, err)
+		}
+	}
+
+	// 0. The same one-weight changes with a small table loaded, in the
+	// same VM run: the cost of a change must not grow with the table.
+	smallLat := convChangesOnSmallTable(t, l)
+	flush()
+
+	model := convModel(convServices)
 	parsed := convParsed(t, model)
 	initial := render.Render(render.Input{Services: parsed})
 	if len(initial.IPVS) != convServices {
@@ -493,7 +510,7 @@ func TestConvergenceFigures(t *testing.T) {
 	// render from an empty table. The agent of the last round stays up.
 	var agentCold, admCold []time.Duration
 	agentRound := func(round int) {
-		st := convTimedStart(t, l, filepath.Join(l.Dir(), fmt.Sprintf("data%d", round)), lastRev, true)
+		st := convTimedStart(t, l, filepath.Join(l.Dir(), fmt.Sprintf("data%d", round)), lastRev, true, convServices)
 		convCheckKernel(t, "after the agent's cold start", initialWant)
 		agentCold = append(agentCold, st.inKernel)
 		t.Logf("round %d agent cold start: %s", round, st)
@@ -503,11 +520,6 @@ func TestConvergenceFigures(t *testing.T) {
 		convCheckKernel(t, "after ipvsadm -R", initialWant)
 		admCold = append(admCold, el)
 		t.Logf("round %d ipvsadm -R cold start: %s (%s)", round, lab.Ms(el), cpu)
-	}
-	flush := func() {
-		if out, err := lab.Run(5*time.Minute, lab.IPVSADMBin, "-C"); err != nil {
-			t.Fatal(out, err)
-		}
 	}
 	agentRound(0)
 	l.StopAgent(t)
@@ -527,7 +539,7 @@ func TestConvergenceFigures(t *testing.T) {
 	// the kernel showing it. Before the next change the agent's pass must
 	// be over (the applied revision reached the put's), so changes do not
 	// queue behind each other.
-	changes := convChangeList(convChanges)
+	changes := convChangeList(convChanges, convServices)
 	var agentLat []time.Duration
 	m0 := m
 	phase := time.Now()
@@ -547,7 +559,7 @@ func TestConvergenceFigures(t *testing.T) {
 		put := time.Now()
 		seen := convWaitWeight(t, s.vipPort(), s.dest(c.j), s.weights[c.j], func() error { return l.Agent.Alive() })
 		agentLat = append(agentLat, seen.Sub(put))
-		m = convWaitMetrics(t, l, convChangeWait, "the agent's pass over", convReady(resp.Header.Revision))
+		m = convWaitMetrics(t, l, convChangeWait, "the agent's pass over", convReady(resp.Header.Revision, convServices))
 	}
 	afterChanges := render.Render(render.Input{Services: convParsed(t, model)})
 	convCheckKernel(t, "after the agent's changes", convWant(afterChanges))
@@ -559,7 +571,7 @@ func TestConvergenceFigures(t *testing.T) {
 	// 3. Restart with nothing changed: SIGTERM, start on the same data dir,
 	// until a pass has finished with every service applied.
 	l.StopAgent(t)
-	restart := convTimedStart(t, l, dataDir, 0, false)
+	restart := convTimedStart(t, l, dataDir, 0, false, convServices)
 	convCheckKernel(t, "after the restart", convWant(afterChanges))
 	t.Logf("agent restart, nothing changed: %s", restart)
 	l.StopAgent(t)
@@ -573,7 +585,7 @@ func TestConvergenceFigures(t *testing.T) {
 	// 2b. The same changes the resync-everything way: re-render the whole
 	// table, ipvsadm -C, ipvsadm -R, from the start of the render to the
 	// change visible (the same poller as above).
-	model2 := convModel()
+	model2 := convModel(convServices)
 	parsed2 := convParsed(t, model2)
 	rulesPath := filepath.Join(t.TempDir(), "rules")
 	var resLat, resFull, resRender, resGap []time.Duration
@@ -631,4 +643,55 @@ func TestConvergenceFigures(t *testing.T) {
 		lab.Ms(lab.Percentile(resLat, 50)), lab.Ms(lab.Percentile(resLat, 99)), len(resLat),
 		float64(lab.Percentile(resLat, 50))/float64(lab.Percentile(agentLat, 50)), float64(lab.Percentile(resLat, 99))/float64(lab.Percentile(agentLat, 99)))
 	t.Logf("FIGURE restart with nothing changed: ready after %s, %v IPVS writes", lab.Ms(restart.ready), restart.writes)
+	t.Logf("FIGURE one weight change, %d vs %d services loaded (same VM run): p50 %s vs %s (ratio %.2f), p99 %s vs %s (ratio %.2f)",
+		convServices, convSmall, lab.Ms(lab.Percentile(agentLat, 50)), lab.Ms(lab.Percentile(smallLat, 50)),
+		float64(lab.Percentile(agentLat, 50))/float64(lab.Percentile(smallLat, 50)),
+		lab.Ms(lab.Percentile(agentLat, 99)), lab.Ms(lab.Percentile(smallLat, 99)),
+		float64(lab.Percentile(agentLat, 99))/float64(lab.Percentile(smallLat, 99)))
+}
+
+// convChangesOnSmallTable loads convSmall services, starts the agent, makes
+// convChanges one-weight changes (each from the put returning to the
+// kernel showing it), then stops the agent and deletes the services. It
+// returns the latencies.
+func convChangesOnSmallTable(t *testing.T, l *lab.AgentLab) []time.Duration {
+	t.Helper()
+	model := convModel(convSmall)
+	var ops []clientv3.Op
+	for _, s := range model {
+		ops = append(ops, clientv3.OpPut(lab.ServiceKey(s.name), string(s.definition())))
+	}
+	ctx, cancel := lab.EtcdCtx()
+	resp, err := l.Etcd.Client().Txn(ctx).Then(ops...).Commit()
+	cancel()
+	if err != nil {
+		t.Fatalf("etcd txn: %v", err)
+	}
+	st := convTimedStart(t, l, filepath.Join(l.Dir(), "small"), resp.Header.Revision, true, convSmall)
+	t.Logf("small table (%d services) cold start: %s", convSmall, st)
+	var lat []time.Duration
+	for _, c := range convChangeList(convChanges, convSmall) {
+		s := &model[c.svc]
+		s.weights[c.j]++
+		ctx, cancel := lab.EtcdCtx()
+		resp, err := l.Etcd.Client().Put(ctx, lab.ServiceKey(s.name), string(s.definition()))
+		cancel()
+		if err != nil {
+			t.Fatalf("etcd put: %v", err)
+		}
+		put := time.Now()
+		seen := convWaitWeight(t, s.vipPort(), s.dest(c.j), s.weights[c.j], func() error { return l.Agent.Alive() })
+		lat = append(lat, seen.Sub(put))
+		convWaitMetrics(t, l, convChangeWait, "the agent's pass over", convReady(resp.Header.Revision, convSmall))
+	}
+	t.Logf("small table changes: %d, visible after p50 %s p99 %s (min %s, max %s)", len(lat),
+		lab.Ms(lab.Percentile(lat, 50)), lab.Ms(lab.Percentile(lat, 99)), lab.Ms(lab.Percentile(lat, 0)), lab.Ms(lab.Percentile(lat, 100)))
+	l.StopAgent(t)
+	ctx, cancel = lab.EtcdCtx()
+	_, err = l.Etcd.Client().Delete(ctx, lab.ServiceKey(""), clientv3.WithPrefix())
+	cancel()
+	if err != nil {
+		t.Fatalf("etcd delete: %v", err)
+	}
+	return lat
 }

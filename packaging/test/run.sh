@@ -246,8 +246,9 @@ lab_run chown -R switchman:switchman /var/lib/switchman
 lab_run systemctl start switchman
 [ "$(lab_run systemctl is-active switchman)" = active ] && ok "started again on the restored data dir" || fail "start after restore"
 # The agent's own count, not the status keys (the snapshot holds the old ones).
-applied3() { lab_run curl -s http://127.0.0.1:9469/metrics | grep -qx 'switchman_services{state="applied"} 3'; }
-eventually "the three definitions back from the snapshot and applied by the new agent" applied3
+ndefs=$(lab_run etcdctl get --prefix --keys-only /switchman/services/ | grep -c .)
+appliedall() { lab_run curl -s http://127.0.0.1:9469/metrics | grep -qx "switchman_services{state=\"applied\"} $ndefs"; }
+eventually "the $ndefs definitions back from the snapshot and applied by the new agent" appliedall
 lab_run dpkg -r switchman >/dev/null
 [ "$(lab_run systemctl is-active switchman)" != active ] && ok "removal stops the agent" || fail "agent still active after removal"
 lab_run dpkg -P switchman >/dev/null 2>&1
