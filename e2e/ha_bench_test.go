@@ -115,6 +115,17 @@ func TestHAFigures(t *testing.T) {
 			return nil
 		})
 		took := first.Sub(start)
+		// Where the time went: when the VIP was dropped (planned) and
+		// added by the new owner, and how many probes failed meanwhile.
+		steps := ""
+		if dropped, ok := events.Change(owner, false, start); ok && kind == "planned" {
+			steps += fmt.Sprintf("dropped +%s, ", lab.Ms(dropped.Sub(start)))
+		}
+		if added, ok := events.Change(next, true, start); ok {
+			steps += fmt.Sprintf("added +%s, ", lab.Ms(added.Sub(start)))
+		}
+		_, failed := prober.LongestGap(start, first)
+		steps += fmt.Sprintf("%d probes failed", failed)
 		for _, host := range lab.HAHosts {
 			n := lab.CountLines(h.Agents[host.Name].LogPath, "etcd contact lost")
 			t.Logf("%s: %d etcd contact lapses since the last failover", host.Name, n-lapses[host.Name])
@@ -123,7 +134,7 @@ func TestHAFigures(t *testing.T) {
 		t.Logf("%s's claim: %s", next, lastLine(h.Agents[next].LogPath, "ha: claiming a group"))
 		if kind == "unplanned" {
 			unplanned = append(unplanned, took)
-			t.Logf("%s %2d: %s -> %s, first answer %s after the host was cut off", kind, i%haBenchRounds+1, owner, next, lab.Ms(took))
+			t.Logf("%s %2d: %s -> %s, first answer %s after the host was cut off (%s)", kind, i%haBenchRounds+1, owner, next, lab.Ms(took), steps)
 		} else {
 			h.Agents[owner].Stop(t) // reaps it
 			gap, _ := prober.LongestGap(start, first.Add(time.Second))
@@ -133,8 +144,8 @@ func TestHAFigures(t *testing.T) {
 					overlaps = append(overlaps, max(0, dropped.Sub(added)))
 				}
 			}
-			t.Logf("%s %2d: %s -> %s, first answer from %s %s after SIGTERM, longest time without an answer %s",
-				kind, i%haBenchRounds+1, owner, next, next, lab.Ms(took), lab.Ms(gap))
+			t.Logf("%s %2d: %s -> %s, first answer from %s %s after SIGTERM (%s), longest time without an answer %s",
+				kind, i%haBenchRounds+1, owner, next, next, lab.Ms(took), steps, lab.Ms(gap))
 		}
 		// The old owner comes back as the standby.
 		dead := owner

@@ -31,6 +31,8 @@ type sim struct {
 	queue  []simEvent
 	seq    int
 	cut    map[string]bool // peer links, "a|b" with a < b
+	// slow adds to the latency of one agent's etcd calls (a loaded host).
+	slow map[string]time.Duration
 
 	step, latency, netDelay time.Duration
 
@@ -72,7 +74,7 @@ func newSim(t *testing.T, groups ...string) *sim {
 	t.Helper()
 	clk := clock.NewFake()
 	return &sim{t: t, clk: clk, etcd: newFakeEtcd(clk.Now), timing: DefaultTiming(), ttl: DefaultLeaseTTL, groups: groups,
-		agents: map[string]*simAgent{}, cut: map[string]bool{}, spans: map[string][]span{},
+		agents: map[string]*simAgent{}, cut: map[string]bool{}, slow: map[string]time.Duration{}, spans: map[string][]span{},
 		step: time.Millisecond, latency: 2 * time.Millisecond, netDelay: time.Millisecond}
 }
 
@@ -158,7 +160,7 @@ func (s *sim) handle(a *simAgent, ev any) {
 // after the call timeout when a cannot reach etcd.
 func (s *sim) call(a *simAgent, f func(ctx context.Context) (any, error)) {
 	ev, err := f(context.Background())
-	at := s.now().Add(s.latency)
+	at := s.now().Add(s.latency + s.slow[a.name])
 	if errors.Is(err, errUnreachable) {
 		at = s.now().Add(s.timing.Hold)
 	}
