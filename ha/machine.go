@@ -69,6 +69,10 @@ func DefaultTiming() Timing {
 // say it is in contact with etcd.
 func (t Timing) contact() time.Duration { return 2 * t.Round }
 
+// maxReads is how many reads may be in flight at once: one per Round of
+// the Hold (a read is abandoned after Hold).
+func (t Timing) maxReads() int { return int(t.Hold / t.Round) }
+
 // keepFor is how long an owner without etcd keeps its addresses on the
 // strength of a peer's "no etcd" heartbeat: the Margin less than what that
 // peer waits after regaining etcd before it claims.
@@ -211,8 +215,11 @@ type machine struct {
 	putting   bool
 	renewedAt time.Time // send time of the latest successful renewal or grant
 
-	reading  bool
-	readSent time.Time // send time of the read in flight
+	// reads are the send times of the reads in flight, oldest first: a
+	// read goes out every Round even while earlier ones are slow, so one
+	// slow answer does not hold the next confirmation back.
+	reads    []time.Time
+	renewing bool // a renewal rides on a read in flight
 	nextRead time.Time
 	lastOK   time.Time // send time of the latest successful read
 	// contact is etcdOK as of the last step, lostAt when it last went
@@ -426,7 +433,12 @@ func (m *machine) etcdOK(now time.Time) bool {
 }
 
 func (m *machine) onRead(now time.Time, e evRead, out []any) []any {
-	m.reading = false
+	if i := slices.IndexFunc(m.reads, e.sent.Equal); i >= 0 {
+		m.reads = slices.Delete(m.reads, i, i+1)
+	}
+	if e.renew != 0 {
+		m.renewing = false
+	}
 	if e.err != nil {
 		if m.etcdOK(now) {
 			m.log.Debug("ha: etcd read failed", "error", e.err)
@@ -921,18 +933,18 @@ func (m *machine) step(now time.Time, out []any) []any {
 		if !ok {
 			m.lostAt = now
 			in := time.Duration(0)
-			if m.reading {
-				in = now.Sub(m.readSent)
+			if len(m.reads) > 0 {
+				in = now.Sub(m.reads[0])
 			}
 			m.log.Info("ha: etcd contact lost", "since_last_ok", now.Sub(m.lastOK).Round(time.Millisecond), "read_in_flight", in.Round(time.Millisecond))
 		}
 		m.contact = ok
 	}
-	if !m.reading && !now.Before(m.nextRead) && !m.released {
-		m.reading, m.nextRead, m.readSent = true, now.Add(t.Round), now
+	if len(m.reads) < t.maxReads() && !now.Before(m.nextRead) && !m.released {
+		m.reads, m.nextRead = append(m.reads, now), now.Add(t.Round)
 		r := effRead{sent: now, prefixes: []string{m.cfg.ownersPrefix(), m.cfg.groupsPrefix(), m.cfg.membersPrefix()}}
-		if m.lease != 0 && now.Sub(m.renewedAt) >= m.cfg.ttl/6 {
-			r.renew = m.lease
+		if m.lease != 0 && !m.renewing && now.Sub(m.renewedAt) >= m.cfg.ttl/6 {
+			r.renew, m.renewing = m.lease, true
 		}
 		out = append(out, r)
 	}
