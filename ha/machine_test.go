@@ -478,3 +478,21 @@ func TestSimKeepAfterLapse(t *testing.T) {
 	t.Logf("etcd back for the standby only: the owner dropped %v later, the standby held %v later",
 		s.agents[old].lastEvent("drop", "web").Sub(back), s.agents[standby].lastEvent("hold", "web").Sub(back))
 }
+
+// TestSimOneSlowRead: one of the owner's reads takes most of the hold
+// deadline to come back. The reads after it go out on time and confirm
+// the key, so the owner keeps its addresses throughout.
+func TestSimOneSlowRead(t *testing.T) {
+	s, owner, _ := settledPair(t)
+	a := s.agents[owner]
+	s.slowNext[owner] = s.timing.Hold - s.timing.Round/2
+	from := s.now()
+	s.run(2 * time.Second)
+	if d := a.lastEvent("drop", "web"); d.After(from) {
+		t.Fatalf("the owner dropped %v after its slow read was sent", d.Sub(from))
+	}
+	if s.holder("web") != owner {
+		t.Fatalf("holder %q, want %s", s.holder("web"), owner)
+	}
+	s.safe()
+}

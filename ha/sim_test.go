@@ -31,8 +31,9 @@ type sim struct {
 	queue  []simEvent
 	seq    int
 	cut    map[string]bool // peer links, "a|b" with a < b
-	// slow adds to the latency of one agent's etcd calls (a loaded host).
-	slow map[string]time.Duration
+	// slow adds to the latency of one agent's etcd calls (a loaded host),
+	// slowNext to the latency of its next read only.
+	slow, slowNext map[string]time.Duration
 
 	step, latency, netDelay time.Duration
 
@@ -74,7 +75,7 @@ func newSim(t *testing.T, groups ...string) *sim {
 	t.Helper()
 	clk := clock.NewFake()
 	return &sim{t: t, clk: clk, etcd: newFakeEtcd(clk.Now), timing: DefaultTiming(), ttl: DefaultLeaseTTL, groups: groups,
-		agents: map[string]*simAgent{}, cut: map[string]bool{}, slow: map[string]time.Duration{}, spans: map[string][]span{},
+		agents: map[string]*simAgent{}, cut: map[string]bool{}, slow: map[string]time.Duration{}, slowNext: map[string]time.Duration{}, spans: map[string][]span{},
 		step: time.Millisecond, latency: 2 * time.Millisecond, netDelay: time.Millisecond}
 }
 
@@ -196,6 +197,10 @@ func (s *sim) exec(a *simAgent, eff any) {
 		a.releasedAt = now
 		a.log = append(a.log, simLog{at: now, what: "released"})
 	case effRead:
+		extra := s.slowNext[a.name]
+		delete(s.slowNext, a.name)
+		s.slow[a.name] += extra
+		defer func() { s.slow[a.name] -= extra }()
 		s.call(a, func(ctx context.Context) (any, error) {
 			ev := evRead{sent: f.sent, renew: f.renew}
 			if f.renew != 0 {
