@@ -22,8 +22,8 @@
 // # How an agent works (defaults with the 3s lease)
 //
 // Every Round (100 ms) each agent reads the three prefixes in one
-// linearizable request, even while earlier reads are still unanswered
-// (up to Hold/Round of them), so one slow answer does not hold the next
+// linearizable request, even while the one before is still unanswered
+// (at most two in flight), so one slow answer does not hold the next
 // confirmation back; every TTL/6 (500 ms) it also renews its lease
 // with KeepAliveOnce. Every Heartbeat (100 ms), and at once on any
 // change, it sends each member a heartbeat: whether its last read

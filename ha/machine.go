@@ -69,9 +69,10 @@ func DefaultTiming() Timing {
 // say it is in contact with etcd.
 func (t Timing) contact() time.Duration { return 2 * t.Round }
 
-// maxReads is how many reads may be in flight at once: one per Round of
-// the Hold (a read is abandoned after Hold).
-func (t Timing) maxReads() int { return int(t.Hold / t.Round) }
+// maxReads is how many reads may be in flight at once: two, so that one
+// slow answer does not hold the next read back, while an etcd that is
+// slow for everyone gets at most twice the reads.
+const maxReads = 2
 
 // keepFor is how long an owner without etcd keeps its addresses on the
 // strength of a peer's "no etcd" heartbeat: the Margin less than what that
@@ -940,7 +941,7 @@ func (m *machine) step(now time.Time, out []any) []any {
 		}
 		m.contact = ok
 	}
-	if len(m.reads) < t.maxReads() && !now.Before(m.nextRead) && !m.released {
+	if len(m.reads) < maxReads && !now.Before(m.nextRead) && !m.released {
 		m.reads, m.nextRead = append(m.reads, now), now.Add(t.Round)
 		r := effRead{sent: now, prefixes: []string{m.cfg.ownersPrefix(), m.cfg.groupsPrefix(), m.cfg.membersPrefix()}}
 		if m.lease != 0 && !m.renewing && now.Sub(m.renewedAt) >= m.cfg.ttl/6 {
