@@ -88,18 +88,20 @@
 // An owner whose hold deadline passed keeps its addresses (without ever
 // starting to hold) while every other member was heard, within
 // Regain - Margin and after the owner sent its last read that etcd
-// answered, saying it has no etcd either. Those agents cannot claim;
+// answered or its last renewal that etcd confirmed (whichever is
+// earlier), saying it has no etcd either. Those agents cannot claim;
 // after regaining etcd each waits Regain before it claims from that
 // owner, longer than the owner keeps on the strength of its last "no
 // etcd" heartbeat. etcd itself helps: while it has no leader no lease
 // expires, and a new leader renews them all. With no other member heard,
 // an owner must assume it is the one cut off, and drops.
 //
-// Clearing. A "no etcd" heartbeat heard before the owner's own last
-// successful read says only that the peer's reads were slow or failed
-// for a moment (a loaded host), not that etcd is gone for everyone: it
-// does not count, and never will again (time and the last read only move
-// on). Each heartbeat lists, per peer whose reports all no longer count,
+// Clearing. A "no etcd" heartbeat heard before both the owner's own last
+// successful read and its last successful renewal says only that the
+// peer's reads were slow or failed for a moment (a loaded host), not that
+// etcd is gone for everyone: it does not count, and never will again
+// (time, the last read and the last renewal only move on). An owner that
+// hears such a report renews its lease with its next read to void it. Each heartbeat lists, per peer whose reports all no longer count,
 // the last heartbeat heard from it ("cleared"). A peer cleared by the
 // owner past its last "no etcd" heartbeat knows the owner cannot keep on
 // its account and skips the Regain wait for that owner's groups; without

@@ -798,12 +798,28 @@ func (m *machine) keepMode(now time.Time) bool {
 
 // counts reports whether p's latest "no etcd" heartbeat counts for keep
 // mode: heard within keepFor, and after this agent sent its last read
-// that etcd answered. A report heard before that says only that p's
-// reads were slow or failed while this agent's worked: not that etcd is
-// gone for everyone. Once a report no longer counts it never will again
-// (time and lastOK only grow), which lets cleared promise it.
+// that etcd answered or its last renewal that etcd confirmed, whichever
+// is earlier (an owner needs both to hold without keep mode). A report
+// heard before both says only that p's reads were slow or failed while
+// this agent's worked: not that etcd is gone for everyone. Once a report
+// no longer counts it never will again (time, lastOK and renewedAt only
+// grow), which lets cleared promise it.
 func (m *machine) counts(p *peer, now time.Time) bool {
-	return !p.noEtcd.IsZero() && now.Sub(p.noEtcd) <= m.cfg.t.keepFor() && p.noEtcd.After(m.lastOK)
+	ref := m.lastOK
+	if m.renewedAt.Before(ref) {
+		ref = m.renewedAt
+	}
+	return !p.noEtcd.IsZero() && now.Sub(p.noEtcd) <= m.cfg.t.keepFor() && p.noEtcd.After(ref)
+}
+
+// anyCounts reports whether a peer's "no etcd" report counts (counts).
+func (m *machine) anyCounts(now time.Time) bool {
+	for _, p := range m.peers {
+		if m.counts(p, now) {
+			return true
+		}
+	}
+	return false
 }
 
 // cleared lists, for each peer that ever said it had no etcd and whose
@@ -944,7 +960,9 @@ func (m *machine) step(now time.Time, out []any) []any {
 	if len(m.reads) < maxReads && !now.Before(m.nextRead) && !m.released {
 		m.reads, m.nextRead = append(m.reads, now), now.Add(t.Round)
 		r := effRead{sent: now, prefixes: []string{m.cfg.ownersPrefix(), m.cfg.groupsPrefix(), m.cfg.membersPrefix()}}
-		if m.lease != 0 && !m.renewing && now.Sub(m.renewedAt) >= m.cfg.ttl/6 {
+		// Renew when due, and at once while a peer's "no etcd" report
+		// counts: the renewal is what clears it (counts).
+		if m.lease != 0 && !m.renewing && (now.Sub(m.renewedAt) >= m.cfg.ttl/6 || m.etcdOK(now) && m.anyCounts(now)) {
 			r.renew, m.renewing = m.lease, true
 		}
 		out = append(out, r)

@@ -496,3 +496,24 @@ func TestSimOneSlowRead(t *testing.T) {
 	}
 	s.safe()
 }
+
+// TestSimRenewalLagsAfterOutage: etcd comes back for everyone after an
+// outage, and the owner's reads work again before its renewals do. The
+// owner keeps its group meanwhile (keep mode), and nothing moves.
+func TestSimRenewalLagsAfterOutage(t *testing.T) {
+	s, owner, _ := settledPair(t)
+	s.etcd.setDown(true)
+	s.run(4 * time.Second)
+	s.etcd.failRenew(owner, true)
+	s.etcd.setDown(false)
+	s.run(time.Second)
+	s.etcd.failRenew(owner, false)
+	s.run(2 * time.Second)
+	if d := s.agents[owner].lastEvent("drop", "web"); !d.IsZero() {
+		t.Fatalf("the owner dropped at %v", d)
+	}
+	if h := s.holder("web"); h != owner {
+		t.Fatalf("holder %q, want %s", h, owner)
+	}
+	s.safe()
+}

@@ -148,14 +148,18 @@ func TestKeepReports(t *testing.T) {
 		name   string
 		report time.Duration // when the peer's last report was heard; -1: never
 		lastOK time.Duration // send time of this agent's last successful read
-		now    time.Duration
-		counts bool
+		// renewed: send time of its last successful renewal; -1: as lastOK
+		renewed time.Duration
+		now     time.Duration
+		counts  bool
 	}{
-		{name: "heard after the last read", report: 100 * ms, lastOK: 50 * ms, now: 300 * ms, counts: true},
-		{name: "heard before the last read", report: 100 * ms, lastOK: 150 * ms, now: 300 * ms},
-		{name: "heard with the last read", report: 100 * ms, lastOK: 100 * ms, now: 300 * ms},
-		{name: "too old", report: 100 * ms, lastOK: 0, now: 100*ms + tm.keepFor() + ms},
-		{name: "never", report: -1, lastOK: 0, now: 300 * ms},
+		{name: "heard after the last read", report: 100 * ms, lastOK: 50 * ms, renewed: -1, now: 300 * ms, counts: true},
+		{name: "heard before the last read", report: 100 * ms, lastOK: 150 * ms, renewed: -1, now: 300 * ms},
+		{name: "heard with the last read", report: 100 * ms, lastOK: 100 * ms, renewed: -1, now: 300 * ms},
+		{name: "heard before the last read but after the last renewal", report: 100 * ms, lastOK: 150 * ms, renewed: 50 * ms, now: 300 * ms, counts: true},
+		{name: "heard before the last renewal but after the last read", report: 100 * ms, lastOK: 50 * ms, renewed: 150 * ms, now: 300 * ms, counts: true},
+		{name: "too old", report: 100 * ms, lastOK: 0, renewed: -1, now: 100*ms + tm.keepFor() + ms},
+		{name: "never", report: -1, lastOK: 0, renewed: -1, now: 300 * ms},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -166,7 +170,10 @@ func TestKeepReports(t *testing.T) {
 				p.noEtcd = t0.Add(tc.report)
 			}
 			m.peers["lb2"] = p
-			m.lastOK = t0.Add(tc.lastOK)
+			m.lastOK, m.renewedAt = t0.Add(tc.lastOK), t0.Add(tc.lastOK)
+			if tc.renewed >= 0 {
+				m.renewedAt = t0.Add(tc.renewed)
+			}
 			now := t0.Add(tc.now)
 			if got := m.counts(p, now); got != tc.counts {
 				t.Fatalf("counts = %v, want %v", got, tc.counts)
