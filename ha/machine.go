@@ -777,8 +777,8 @@ func rendezvous(group, node string) uint64 {
 }
 
 // keepMode reports whether every other member was heard, within keepFor,
-// saying it has no etcd either, each after this agent's last successful
-// read: then nobody can claim (an agent that regains etcd claims nothing
+// saying it has no etcd either, in a report that still counts (counts):
+// then nobody can claim (an agent that regains etcd claims nothing
 // for Regain, unless this agent cleared its reports), and an owner keeps
 // its addresses past its hold deadline. With no other member heard, an
 // owner must assume it is the one cut off.
