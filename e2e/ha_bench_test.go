@@ -4,6 +4,9 @@ package e2e
 
 import (
 	"fmt"
+	"os"
+	"sort"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -60,6 +63,9 @@ func TestHAFigures(t *testing.T) {
 	regain := 20 * h.Round // ha's Regain is 20 rounds
 	var unplanned, planned, plannedGap []time.Duration
 	var overlaps []time.Duration
+	reads := haReads{}
+	began := time.Now()
+	lapses := map[string]int{}
 	for i := range 2 * haBenchRounds {
 		kind := "unplanned"
 		if i >= haBenchRounds {
@@ -79,6 +85,7 @@ func TestHAFigures(t *testing.T) {
 		h.WaitStandby(t, next, regain)
 		h.WaitHolder(t, 0, owner)
 		lab.WaitHTTP(t, "http://"+lab.HAVIP+"/")
+		reads.add(h.Agents[owner])
 		var start time.Time
 		if kind == "unplanned" {
 			start = h.Cut(t, owner)
@@ -108,9 +115,26 @@ func TestHAFigures(t *testing.T) {
 			return nil
 		})
 		took := first.Sub(start)
+		// Where the time went: when the VIP was dropped (planned) and
+		// added by the new owner, and how many probes failed meanwhile.
+		steps := ""
+		if dropped, ok := events.Change(owner, false, start); ok && kind == "planned" {
+			steps += fmt.Sprintf("dropped +%s, ", lab.Ms(dropped.Sub(start)))
+		}
+		if added, ok := events.Change(next, true, start); ok {
+			steps += fmt.Sprintf("added +%s, ", lab.Ms(added.Sub(start)))
+		}
+		_, failed := prober.LongestGap(start, first)
+		steps += fmt.Sprintf("%d probes failed", failed)
+		for _, host := range lab.HAHosts {
+			n := lab.CountLines(h.Agents[host.Name].LogPath, "etcd contact lost")
+			t.Logf("%s: %d etcd contact lapses since the last failover", host.Name, n-lapses[host.Name])
+			lapses[host.Name] = n
+		}
+		t.Logf("%s's claim: %s", next, lastLine(h.Agents[next].LogPath, "ha: claiming a group"))
 		if kind == "unplanned" {
 			unplanned = append(unplanned, took)
-			t.Logf("%s %2d: %s -> %s, first answer %s after the host was cut off", kind, i%haBenchRounds+1, owner, next, lab.Ms(took))
+			t.Logf("%s %2d: %s -> %s, first answer %s after the host was cut off (%s)", kind, i%haBenchRounds+1, owner, next, lab.Ms(took), steps)
 		} else {
 			h.Agents[owner].Stop(t) // reaps it
 			gap, _ := prober.LongestGap(start, first.Add(time.Second))
@@ -120,8 +144,8 @@ func TestHAFigures(t *testing.T) {
 					overlaps = append(overlaps, max(0, dropped.Sub(added)))
 				}
 			}
-			t.Logf("%s %2d: %s -> %s, first answer from %s %s after SIGTERM, longest time without an answer %s",
-				kind, i%haBenchRounds+1, owner, next, next, lab.Ms(took), lab.Ms(gap))
+			t.Logf("%s %2d: %s -> %s, first answer from %s %s after SIGTERM (%s), longest time without an answer %s",
+				kind, i%haBenchRounds+1, owner, next, next, lab.Ms(took), steps, lab.Ms(gap))
 		}
 		// The old owner comes back as the standby.
 		dead := owner
@@ -145,6 +169,13 @@ func TestHAFigures(t *testing.T) {
 		h.WaitHolder(t, 0, owner)
 	}
 	sampler.Stop()
+	for _, host := range lab.HAHosts {
+		reads.add(h.Agents[host.Name])
+	}
+	total := 0
+	for _, n := range lapses {
+		total += n
+	}
 	samples, dual, errs, lastErr := sampler.Report()
 	dualMs := time.Duration(len(dual)) * sampleEvery
 	maxOverlap := time.Duration(0)
@@ -160,7 +191,66 @@ func TestHAFigures(t *testing.T) {
 		lab.Ms(lab.Percentile(plannedGap, 50)), lab.Ms(lab.Percentile(plannedGap, 99)))
 	t.Logf("FIGURE HA dual ownership: %d samples of %d (%v) saw an address on both hosts; largest overlap of the VIP in the address events of a planned hand-over %s",
 		len(dual), samples, dualMs, lab.Ms(maxOverlap))
+	t.Logf("FIGURE HA etcd reads: %.0f, p50 <= %s, p99 <= %s (histogram bucket bounds); %d etcd contact lapses in %v over both agents",
+		reads["+Inf"], reads.quantile(0.5), reads.quantile(0.99), total, time.Since(began).Round(time.Second))
 	if len(dual) > 0 {
 		t.Errorf("two holders seen:\n%s", strings.Join(dual, "\n"))
 	}
+}
+
+// haReads sums the agents' switchman_ha_etcd_read_seconds histograms: the
+// cumulative count of each bucket, by its upper bound.
+type haReads map[string]float64
+
+// add adds the histogram of a's running process (scraped before it ends).
+func (r haReads) add(a *lab.Agent) {
+	m, err := a.Metrics()
+	if err != nil {
+		return
+	}
+	const prefix = `switchman_ha_etcd_read_seconds_bucket{le="`
+	for k, v := range m {
+		if le, ok := strings.CutPrefix(k, prefix); ok {
+			r[strings.TrimSuffix(le, `"}`)] += v
+		}
+	}
+}
+
+// quantile returns the upper bound of the bucket that holds quantile q.
+func (r haReads) quantile(q float64) string {
+	type bucket struct {
+		le    float64
+		name  string
+		count float64
+	}
+	var bs []bucket
+	for name, c := range r {
+		le, err := strconv.ParseFloat(name, 64)
+		if err != nil {
+			continue // +Inf parses; anything else is not a bound
+		}
+		bs = append(bs, bucket{le, name, c})
+	}
+	sort.Slice(bs, func(i, j int) bool { return bs[i].le < bs[j].le })
+	for _, b := range bs {
+		if b.count >= q*r["+Inf"] {
+			return b.name + "s"
+		}
+	}
+	return "?"
+}
+
+// lastLine returns the last line of path that contains substr.
+func lastLine(path, substr string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(string(b), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if strings.Contains(lines[i], substr) {
+			return lines[i]
+		}
+	}
+	return "(none)"
 }

@@ -22,7 +22,9 @@
 // # How an agent works (defaults with the 3s lease)
 //
 // Every Round (100 ms) each agent reads the three prefixes in one
-// linearizable request; every TTL/6 (500 ms) it also renews its lease
+// linearizable request, even while the one before is still unanswered
+// (at most two in flight), so one slow answer does not hold the next
+// confirmation back; every TTL/6 (500 ms) it also renews its lease
 // with KeepAliveOnce. Every Heartbeat (100 ms), and at once on any
 // change, it sends each member a heartbeat: whether its last read
 // succeeded within 2 Rounds ("etcd ok"), the peers it hears, the state of
@@ -52,7 +54,11 @@
 // Preference is the group's nodes in order, or else rendezvous hashing of
 // group and node over the live agents, so groups spread over agents that
 // start together. An agent claims nothing in its first StartGrace
-// (600 ms) and for Regain (2 s) after it regains etcd.
+// (600 ms) nor in the Regain (2 s) after its first contact with etcd;
+// after it regains etcd it also waits Regain before it claims a group
+// from an owner that may keep the group on the strength of its "no etcd"
+// heartbeats (keep mode, below), unless that owner released the group or
+// cleared those heartbeats.
 //
 // Takeover (the fast path). A standby replaces the owner key (a
 // transaction comparing the key's ModRevision) when the owner is gone:
@@ -81,12 +87,27 @@
 //
 // An owner whose hold deadline passed keeps its addresses (without ever
 // starting to hold) while every other member was heard, within
-// Regain - Margin, saying it has no etcd either. Those agents cannot
-// claim; after regaining etcd each waits Regain before it claims anything,
-// longer than the owner keeps on the strength of its last "no etcd"
-// heartbeat. etcd itself helps: while it has no leader no lease expires,
-// and a new leader renews them all. With no other member heard, an owner
-// must assume it is the one cut off, and drops.
+// Regain - Margin and after the owner sent its last read that etcd
+// answered or its last renewal that etcd confirmed (whichever is
+// earlier), saying it has no etcd either. Those agents cannot claim;
+// after regaining etcd each waits Regain before it claims from that
+// owner, longer than the owner keeps on the strength of its last "no
+// etcd" heartbeat. etcd itself helps: while it has no leader no lease
+// expires, and a new leader renews them all. With no other member heard,
+// an owner must assume it is the one cut off, and drops.
+//
+// Clearing. A "no etcd" heartbeat heard before both the owner's own last
+// successful read and its last successful renewal says only that the
+// peer's reads were slow or failed for a moment (a loaded host), not that
+// etcd is gone for everyone: it does not count, and never will again
+// (time, the last read and the last renewal only move on). An owner that
+// hears such a report renews its lease with its next read to void it. Each heartbeat lists, per peer whose reports all no longer count,
+// the last heartbeat heard from it ("cleared"). A peer cleared by the
+// owner past its last "no etcd" heartbeat knows the owner cannot keep on
+// its account and skips the Regain wait for that owner's groups; without
+// that (the owner silent, heartbeats lost) it waits. So a lapse of a few
+// hundred milliseconds under load no longer holds a takeover back for
+// Regain.
 //
 // # Cases
 //
@@ -96,7 +117,8 @@
 //     (about 1.3 s). Heard by no one: the peers' fast path takes over after
 //     Silence, holding after Hold + Margin (about 0.8 s).
 //   - Standby isolated: it cannot write to etcd, so it claims nothing;
-//     after it regains etcd it waits Regain.
+//     after it regains etcd it waits Regain, or until the owner clears
+//     its "no etcd" heartbeats.
 //   - etcd down for all: owners keep (keep mode), standbys cannot claim;
 //     when etcd is back owners reconfirm, nothing moves. If an owner's
 //     client takes longer than Regain - Margin to reconnect than its

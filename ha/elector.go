@@ -348,6 +348,12 @@ func (e *Elector) exec(ctx context.Context, wg *sync.WaitGroup, now time.Time, e
 				_, _ = e.conn.WriteToUDPAddrPort(f.data, ap)
 			}
 		}
+	case effClaim:
+		waited := now.Sub(f.ready)
+		if e.metrics != nil {
+			e.metrics.claimWait.WithLabelValues(f.kind, f.gate).Observe(waited.Seconds())
+		}
+		e.log.Info("ha: claiming a group", "group", f.group, "kind", f.kind, "waited", waited.Round(time.Millisecond), "gate", f.gate)
 	case effOwner:
 		if e.metrics != nil && f.owner.Node != "" {
 			e.metrics.changes.WithLabelValues(f.group).Inc()
@@ -362,6 +368,9 @@ func (e *Elector) exec(ctx context.Context, wg *sync.WaitGroup, now time.Time, e
 				go func() { defer rwg.Done(); ev.renewErr = st.KeepAliveOnce(ctx, f.renew) }()
 			}
 			ev.rev, ev.kvs, ev.err = st.Read(ctx, f.prefixes...)
+			if e.metrics != nil && ev.err == nil {
+				e.metrics.read.Observe(e.clk.Now().Sub(f.sent).Seconds())
+			}
 			rwg.Wait()
 			return ev
 		})
@@ -422,14 +431,23 @@ func (e *Elector) publish(now time.Time) {
 			v = 1
 		}
 		e.metrics.contact.Set(v)
+		if e.metrics.hadContact && !contact {
+			e.metrics.lapses.Inc()
+		}
+		e.metrics.hadContact = contact
 	}
 }
 
 type metrics struct {
-	changes *prometheus.CounterVec
-	held    *prometheus.GaugeVec
-	owned   prometheus.Gauge
-	contact prometheus.Gauge
+	changes   *prometheus.CounterVec
+	held      *prometheus.GaugeVec
+	owned     prometheus.Gauge
+	contact   prometheus.Gauge
+	lapses    prometheus.Counter
+	read      prometheus.Histogram
+	claimWait *prometheus.HistogramVec
+	// hadContact is the contact published last (Run's goroutine only).
+	hadContact bool
 }
 
 func newMetrics(r prometheus.Registerer) *metrics {
@@ -442,7 +460,15 @@ func newMetrics(r prometheus.Registerer) *metrics {
 			Help: "HA groups whose addresses this agent holds."}),
 		contact: prometheus.NewGauge(prometheus.GaugeOpts{Name: "switchman_ha_etcd_contact",
 			Help: "1 while this agent's ownership reads reach etcd."}),
+		lapses: prometheus.NewCounter(prometheus.CounterOpts{Name: "switchman_ha_etcd_contact_lapses_total",
+			Help: "Times this agent's etcd contact lapsed: no read answered within two rounds of the last one sent that was."}),
+		read: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "switchman_ha_etcd_read_seconds",
+			Help:    "Time from sending an ownership read to etcd's answer.",
+			Buckets: []float64{.002, .005, .01, .02, .05, .1, .2, .3, .5, 1, 2, 5}}),
+		claimWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "switchman_ha_claim_wait_seconds",
+			Help:    "Time from when a group became claimable by the safety rules (free, or its owner gone) to this agent's claim, by kind (create, replace) and by what held the claim back (none, start, regain, rank).",
+			Buckets: []float64{.001, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5, 10}}, []string{"kind", "gate"}),
 	}
-	r.MustRegister(m.changes, m.held, m.owned, m.contact)
+	r.MustRegister(m.changes, m.held, m.owned, m.contact, m.lapses, m.read, m.claimWait)
 	return m
 }

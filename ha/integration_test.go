@@ -12,11 +12,13 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 
 	"github.com/switchman-lb/switchman/ha"
 	"github.com/switchman-lb/switchman/internal/etcdtest"
 	"github.com/switchman-lb/switchman/spec"
-	"github.com/switchman-lb/switchman/watcher"
 	"github.com/switchman-lb/switchman/watcher/embedded"
 )
 
@@ -114,9 +116,17 @@ func (e *etcdServer) start(t *testing.T) {
 	e.srv = srv
 }
 
+// connect returns a client of endpoint that retries its connection at
+// most every 500ms. With gRPC's default backoff (1s growing to 120s), a
+// client may reconnect seconds after its peers once etcd is back, and an
+// owner whose client reconnects more than Regain - Margin after its
+// peers' drops by design (see the package documentation): that would make
+// the tests of etcd outages depend on the backoff's jitter.
 func connect(t *testing.T, endpoint string) *clientv3.Client {
 	t.Helper()
-	cli, err := watcher.Connect(watcher.ConnOptions{Endpoints: []string{endpoint}, DialTimeout: 2 * time.Second}, nil)
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{endpoint}, DialTimeout: 2 * time.Second, Logger: zap.NewNop(),
+		DialOptions: []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff: backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 500 * time.Millisecond}})}})
 	if err != nil {
 		t.Fatal(err)
 	}

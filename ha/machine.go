@@ -69,6 +69,11 @@ func DefaultTiming() Timing {
 // say it is in contact with etcd.
 func (t Timing) contact() time.Duration { return 2 * t.Round }
 
+// maxReads is how many reads may be in flight at once: two, so that one
+// slow answer does not hold the next read back, while an etcd that is
+// slow for everyone gets at most twice the reads.
+const maxReads = 2
+
 // keepFor is how long an owner without etcd keeps its addresses on the
 // strength of a peer's "no etcd" heartbeat: the Margin less than what that
 // peer waits after regaining etcd before it claims.
@@ -183,6 +188,9 @@ type peer struct {
 	// was alive and could not hear it (a partition between peers); no
 	// fast takeover from it until it is heard again.
 	suspect bool
+	// cleared: the peer said none of this agent's heartbeats (of this
+	// incarnation) up to this sequence number counts for its keep mode.
+	cleared uint64
 }
 
 type noteSeen struct {
@@ -208,11 +216,23 @@ type machine struct {
 	putting   bool
 	renewedAt time.Time // send time of the latest successful renewal or grant
 
-	reading  bool
+	// reads are the send times of the reads in flight, oldest first: a
+	// read goes out every Round even while earlier ones are slow, so one
+	// slow answer does not hold the next confirmation back.
+	reads    []time.Time
+	renewing bool // a renewal rides on a read in flight
 	nextRead time.Time
 	lastOK   time.Time // send time of the latest successful read
-	since    time.Time // when the current run of successful reads began (response time)
-	rev      int64
+	// contact is etcdOK as of the last step, lostAt when it last went
+	// false: for the logs of lapses.
+	contact bool
+	lostAt  time.Time
+	since   time.Time // when the current run of successful reads began (response time)
+	joined  time.Time // when the first run began
+	// noEtcdSeq is the sequence number of the last heartbeat this agent
+	// sent saying it had no etcd (0: none in this incarnation).
+	noEtcdSeq uint64
+	rev       int64
 
 	members  map[string]string // node -> heartbeat address, this agent included
 	settings map[string]spec.Group
@@ -334,6 +354,13 @@ type (
 		addrs []string
 		data  []byte
 	}
+	// effClaim reports a claim sent: ready is when the group became
+	// claimable by the safety rules (free, or its owner gone), gate what
+	// held the claim back after that (none, start, regain, rank).
+	effClaim struct {
+		group, kind, gate string
+		ready             time.Time
+	}
 	// effOwner reports a new owner of a group (node "" when none).
 	effOwner struct {
 		group string
@@ -407,7 +434,12 @@ func (m *machine) etcdOK(now time.Time) bool {
 }
 
 func (m *machine) onRead(now time.Time, e evRead, out []any) []any {
-	m.reading = false
+	if i := slices.IndexFunc(m.reads, e.sent.Equal); i >= 0 {
+		m.reads = slices.Delete(m.reads, i, i+1)
+	}
+	if e.renew != 0 {
+		m.renewing = false
+	}
 	if e.err != nil {
 		if m.etcdOK(now) {
 			m.log.Debug("ha: etcd read failed", "error", e.err)
@@ -425,9 +457,13 @@ func (m *machine) onRead(now time.Time, e evRead, out []any) []any {
 	}
 	if !m.etcdOK(now) {
 		m.since = now
-		if !m.lastOK.IsZero() {
-			m.log.Info("ha: etcd contact regained")
+		if m.joined.IsZero() {
+			m.joined = now
 		}
+		if !m.lastOK.IsZero() {
+			m.log.Info("ha: etcd contact regained", "lapse", now.Sub(m.lostAt).Round(time.Millisecond), "read_took", now.Sub(e.sent).Round(time.Millisecond))
+		}
+		m.contact = true
 	}
 	if e.sent.After(m.lastOK) {
 		m.lastOK = e.sent
@@ -630,9 +666,12 @@ func (m *machine) onPacket(now time.Time, e evPacket) {
 		return // only members, from their registered address
 	}
 	if h.Inc != p.inc {
-		p.inc, p.seq = h.Inc, 0
+		p.inc, p.seq, p.cleared = h.Inc, 0, 0
 	} else if h.Seq <= p.seq {
 		return
+	}
+	if c, ok := h.Cleared[m.cfg.node]; ok && c.Inc == m.cfg.inc && c.Seq > p.cleared {
+		p.cleared = c.Seq
 	}
 	p.seq, p.heard, p.etcd, p.suspect, p.leaving = h.Seq, now, h.Etcd, false, h.Leaving
 	p.hear = map[string]bool{}
@@ -737,31 +776,78 @@ func rendezvous(group, node string) uint64 {
 	return x
 }
 
-// contactStable reports whether this agent may claim: in contact with etcd
-// for long enough that no owner still keeps addresses on the strength of
-// this agent's earlier "no etcd" heartbeats.
-func (m *machine) contactStable(now time.Time) bool {
-	return m.etcdOK(now) && !m.since.IsZero() && now.Sub(m.since) >= m.cfg.t.Regain
-}
-
 // keepMode reports whether every other member was heard, within keepFor,
-// saying it has no etcd either: then nobody can claim (an agent that
-// regains etcd claims nothing for Regain), and an owner keeps its
-// addresses past its hold deadline. With no other member heard, an owner
-// must assume it is the one cut off.
+// saying it has no etcd either, in a report that still counts (counts):
+// then nobody can claim (an agent that regains etcd claims nothing
+// for Regain, unless this agent cleared its reports), and an owner keeps
+// its addresses past its hold deadline. With no other member heard, an
+// owner must assume it is the one cut off.
 func (m *machine) keepMode(now time.Time) bool {
 	n := 0
 	for node := range m.members {
 		if node == m.cfg.node {
 			continue
 		}
-		p := m.peers[node]
-		if p == nil || p.noEtcd.IsZero() || now.Sub(p.noEtcd) > m.cfg.t.keepFor() {
+		if p := m.peers[node]; p == nil || !m.counts(p, now) {
 			return false
 		}
 		n++
 	}
 	return n > 0
+}
+
+// counts reports whether p's latest "no etcd" heartbeat counts for keep
+// mode: heard within keepFor, and after this agent sent its last read
+// that etcd answered or its last renewal that etcd confirmed, whichever
+// is earlier (an owner needs both to hold without keep mode). A report
+// heard before both says only that p's reads were slow or failed while
+// this agent's worked: not that etcd is gone for everyone. Once a report
+// no longer counts it never will again (time, lastOK and renewedAt only
+// grow), which lets cleared promise it.
+func (m *machine) counts(p *peer, now time.Time) bool {
+	ref := m.lastOK
+	if m.renewedAt.Before(ref) {
+		ref = m.renewedAt
+	}
+	return !p.noEtcd.IsZero() && now.Sub(p.noEtcd) <= m.cfg.t.keepFor() && p.noEtcd.After(ref)
+}
+
+// anyCounts reports whether a peer's "no etcd" report counts (counts).
+func (m *machine) anyCounts(now time.Time) bool {
+	for _, p := range m.peers {
+		if m.counts(p, now) {
+			return true
+		}
+	}
+	return false
+}
+
+// cleared lists, for each peer that ever said it had no etcd and whose
+// reports no longer count (counts), the last heartbeat heard from it: the
+// peer need not wait Regain before claiming this agent's groups.
+func (m *machine) cleared(now time.Time) map[string]seqNote {
+	var out map[string]seqNote
+	for _, p := range m.peers {
+		if p.noEtcd.IsZero() || p.inc == 0 || m.counts(p, now) {
+			continue
+		}
+		if out == nil {
+			out = map[string]seqNote{}
+		}
+		out[p.node] = seqNote{Inc: p.inc, Seq: p.seq}
+	}
+	return out
+}
+
+// mayKeep reports whether node could be keeping addresses in keep mode
+// on the strength of this agent's "no etcd" heartbeats: it is another
+// agent and has not cleared the last of them.
+func (m *machine) mayKeep(node string) bool {
+	if node == m.cfg.node || m.noEtcdSeq == 0 {
+		return false
+	}
+	p := m.peers[node]
+	return p == nil || p.cleared < m.noEtcdSeq
 }
 
 // peerReport describes the peers for logs: when each was last heard and
@@ -789,13 +875,42 @@ func (m *machine) peerHolds(group string, now time.Time) bool {
 	return false
 }
 
-// claimFrom is when this agent became able to claim.
-func (m *machine) claimFrom() time.Time {
-	return maxTime(m.start.Add(m.cfg.t.StartGrace), m.since.Add(m.cfg.t.Regain))
+// started is when this process may first claim: after its start grace,
+// and Regain after its first contact with etcd (an earlier run of this
+// agent may have said it had no etcd).
+func (m *machine) started() time.Time {
+	return maxTime(m.start.Add(m.cfg.t.StartGrace), m.joined.Add(m.cfg.t.Regain))
+}
+
+// claimFrom is when this agent may claim a group from owner (its current
+// owner, or the last one when the key is gone): once started, and Regain
+// after it last regained etcd, unless owner cannot be keeping the group
+// on the strength of this agent's "no etcd" heartbeats: it released the
+// group and said so, or it cleared them (mayKeep).
+func (m *machine) claimFrom(owner string, released bool) time.Time {
+	if released || !m.mayKeep(owner) {
+		return m.started()
+	}
+	return maxTime(m.started(), m.since.Add(m.cfg.t.Regain))
+}
+
+// gate names what held a claim from owner back after the group became
+// claimable at ready: the start, the regain wait, the rank's stagger, or
+// none.
+func (m *machine) gate(ready time.Time, rank int, owner string, released bool) string {
+	switch {
+	case m.started().After(ready):
+		return "start"
+	case m.claimFrom(owner, released).After(ready):
+		return "regain"
+	case rank > 0:
+		return "rank"
+	}
+	return "none"
 }
 
 func (m *machine) mayClaim(now time.Time) bool {
-	return !m.releasing && m.lease != 0 && m.member && m.contactStable(now) && now.Sub(m.start) >= m.cfg.t.StartGrace
+	return !m.releasing && m.lease != 0 && m.member && m.etcdOK(now) && now.Sub(m.start) >= m.cfg.t.StartGrace
 }
 
 // names returns every group the machine deals with, sorted.
@@ -831,11 +946,24 @@ func (m *machine) step(now time.Time, out []any) []any {
 		v, _ := json.Marshal(memberValue{Node: m.cfg.node, Addr: m.cfg.addr})
 		out = append(out, effPut{key: m.cfg.membersPrefix() + m.cfg.node, value: v, lease: m.lease})
 	}
-	if !m.reading && !now.Before(m.nextRead) && !m.released {
-		m.reading, m.nextRead = true, now.Add(t.Round)
+	if ok := m.etcdOK(now); ok != m.contact {
+		if !ok {
+			m.lostAt = now
+			in := time.Duration(0)
+			if len(m.reads) > 0 {
+				in = now.Sub(m.reads[0])
+			}
+			m.log.Info("ha: etcd contact lost", "since_last_ok", now.Sub(m.lastOK).Round(time.Millisecond), "read_in_flight", in.Round(time.Millisecond))
+		}
+		m.contact = ok
+	}
+	if len(m.reads) < maxReads && !now.Before(m.nextRead) && !m.released {
+		m.reads, m.nextRead = append(m.reads, now), now.Add(t.Round)
 		r := effRead{sent: now, prefixes: []string{m.cfg.ownersPrefix(), m.cfg.groupsPrefix(), m.cfg.membersPrefix()}}
-		if m.lease != 0 && now.Sub(m.renewedAt) >= m.cfg.ttl/6 {
-			r.renew = m.lease
+		// Renew when due, and at once while a peer's "no etcd" report
+		// counts: the renewal is what clears it (counts).
+		if m.lease != 0 && !m.renewing && (now.Sub(m.renewedAt) >= m.cfg.ttl/6 || m.etcdOK(now) && m.anyCounts(now)) {
+			r.renew, m.renewing = m.lease, true
 		}
 		out = append(out, r)
 	}
@@ -1018,10 +1146,16 @@ func (m *machine) claim(now time.Time, g *group, out []any) []any {
 	}
 	// Less preferred agents wait a little longer, counted from when the
 	// group became free to claim, so the preferred one wins the race.
-	base := maxTime(maxTime(g.absent, safe), m.claimFrom())
+	ready := maxTime(g.absent, safe)
+	prev, released := "", false
+	if p != nil {
+		prev, released = p.node, m.noted(g.name, p)
+	}
+	base := maxTime(ready, m.claimFrom(prev, released))
 	if now.Before(base.Add(time.Duration(rank) * t.Stagger)) {
 		return out
 	}
+	out = append(out, effClaim{group: g.name, kind: "create", ready: ready, gate: m.gate(ready, rank, prev, released)})
 	epoch := g.viewRev + 1
 	if p != nil && p.epoch >= epoch {
 		epoch = p.epoch + 1
@@ -1060,9 +1194,10 @@ func (m *machine) takeover(now time.Time, g *group, out []any) []any {
 		return out
 	}
 	rank := slices.Index(m.candidates(g.name, now, o.node), m.cfg.node)
-	if rank < 0 || now.Before(maxTime(trigger, m.claimFrom()).Add(time.Duration(rank)*t.Stagger)) {
+	if rank < 0 || now.Before(maxTime(trigger, m.claimFrom(o.node, false)).Add(time.Duration(rank)*t.Stagger)) {
 		return out
 	}
+	out = append(out, effClaim{group: g.name, kind: "replace", ready: trigger, gate: m.gate(trigger, rank, o.node, false)})
 	epoch := max(g.viewRev, o.epoch) + 1
 	v, _ := json.Marshal(ownerValue{Node: m.cfg.node, Since: now.UTC(), Epoch: epoch})
 	g.op = "replace"
@@ -1120,6 +1255,12 @@ func (m *machine) heartbeat(now time.Time, out []any) []any {
 	sort.Strings(addrs)
 	m.seq++
 	h.Seq = m.seq
+	if !h.Etcd {
+		m.noEtcdSeq = m.seq
+	}
+	// Not part of the report: it changes with every heartbeat heard and
+	// goes out with the next one.
+	h.Cleared = m.cleared(now)
 	data, _ := json.Marshal(h)
 	return append(out, effSend{addrs: addrs, data: data})
 }

@@ -386,3 +386,134 @@ func TestSimFastPathAfterIsolation(t *testing.T) {
 	t.Logf("old owner dropped %v after the cut; new owner held %v after (gap %v)", dropped.Sub(at), held.Sub(at), held.Sub(dropped))
 	s.safe()
 }
+
+// settledPair starts lb1 and lb2 with one group, web, and lets them run
+// past every start-up wait; it returns the owner and the standby.
+func settledPair(t *testing.T) (s *sim, owner, standby string) {
+	t.Helper()
+	s = newSim(t, "web")
+	s.settle("lb1", "lb2")
+	s.run(3 * time.Second)
+	owner = s.holder("web")
+	return s, owner, map[string]string{"lb1": "lb2", "lb2": "lb1"}[owner]
+}
+
+// lapse makes name's etcd calls slow for long enough that its contact
+// lapses (it tells its peers it has no etcd), then fast again, and waits
+// until it is in contact.
+func (s *sim) lapse(name string) {
+	s.t.Helper()
+	a := s.agents[name]
+	s.slow[name] = 3 * s.timing.Round
+	s.until(time.Second, name+"'s contact lapses", func() bool { return !a.m.etcdOK(s.now()) })
+	s.until(time.Second, name+" says it has no etcd", func() bool { return a.m.noEtcdSeq > 0 })
+	delete(s.slow, name)
+	s.until(time.Second, name+" in contact again", func() bool { return a.m.etcdOK(s.now()) })
+}
+
+// TestSimLapseThenKilled: a standby whose etcd reads were slow for a
+// moment (a loaded host) told its peers it had no etcd. The owner, which
+// had etcd all along, clears those reports, so when the owner's host dies
+// soon after, the standby takes over through the fast path without
+// waiting Regain after its lapse.
+func TestSimLapseThenKilled(t *testing.T) {
+	s, old, standby := settledPair(t)
+	s.lapse(standby)
+	sb := s.agents[standby]
+	s.until(time.Second, "the owner clears the standby's reports", func() bool { return !sb.m.mayKeep(old) })
+	sinceLapse := s.now().Sub(sb.m.since)
+	s.kill(old)
+	took := s.until(s.ttl, "a new holder", func() bool { return s.holder("web") != "" })
+	if limit := s.timing.Silence + s.timing.Hold + s.timing.Margin + 3*s.timing.Stagger; took > limit {
+		t.Fatalf("takeover took %v, want at most %v (the standby regained etcd %v before the kill)", took, limit, sinceLapse)
+	}
+	if sinceLapse+took >= s.timing.Regain {
+		t.Fatalf("the standby regained etcd %v before the kill and held %v after it: not before Regain %v, the test shows nothing", sinceLapse, took, s.timing.Regain)
+	}
+	t.Logf("standby regained etcd %v before the kill; held %v after it", sinceLapse, took)
+	s.safe()
+}
+
+// TestSimLapseThenRelease: a planned hand-over right after the standby's
+// contact lapsed: the owner says it released the group and dropped its
+// addresses, so the standby claims at once.
+func TestSimLapseThenRelease(t *testing.T) {
+	s, old, standby := settledPair(t)
+	s.lapse(standby)
+	if !s.agents[standby].m.mayKeep(old) {
+		t.Fatal("the owner cleared the standby's reports already: the test would show nothing")
+	}
+	s.handle(s.agents[old], evRelease{})
+	took := s.until(time.Second, "the standby holds", func() bool { return s.holder("web") == standby })
+	if took > 100*time.Millisecond {
+		t.Fatalf("hand-over took %v after the standby's lapse", took)
+	}
+	s.safe()
+}
+
+// TestSimKeepAfterLapse: etcd goes down for everyone and comes back for
+// the standby only, while the two cannot hear each other any more. The
+// owner keeps its addresses on the strength of the standby's last "no
+// etcd" heartbeat, which it never cleared: the standby must wait Regain
+// before it takes over, and never holds while the owner keeps.
+func TestSimKeepAfterLapse(t *testing.T) {
+	s, old, standby := settledPair(t)
+	s.etcd.setDown(true)
+	s.run(time.Second)
+	if !s.agents[old].held["web"] {
+		t.Fatal("the owner dropped while etcd was down for everyone")
+	}
+	s.etcd.setCut(old, true)
+	s.cutLink(old, standby, true)
+	s.etcd.setDown(false)
+	back := s.now()
+	s.until(5*time.Second, "the standby holds", func() bool { return s.agents[standby].held["web"] })
+	s.safe()
+	if took := s.now().Sub(back); took < s.timing.Regain-s.timing.Margin {
+		t.Fatalf("the standby held %v after etcd came back, before the owner's keep could end", took)
+	}
+	if dropped := s.agents[old].lastEvent("drop", "web"); dropped.IsZero() || dropped.Sub(back) < s.timing.Hold {
+		t.Fatalf("the owner dropped at %v, etcd came back at %v: it did not keep", dropped, back)
+	}
+	t.Logf("etcd back for the standby only: the owner dropped %v later, the standby held %v later",
+		s.agents[old].lastEvent("drop", "web").Sub(back), s.agents[standby].lastEvent("hold", "web").Sub(back))
+}
+
+// TestSimOneSlowRead: one of the owner's reads takes most of the hold
+// deadline to come back. The reads after it go out on time and confirm
+// the key, so the owner keeps its addresses throughout.
+func TestSimOneSlowRead(t *testing.T) {
+	s, owner, _ := settledPair(t)
+	a := s.agents[owner]
+	s.slowNext[owner] = s.timing.Hold - s.timing.Round/2
+	from := s.now()
+	s.run(2 * time.Second)
+	if d := a.lastEvent("drop", "web"); d.After(from) {
+		t.Fatalf("the owner dropped %v after its slow read was sent", d.Sub(from))
+	}
+	if s.holder("web") != owner {
+		t.Fatalf("holder %q, want %s", s.holder("web"), owner)
+	}
+	s.safe()
+}
+
+// TestSimRenewalLagsAfterOutage: etcd comes back for everyone after an
+// outage, and the owner's reads work again before its renewals do. The
+// owner keeps its group meanwhile (keep mode), and nothing moves.
+func TestSimRenewalLagsAfterOutage(t *testing.T) {
+	s, owner, _ := settledPair(t)
+	s.etcd.setDown(true)
+	s.run(4 * time.Second)
+	s.etcd.failRenew(owner, true)
+	s.etcd.setDown(false)
+	s.run(time.Second)
+	s.etcd.failRenew(owner, false)
+	s.run(2 * time.Second)
+	if d := s.agents[owner].lastEvent("drop", "web"); !d.IsZero() {
+		t.Fatalf("the owner dropped at %v", d)
+	}
+	if h := s.holder("web"); h != owner {
+		t.Fatalf("holder %q, want %s", h, owner)
+	}
+	s.safe()
+}

@@ -32,6 +32,18 @@ type heartbeat struct {
 	// Released maps groups the sender released and no longer holds to what
 	// it released.
 	Released map[string]releaseNote `json:"released,omitempty"`
+	// Cleared maps peers that once said they had no etcd to the last of
+	// their heartbeats the sender heard: none of their "no etcd" reports
+	// up to it counts for the sender's keep mode any more, and none ever
+	// will (the sender has read from etcd since it heard the latest).
+	Cleared map[string]seqNote `json:"cleared,omitempty"`
+}
+
+// seqNote names one heartbeat of a peer: its incarnation and sequence
+// number.
+type seqNote struct {
+	Inc uint64 `json:"inc"`
+	Seq uint64 `json:"seq"`
 }
 
 // releaseNote says an owner deleted its key of epoch Epoch (at etcd

@@ -136,3 +136,85 @@ func TestRendezvousSpread(t *testing.T) {
 		}
 	}
 }
+
+// TestKeepReports: which "no etcd" reports of a peer count for keep mode,
+// which the agent clears in its heartbeats, and when a claimer must still
+// fear that an owner keeps on the strength of its own reports.
+func TestKeepReports(t *testing.T) {
+	tm := DefaultTiming()
+	t0 := time.Unix(1_000_000, 0)
+	ms := time.Millisecond
+	cases := []struct {
+		name   string
+		report time.Duration // when the peer's last report was heard; -1: never
+		lastOK time.Duration // send time of this agent's last successful read
+		// renewed: send time of its last successful renewal; -1: as lastOK
+		renewed time.Duration
+		now     time.Duration
+		counts  bool
+	}{
+		{name: "heard after the last read", report: 100 * ms, lastOK: 50 * ms, renewed: -1, now: 300 * ms, counts: true},
+		{name: "heard before the last read", report: 100 * ms, lastOK: 150 * ms, renewed: -1, now: 300 * ms},
+		{name: "heard with the last read", report: 100 * ms, lastOK: 100 * ms, renewed: -1, now: 300 * ms},
+		{name: "heard before the last read but after the last renewal", report: 100 * ms, lastOK: 150 * ms, renewed: 50 * ms, now: 300 * ms, counts: true},
+		{name: "heard before the last renewal but after the last read", report: 100 * ms, lastOK: 50 * ms, renewed: 150 * ms, now: 300 * ms, counts: true},
+		{name: "too old", report: 100 * ms, lastOK: 0, renewed: -1, now: 100*ms + tm.keepFor() + ms},
+		{name: "never", report: -1, lastOK: 0, renewed: -1, now: 300 * ms},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			m := newMachine(config{node: "lb1", prefix: "/switchman", ttl: DefaultLeaseTTL, t: tm, inc: 1}, slog.New(slog.DiscardHandler), t0)
+			m.members = map[string]string{"lb1": "192.0.2.1:1", "lb2": "192.0.2.2:1"}
+			p := &peer{node: "lb2", addr: "192.0.2.2:1", known: t0, inc: 7, seq: 42}
+			if tc.report >= 0 {
+				p.noEtcd = t0.Add(tc.report)
+			}
+			m.peers["lb2"] = p
+			m.lastOK, m.renewedAt = t0.Add(tc.lastOK), t0.Add(tc.lastOK)
+			if tc.renewed >= 0 {
+				m.renewedAt = t0.Add(tc.renewed)
+			}
+			now := t0.Add(tc.now)
+			if got := m.counts(p, now); got != tc.counts {
+				t.Fatalf("counts = %v, want %v", got, tc.counts)
+			}
+			if got := m.keepMode(now); got != tc.counts {
+				t.Fatalf("keepMode = %v, want %v", got, tc.counts)
+			}
+			c, ok := m.cleared(now)["lb2"]
+			if wantClear := tc.report >= 0 && !tc.counts; ok != wantClear || (ok && c != (seqNote{Inc: 7, Seq: 42})) {
+				t.Fatalf("cleared lb2: %+v %v, want cleared %v up to inc 7 seq 42", c, ok, wantClear)
+			}
+		})
+	}
+}
+
+// TestMayKeep: a claimer waits Regain after its lapse unless the owner
+// cleared the last heartbeat in which it said it had no etcd.
+func TestMayKeep(t *testing.T) {
+	cases := []struct {
+		name      string
+		owner     string
+		noEtcdSeq uint64
+		cleared   uint64
+		want      bool
+	}{
+		{name: "never said no etcd", owner: "lb2", noEtcdSeq: 0, want: false},
+		{name: "not cleared", owner: "lb2", noEtcdSeq: 10, cleared: 0, want: true},
+		{name: "cleared an earlier lapse only", owner: "lb2", noEtcdSeq: 10, cleared: 9, want: true},
+		{name: "cleared", owner: "lb2", noEtcdSeq: 10, cleared: 10, want: false},
+		{name: "cleared past it", owner: "lb2", noEtcdSeq: 10, cleared: 15, want: false},
+		{name: "an unknown owner", owner: "lb3", noEtcdSeq: 10, cleared: 15, want: true},
+		{name: "itself", owner: "lb1", noEtcdSeq: 10, want: false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			m := newMachine(config{node: "lb1", prefix: "/switchman", ttl: DefaultLeaseTTL, t: DefaultTiming(), inc: 1}, slog.New(slog.DiscardHandler), time.Unix(1_000_000, 0))
+			m.peers["lb2"] = &peer{node: "lb2", cleared: tc.cleared}
+			m.noEtcdSeq = tc.noEtcdSeq
+			if got := m.mayKeep(tc.owner); got != tc.want {
+				t.Fatalf("mayKeep(%s) = %v, want %v", tc.owner, got, tc.want)
+			}
+		})
+	}
+}

@@ -31,6 +31,9 @@ type sim struct {
 	queue  []simEvent
 	seq    int
 	cut    map[string]bool // peer links, "a|b" with a < b
+	// slow adds to the latency of one agent's etcd calls (a loaded host),
+	// slowNext to the latency of its next read only.
+	slow, slowNext map[string]time.Duration
 
 	step, latency, netDelay time.Duration
 
@@ -72,7 +75,7 @@ func newSim(t *testing.T, groups ...string) *sim {
 	t.Helper()
 	clk := clock.NewFake()
 	return &sim{t: t, clk: clk, etcd: newFakeEtcd(clk.Now), timing: DefaultTiming(), ttl: DefaultLeaseTTL, groups: groups,
-		agents: map[string]*simAgent{}, cut: map[string]bool{}, spans: map[string][]span{},
+		agents: map[string]*simAgent{}, cut: map[string]bool{}, slow: map[string]time.Duration{}, slowNext: map[string]time.Duration{}, spans: map[string][]span{},
 		step: time.Millisecond, latency: 2 * time.Millisecond, netDelay: time.Millisecond}
 }
 
@@ -158,7 +161,7 @@ func (s *sim) handle(a *simAgent, ev any) {
 // after the call timeout when a cannot reach etcd.
 func (s *sim) call(a *simAgent, f func(ctx context.Context) (any, error)) {
 	ev, err := f(context.Background())
-	at := s.now().Add(s.latency)
+	at := s.now().Add(s.latency + s.slow[a.name])
 	if errors.Is(err, errUnreachable) {
 		at = s.now().Add(s.timing.Hold)
 	}
@@ -189,11 +192,15 @@ func (s *sim) exec(a *simAgent, eff any) {
 				}
 			}
 		}
-	case effOwner:
+	case effOwner, effClaim:
 	case effReleased:
 		a.releasedAt = now
 		a.log = append(a.log, simLog{at: now, what: "released"})
 	case effRead:
+		extra := s.slowNext[a.name]
+		delete(s.slowNext, a.name)
+		s.slow[a.name] += extra
+		defer func() { s.slow[a.name] -= extra }()
 		s.call(a, func(ctx context.Context) (any, error) {
 			ev := evRead{sent: f.sent, renew: f.renew}
 			if f.renew != 0 {
