@@ -5,9 +5,8 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"os"
-	"path/filepath"
-	"strings"
+
+	"github.com/switchman-lb/switchman/internal/sysctl"
 )
 
 // conntrackSetting is one conntrack sysctl that nf_tables services of an
@@ -34,15 +33,14 @@ func haConntrackSettings() []conntrackSetting {
 func checkHAConntrack(procSys string) []string {
 	var out []string
 	for _, s := range haConntrackSettings() {
-		file := filepath.Join(procSys, "net", "netfilter", s.name)
-		b, err := os.ReadFile(file)
+		v, err := sysctl.Read(procSys, "net/netfilter/"+s.name)
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
 			continue
 		case err != nil:
-			out = append(out, fmt.Sprintf("read net.netfilter.%s: %v", s.name, err))
-		case strings.TrimSpace(string(b)) != "1":
-			out = append(out, fmt.Sprintf("net.netfilter.%s is %s, not 1: %s (sysctl -w net.netfilter.%s=1)", s.name, strings.TrimSpace(string(b)), s.why, s.name))
+			out = append(out, err.Error())
+		case v != "1":
+			out = append(out, fmt.Sprintf("net.netfilter.%s is %s, not 1: %s (sysctl -w net.netfilter.%s=1)", s.name, v, s.why, s.name))
 		}
 	}
 	return out

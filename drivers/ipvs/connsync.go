@@ -11,13 +11,13 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	"github.com/switchman-lb/switchman/internal/atomicfile"
 	"github.com/switchman-lb/switchman/internal/clock"
+	"github.com/switchman-lb/switchman/internal/sysctl"
 )
 
 // Connection sync: the kernel's IPVS sync daemons, run in both roles on
@@ -312,22 +312,14 @@ func (c *ConnSync) running(ctx context.Context, want []SyncDaemon) ([]Role, erro
 func (c *ConnSync) ensureSysctls() error {
 	var errs []error
 	for _, s := range SyncSysctls() {
-		file := filepath.Join(c.cfg.ProcSys, filepath.FromSlash(s.Path))
-		name := strings.ReplaceAll(s.Path, "/", ".")
-		b, err := os.ReadFile(file)
+		old, wrote, err := sysctl.Ensure(c.cfg.ProcSys, s.Path, s.Value)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("read sysctl %s: %w", name, err))
+			errs = append(errs, err)
 			continue
 		}
-		old := strings.Join(strings.Fields(string(b)), " ")
-		if old == s.Value {
-			continue
+		if wrote {
+			c.cfg.Logger.Info("set sysctl for IPVS connection sync", "name", sysctl.Name(s.Path), "old", old, "new", s.Value, "why", s.Why)
 		}
-		if err := os.WriteFile(file, []byte(s.Value+"\n"), 0o644); err != nil {
-			errs = append(errs, fmt.Errorf("set sysctl %s=%q: %w", name, s.Value, err))
-			continue
-		}
-		c.cfg.Logger.Info("set sysctl for IPVS connection sync", "name", name, "old", old, "new", s.Value, "why", s.Why)
 	}
 	return errors.Join(errs...)
 }

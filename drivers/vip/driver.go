@@ -37,6 +37,7 @@ import (
 	"time"
 
 	"github.com/switchman-lb/switchman/internal/atomicfile"
+	"github.com/switchman-lb/switchman/internal/sysctl"
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/spec"
 )
@@ -781,10 +782,6 @@ func (d *Driver) sysctls(states []*render.ServiceState, errs map[string]error) {
 // ensureSysctl sets the sysctl at path (relative to ProcSys,
 // slash-separated) to 1 unless it is already.
 func (d *Driver) ensureSysctl(path string) error {
-	name := strings.ReplaceAll(path, "/", ".")
-	if !filepath.IsLocal(path) {
-		return fmt.Errorf("sysctl %q is not a path under /proc/sys", path)
-	}
 	if strings.HasPrefix(path, "net/ipv4/vs/") {
 		dir := filepath.Join(d.procSys, "net/ipv4/vs")
 		if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
@@ -796,20 +793,11 @@ func (d *Driver) ensureSysctl(path string) error {
 		}
 		d.noVS = false
 	}
-	file := filepath.Join(d.procSys, filepath.FromSlash(path))
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return fmt.Errorf("read sysctl %s: %w", name, err)
+	old, wrote, err := sysctl.Ensure(d.procSys, path, "1")
+	if wrote {
+		d.log.Info("set sysctl", "name", sysctl.Name(path), "old", old, "new", "1")
 	}
-	old := strings.TrimSpace(string(b))
-	if old == "1" {
-		return nil
-	}
-	if err := os.WriteFile(file, []byte("1\n"), 0o644); err != nil {
-		return fmt.Errorf("set sysctl %s=1: %w", name, err)
-	}
-	d.log.Info("set sysctl", "name", name, "old", old, "new", "1")
-	return nil
+	return err
 }
 
 // floating returns the slots of a group's floating addresses.
