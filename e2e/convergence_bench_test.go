@@ -281,6 +281,23 @@ func convPollEvery(t testing.TB, interval, timeout time.Duration, what string, c
 	}
 }
 
+// convAgentChange raises backend j's weight of s by one through etcd and
+// returns the time from the put to the kernel showing it, then waits for
+// the agent's pass over it (n services loaded) and returns that scrape.
+func convAgentChange(t testing.TB, l *lab.AgentLab, s *convService, j, n int) (time.Duration, map[string]float64) {
+	t.Helper()
+	s.weights[j]++
+	ctx, cancel := lab.EtcdCtx()
+	resp, err := l.Etcd.Client().Put(ctx, lab.ServiceKey(s.name), string(s.definition()))
+	cancel()
+	if err != nil {
+		t.Fatalf("etcd put: %v", err)
+	}
+	put := time.Now()
+	seen := convWaitWeight(t, s.vipPort(), s.dest(j), s.weights[j], func() error { return l.Agent.Alive() })
+	return seen.Sub(put), convWaitMetrics(t, l, convChangeWait, "the agent's pass over", convReady(resp.Header.Revision, n))
+}
+
 // convWaitMetrics scrapes /metrics every 50 ms until cond accepts a
 // scrape, and returns it.
 func convWaitMetrics(t testing.TB, l *lab.AgentLab, timeout time.Duration, what string, cond func(map[string]float64) error) map[string]float64 {
@@ -561,18 +578,9 @@ func TestConvergenceFigures(t *testing.T) {
 			t.Logf("agent changes: budget %s used up after %d changes", convPhaseBudget, len(agentLat))
 			break
 		}
-		s := &model[c.svc]
-		s.weights[c.j]++
-		ctx, cancel := lab.EtcdCtx()
-		resp, err := l.Etcd.Client().Put(ctx, lab.ServiceKey(s.name), string(s.definition()))
-		cancel()
-		if err != nil {
-			t.Fatalf("etcd put: %v", err)
-		}
-		put := time.Now()
-		seen := convWaitWeight(t, s.vipPort(), s.dest(c.j), s.weights[c.j], func() error { return l.Agent.Alive() })
-		agentLat = append(agentLat, seen.Sub(put))
-		m = convWaitMetrics(t, l, convChangeWait, "the agent's pass over", convReady(resp.Header.Revision, convServices))
+		var took time.Duration
+		took, m = convAgentChange(t, l, &model[c.svc], c.j, convServices)
+		agentLat = append(agentLat, took)
 	}
 	afterChanges := render.Render(render.Input{Services: convParsed(t, model)})
 	convCheckKernel(t, "after the agent's changes", convWant(afterChanges))
@@ -684,18 +692,8 @@ func convChangesOnSmallTable(t *testing.T, l *lab.AgentLab) []time.Duration {
 	t.Logf("small table (%d services) cold start: %s", convSmall, st)
 	var lat []time.Duration
 	for _, c := range convChangeList(convChanges, convSmall) {
-		s := &model[c.svc]
-		s.weights[c.j]++
-		ctx, cancel := lab.EtcdCtx()
-		resp, err := l.Etcd.Client().Put(ctx, lab.ServiceKey(s.name), string(s.definition()))
-		cancel()
-		if err != nil {
-			t.Fatalf("etcd put: %v", err)
-		}
-		put := time.Now()
-		seen := convWaitWeight(t, s.vipPort(), s.dest(c.j), s.weights[c.j], func() error { return l.Agent.Alive() })
-		lat = append(lat, seen.Sub(put))
-		convWaitMetrics(t, l, convChangeWait, "the agent's pass over", convReady(resp.Header.Revision, convSmall))
+		took, _ := convAgentChange(t, l, &model[c.svc], c.j, convSmall)
+		lat = append(lat, took)
 	}
 	t.Logf("small table changes: %d, visible after p50 %s p99 %s (min %s, max %s)", len(lat),
 		lab.Ms(lab.Percentile(lat, 50)), lab.Ms(lab.Percentile(lat, 99)), lab.Ms(lab.Percentile(lat, 0)), lab.Ms(lab.Percentile(lat, 100)))
