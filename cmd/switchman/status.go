@@ -122,14 +122,7 @@ func groupRows(groups []status.Group, now time.Time) []string {
 			owner = printable(g.Owner)
 			since = fmt.Sprintf("%s (%s ago)", g.Since.UTC().Format(time.RFC3339), now.Sub(g.Since).Round(time.Second))
 		}
-		standbys := make([]string, len(g.Standbys))
-		for i, n := range g.Standbys {
-			standbys[i] = printable(n)
-		}
-		list := strings.Join(standbys, ",")
-		if list == "" {
-			list = "-"
-		}
+		list := printableList(g.Standbys, ",", "-")
 		if g.Error != "" {
 			list += "  (" + printable(g.Error) + ")"
 		}
@@ -150,14 +143,7 @@ func syncRows(nodes map[string]status.Node) []string {
 		}
 		state := "off"
 		if s.Interface != "" {
-			running := make([]string, len(s.Running))
-			for i, r := range s.Running {
-				running[i] = printable(r)
-			}
-			list := strings.Join(running, "+")
-			if list == "" {
-				list = "no daemon"
-			}
+			list := printableList(s.Running, "+", "no daemon")
 			state = fmt.Sprintf("%s on %s (sync id %d)", list, printable(s.Interface), s.SyncID)
 		}
 		errText := printable(strings.ReplaceAll(s.Error, "\n", " "))
@@ -168,6 +154,19 @@ func syncRows(nodes map[string]status.Node) []string {
 	}
 	sort.Strings(rows)
 	return rows
+}
+
+// printableList joins the printable forms of items with sep, or says none
+// when there are no items.
+func printableList(items []string, sep, none string) string {
+	if len(items) == 0 {
+		return none
+	}
+	out := make([]string, len(items))
+	for i, it := range items {
+		out[i] = printable(it)
+	}
+	return strings.Join(out, sep)
 }
 
 // printable returns s when every character of it prints as itself, and
