@@ -38,12 +38,7 @@ func TestHAFigures(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(events.Close)
-	for _, host := range lab.HAHosts {
-		h.StartAgent(t, host.Name)
-	}
-	for _, host := range lab.HAHosts {
-		h.WaitServing(t, host.Name)
-	}
+	h.StartAll(t)
 	prober, err := lab.StartProber(lab.HAVIP+":80", 20*time.Millisecond)
 	if err != nil {
 		t.Fatal(err)

@@ -32,11 +32,8 @@ func startConnLab(t *testing.T, sync bool, sched string) (*lab.HALab, *lab.NSDia
 	h.Sync = sync
 	t.Cleanup(func() { h.LogHA(t) })
 	h.PutEcho(t, sched)
+	h.StartAll(t)
 	for _, host := range lab.HAHosts {
-		h.StartAgent(t, host.Name)
-	}
-	for _, host := range lab.HAHosts {
-		h.WaitServing(t, host.Name)
 		h.WaitApplied(t, host.Name, lab.EchoService)
 	}
 	d, err := lab.NewNSDialer(lab.ClientNS, 2)

@@ -236,6 +236,18 @@ func (h *HALab) StartAgent(t testing.TB, node string) {
 	h.Agents[node].Spawn(t, args...)
 }
 
+// StartAll starts the agent of every HA host, then waits until each
+// serves.
+func (h *HALab) StartAll(t testing.TB) {
+	t.Helper()
+	for _, host := range HAHosts {
+		h.StartAgent(t, host.Name)
+	}
+	for _, host := range HAHosts {
+		h.WaitServing(t, host.Name)
+	}
+}
+
 // WaitServing waits until the agent of node (this process of it) is in
 // contact with etcd and has programmed the HA service into its IPVS with
 // both backends at weight 1 (checked healthy), so it can take over at once.
