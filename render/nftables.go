@@ -28,11 +28,21 @@ import (
 //	  chain nat-prerouting, nat-output        (nat, priority -100):    vmap @services
 //	  chain nat-postrouting                   (nat, priority 100):     masquerade @masq-*
 //	  per service:
-//	    chain svc-<name>   [ip saddr @aff-... goto be-...]  <selector> mod N vmap @slots-<name>  reject
-//	    map slots-<name>   slot : goto be-<name>/<addr>/<port>
-//	    chain be-<name>/<addr>/<port>   [update @aff-...]  dnat to addr:port
-//	    set aff-<name>/<addr>/<port>    client addresses, timeout = persistence
+//	    chain svc-<name>   dnat to <selector> mod N map @slots-<name>  reject
+//	    map slots-<name>   slot : addr . port
 //	    chain allow-<name> + set allowed-<name>: ip saddr != @allowed-<name> drop
+//	  per service with persistence, instead:
+//	    chain svc-<name>   ip saddr @aff-... goto be-...  <selector> mod N vmap @slots-<name>  reject
+//	    map slots-<name>   slot : goto be-<name>/<addr>/<port>
+//	    chain be-<name>/<addr>/<port>   update @aff-...  dnat to addr:port
+//	    set aff-<name>/<addr>/<port>    client addresses, timeout = persistence
+//
+// The slots map of a service without persistence holds data, not
+// verdicts: a weight change rewrites elements that name no chain, so the
+// kernel's commit does not validate the whole table again (adding a goto
+// element does, which cost 36 ms per change with 10,000 services; see
+// docs/BENCHMARKS.md, nf_tables). Persistence needs a chain per backend to
+// remember the client in, so those services keep the verdict map.
 
 // NFTFamily is an nf_tables address family switchman uses.
 type NFTFamily string
@@ -109,6 +119,7 @@ type NFTSet struct {
 	Name     string
 	Key      NFTKey
 	Verdicts bool // a verdict map: every element has a Goto
+	Backends bool // a data map to backends: every element has a Backend
 	Interval bool
 	// Timeout, when positive, makes the set dynamic: the packet path adds
 	// elements, which expire after Timeout. Elements of dynamic sets are
@@ -128,9 +139,10 @@ type NFTElement struct {
 	// End marks the element that ends an interval (interval sets hold
 	// interval boundaries, as the kernel does). Open marks an interval
 	// start whose interval runs to the last address.
-	End  bool
-	Open bool
-	Goto string // verdict maps: the chain to go to
+	End     bool
+	Open    bool
+	Goto    string         // verdict maps: the chain to go to
+	Backend netip.AddrPort // data maps to backends: the backend
 }
 
 // Compare orders elements by key, an interval end before a start.
@@ -159,7 +171,7 @@ func (e NFTElement) Compare(o NFTElement) int {
 // SameKey reports whether e and o are the same element of a set (maps may
 // hold another value under that key).
 func (e NFTElement) SameKey(o NFTElement) bool {
-	e.Goto, o.Goto, e.Open, o.Open = "", "", false, false
+	e.Goto, o.Goto, e.Open, o.Open, e.Backend, o.Backend = "", "", false, false, netip.AddrPort{}, netip.AddrPort{}
 	return e == o
 }
 
@@ -201,6 +213,12 @@ const (
 	NFTRemember
 	// NFTDNAT: meta l4proto Proto dnat to Addr:Port
 	NFTDNAT
+	// NFTDNATRoundRobin: meta l4proto Proto dnat ip to numgen inc mod
+	// Modulus map @Set (a data map to backends)
+	NFTDNATRoundRobin
+	// NFTDNATSourceHash: meta l4proto Proto dnat ip to jhash ip saddr mod
+	// Modulus seed NFTHashSeed map @Set
+	NFTDNATSourceHash
 )
 
 // NFTRule is one rule. Which fields count depends on Kind.
@@ -236,6 +254,10 @@ type NFTService struct {
 	Family NFTFamily
 	NFTObjects
 	Shared []NFTShared
+	// Backends is every backend of the service, whatever its weight (a
+	// draining backend is in no slot): the backends whose connections
+	// the driver counts. Nothing in the tables is made of it.
+	Backends []netip.AddrPort
 }
 
 // NFTBase returns the objects every switchman table has, whatever its
@@ -329,33 +351,36 @@ func NFTablesService(s L4Service) (NFTService, error) {
 	}
 	vip := s.Address.Unmap()
 	out := NFTService{Name: s.Service, Family: NFTFamilyOf(vip)}
-	svc := NFTChain{Name: NFTServiceChain(s.Service)}
-	modulus, table := NFTSlots(s)
-	slots := NFTSet{Name: nftSlotsMap(s.Service), Key: NFTKeySlot, Verdicts: true}
-	for i, b := range table {
-		slots.Elements = append(slots.Elements, NFTElement{Slot: uint32(i), Goto: NFTBackendChain(s.Service, b)})
-	}
-	out.Sets = append(out.Sets, slots)
 	for _, d := range s.Destinations {
-		b := netip.AddrPortFrom(d.Address.Unmap(), d.Port)
-		be := NFTChain{Name: NFTBackendChain(s.Service, b)}
-		if s.Persistence > 0 {
-			aff := nftAffinitySet(s.Service, b)
-			out.Sets = append(out.Sets, NFTSet{Name: aff, Key: NFTKeyAddr, Timeout: s.Persistence, Size: nftAffinitySetSize})
-			be.Rules = append(be.Rules, NFTRule{Kind: NFTRemember, Set: aff})
-			if d.Weight > 0 {
-				// A client seen recently goes back to its backend, as
-				// long as that backend takes new connections.
-				svc.Rules = append(svc.Rules, NFTRule{Kind: NFTAffinity, Set: aff, Chain: be.Name})
-			}
+		out.Backends = append(out.Backends, netip.AddrPortFrom(d.Address.Unmap(), d.Port))
+	}
+	modulus, table := NFTSlots(s)
+	hash := s.Scheduler == spec.SourceHashing || s.Scheduler == spec.MaglevHashing
+	svc := NFTChain{Name: NFTServiceChain(s.Service)}
+	slots := NFTSet{Name: nftSlotsMap(s.Service), Key: NFTKeySlot}
+	selector := NFTRule{Set: slots.Name, Modulus: modulus}
+	if s.Persistence > 0 {
+		slots.Verdicts = true
+		svc.Rules = nftBackendChains(s, &out)
+		selector.Kind = NFTRoundRobin
+		if hash {
+			selector.Kind = NFTSourceHash
 		}
-		be.Rules = append(be.Rules, NFTRule{Kind: NFTDNAT, Proto: s.Protocol, Addr: b.Addr(), Port: b.Port()})
-		out.Chains = append(out.Chains, be)
+	} else {
+		slots.Backends = true
+		selector.Kind, selector.Proto = NFTDNATRoundRobin, s.Protocol
+		if hash {
+			selector.Kind = NFTDNATSourceHash
+		}
 	}
-	selector := NFTRule{Kind: NFTRoundRobin, Set: slots.Name, Modulus: modulus}
-	if s.Scheduler == spec.SourceHashing || s.Scheduler == spec.MaglevHashing {
-		selector.Kind = NFTSourceHash
+	for i, b := range table {
+		e := NFTElement{Slot: uint32(i), Backend: b}
+		if slots.Verdicts {
+			e = NFTElement{Slot: uint32(i), Goto: NFTBackendChain(s.Service, b)}
+		}
+		slots.Elements = append(slots.Elements, e)
 	}
+	out.Sets = append([]NFTSet{slots}, out.Sets...)
 	svc.Rules = append(svc.Rules, selector, NFTRule{Kind: NFTReject})
 	out.Chains = append([]NFTChain{svc}, out.Chains...)
 
@@ -379,6 +404,27 @@ func NFTablesService(s L4Service) (NFTService, error) {
 	expose.Goto = svc.Name
 	out.Shared = append(out.Shared, NFTShared{Set: NFTServicesMap, Element: expose})
 	return out, nil
+}
+
+// nftBackendChains adds to out the chain per backend and the affinity set
+// per backend of a service with persistence, and returns the rules that
+// send a client seen recently back to its backend, as long as that backend
+// takes new connections.
+func nftBackendChains(s L4Service, out *NFTService) []NFTRule {
+	var affinity []NFTRule
+	for _, d := range s.Destinations {
+		b := netip.AddrPortFrom(d.Address.Unmap(), d.Port)
+		be := NFTChain{Name: NFTBackendChain(s.Service, b)}
+		aff := nftAffinitySet(s.Service, b)
+		out.Sets = append(out.Sets, NFTSet{Name: aff, Key: NFTKeyAddr, Timeout: s.Persistence, Size: nftAffinitySetSize})
+		be.Rules = append(be.Rules, NFTRule{Kind: NFTRemember, Set: aff},
+			NFTRule{Kind: NFTDNAT, Proto: s.Protocol, Addr: b.Addr(), Port: b.Port()})
+		if d.Weight > 0 {
+			affinity = append(affinity, NFTRule{Kind: NFTAffinity, Set: aff, Chain: be.Name})
+		}
+		out.Chains = append(out.Chains, be)
+	}
+	return affinity
 }
 
 // nftCheck refuses what the nf_tables driver cannot serve faithfully (spec
@@ -705,7 +751,7 @@ func nftPriorityText(hook string, p int) string {
 
 func writeNFTSet(b *strings.Builder, f NFTFamily, s NFTSet) {
 	kind := "set"
-	if s.Verdicts {
+	if s.Verdicts || s.Backends {
 		kind = "map"
 	}
 	fmt.Fprintf(b, "\t%s %s {\n", kind, s.Name)
@@ -719,8 +765,11 @@ func writeNFTSet(b *strings.Builder, f NFTFamily, s NFTSet) {
 		NFTKeyAddrProtoPort: "type " + addr + " . inet_proto . inet_service",
 		NFTKeySlot:          fmt.Sprintf("typeof numgen inc mod %d", nftSlotKeyTypeofSize),
 	}[s.Key]
-	if s.Verdicts {
+	switch {
+	case s.Verdicts:
 		key += " : verdict"
+	case s.Backends:
+		key += fmt.Sprintf(" : %s daddr . th dport", f)
 	}
 	fmt.Fprintf(b, "\t\t%s\n", key)
 	if s.Size > 0 {
@@ -781,8 +830,11 @@ func (e NFTElement) text(k NFTKey) string {
 	case NFTKeySlot:
 		s = strconv.FormatUint(uint64(e.Slot), 10)
 	}
-	if e.Goto != "" {
+	switch {
+	case e.Goto != "":
 		s += " : goto " + e.Goto
+	case e.Backend.IsValid():
+		s += fmt.Sprintf(" : %s . %d", e.Backend.Addr(), e.Backend.Port())
 	}
 	return s
 }
@@ -866,6 +918,10 @@ func (r NFTRule) Text(f NFTFamily) string {
 		return fmt.Sprintf("update @%s { %s saddr }", r.Set, f)
 	case NFTDNAT:
 		return fmt.Sprintf("meta l4proto %s dnat to %s", r.Proto, netip.AddrPortFrom(r.Addr, r.Port))
+	case NFTDNATRoundRobin:
+		return fmt.Sprintf("meta l4proto %s dnat %s to numgen inc mod %d map @%s", r.Proto, f, r.Modulus, r.Set)
+	case NFTDNATSourceHash:
+		return fmt.Sprintf("meta l4proto %s dnat %s to jhash %s saddr mod %d seed %#x map @%s", r.Proto, f, f, r.Modulus, NFTHashSeed, r.Set)
 	}
 	return fmt.Sprintf("# unknown rule kind %d", r.Kind)
 }

@@ -108,7 +108,7 @@ func TestPlanPrintsNFTablesRuleset(t *testing.T) {
 	if err != nil {
 		t.Fatalf("plan: %v\n%s", err, stderr)
 	}
-	for _, want := range []string{"# nf_tables: 1 service(s)", "table ip switchman {", "192.0.2.10 . tcp . 80 : goto svc-web", "dnat to 10.1.1.2:8080"} {
+	for _, want := range []string{"# nf_tables: 1 service(s)", "table ip switchman {", "192.0.2.10 . tcp . 80 : goto svc-web", "0 : 10.1.1.2 . 8080", "map @slots-web"} {
 		if !strings.Contains(stdout, want) {
 			t.Errorf("plan lacks %q:\n%s", want, stdout)
 		}

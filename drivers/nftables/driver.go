@@ -88,6 +88,10 @@ type Driver struct {
 	// applied holds, by service, the Generation of the state last brought
 	// into the tables without error.
 	applied map[string]uint64
+	// backends holds, by service, every backend of the state last handed
+	// to the driver, whatever its weight: a draining backend is in no
+	// slots map, but its connections are still counted. Used under turn.
+	backends map[string][]netip.AddrPort
 
 	writes, commits atomic.Uint64
 }
@@ -110,7 +114,7 @@ func New(cfg Config) (*Driver, error) {
 		cfg.ReadTimeout = DefaultReadTimeout
 	}
 	return &Driver{kernel: cfg.Kernel, log: cfg.Logger, timeout: cfg.CallTimeout, readTimeout: cfg.ReadTimeout,
-		maxBatch: cfg.MaxBatch, turn: make(chan struct{}, 1), applied: map[string]uint64{}}, nil
+		maxBatch: cfg.MaxBatch, turn: make(chan struct{}, 1), applied: map[string]uint64{}, backends: map[string][]netip.AddrPort{}}, nil
 }
 
 // Name is "nftables".
@@ -183,6 +187,7 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, all bo
 		}
 		want.Services[st.Name] = &n
 		gens[st.Name] = st.Generation
+		d.backends[st.Name] = n.Backends
 	}
 	if quick {
 		for name := range d.record.services() {
@@ -204,6 +209,11 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, all bo
 		observed = d.record.view(want.Services)
 	}
 	d.run(ctx, Diff(observed, want), errs)
+	for name := range d.backends {
+		if svc, listed := want.Services[name]; listed && svc == nil || all && !ours[name] {
+			delete(d.backends, name)
+		}
+	}
 	for name, svc := range want.Services {
 		switch {
 		case errs[name] != nil || svc == nil || gens[name] == 0:
@@ -380,15 +390,19 @@ func failAll(errs map[string]error, want map[string]*render.NFTService, err erro
 
 // Connections returns the connections conntrack holds for the named
 // services, by backend: for TCP those not yet closing, for UDP all. Every
-// backend the tables hold for a service is in the answer, 0 when it has
-// no connection (the agent ends a drain early only on a counted 0). One
+// backend of a service the tables hold is in the answer, 0 when it has no
+// connection (the agent ends a drain early only on a counted 0). One
 // conntrack dump, filtered by the kernel to the service's vip:port, per
 // service.
 func (d *Driver) Connections(ctx context.Context, services map[string]bool) (map[render.BackendRef]int, error) {
 	if !d.take(ctx) {
 		return nil, fmt.Errorf("nftables: count connections: %w", ctx.Err())
 	}
-	keys, backends := d.record.connKeys(services)
+	keys := d.record.connKeys(services)
+	backends := map[string][]netip.AddrPort{}
+	for name := range keys {
+		backends[name] = d.backends[name]
+	}
 	d.release()
 	out := map[render.BackendRef]int{}
 	for _, name := range sortedKeys(keys) {

@@ -523,13 +523,40 @@ func keyType(f render.NFTFamily, k render.NFTKey) (magic, length uint32, err err
 	return t.GetNFTMagic(), t.Bytes, err
 }
 
-// slotKeyUserdata is what nft stores for `typeof numgen inc mod 1024 :
-// verdict`, so that `nft list` shows the slots maps as nft would write them
-// (a plain integer key type has no name nft can parse back).
-var slotKeyUserdata = func() []byte {
-	b, _ := hex.DecodeString("000401000000010400000000031a000417000000011200040000000001040004000002040000000004080004010000000100060400000000")
+// Userdata nft stores for the slots maps, so that `nft list` shows them as
+// nft would write them (a plain integer key type has no name nft can parse
+// back): `typeof numgen inc mod 1024 : verdict` for a verdict map, and
+// `typeof numgen inc mod 1024 : ip daddr . th dport` (ip6 daddr in family
+// ip6) for a data map to backends.
+var (
+	slotKeyUserdata      = mustHex("000401000000010400000000031a000417000000011200040000000001040004000002040000000004080004010000000100060400000000")
+	slotBackendsUserdata = map[render.NFTFamily][]byte{
+		render.NFTIPv4: mustHex("000401000000010400000000031a0004170000000112000400000000010400040000020400000000043400040d000000012c0014000407000000010c00040c00000001040c0000000114000407000000010c00040b000000010402000000060400000000"),
+		render.NFTIPv6: mustHex("000401000000010400000000031a0004170000000112000400000000010400040000020400000000043400040d000000012c0014000407000000010c00040d0000000104090000000114000407000000010c00040b000000010402000000060400000000"),
+	}
+)
+
+func mustHex(s string) []byte {
+	b, err := hex.DecodeString(s)
+	if err != nil {
+		panic(err) // the constants above are hex
+	}
 	return b
-}()
+}
+
+// slotUserdata returns the userdata of a slots map of family f.
+func slotUserdata(f render.NFTFamily, s render.NFTSet) []byte {
+	if s.Backends {
+		return slotBackendsUserdata[f]
+	}
+	return slotKeyUserdata
+}
+
+// backendType returns nft's data type and length of a backend (address .
+// port) in family f.
+func backendType(f render.NFTFamily) (magic, length uint32, err error) {
+	return keyType(f, render.NFTKeyAddrPort)
+}
 
 const (
 	verdictType           = 0xffffff00 // nft's datatype of verdicts in maps
@@ -548,8 +575,12 @@ func (n *Netlink) encodeSet(f render.NFTFamily, s render.NFTSet) ([]byte, error)
 		return nil, err
 	}
 	var flags uint32
-	if s.Verdicts {
+	if s.Verdicts || s.Backends {
 		flags |= unix.NFT_SET_MAP
+	}
+	dataMagic, dataLen, err := backendType(f)
+	if err != nil {
+		return nil, err
 	}
 	if s.Interval {
 		flags |= unix.NFT_SET_INTERVAL
@@ -565,9 +596,13 @@ func (n *Netlink) encodeSet(f render.NFTFamily, s render.NFTSet) ([]byte, error)
 		ae.Uint32(unix.NFTA_SET_FLAGS, flags)
 		ae.Uint32(unix.NFTA_SET_KEY_TYPE, magic)
 		ae.Uint32(unix.NFTA_SET_KEY_LEN, length)
-		if s.Verdicts {
+		switch {
+		case s.Verdicts:
 			ae.Uint32(unix.NFTA_SET_DATA_TYPE, verdictType)
 			ae.Uint32(unix.NFTA_SET_DATA_LEN, verdictLen)
+		case s.Backends:
+			ae.Uint32(unix.NFTA_SET_DATA_TYPE, dataMagic)
+			ae.Uint32(unix.NFTA_SET_DATA_LEN, dataLen)
 		}
 		if s.Timeout > 0 {
 			ae.Uint64(unix.NFTA_SET_TIMEOUT, uint64(s.Timeout.Milliseconds()))
@@ -580,7 +615,7 @@ func (n *Netlink) encodeSet(f render.NFTFamily, s render.NFTSet) ([]byte, error)
 			})
 		}
 		if s.Key == render.NFTKeySlot {
-			ae.Bytes(unix.NFTA_SET_USERDATA, slotKeyUserdata)
+			ae.Bytes(unix.NFTA_SET_USERDATA, slotUserdata(f, s))
 		}
 	}), nil
 }
@@ -625,9 +660,8 @@ var openIntervalUserdata = []byte{1, 4, 1, 0, 0, 0}
 
 func encodeElements(f render.NFTFamily, s render.NFTSet, elems []render.NFTElement, add bool) ([]byte, error) {
 	type enc struct {
-		key  []byte
-		e    render.NFTElement
-		code int32
+		key, data []byte
+		e         render.NFTElement
 	}
 	var list []enc
 	for _, e := range elems {
@@ -635,7 +669,13 @@ func encodeElements(f render.NFTFamily, s render.NFTSet, elems []render.NFTEleme
 		if err != nil {
 			return nil, err
 		}
-		list = append(list, enc{key: key, e: e})
+		x := enc{key: key, e: e}
+		if add && s.Backends {
+			if x.data, err = elementKey(f, render.NFTKeyAddrPort, render.NFTElement{Addr: e.Backend.Addr(), Port: e.Backend.Port()}); err != nil {
+				return nil, err
+			}
+		}
+		list = append(list, x)
 	}
 	return encode(func(ae *netlink.AttributeEncoder) {
 		ae.String(unix.NFTA_SET_ELEM_LIST_TABLE, render.NFTTable)
@@ -657,6 +697,12 @@ func encodeElements(f render.NFTFamily, s render.NFTSet, elems []render.NFTEleme
 								v.String(unix.NFTA_VERDICT_CHAIN, x.e.Goto)
 								return nil
 							})
+							return nil
+						})
+					}
+					if x.data != nil {
+						el.Nested(unix.NFTA_SET_ELEM_DATA, func(d *netlink.AttributeEncoder) error {
+							d.Bytes(unix.NFTA_DATA_VALUE, x.data)
 							return nil
 						})
 					}
@@ -726,11 +772,16 @@ func ctExpr(key, reg uint32, original bool) []byte {
 	})
 }
 
-// dnatExpr encodes DNAT to the address in reg 1 and the port in reg 2.
-// The kernel reports back the maximum registers (the minimum ones when none
-// are given) and the flag for a mapped address, which the library cannot
-// send; sending them makes what is read back equal what was written.
-func dnatExpr(natFamily uint32) []byte {
+// dnatExpr encodes DNAT to the address in reg 1 and the port in register
+// port. The kernel reports back the maximum registers (the minimum ones
+// when none are given) and the flag for a mapped address, which the
+// library cannot send; sending them makes what is read back equal what was
+// written.
+func dnatExpr(f render.NFTFamily, port uint32) []byte {
+	natFamily := uint32(unix.NFPROTO_IPV4)
+	if f == render.NFTIPv6 {
+		natFamily = unix.NFPROTO_IPV6
+	}
 	return encode(func(ae *netlink.AttributeEncoder) {
 		ae.String(unix.NFTA_EXPR_NAME, "nat")
 		ae.Nested(unix.NFTA_EXPR_DATA, func(d *netlink.AttributeEncoder) error {
@@ -738,8 +789,8 @@ func dnatExpr(natFamily uint32) []byte {
 			d.Uint32(unix.NFTA_NAT_FAMILY, natFamily)
 			d.Uint32(unix.NFTA_NAT_REG_ADDR_MIN, reg1)
 			d.Uint32(unix.NFTA_NAT_REG_ADDR_MAX, reg1)
-			d.Uint32(unix.NFTA_NAT_REG_PROTO_MIN, reg2)
-			d.Uint32(unix.NFTA_NAT_REG_PROTO_MAX, reg2)
+			d.Uint32(unix.NFTA_NAT_REG_PROTO_MIN, port)
+			d.Uint32(unix.NFTA_NAT_REG_PROTO_MAX, port)
 			d.Uint32(unix.NFTA_NAT_FLAGS, unix.NF_NAT_RANGE_MAP_IPS|unix.NF_NAT_RANGE_PROTO_SPECIFIED)
 			return nil
 		})
@@ -820,14 +871,25 @@ func encodeRule(f render.NFTFamily, r render.NFTRule) ([][]byte, error) {
 		if aerr != nil {
 			return nil, aerr
 		}
-		natFamily := uint32(unix.NFPROTO_IPV4)
-		if f == render.NFTIPv6 {
-			natFamily = unix.NFPROTO_IPV6
-		}
 		err = add(append(l4proto(reg1),
 			&expr.Immediate{Register: reg1, Data: addr},
 			&expr.Immediate{Register: reg2, Data: binary.BigEndian.AppendUint16(nil, r.Port)})...)
-		out = append(out, dnatExpr(natFamily))
+		out = append(out, dnatExpr(f, reg2))
+	case render.NFTDNATRoundRobin, render.NFTDNATSourceHash:
+		// The slots map's data, address . port, lands in reg 1 and the
+		// register after the address, as nft places a concatenation.
+		if _, ok := protoNumbers[r.Proto]; !ok {
+			return nil, fmt.Errorf("protocol %q", r.Proto)
+		}
+		selector := []expr.Any{&expr.Numgen{Register: reg1, Modulus: r.Modulus, Type: unix.NFT_NG_INCREMENTAL}}
+		if r.Kind == render.NFTDNATSourceHash {
+			selector = []expr.Any{saddr(f, reg2),
+				&expr.Hash{SourceRegister: reg2, DestRegister: reg1, Length: addrLen(f), Modulus: r.Modulus, Seed: render.NFTHashSeed, Type: expr.HashTypeJenkins}}
+		}
+		lookup := &expr.Lookup{SourceRegister: reg1, DestRegister: reg1, IsDestRegSet: true, SetName: r.Set}
+		err = add(append(append(l4proto(reg1), selector...), lookup)...)
+		port, _ := regAfterAddr(f)
+		out = append(out, dnatExpr(f, port))
 	default:
 		return nil, fmt.Errorf("unknown rule kind %d", r.Kind)
 	}
@@ -1212,6 +1274,10 @@ func recognize(f render.NFTFamily, list []rawExpr) (render.NFTRule, bool) {
 			port = binary.BigEndian.Uint16(p)
 		}
 		r = render.NFTRule{Kind: render.NFTDNAT, Proto: proto(1), Addr: addr, Port: port}
+	case "meta cmp numgen lookup nat":
+		r = render.NFTRule{Kind: render.NFTDNATRoundRobin, Proto: proto(1), Set: str(3, unix.NFTA_LOOKUP_SET), Modulus: u32(2, unix.NFTA_NG_MODULUS)}
+	case "meta cmp payload hash lookup nat":
+		r = render.NFTRule{Kind: render.NFTDNATSourceHash, Proto: proto(1), Set: str(4, unix.NFTA_LOOKUP_SET), Modulus: u32(3, unix.NFTA_HASH_MODULUS)}
 	default:
 		return r, false
 	}
@@ -1234,7 +1300,7 @@ func decodeSet(f render.NFTFamily, m netlink.Message) (s *render.NFTSet, table s
 		return nil, "", false, err
 	}
 	s = &render.NFTSet{}
-	var flags, magic, length, dataType uint32
+	var flags, magic, length, dataType, dataLen uint32
 	var timeout time.Duration
 	var udata []byte
 	for ad.Next() {
@@ -1251,6 +1317,8 @@ func decodeSet(f render.NFTFamily, m netlink.Message) (s *render.NFTSet, table s
 			length = ad.Uint32()
 		case unix.NFTA_SET_DATA_TYPE:
 			dataType = ad.Uint32()
+		case unix.NFTA_SET_DATA_LEN:
+			dataLen = ad.Uint32()
 		case unix.NFTA_SET_TIMEOUT:
 			timeout = time.Duration(ad.Uint64()) * time.Millisecond
 		case unix.NFTA_SET_USERDATA:
@@ -1274,15 +1342,19 @@ func decodeSet(f render.NFTFamily, m netlink.Message) (s *render.NFTSet, table s
 			s.Key = k
 		}
 	}
-	if s.Key == render.NFTKeySlot && !bytes.Equal(udata, slotKeyUserdata) {
-		s.Key = 0 // not the map switchman makes
-	}
 	const known = unix.NFT_SET_MAP | unix.NFT_SET_INTERVAL | unix.NFT_SET_TIMEOUT | unix.NFT_SET_EVAL
-	s.Verdicts = flags&unix.NFT_SET_MAP != 0
+	backendMagic, backendLen, _ := backendType(f)
+	isMap := flags&unix.NFT_SET_MAP != 0
+	s.Verdicts = isMap && dataType == verdictType
+	s.Backends = isMap && dataType == backendMagic && dataLen == backendLen
 	s.Interval = flags&unix.NFT_SET_INTERVAL != 0
 	dynamic := flags&(unix.NFT_SET_TIMEOUT|unix.NFT_SET_EVAL) == unix.NFT_SET_TIMEOUT|unix.NFT_SET_EVAL
 	switch {
-	case flags&^known != 0, s.Verdicts && dataType != verdictType, flags&(unix.NFT_SET_TIMEOUT|unix.NFT_SET_EVAL) != 0 && !dynamic:
+	case s.Key == render.NFTKeySlot && !bytes.Equal(udata, slotUserdata(f, *s)):
+		s.Key = 0 // not the map switchman makes
+	case s.Backends && s.Key != render.NFTKeySlot:
+		s.Key = 0 // switchman maps only slots to backends
+	case flags&^known != 0, isMap && !s.Verdicts && !s.Backends, flags&(unix.NFT_SET_TIMEOUT|unix.NFT_SET_EVAL) != 0 && !dynamic:
 		s.Key = 0
 	case dynamic:
 		s.Timeout = timeout
@@ -1344,6 +1416,14 @@ func decodeElement(f render.NFTFamily, s *render.NFTSet, b []byte) (render.NFTEl
 				return e, err
 			}
 			for d.Next() {
+				if d.Type() == unix.NFTA_DATA_VALUE && s.Backends {
+					var b render.NFTElement
+					if err := decodeKey(f, render.NFTKeyAddrPort, d.Bytes(), &b); err != nil {
+						return e, fmt.Errorf("backend: %w", err)
+					}
+					e.Backend = netip.AddrPortFrom(b.Addr, b.Port)
+					continue
+				}
 				if d.Type() != unix.NFTA_DATA_VERDICT {
 					continue
 				}

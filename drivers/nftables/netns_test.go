@@ -391,7 +391,7 @@ func TestNetnsScheduling(t *testing.T) {
 			t.Errorf("after another backend went, mh sent the client to %v (was %s)", again, chosen)
 		}
 		// The kernel's table is the one render computes.
-		if got, want := l.slots("slots-mh"), tableOf(s); !slices.Equal(got, want) {
+		if _, want := render.NFTSlots(s); !slices.Equal(l.slots("slots-mh"), want) {
 			t.Errorf("kernel's Maglev table differs from render.Maglev")
 		}
 	})
@@ -509,30 +509,21 @@ func (l *lab) hitDirect(a netip.Addr) (name, peer string, err error) {
 	return name, peer, err
 }
 
-// slots reads a slots map from the kernel: entry i is the backend chain of
-// slot i.
-func (l *lab) slots(set string) []string {
+// slots reads a slots map to backends from the kernel: entry i is the
+// backend of slot i.
+func (l *lab) slots(set string) []netip.AddrPort {
 	l.t.Helper()
 	tables, err := l.kernel.Tables(l.t.Context())
 	if err != nil {
 		l.t.Fatal(err)
 	}
-	var out []string
+	var out []netip.AddrPort
 	for _, tb := range tables {
 		if s := tb.Sets[set]; s != nil {
 			for _, e := range s.Elements {
-				out = append(out, e.Goto)
+				out = append(out, e.Backend)
 			}
 		}
-	}
-	return out
-}
-
-func tableOf(s render.L4Service) []string {
-	_, table := render.NFTSlots(s)
-	var out []string
-	for _, b := range table {
-		out = append(out, render.NFTBackendChain(s.Service, b))
 	}
 	return out
 }
@@ -872,6 +863,71 @@ table ip nat {
 	})
 }
 
+// TestNetnsUpgrade: a table an earlier switchman left, whose slots map
+// goes to a chain per backend, is brought to the layout of today's
+// render by one Sync without losing the service: the backend chains go, the
+// slots map becomes a data map, and a second Sync writes nothing.
+func TestNetnsUpgrade(t *testing.T) {
+	l := newLab(t)
+	b1, _ := l.backend("b1", false)
+	b2, _ := l.backend("b2", false)
+	be := func(b netip.Addr) string { return render.NFTBackendChain("web", netip.AddrPortFrom(b, 8080)) }
+	old := fmt.Sprintf(`table ip switchman {
+	map services {
+		type ipv4_addr . inet_proto . inet_service : verdict
+	}
+	map slots-web {
+		typeof numgen inc mod 1024 : verdict
+	}
+	chain nat-prerouting {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr . meta l4proto . th dport vmap @services
+	}
+	chain svc-web {
+	}
+	chain %[1]s {
+		meta l4proto tcp dnat to %[3]s:8080
+	}
+	chain %[2]s {
+		meta l4proto tcp dnat to %[4]s:8080
+	}
+}
+add rule ip switchman svc-web numgen inc mod 2 vmap @slots-web
+add rule ip switchman svc-web reject
+add element ip switchman slots-web { 0 : goto %[1]s, 1 : goto %[2]s }
+add element ip switchman services { 198.51.100.50 . tcp . 80 : goto svc-web }
+`, be(b1), be(b2), b1, b2)
+	cmd := exec.Command("ip", "netns", "exec", l.lb, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(old)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("nft -f: %v\n%s", err, out)
+	}
+	vip := netip.MustParseAddrPort("198.51.100.50:80")
+	if c := counts(l.hits(t, spec.TCP, l.in, vip, 4)); c["b1"] != 2 || c["b2"] != 2 {
+		t.Fatalf("the old layout sent %v, want 2 each", c)
+	}
+
+	web := l4("web", vip.String(), spec.TCP, spec.RoundRobin, nfdest(b1, 1), nfdest(b2, 1))
+	all := []*render.ServiceState{state(web)}
+	noErrors(t, "Sync", l.driver.Sync(t.Context(), all))
+	want, err := render.NFTablesRuleset([]render.L4Service{web})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := l.nft("list", "table", "ip", "switchman"); normalizeListing(got) != normalizeListing(want) {
+		t.Errorf("after the Sync the kernel holds\n%s\nwant\n%s", got, want)
+	}
+	if c := counts(l.hits(t, spec.TCP, l.in, vip, 4)); c["b1"] != 2 || c["b2"] != 2 {
+		t.Errorf("the new layout sent %v, want 2 each", c)
+	}
+	n := l.kernel.count()
+	noErrors(t, "Sync again", l.driver.Sync(t.Context(), all))
+	if txs := l.kernel.since(n); len(txs) != 0 {
+		objs, _ := opsSummary(txs)
+		t.Errorf("a second Sync wrote: %v", objs)
+	}
+}
+
 // TestNetnsMany programs many services at once (large transactions, many
 // answers from the kernel) and reads them back.
 func TestNetnsMany(t *testing.T) {
@@ -1032,14 +1088,12 @@ func loadRuleset(tb testing.TB, ns string, services []render.L4Service, extra st
 
 // BenchmarkNetnsElementKinds is what the kernel alone takes for a
 // transaction that adds one element, and for one that deletes it, by the
-// kind of set, with 1,000 and
-// 10,000 services x 4 backends (wrr) loaded: an element of a plain set
-// (masq-tcp); of a verdict map (a goto to a backend's chain, what a
-// weight change writes into a service's slots map); and of a data map
-// from a slot to a backend address and port, which switchman does not
-// program (the layout without a chain per backend, where `dnat to numgen
-// inc mod N map @m` selects the backend). A goto makes nf_tables look
-// for loops through the table's sets and validate the whole table at
+// kind of set, with 1,000 and 10,000 services x 4 backends (wrr) loaded:
+// an element of a plain set (masq-tcp); of a data map from a slot to a
+// backend address and port (what a weight change writes into a service's
+// slots map); and of a verdict map (a goto to a chain, what a weight
+// change of a service with persistence writes). A goto makes nf_tables
+// look for loops through the table's sets and validate the whole table at
 // commit, so its cost grows with the table.
 //
 //	go test -run '^$' -bench NetnsElementKinds -benchtime 30x ./drivers/nftables/
@@ -1048,19 +1102,22 @@ func BenchmarkNetnsElementKinds(b *testing.B) {
 		b.Run(fmt.Sprint(n), func(b *testing.B) {
 			netnstest.Require(b, "nft:nftables")
 			ns := netnstest.New(b, "swm-nft", "kinds")
-			const dataMap, dataChain = "bench-data", "bench-data"
+			const gotoMap, gotoChain, target = "bench-goto", "bench-goto", "bench-target"
 			loadRuleset(b, ns, wrrServices(n), fmt.Sprintf(`table ip %s {
 	map %s {
-		typeof numgen inc mod 1024 : ip daddr . tcp dport
+		typeof numgen inc mod 1024 : verdict
 	}
 	chain %s {
-		meta l4proto tcp dnat to numgen inc mod 4 map @%s
+		meta l4proto tcp dnat to 10.0.0.9:8080
+	}
+	chain %s {
+		numgen inc mod 4 vmap @%s
 	}
 }
-`, render.NFTTable, dataMap, dataChain, dataMap))
+`, render.NFTTable, gotoMap, target, gotoChain, gotoMap))
 			// Reachable from the base chains, as a service's chain is.
 			netnstest.Exec(b, ns, "nft", "add", "element", "ip", render.NFTTable, render.NFTServicesMap,
-				fmt.Sprintf("{ 198.51.100.1 . tcp . 80 : goto %s }", dataChain))
+				fmt.Sprintf("{ 198.51.100.1 . tcp . 80 : goto %s }", gotoChain))
 			f, err := os.Open(netns.Path(ns))
 			if err != nil {
 				b.Fatal(err)
@@ -1072,14 +1129,13 @@ func BenchmarkNetnsElementKinds(b *testing.B) {
 			}
 			defer c.CloseLasting()
 			slot := binary.NativeEndian.AppendUint32(nil, 99)
-			backend := render.NFTBackendChain("s00013", netip.MustParseAddrPort("10.100.0.14:8080"))
 			kinds := []struct {
 				metric, set string
 				el          gnft.SetElement
 			}{
 				{"plain", render.NFTMasqTCPSet, gnft.SetElement{Key: []byte{192, 0, 2, 99, 0, 80, 0, 0}}},
-				{"goto", "slots-s00013", gnft.SetElement{Key: slot, VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: backend}}},
-				{"data", dataMap, gnft.SetElement{Key: slot, Val: []byte{10, 0, 0, 9, 0x1f, 0x90, 0, 0}}},
+				{"data", "slots-s00013", gnft.SetElement{Key: slot, Val: []byte{10, 0, 0, 9, 0x1f, 0x90, 0, 0}}},
+				{"goto", gotoMap, gnft.SetElement{Key: slot, VerdictData: &expr.Verdict{Kind: expr.VerdictGoto, Chain: target}}},
 			}
 			table := &gnft.Table{Name: render.NFTTable, Family: gnft.TableFamilyIPv4}
 			spent := make([]time.Duration, 2*len(kinds))

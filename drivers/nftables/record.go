@@ -1,7 +1,6 @@
 package nftables
 
 import (
-	"net/netip"
 	"slices"
 
 	"github.com/switchman-lb/switchman/render"
@@ -384,30 +383,20 @@ func (r *record) apply(ops []Op, handles []uint64) {
 }
 
 // connKeys returns, for the named services the record holds, the
-// vip:port/proto that names their connections and their backends (the
-// targets of their DNAT rules). A nil record knows none.
-func (r *record) connKeys(services map[string]bool) (map[string]ConnKey, map[string][]netip.AddrPort) {
-	keys, backends := map[string]ConnKey{}, map[string][]netip.AddrPort{}
+// vip:port/proto that names their connections. A nil record knows none.
+func (r *record) connKeys(services map[string]bool) map[string]ConnKey {
+	keys := map[string]ConnKey{}
 	if r == nil {
-		return keys, backends
+		return keys
 	}
-	for f, t := range r.tables {
+	for f := range r.tables {
 		for name := range services {
-			o := r.owners[f][name]
-			if o == nil {
-				continue
-			}
-			for k := range o.elements[render.NFTServicesMap] {
-				keys[name] = ConnKey{Protocol: k.Proto, VIP: k.Addr, Port: k.Port}
-			}
-			for c := range o.chains {
-				for _, rule := range t.Chains[c].Rules {
-					if rule.Known && rule.Spec.Kind == render.NFTDNAT {
-						backends[name] = append(backends[name], netip.AddrPortFrom(rule.Spec.Addr, rule.Spec.Port))
-					}
+			if o := r.owners[f][name]; o != nil {
+				for k := range o.elements[render.NFTServicesMap] {
+					keys[name] = ConnKey{Protocol: k.Proto, VIP: k.Addr, Port: k.Port}
 				}
 			}
 		}
 	}
-	return keys, backends
+	return keys
 }

@@ -174,8 +174,9 @@ func TestAgentNFTables(t *testing.T) {
 		l.waitStatus(t, "weights", "b2 at weight 3", weights(want))
 		var writes float64
 		eventually(t, "the change in the kernel", func() error {
-			if c := counts(l.slotTargets(t, "weights")); c["be-weights/10.1.1.3/8080"] != 3 {
-				return fmt.Errorf("slots of b2: %d, want 3", c["be-weights/10.1.1.3/8080"])
+			b2 := netip.AddrPortFrom(l.backends["b2"].v4, 8080).String()
+			if c := counts(l.slotTargets(t, "weights")); c[b2] != 3 {
+				return fmt.Errorf("slots of b2 (%s): %d, want 3", b2, c[b2])
 			}
 			writes = l.metric(t, metricWrites) - w0
 			return nil
@@ -507,8 +508,8 @@ func requireTurns(t testing.TB, answers []string, n int) {
 	}
 }
 
-// slotTargets returns, slot by slot, the backend chains of a service's
-// selection map as the kernel has it.
+// slotTargets returns, slot by slot, the backends (address:port) of a
+// service's selection map as the kernel has it.
 func (l *lab) slotTargets(t testing.TB, service string) []string {
 	t.Helper()
 	tables, err := l.kernel.Tables(context.Background())
@@ -519,7 +520,7 @@ func (l *lab) slotTargets(t testing.TB, service string) []string {
 	for _, tb := range tables {
 		if s := tb.Sets["slots-"+service]; s != nil {
 			for _, e := range s.Elements {
-				out = append(out, e.Goto)
+				out = append(out, e.Backend.String())
 			}
 		}
 	}

@@ -253,7 +253,7 @@ func apply(tables map[render.NFTFamily]*nftables.Table, op nftables.Op, handle u
 		if t.Sets[op.Set.Name] != nil {
 			return syscall.EEXIST
 		}
-		if op.Set.Key == 0 || op.Set.Timeout < 0 || (op.Set.Timeout > 0 && op.Set.Size == 0) {
+		if op.Set.Key == 0 || op.Set.Timeout < 0 || (op.Set.Timeout > 0 && op.Set.Size == 0) || (op.Set.Verdicts && op.Set.Backends) {
 			return syscall.EINVAL
 		}
 		s := op.Set
@@ -307,6 +307,10 @@ func addElements(t *nftables.Table, op nftables.Op) error {
 		case s.Verdicts && t.Chains[e.Goto].Hook != nil:
 			return syscall.EOPNOTSUPP // no goto to a base chain
 		case !s.Verdicts && e.Goto != "":
+			return syscall.EINVAL
+		case s.Backends != e.Backend.IsValid():
+			return syscall.EINVAL // a data map's element carries its data, others none
+		case s.Backends && render.NFTFamilyOf(e.Backend.Addr()) != t.Family:
 			return syscall.EINVAL
 		case (e.End || e.Open) && !s.Interval:
 			return syscall.EINVAL
@@ -379,6 +383,10 @@ func checkRefs(t *nftables.Table, r render.NFTRule) error {
 	switch r.Kind {
 	case render.NFTDispatch, render.NFTRoundRobin, render.NFTSourceHash:
 		if !s.Verdicts {
+			return syscall.EINVAL
+		}
+	case render.NFTDNATRoundRobin, render.NFTDNATSourceHash:
+		if !s.Backends {
 			return syscall.EINVAL
 		}
 	case render.NFTRemember:
