@@ -70,10 +70,14 @@ type Options struct {
 	Groups GroupSink
 	// Policy is what definitions are judged by.
 	Policy Policy
-	// Debounce is how long the loop waits after a change for more to come
-	// (coalescing bursts) when the change comes within Debounce of the last
-	// pass; a lone change after a quiet spell is taken at once. MaxDelay
-	// bounds the wait under a steady stream.
+	// Debounce is the quiet the loop keeps between passes: a change within
+	// Debounce of the last pass waits until Debounce has passed since it,
+	// and more changes coming within Debounce of each other are coalesced
+	// into one pass; a lone change after a quiet spell is taken at once.
+	// MaxDelay bounds the wait under a steady stream. The default
+	// (DefaultDebounce) is short because a pass costs what its changes
+	// cost, not what the whole table does: a long window would buy little
+	// coalescing and add its length to every change that follows another.
 	Debounce, MaxDelay time.Duration
 	// SettleTimeout bounds how long the first apply waits for the health
 	// checker's first round.
@@ -148,10 +152,13 @@ type Agent struct {
 	connsKnown bool
 }
 
+// DefaultDebounce is Options.Debounce when none is given.
+const DefaultDebounce = 10 * time.Millisecond
+
 // New returns an agent. health and metrics may be nil.
 func New(log *slog.Logger, src Source, planes []Plane, st StatusSink, health HealthSource, metrics *Metrics, opts Options) *Agent {
 	if opts.Debounce <= 0 {
-		opts.Debounce = 50 * time.Millisecond
+		opts.Debounce = DefaultDebounce
 	}
 	if opts.MaxDelay <= 0 {
 		opts.MaxDelay = time.Second

@@ -3,9 +3,10 @@ package agent
 import "time"
 
 // throttle decides when the loop makes its pass after changes. A lone
-// change after a quiet spell goes through at once (the leading edge); the
-// changes that follow within quiet of a pass are coalesced, each pushing
-// the pass back by quiet, but never past maxDelay after the first of them.
+// change after a quiet spell goes through at once (the leading edge); a
+// change within quiet of the last pass waits until quiet has passed since
+// it, and the changes that follow are coalesced, each pushing the pass back
+// by quiet, but never past maxDelay after the first of them.
 type throttle struct {
 	quiet, maxDelay time.Duration
 	lastPass        time.Time
@@ -21,6 +22,8 @@ func (t *throttle) change(now time.Time) time.Time {
 			t.due = now
 			return t.due
 		}
+		t.due = t.lastPass.Add(t.quiet)
+		return t.due
 	case !t.due.After(t.first):
 		// The leading edge is due already: nothing to push back.
 		return t.due

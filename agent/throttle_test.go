@@ -19,11 +19,11 @@ func TestThrottle(t *testing.T) {
 	}{
 		{"first change ever goes at once", []step{{ms: 0, due: 0}}},
 		{"a lone change after a quiet spell goes at once", []step{{pass: true, ms: 0}, {ms: 500, due: 500}}},
-		{"a change soon after a pass waits for quiet", []step{{pass: true, ms: 0}, {ms: 10, due: 60}}},
-		{"a burst pushes the pass back", []step{{pass: true, ms: 0}, {ms: 10, due: 60}, {ms: 40, due: 90}, {ms: 80, due: 130}}},
-		{"a steady stream is cut at maxDelay", []step{{pass: true, ms: 0}, {ms: 10, due: 60}, {ms: 150, due: 200}, {ms: 190, due: 210}, {ms: 209, due: 210}}},
+		{"a change soon after a pass waits until quiet has passed since it", []step{{pass: true, ms: 0}, {ms: 10, due: 50}}},
+		{"a burst pushes the pass back", []step{{pass: true, ms: 0}, {ms: 10, due: 50}, {ms: 40, due: 90}, {ms: 80, due: 130}}},
+		{"a steady stream is cut at maxDelay", []step{{pass: true, ms: 0}, {ms: 10, due: 50}, {ms: 150, due: 200}, {ms: 190, due: 210}, {ms: 209, due: 210}}},
 		{"changes behind a leading edge do not delay it", []step{{pass: true, ms: 0}, {ms: 100, due: 100}, {ms: 100, due: 100}}},
-		{"after the leading pass, the next change waits", []step{{ms: 0, due: 0}, {pass: true, ms: 1}, {ms: 5, due: 55}}},
+		{"after the leading pass, the next change waits", []step{{ms: 0, due: 0}, {pass: true, ms: 1}, {ms: 5, due: 51}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -24,6 +24,7 @@ import (
 	"syscall"
 	"time"
 
+	swagent "github.com/switchman-lb/switchman/agent"
 	"github.com/switchman-lb/switchman/internal/l4bench"
 	"github.com/switchman-lb/switchman/spec"
 )
@@ -67,10 +68,10 @@ func run(agent string, services, changes int, budget time.Duration, resync bool)
 	fmt.Printf("\nFIGURES (%d services x 4 backends, wrr, nf_tables)\n", services)
 	fmt.Printf("cold start through the agent: in the kernel after %s, all applied after %s, %v writes; nft -f of the same table from empty: %s\n",
 		res.ColdInKernel.Round(time.Millisecond), res.ColdReady.Round(time.Millisecond), res.ColdWrites, res.ResyncCold.Round(time.Millisecond))
-	fmt.Printf("one weight change, put to kernel: agent p50 %s p99 %s max %s (%d changes, %v writes in all; driver Apply %s, loop pass %s on average, loop debounce 50ms)\n",
-		p(res.Changes, 50), p(res.Changes, 99), p(res.Changes, 100), len(res.Changes), res.ChangeWrites, res.ApplyMean.Round(100*time.Microsecond), res.PassMean.Round(10*time.Microsecond))
+	fmt.Printf("one weight change, put to kernel: agent p50 %s p99 %s max %s (%d changes, %v writes in all; driver Apply %s, loop pass %s on average, loop debounce %s)\n",
+		p(res.Changes, 50), p(res.Changes, 99), p(res.Changes, 100), len(res.Changes), res.ChangeWrites, res.ApplyMean.Round(100*time.Microsecond), res.PassMean.Round(10*time.Microsecond), swagent.DefaultDebounce)
 	if len(res.Resync) > 0 {
-		fmt.Printf("the same, full re-render + nft -f: p50 %s p99 %s (%d changes; render p50 %s, nft -f p50 %s); resync/agent p50 %.0fx, p99 %.0fx\n",
+		fmt.Printf("the same, full re-render + nft -f: p50 %s p99 %s (%d changes; render p50 %s, nft -f p50 %s); resync/agent p50 %.3gx, p99 %.3gx\n",
 			p(res.Resync, 50).Round(time.Millisecond), p(res.Resync, 99).Round(time.Millisecond), len(res.Resync), p(res.ResyncRender, 50).Round(time.Millisecond), p(res.ResyncApply, 50).Round(time.Millisecond),
 			float64(p(res.Resync, 50))/float64(p(res.Changes, 50)), float64(p(res.Resync, 99))/float64(p(res.Changes, 99)))
 	}
