@@ -209,9 +209,16 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, all bo
 		observed = d.record.view(want.Services)
 	}
 	d.run(ctx, Diff(observed, want), errs)
-	for name := range d.backends {
-		if svc, listed := want.Services[name]; listed && svc == nil || all && !ours[name] {
+	for name, svc := range want.Services {
+		if svc == nil {
 			delete(d.backends, name)
+		}
+	}
+	if all {
+		for name := range d.backends {
+			if !ours[name] {
+				delete(d.backends, name)
+			}
 		}
 	}
 	for name, svc := range want.Services {
