@@ -388,7 +388,7 @@ func sameHook(a, b *render.NFTHook) bool {
 }
 
 func sameSetAttrs(a, b *render.NFTSet) bool {
-	return a.Name == b.Name && a.Key == b.Key && a.Verdicts == b.Verdicts && a.Interval == b.Interval && a.Timeout == b.Timeout && a.Size == b.Size
+	return a.Name == b.Name && a.Key == b.Key && a.Verdicts == b.Verdicts && a.Backends == b.Backends && a.Interval == b.Interval && a.Timeout == b.Timeout && a.Size == b.Size
 }
 
 // diffObjects adds to ph the writes that turn o into d in family f, and

@@ -299,8 +299,14 @@ func TestDiffRepairsDrift(t *testing.T) {
 		}, []string{"add-elements slots-web(1)"}},
 		{"slot element pointed elsewhere", func(t *nftables.Table) {
 			s := t.Sets["slots-web"]
-			s.Elements[0].Goto = "be-web/10.1.1.3/8080"
+			s.Elements[0].Backend = netip.MustParseAddrPort("10.1.1.3:8080")
 		}, []string{"delete-elements slots-web(1)", "add-elements slots-web(1)"}},
+		{"slots map of another kind (verdicts, as an earlier layout had)", func(t *nftables.Table) {
+			t.Sets["slots-web"].Backends, t.Sets["slots-web"].Verdicts = false, true
+		}, []string{"delete-rule svc-web", "delete-set slots-web", "add-set slots-web", "add-elements slots-web(3)", "add-rule svc-web"}},
+		{"slots map made a plain set", func(t *nftables.Table) {
+			t.Sets["slots-web"].Backends = false
+		}, []string{"delete-rule svc-web", "delete-set slots-web", "add-set slots-web", "add-elements slots-web(3)", "add-rule svc-web"}},
 		{"foreign rule in the service chain", func(t *nftables.Table) {
 			c := t.Chains["svc-web"]
 			c.Rules = slices.Insert(c.Rules, 0, nftables.Rule{Handle: 9999, Known: false})
