@@ -22,6 +22,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/switchman-lb/switchman/e2e/internal/lab"
+	"github.com/switchman-lb/switchman/internal/l4bench"
 	"github.com/switchman-lb/switchman/render"
 	"github.com/switchman-lb/switchman/spec"
 )
@@ -586,7 +587,7 @@ func TestConvergenceFigures(t *testing.T) {
 	convCheckKernel(t, "after the agent's changes", convWant(afterChanges))
 	passes := m[convMetricPasses] - m0[convMetricPasses]
 	t.Logf("agent changes: %d, visible after p50 %s p99 %s (min %s, max %s); %v passes, %.0f ms per pass on average, %v IPVS writes",
-		len(agentLat), lab.Ms(lab.Percentile(agentLat, 50)), lab.Ms(lab.Percentile(agentLat, 99)), lab.Ms(lab.Percentile(agentLat, 0)), lab.Ms(lab.Percentile(agentLat, 100)),
+		len(agentLat), lab.Ms(l4bench.Pct(agentLat, 50)), lab.Ms(l4bench.Pct(agentLat, 99)), lab.Ms(l4bench.Pct(agentLat, 0)), lab.Ms(l4bench.Pct(agentLat, 100)),
 		passes, 1000*(m[convMetricPassSum]-m0[convMetricPassSum])/max(passes, 1), m[lab.MetricIPVSWrite]-m0[lab.MetricIPVSWrite])
 
 	// 3. Restart with nothing changed: SIGTERM, start on the same data dir,
@@ -653,22 +654,22 @@ func TestConvergenceFigures(t *testing.T) {
 		convCheckKernel(t, "after the resync changes", convWant(last))
 	}
 	t.Logf("resync changes (render + ipvsadm -C + ipvsadm -R): %d, visible after p50 %s p99 %s (min %s, max %s); whole table back after p50 %s p99 %s; render p50 %s; table incomplete (ipvsadm -R running) p50 %s",
-		len(resLat), lab.Ms(lab.Percentile(resLat, 50)), lab.Ms(lab.Percentile(resLat, 99)), lab.Ms(lab.Percentile(resLat, 0)), lab.Ms(lab.Percentile(resLat, 100)),
-		lab.Ms(lab.Percentile(resFull, 50)), lab.Ms(lab.Percentile(resFull, 99)), lab.Ms(lab.Percentile(resRender, 50)), lab.Ms(lab.Percentile(resGap, 50)))
+		len(resLat), lab.Ms(l4bench.Pct(resLat, 50)), lab.Ms(l4bench.Pct(resLat, 99)), lab.Ms(l4bench.Pct(resLat, 0)), lab.Ms(l4bench.Pct(resLat, 100)),
+		lab.Ms(l4bench.Pct(resFull, 50)), lab.Ms(l4bench.Pct(resFull, 99)), lab.Ms(l4bench.Pct(resRender, 50)), lab.Ms(l4bench.Pct(resGap, 50)))
 
 	t.Logf("FIGURE cold start %d x %d (rr, NAT), 2 rounds: agent %s, %s; ipvsadm -R %s, %s; agent/ipvsadm (sums) = %.2f",
 		convServices, convBackends, lab.Ms(agentCold[0]), lab.Ms(agentCold[1]), lab.Ms(admCold[0]), lab.Ms(admCold[1]),
 		float64(agentCold[0]+agentCold[1])/float64(admCold[0]+admCold[1]))
 	t.Logf("FIGURE one weight change with %d services loaded: agent p50 %s p99 %s (%d changes); resync (ipvsadm -C + -R) p50 %s p99 %s (%d changes); resync/agent p50 = %.1f, p99 = %.1f",
-		convServices, lab.Ms(lab.Percentile(agentLat, 50)), lab.Ms(lab.Percentile(agentLat, 99)), len(agentLat),
-		lab.Ms(lab.Percentile(resLat, 50)), lab.Ms(lab.Percentile(resLat, 99)), len(resLat),
-		float64(lab.Percentile(resLat, 50))/float64(lab.Percentile(agentLat, 50)), float64(lab.Percentile(resLat, 99))/float64(lab.Percentile(agentLat, 99)))
+		convServices, lab.Ms(l4bench.Pct(agentLat, 50)), lab.Ms(l4bench.Pct(agentLat, 99)), len(agentLat),
+		lab.Ms(l4bench.Pct(resLat, 50)), lab.Ms(l4bench.Pct(resLat, 99)), len(resLat),
+		float64(l4bench.Pct(resLat, 50))/float64(l4bench.Pct(agentLat, 50)), float64(l4bench.Pct(resLat, 99))/float64(l4bench.Pct(agentLat, 99)))
 	t.Logf("FIGURE restart with nothing changed: ready after %s, %v IPVS writes", lab.Ms(restart.ready), restart.writes)
 	t.Logf("FIGURE one weight change, %d vs %d services loaded (same VM run): p50 %s vs %s (ratio %.2f), p99 %s vs %s (ratio %.2f)",
-		convServices, convSmall, lab.Ms(lab.Percentile(agentLat, 50)), lab.Ms(lab.Percentile(smallLat, 50)),
-		float64(lab.Percentile(agentLat, 50))/float64(lab.Percentile(smallLat, 50)),
-		lab.Ms(lab.Percentile(agentLat, 99)), lab.Ms(lab.Percentile(smallLat, 99)),
-		float64(lab.Percentile(agentLat, 99))/float64(lab.Percentile(smallLat, 99)))
+		convServices, convSmall, lab.Ms(l4bench.Pct(agentLat, 50)), lab.Ms(l4bench.Pct(smallLat, 50)),
+		float64(l4bench.Pct(agentLat, 50))/float64(l4bench.Pct(smallLat, 50)),
+		lab.Ms(l4bench.Pct(agentLat, 99)), lab.Ms(l4bench.Pct(smallLat, 99)),
+		float64(l4bench.Pct(agentLat, 99))/float64(l4bench.Pct(smallLat, 99)))
 }
 
 // convChangesOnSmallTable loads convSmall services, starts the agent, makes
@@ -696,7 +697,7 @@ func convChangesOnSmallTable(t *testing.T, l *lab.AgentLab) []time.Duration {
 		lat = append(lat, took)
 	}
 	t.Logf("small table changes: %d, visible after p50 %s p99 %s (min %s, max %s)", len(lat),
-		lab.Ms(lab.Percentile(lat, 50)), lab.Ms(lab.Percentile(lat, 99)), lab.Ms(lab.Percentile(lat, 0)), lab.Ms(lab.Percentile(lat, 100)))
+		lab.Ms(l4bench.Pct(lat, 50)), lab.Ms(l4bench.Pct(lat, 99)), lab.Ms(l4bench.Pct(lat, 0)), lab.Ms(l4bench.Pct(lat, 100)))
 	l.StopAgent(t)
 	ctx, cancel = lab.EtcdCtx()
 	_, err = l.Etcd.Client().Delete(ctx, lab.ServiceKey(""), clientv3.WithPrefix())

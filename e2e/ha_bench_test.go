@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/switchman-lb/switchman/e2e/internal/lab"
+	"github.com/switchman-lb/switchman/internal/l4bench"
 )
 
 // haBenchRounds is how many failovers of each kind TestHAFigures makes.
@@ -179,11 +180,11 @@ func TestHAFigures(t *testing.T) {
 	}
 	t.Logf("sampler: %d samples every %v, %d errors (last %v)", samples, sampleEvery, errs, lastErr)
 	t.Logf("FIGURE HA unplanned failover (SIGKILL + links down), %d runs, --ha-round %v --ha-lease-ttl %v: first answer after p50 %s p99 %s (min %s, max %s)",
-		len(unplanned), h.Round, h.LeaseTTL, lab.Ms(lab.Percentile(unplanned, 50)), lab.Ms(lab.Percentile(unplanned, 99)),
-		lab.Ms(lab.Percentile(unplanned, 0)), lab.Ms(lab.Percentile(unplanned, 100)))
+		len(unplanned), h.Round, h.LeaseTTL, lab.Ms(l4bench.Pct(unplanned, 50)), lab.Ms(l4bench.Pct(unplanned, 99)),
+		lab.Ms(l4bench.Pct(unplanned, 0)), lab.Ms(l4bench.Pct(unplanned, 100)))
 	t.Logf("FIGURE HA planned hand-over (SIGTERM), %d runs: first answer from the new owner after p50 %s p99 %s; longest time without an answer p50 %s p99 %s",
-		len(planned), lab.Ms(lab.Percentile(planned, 50)), lab.Ms(lab.Percentile(planned, 99)),
-		lab.Ms(lab.Percentile(plannedGap, 50)), lab.Ms(lab.Percentile(plannedGap, 99)))
+		len(planned), lab.Ms(l4bench.Pct(planned, 50)), lab.Ms(l4bench.Pct(planned, 99)),
+		lab.Ms(l4bench.Pct(plannedGap, 50)), lab.Ms(l4bench.Pct(plannedGap, 99)))
 	t.Logf("FIGURE HA dual ownership: %d samples of %d (%v) saw an address on both hosts; largest overlap of the VIP in the address events of a planned hand-over %s",
 		len(dual), samples, dualMs, lab.Ms(maxOverlap))
 	t.Logf("FIGURE HA etcd reads: %.0f, p50 <= %s, p99 <= %s (histogram bucket bounds); %d etcd contact lapses in %v over both agents",

@@ -28,6 +28,8 @@ import (
 	"testing"
 	"time"
 
+	swlab "github.com/switchman-lb/switchman/e2e/internal/lab"
+
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/switchman-lb/switchman/drivers/nftables"
@@ -495,29 +497,16 @@ func (l *lab) status(name string) (status.Status, bool, error) {
 	return st, true, err
 }
 
-// waitStatus polls a service's status until cond accepts it.
+// waitStatus polls a service's status until cond accepts it, failing at
+// once if the agent died.
 func (l *lab) waitStatus(t testing.TB, name, what string, cond func(status.Status) error) status.Status {
 	t.Helper()
-	var last status.Status
-	eventually(t, name+": "+what, func() error {
+	return swlab.WaitStatusFrom(t, waitLong, name+": "+what, func() (status.Status, bool, error) {
 		if err := l.alive(); err != nil {
 			t.Fatal(err)
 		}
-		st, ok, err := l.status(name)
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return errors.New("no status yet")
-		}
-		last = st
-		if err := cond(st); err != nil {
-			b, _ := json.Marshal(st)
-			return fmt.Errorf("%w (status %s)", err, b)
-		}
-		return nil
-	})
-	return last
+		return l.status(name)
+	}, cond)
 }
 
 // weights accepts an applied status whose backends have these weights
@@ -697,17 +686,7 @@ func (l *lab) nft(t testing.TB, args ...string) string {
 // eventually retries fn until it succeeds, for at most waitLong.
 func eventually(t testing.TB, what string, fn func() error) {
 	t.Helper()
-	deadline := time.Now().Add(waitLong)
-	for {
-		err := fn()
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: still failing after %s: %v", what, waitLong, err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	swlab.WaitFor(t, waitLong, what, fn)
 }
 
 func counts(names []string) map[string]int {

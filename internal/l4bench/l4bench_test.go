@@ -1,11 +1,11 @@
-package lab
+package l4bench
 
 import (
 	"testing"
 	"time"
 )
 
-func TestPercentile(t *testing.T) {
+func TestPct(t *testing.T) {
 	ms := func(n ...int) []time.Duration {
 		var out []time.Duration
 		for _, x := range n {
@@ -27,8 +27,8 @@ func TestPercentile(t *testing.T) {
 		{ms(1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20), 50, 10 * time.Millisecond},
 	}
 	for _, tt := range tests {
-		if got := Percentile(tt.ds, tt.p); got != tt.want {
-			t.Errorf("Percentile(%v, %v) = %v, want %v", tt.ds, tt.p, got, tt.want)
+		if got := Pct(tt.ds, tt.p); got != tt.want {
+			t.Errorf("Pct(%v, %v) = %v, want %v", tt.ds, tt.p, got, tt.want)
 		}
 	}
 }

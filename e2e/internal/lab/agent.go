@@ -272,9 +272,17 @@ func (l *AgentLab) Status(name string) (status.Status, bool, error) {
 // WaitStatus polls a service's status until cond accepts it.
 func (l *AgentLab) WaitStatus(t testing.TB, timeout time.Duration, name, what string, cond func(status.Status) error) status.Status {
 	t.Helper()
+	return WaitStatusFrom(t, timeout, name+": "+what, func() (status.Status, bool, error) { return l.Status(name) }, cond)
+}
+
+// WaitStatusFrom polls read (a service's status, and whether its key
+// exists) until cond accepts the status, and returns it. A refusal names
+// the status it refused.
+func WaitStatusFrom(t testing.TB, timeout time.Duration, what string, read func() (status.Status, bool, error), cond func(status.Status) error) status.Status {
+	t.Helper()
 	var last status.Status
-	WaitFor(t, timeout, name+": "+what, func() error {
-		st, ok, err := l.Status(name)
+	WaitFor(t, timeout, what, func() error {
+		st, ok, err := read()
 		if err != nil {
 			return err
 		}

@@ -2,23 +2,10 @@ package lab
 
 import (
 	"flag"
-	"math"
-	"slices"
 	"strings"
 	"testing"
 	"time"
 )
-
-// Percentile is the nearest-rank percentile p (0-100) of ds; 0 for none.
-func Percentile(ds []time.Duration, p float64) time.Duration {
-	if len(ds) == 0 {
-		return 0
-	}
-	s := slices.Clone(ds)
-	slices.Sort(s)
-	i := int(math.Ceil(p/100*float64(len(s)))) - 1
-	return s[max(0, min(i, len(s)-1))]
-}
 
 // Ms rounds d to the millisecond for a figure.
 func Ms(d time.Duration) string { return d.Round(time.Millisecond).String() }
