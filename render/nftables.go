@@ -168,12 +168,16 @@ func (e NFTElement) Compare(o NFTElement) int {
 	return 0
 }
 
+// Key returns e as a key of its set: without the value a map holds under
+// it (Goto, Backend) or the flag of an open interval.
+func (e NFTElement) Key() NFTElement {
+	e.Goto, e.Open, e.Backend = "", false, netip.AddrPort{}
+	return e
+}
+
 // SameKey reports whether e and o are the same element of a set (maps may
 // hold another value under that key).
-func (e NFTElement) SameKey(o NFTElement) bool {
-	e.Goto, o.Goto, e.Open, o.Open, e.Backend, o.Backend = "", "", false, false, netip.AddrPort{}, netip.AddrPort{}
-	return e == o
-}
+func (e NFTElement) SameKey(o NFTElement) bool { return e.Key() == o.Key() }
 
 // NFTHook makes a chain a base chain attached to a netfilter hook.
 type NFTHook struct {

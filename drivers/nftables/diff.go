@@ -6,7 +6,6 @@ import (
 	"strings"
 
 	"github.com/switchman-lb/switchman/render"
-	"github.com/switchman-lb/switchman/spec"
 )
 
 // Group is writes applied in one transaction, and the services whose state
@@ -313,13 +312,11 @@ func split(t *Table) (base, orphans *objects, services map[string]*objects) {
 	// The shared maps' elements belong to the service whose chain they go
 	// to; a masquerade element to the service with its vip and port.
 	byKey := map[render.NFTElement]string{}
-	for _, set := range []string{render.NFTServicesMap, render.NFTFiltersMap} {
+	for _, set := range sharedVerdictMaps {
 		if s := t.Sets[set]; s != nil {
 			for _, e := range s.Elements {
 				if owner, ok := render.NFTOwner(e.Goto); ok {
-					k := e
-					k.Goto = ""
-					byKey[k] = owner
+					byKey[e.Key()] = owner
 				}
 			}
 		}
@@ -335,14 +332,9 @@ func split(t *Table) (base, orphans *objects, services map[string]*objects) {
 			for _, e := range s.Elements {
 				var who string
 				var found bool
-				switch name {
-				case render.NFTMasqTCPSet, render.NFTMasqUDPSet:
-					proto := spec.TCP
-					if name == render.NFTMasqUDPSet {
-						proto = spec.UDP
-					}
+				if proto, masq := masqSets[name]; masq {
 					who, found = byKey[render.NFTElement{Addr: e.Addr, Proto: proto, Port: e.Port}]
-				default:
+				} else {
 					who, found = render.NFTOwner(e.Goto)
 				}
 				sh := render.NFTShared{Set: name, Element: e}
@@ -648,8 +640,7 @@ func deleteInOrder(f render.NFTFamily, o *objects, doomedChains, doomedSets map[
 
 // sharedKey identifies an element of a shared map by its key alone.
 func sharedKey(set string, e render.NFTElement) render.NFTShared {
-	e.Goto, e.Open = "", false
-	return render.NFTShared{Set: set, Element: e}
+	return render.NFTShared{Set: set, Element: e.Key()}
 }
 
 func sortedKeys[V any](m map[string]V) []string {

@@ -213,20 +213,18 @@ func (d *Driver) pass(ctx context.Context, states []*render.ServiceState, all bo
 		if svc == nil {
 			delete(d.backends, name)
 		}
+		switch {
+		case errs[name] != nil || svc == nil || gens[name] == 0:
+			delete(d.applied, name)
+		default:
+			d.applied[name] = gens[name]
+		}
 	}
 	if all {
 		for name := range d.backends {
 			if !ours[name] {
 				delete(d.backends, name)
 			}
-		}
-	}
-	for name, svc := range want.Services {
-		switch {
-		case errs[name] != nil || svc == nil || gens[name] == 0:
-			delete(d.applied, name)
-		default:
-			d.applied[name] = gens[name]
 		}
 	}
 	return errs

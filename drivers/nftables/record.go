@@ -15,24 +15,18 @@ type record struct {
 	// owners lists, per family and service, what the service owns.
 	owners map[render.NFTFamily]map[string]*owned
 	// shared holds, per family and shared set (NFTBase's), its elements
-	// by key (keyOf).
+	// by key (NFTElement.Key).
 	shared map[render.NFTFamily]map[string]map[render.NFTElement]render.NFTElement
 }
 
 // owned names what one service owns in one family: chains, sets, and the
-// keys (keyOf) of its elements in the shared verdict maps, by map.
+// keys (NFTElement.Key) of its elements in the shared verdict maps, by map.
 type owned struct {
 	chains, sets map[string]bool
 	elements     map[string]map[render.NFTElement]bool
 }
 
 func (o *owned) empty() bool { return len(o.chains) == 0 && len(o.sets) == 0 && len(o.elements) == 0 }
-
-// keyOf is e as a key of its set: what SameKey compares.
-func keyOf(e render.NFTElement) render.NFTElement {
-	e.Goto, e.Open = "", false
-	return e
-}
 
 // sharedVerdictMaps are the shared maps whose elements belong to the
 // service that owns their chain; masqSets the shared sets whose elements
@@ -131,7 +125,7 @@ func (r *record) addShared(f render.NFTFamily, name string, elems []render.NFTEl
 		r.shared[f][name] = m
 	}
 	for _, e := range elems {
-		k := keyOf(e)
+		k := e.Key()
 		m[k] = e
 		if service, ok := render.NFTOwner(e.Goto); ok {
 			o := r.owner(f, service, true)
@@ -147,7 +141,7 @@ func (r *record) addShared(f render.NFTFamily, name string, elems []render.NFTEl
 func (r *record) delShared(f render.NFTFamily, name string, elems []render.NFTElement) {
 	m := r.shared[f][name]
 	for _, e := range elems {
-		k := keyOf(e)
+		k := e.Key()
 		had, ok := m[k]
 		if !ok {
 			continue
