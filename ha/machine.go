@@ -1120,6 +1120,10 @@ func (m *machine) claim(now time.Time, g *group, out []any) []any {
 	}
 	var safe time.Time
 	p := g.prev
+	prev, released := "", false
+	if p != nil {
+		prev, released = p.node, m.noted(g.name, p)
+	}
 	switch {
 	case p == nil:
 		// Never seen an owner: one may have been deleted by someone else
@@ -1127,7 +1131,7 @@ func (m *machine) claim(now time.Time, g *group, out []any) []any {
 		safe = g.absent.Add(t.Hold + t.Margin)
 	case p.node == m.cfg.node && m.myLeases[p.lease]:
 		safe = g.absent // ours: dropped as soon as it was gone
-	case m.noted(g.name, p):
+	case released:
 		safe = g.absent // the owner released it and dropped its addresses
 	case g.prevLease == leaseGone:
 		safe = g.absent // expired: the owner dropped before that
@@ -1147,10 +1151,6 @@ func (m *machine) claim(now time.Time, g *group, out []any) []any {
 	// Less preferred agents wait a little longer, counted from when the
 	// group became free to claim, so the preferred one wins the race.
 	ready := maxTime(g.absent, safe)
-	prev, released := "", false
-	if p != nil {
-		prev, released = p.node, m.noted(g.name, p)
-	}
 	base := maxTime(ready, m.claimFrom(prev, released))
 	if now.Before(base.Add(time.Duration(rank) * t.Stagger)) {
 		return out

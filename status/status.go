@@ -349,7 +349,7 @@ func (p *Publisher) Run(ctx context.Context) error {
 	return ctx.Err()
 }
 
-// session grants a lease, writes everything, then follows Publish calls
+// session grants a lease, writes everything, then follows Set and Delete calls
 // until the lease is lost. worked says the lease was granted and the keys
 // written (some may have failed on their own and wait for a retry).
 func (p *Publisher) session(ctx context.Context) (worked bool, err error) {
@@ -431,10 +431,11 @@ func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written ma
 	p.mu.Lock()
 	names := p.changed
 	p.changed = map[string]bool{}
-	want := make(map[string][]byte, len(names))
+	var want map[string][]byte
 	if full {
 		want = maps.Clone(p.want)
 	} else {
+		want = make(map[string][]byte, len(names))
 		for name := range names {
 			if v, ok := p.want[name]; ok {
 				want[name] = v
@@ -475,8 +476,8 @@ func (p *Publisher) sync(ctx context.Context, lease clientv3.LeaseID, written ma
 		if _, ok := want[name]; ok {
 			continue
 		}
-		if _, ok := written[name]; !ok && !full {
-			delete(names, name) // never written
+		if _, ok := written[name]; !ok {
+			delete(names, name) // never written (a full sync marks the stale keys it found as written)
 			continue
 		}
 		dctx, cancel := context.WithTimeout(ctx, 10*time.Second)

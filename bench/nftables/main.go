@@ -73,7 +73,7 @@ func run(agent string, services, changes int, budget time.Duration, resync bool)
 	if len(res.Resync) > 0 {
 		fmt.Printf("the same, full re-render + nft -f: p50 %s p99 %s (%d changes; render p50 %s, nft -f p50 %s); resync/agent p50 %.3gx, p99 %.3gx\n",
 			p(res.Resync, 50).Round(time.Millisecond), p(res.Resync, 99).Round(time.Millisecond), len(res.Resync), p(res.ResyncRender, 50).Round(time.Millisecond), p(res.ResyncApply, 50).Round(time.Millisecond),
-			float64(p(res.Resync, 50))/float64(p(res.Changes, 50)), float64(p(res.Resync, 99))/float64(p(res.Changes, 99)))
+			ratio(res.Resync, res.Changes, 50), ratio(res.Resync, res.Changes, 99))
 	}
 	fmt.Printf("agent RSS: %d MiB when ready, %d MiB after the changes\n", res.RSSReady>>20, res.RSSAfter>>20)
 	return nil
@@ -86,4 +86,9 @@ func loadavg() string {
 	}
 	f := strings.Fields(string(b))
 	return strings.Join(f[:min(3, len(f))], " ")
+}
+
+// ratio is a's percentile q over b's, from unrounded values.
+func ratio(a, b []time.Duration, q float64) float64 {
+	return float64(l4bench.Pct(a, q)) / float64(l4bench.Pct(b, q))
 }

@@ -48,15 +48,7 @@ func TestHAFlags(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
-			var got haConfig
-			var err error
-			app := &cli.App{Flags: haFlags(), Action: func(c *cli.Context) error {
-				got, err = haFromFlags(c, addrsOf)
-				return nil
-			}}
-			if runErr := app.Run(append([]string{"switchman"}, tt.args...)); runErr != nil {
-				t.Fatal(runErr)
-			}
+			got, err := parseFlags(t, haFlags(), tt.args, func(c *cli.Context) (haConfig, error) { return haFromFlags(c, addrsOf) })
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("error %v, want one containing %q", err, tt.wantErr)
@@ -144,3 +136,19 @@ func TestTimingScales(t *testing.T) {
 
 // nopStore is an ha.Store that is never called (the elector is not run).
 type nopStore struct{ ha.Store }
+
+// parseFlags runs args through an app with flags and returns what parse
+// makes of them.
+func parseFlags[T any](t *testing.T, flags []cli.Flag, args []string, parse func(*cli.Context) (T, error)) (T, error) {
+	t.Helper()
+	var got T
+	var err error
+	app := &cli.App{Flags: flags, Action: func(c *cli.Context) error {
+		got, err = parse(c)
+		return nil
+	}}
+	if runErr := app.Run(append([]string{"switchman"}, args...)); runErr != nil {
+		t.Fatal(runErr)
+	}
+	return got, err
+}

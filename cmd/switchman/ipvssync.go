@@ -40,11 +40,11 @@ func syncFromFlags(c *cli.Context) (*ipvs.SyncSettings, error) {
 		return nil, nil
 	}
 	s := &ipvs.SyncSettings{Interface: iface}
-	if id := c.Uint("ipvs-sync-id"); id > 255 {
-		return nil, fmt.Errorf("--ipvs-sync-id %d: want 0 to 255", id)
-	} else {
-		s.SyncID = uint8(id)
+	id, err := uintIn(c, "ipvs-sync-id", 0, 255)
+	if err != nil {
+		return nil, err
 	}
+	s.SyncID = uint8(id)
 	if g := c.String("ipvs-sync-group"); g != "" {
 		a, err := netip.ParseAddr(g)
 		if err != nil || !a.IsMulticast() {
@@ -52,20 +52,29 @@ func syncFromFlags(c *cli.Context) (*ipvs.SyncSettings, error) {
 		}
 		s.Group = a.Unmap()
 	}
-	if p := c.Uint("ipvs-sync-port"); c.IsSet("ipvs-sync-port") && (p < 1 || p > 65535) {
-		return nil, fmt.Errorf("--ipvs-sync-port %d: want 1 to 65535", p)
-	} else {
-		s.Port = uint16(p)
+	port, err := uintIn(c, "ipvs-sync-port", 1, 65535)
+	if err != nil {
+		return nil, err
 	}
-	if ttl := c.Uint("ipvs-sync-ttl"); c.IsSet("ipvs-sync-ttl") && (ttl < 1 || ttl > 255) {
-		return nil, fmt.Errorf("--ipvs-sync-ttl %d: want 1 to 255", ttl)
-	} else {
-		s.TTL = uint8(ttl)
+	ttl, err := uintIn(c, "ipvs-sync-ttl", 1, 255)
+	if err != nil {
+		return nil, err
 	}
+	s.Port, s.TTL = uint16(port), uint8(ttl)
 	if err := s.Check(); err != nil {
 		return nil, err
 	}
 	return s, nil
+}
+
+// uintIn returns flag name, refusing a value set outside lo..hi (unset, it
+// is 0: the kernel's default).
+func uintIn(c *cli.Context, name string, lo, hi uint) (uint, error) {
+	v := c.Uint(name)
+	if c.IsSet(name) && (v < lo || v > hi) {
+		return 0, fmt.Errorf("--%s %d: want %d to %d", name, v, lo, hi)
+	}
+	return v, nil
 }
 
 // newConnSync makes the connection-sync component beside the IPVS driver

@@ -7,8 +7,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/urfave/cli/v2"
-
 	"github.com/switchman-lb/switchman/drivers/ipvs"
 	"github.com/switchman-lb/switchman/status"
 )
@@ -34,15 +32,7 @@ func TestIPVSSyncFlags(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(strings.Join(tt.args, " "), func(t *testing.T) {
-			var got *ipvs.SyncSettings
-			var err error
-			app := &cli.App{Flags: ipvsSyncFlags(), Action: func(c *cli.Context) error {
-				got, err = syncFromFlags(c)
-				return nil
-			}}
-			if runErr := app.Run(append([]string{"switchman"}, tt.args...)); runErr != nil {
-				t.Fatal(runErr)
-			}
+			got, err := parseFlags(t, ipvsSyncFlags(), tt.args, syncFromFlags)
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 					t.Fatalf("error %v, want one containing %q", err, tt.wantErr)

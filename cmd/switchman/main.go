@@ -30,7 +30,7 @@ func newApp() *cli.App {
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "log-level", Value: "info", Usage: "debug, info, warn or error", EnvVars: env("log-level")},
 			&cli.StringFlag{Name: "log-format", Value: "text", Usage: "text or json", EnvVars: env("log-format")},
-			&cli.StringFlag{Name: "cpu-profile", Usage: "write a CPU profile (go tool pprof) of the whole run to this file", Hidden: true},
+			&cli.StringFlag{Name: "cpu-profile", Usage: "write a CPU profile (go tool pprof) of the whole run to this file", Hidden: true, EnvVars: env("cpu-profile")},
 		},
 		Before:   startProfile,
 		After:    stopProfile,

@@ -188,14 +188,23 @@ func TestStatusRows(t *testing.T) {
 }
 
 func TestEnvVarsNameEveryFlag(t *testing.T) {
-	for _, cmd := range newApp().Commands {
-		for _, f := range cmd.Flags {
+	app := newApp()
+	check := func(where string, flags []cli.Flag) {
+		for _, f := range flags {
 			name := f.Names()[0]
+			if name == "help" || name == "version" {
+				continue // urfave/cli's own
+			}
+			want := "SWITCHMAN_" + strings.ToUpper(strings.ReplaceAll(name, "-", "_"))
 			ev, ok := f.(interface{ GetEnvVars() []string })
-			if !ok || len(ev.GetEnvVars()) != 1 || ev.GetEnvVars()[0] != "SWITCHMAN_"+strings.ToUpper(strings.ReplaceAll(name, "-", "_")) {
-				t.Errorf("%s --%s does not read SWITCHMAN_%s", cmd.Name, name, strings.ToUpper(strings.ReplaceAll(name, "-", "_")))
+			if !ok || len(ev.GetEnvVars()) != 1 || ev.GetEnvVars()[0] != want {
+				t.Errorf("%s --%s does not read %s", where, name, want)
 			}
 		}
+	}
+	check("switchman", app.Flags)
+	for _, cmd := range app.Commands {
+		check(cmd.Name, cmd.Flags)
 	}
 }
 

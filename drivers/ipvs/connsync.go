@@ -440,11 +440,7 @@ func (c *ConnSync) stopRecorded(ctx context.Context) error {
 func (c *ConnSync) Count(ctx context.Context) error {
 	var active, inactive int
 	for k := range c.cfg.Services() {
-		s := Service{Protocol: k.Protocol, Address: k.Address, Port: k.Port}
-		dsts, err := call(ctx, c.cfg.CallTimeout, func(cx context.Context) ([]Destination, error) { return c.cfg.Kernel.Destinations(cx, s) })
-		if errors.Is(err, syscall.ESRCH) {
-			continue
-		}
+		dsts, _, err := destinationsOf(ctx, c.cfg.Kernel, c.cfg.CallTimeout, k)
 		if err != nil {
 			return fmt.Errorf("count IPVS connections: %w", err)
 		}

@@ -489,13 +489,12 @@ func (d *Driver) Connections(ctx context.Context, services map[string]bool) (map
 		if !services[name] {
 			continue
 		}
-		s := Service{Protocol: k.Protocol, Address: k.Address, Port: k.Port}
-		dsts, err := call(ctx, d.timeout, func(c context.Context) ([]Destination, error) { return d.kernel.Destinations(c, s) })
-		if errors.Is(err, syscall.ESRCH) {
-			continue // not created yet, or already removed
-		}
+		dsts, found, err := destinationsOf(ctx, d.kernel, d.timeout, k)
 		if err != nil {
 			return nil, err
+		}
+		if !found {
+			continue // not created yet, or already removed
 		}
 		for _, dst := range dsts {
 			n := dst.ActiveConn
@@ -602,7 +601,22 @@ func mixedFamily(w Desired) error {
 // ErrMixedFamilyUnderSync is why a service with a destination of another
 // address family is refused while connection sync is configured. It wraps
 // EINVAL, the errno the kernel gives.
-var ErrMixedFamilyUnderSync = fmt.Errorf("IPVS connection sync (--ipvs-sync-interface) cannot carry a service whose real servers are of another address family than its VIP, and the kernel refuses such a real server while sync runs: use real servers of the VIP's family, or run without --ipvs-sync-interface: %w", syscall.EINVAL)
+var ErrMixedFamilyUnderSync = fmt.Errorf("%w; the kernel also refuses such a real server while sync runs: %w", ErrSyncMixedFamily, syscall.EINVAL)
+
+// destinationReader reads the destinations of a virtual service.
+type destinationReader interface {
+	Destinations(ctx context.Context, s Service) ([]Destination, error)
+}
+
+// destinationsOf reads the destinations of the service k names, bounded by
+// timeout; found is false when the kernel has no such service (ESRCH).
+func destinationsOf(ctx context.Context, r destinationReader, timeout time.Duration, k Key) (dsts []Destination, found bool, err error) {
+	dsts, err = call(ctx, timeout, func(c context.Context) ([]Destination, error) { return r.Destinations(c, k.Service()) })
+	if errors.Is(err, syscall.ESRCH) {
+		return nil, false, nil
+	}
+	return dsts, err == nil, err
+}
 
 // call runs one kernel read bounded by timeout.
 func call[T any](ctx context.Context, timeout time.Duration, f func(context.Context) (T, error)) (T, error) {

@@ -53,7 +53,7 @@ func (d *Driver) Apply(ctx context.Context, changed []*render.ServiceState) map[
 		if !names[name] || wanted[k] || keep[k] {
 			continue
 		}
-		obs := Observed{Service: Service{Protocol: k.Protocol, Address: k.Address, Port: k.Port}}
+		obs := Observed{Service: k.Service()}
 		if last, ok := d.applied[k]; ok {
 			obs.Service = last.Service
 		}

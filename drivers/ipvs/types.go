@@ -109,6 +109,11 @@ type Key struct {
 	Port     uint16
 }
 
+// Service returns the virtual service k names, its other settings unset.
+func (k Key) Service() Service {
+	return Service{Protocol: k.Protocol, Address: k.Address, Port: k.Port}
+}
+
 // String formats the key as switchman does: vip:port/proto.
 func (k Key) String() string {
 	return netip.AddrPortFrom(k.Address, k.Port).String() + "/" + k.Protocol.String()

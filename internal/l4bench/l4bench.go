@@ -524,7 +524,8 @@ func (b *bench) visible(ctx context.Context, l4 render.L4Service) error {
 		got := make([]netip.AddrPort, len(table))
 		for _, e := range els {
 			// A slot's data: the backend's address, then its port
-			// (network order, padded to four bytes).
+			// (network order, padded to four bytes), as the driver
+			// encodes it (drivers/nftables, elementKey and decodeKey).
 			if len(e.Key) != 4 || len(e.Val) != 8 {
 				return fmt.Errorf("slots-%s: element %x: %x", l4.Service, e.Key, e.Val)
 			}
