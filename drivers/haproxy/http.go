@@ -364,19 +364,7 @@ func (d *Driver) release(ctx context.Context, slot string, force bool) {
 	actual, err := d.rt.ServersState(ctx, slot)
 	left := err != nil
 	for _, a := range actual {
-		if !force {
-			if !a.Maint {
-				if err := d.rt.SetState(ctx, slot, a.Name, StateMaint); err != nil {
-					left = true
-					continue
-				}
-			}
-			if err := d.rt.DelServer(ctx, slot, a.Name); err != nil {
-				left = true
-			}
-			continue
-		}
-		busy, err := d.removeServer(ctx, slot, a)
+		busy, err := d.removeServer(ctx, slot, a, force)
 		left = left || busy || err != nil
 	}
 	if left {

@@ -136,6 +136,55 @@ func TestHTTPChangesWithoutReload(t *testing.T) {
 	}
 }
 
+// TestHTTPRemovedServerFinishesRequests: in mode http a server taken out
+// of a pool while it still has connections is put in maintenance and left
+// to finish its requests (no shutdown); an Apply meanwhile deletes it once
+// it is idle or leaves it; a Sync shuts down what it still has and
+// deletes it. In mode tcp the shutdown is at once (TestApplyRemovesAtOnce).
+func TestHTTPRemovedServerFinishesRequests(t *testing.T) {
+	d, rt, _ := newHTTPDriver(t, 4)
+	ctx := context.Background()
+	www := httpSvc("www", webBind, "www.example.com/", fsrv("10.0.0.1", 80, 1))
+	api := httpSvc("api", webBind, "www.example.com/api", fsrv("10.0.0.2", 80, 1), fsrv("10.0.0.3", 80, 1))
+	if errs := d.Apply(ctx, states(www, api)); len(errs) > 0 {
+		t.Fatal(errs)
+	}
+	slot := d.layout.Slot("api")
+	rt.mu.Lock()
+	rt.backends[slot]["s10.0.0.3_80"].sessions = 2
+	rt.mu.Unlock()
+	rt.takeCalls()
+
+	for _, tt := range []struct {
+		what  string
+		pass  func() map[string]error
+		calls []string
+		left  map[string]wantServer
+	}{
+		{"the removing Apply", func() map[string]error {
+			return d.Apply(ctx, states(httpSvc("api", webBind, "www.example.com/api", fsrv("10.0.0.2", 80, 1))))
+		}, []string{"state " + slot + "/s10.0.0.3_80 maint", "del " + slot + "/s10.0.0.3_80"},
+			map[string]wantServer{"s10.0.0.2_80": {"10.0.0.2:80", 1, false}, "s10.0.0.3_80": {"10.0.0.3:80", 1, true}}},
+		{"an Apply of a weight meanwhile", func() map[string]error {
+			return d.Apply(ctx, states(httpSvc("api", webBind, "www.example.com/api", fsrv("10.0.0.2", 80, 2))))
+		}, []string{"weight " + slot + "/s10.0.0.2_80 2", "del " + slot + "/s10.0.0.3_80"},
+			map[string]wantServer{"s10.0.0.2_80": {"10.0.0.2:80", 2, false}, "s10.0.0.3_80": {"10.0.0.3:80", 1, true}}},
+		{"a Sync", func() map[string]error {
+			return d.Sync(ctx, states(www, httpSvc("api", webBind, "www.example.com/api", fsrv("10.0.0.2", 80, 2))))
+		}, []string{"del " + slot + "/s10.0.0.3_80", "shutdown " + slot + "/s10.0.0.3_80", "del " + slot + "/s10.0.0.3_80"},
+			map[string]wantServer{"s10.0.0.2_80": {"10.0.0.2:80", 2, false}}},
+	} {
+		if errs := tt.pass(); len(errs) > 0 {
+			t.Fatalf("%s: %v", tt.what, errs)
+		}
+		if calls := rt.writes(); !slices.Equal(calls, tt.calls) {
+			t.Errorf("%s: calls %q, want %q", tt.what, calls, tt.calls)
+		}
+		rt.takeCalls()
+		assertServers(t, rt, slot, tt.left)
+	}
+}
+
 // TestHTTPStructuralChanges: a new vip:port, a pool that runs out, a new
 // shape: one reload each, and the pool grows generously.
 func TestHTTPStructuralChanges(t *testing.T) {

@@ -212,12 +212,19 @@ func (c *clientLoop) stop() { c.once.Do(func() { close(c.stopC) }); <-c.done }
 // deadline.
 func waitFor(t testing.TB, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
+	waitWithin(t, what, 20*time.Second, 20*time.Millisecond, cond)
+}
+
+// waitWithin polls cond every period until it holds; the test fails
+// after limit.
+func waitWithin(t testing.TB, what string, limit, period time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting for %s", what)
 		}
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(period)
 	}
 }
 

@@ -23,6 +23,13 @@ import (
 // readBack (a Sync read it), else the record when it is known, else one
 // `show servers state` of the backend. Nothing is sent when nothing
 // differs.
+//
+// A removed server's connections are shut down at once in mode tcp (the
+// agent's drain has kept it at weight 0 first). In mode http the requests
+// in flight on it are let finish: it stays in maintenance, and a Sync
+// shuts down what it still has (long-lived streams) and deletes it, as a
+// slot a service left is emptied. Idle connections HAProxy keeps to it for
+// reuse also keep it until HAProxy purges them (pool-purge-delay).
 func (d *Driver) syncPool(ctx context.Context, e *service, want []render.HAProxyServer, actual []ServerState, readBack, seen bool) error {
 	be := e.backend()
 	switch {
@@ -38,7 +45,7 @@ func (d *Driver) syncPool(ctx context.Context, e *service, want []render.HAProxy
 			return fmt.Errorf("read backend %s: %w", be, err)
 		}
 	}
-	closing, err := d.setServers(ctx, be, want, actual)
+	closing, err := d.setServers(ctx, be, want, actual, !e.http || readBack)
 	if !samePool(e.svc.Servers, want) {
 		e.svc.Servers = slices.Clone(want)
 		if rerr := d.render(e); rerr != nil {
@@ -71,11 +78,10 @@ func recordedPool(servers []render.HAProxyServer) []ServerState {
 // setServers makes a backend's servers go from actual to want: missing
 // servers are added (they start in maintenance, so they are enabled),
 // addresses, weights and maintenance are corrected, and servers not in
-// want are removed at once (the agent's drain has already kept them at
-// weight 0 for as long as they may keep connections). Additions come
-// first so capacity never dips. closing reports a removed server whose
-// connections are still closing, left in maintenance.
-func (d *Driver) setServers(ctx context.Context, be string, want []render.HAProxyServer, actual []ServerState) (closing bool, err error) {
+// want are removed (removeServer, with force). Additions come first so
+// capacity never dips. closing reports a removed server that still has
+// connections, left in maintenance.
+func (d *Driver) setServers(ctx context.Context, be string, want []render.HAProxyServer, actual []ServerState, force bool) (closing bool, err error) {
 	have := make(map[string]ServerState, len(actual))
 	for _, a := range actual {
 		have[a.Name] = a
@@ -109,18 +115,19 @@ func (d *Driver) setServers(ctx context.Context, be string, want []render.HAProx
 		if wanted[a.Name] {
 			continue
 		}
-		left, err := d.removeServer(ctx, be, a)
+		left, err := d.removeServer(ctx, be, a, force)
 		errs = append(errs, err)
 		closing = closing || left
 	}
 	return closing, errors.Join(errs...)
 }
 
-// removeServer puts a server in maintenance (no new connections), shuts
-// down the connections it still has and deletes it, without waiting. A
-// server whose connections are still closing stays in maintenance (left
-// true) and is deleted by a later pass.
-func (d *Driver) removeServer(ctx context.Context, be string, a ServerState) (left bool, err error) {
+// removeServer puts a server in maintenance (no new connections or
+// requests) and deletes it, without waiting. A server that still has
+// connections stays in maintenance (left true) for a later pass to
+// delete; with force they are shut down first, and it stays only while
+// they are still closing.
+func (d *Driver) removeServer(ctx context.Context, be string, a ServerState, force bool) (left bool, err error) {
 	if !a.Maint {
 		if err := d.rt.SetState(ctx, be, a.Name, StateMaint); err != nil {
 			return false, err
@@ -129,6 +136,9 @@ func (d *Driver) removeServer(ctx context.Context, be string, a ServerState) (le
 	err = d.rt.DelServer(ctx, be, a.Name)
 	if !errors.Is(err, ErrServerBusy) {
 		return false, err
+	}
+	if !force {
+		return true, nil
 	}
 	if err := d.rt.ShutdownSessions(ctx, be, a.Name); err != nil {
 		return false, err
