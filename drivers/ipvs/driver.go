@@ -50,9 +50,11 @@ type Config struct {
 	// CallTimeout bounds each kernel call; 0 means DefaultCallTimeout.
 	CallTimeout time.Duration
 	// FullResync is how often every owned service's destinations are read
-	// back from the kernel even when the desired state did not change;
-	// between full reads a pass reads only the services whose desired state
-	// changed (and the service list, always). 0 means DefaultFullResync.
+	// back from the kernel even when the desired state did not change, in
+	// the background; the Sync after a read-back repairs what it found
+	// different. Otherwise a pass reads only the services whose desired
+	// state changed (and the service list, always). 0 means
+	// DefaultFullResync.
 	FullResync time.Duration
 	// ConnSync says connection sync is configured (--ipvs-sync-interface):
 	// a service with a destination of another address family than its
@@ -74,12 +76,14 @@ type Driver struct {
 	writes  atomic.Uint64
 	turn    chan struct{} // one Apply at a time; waiting honours ctx
 
-	// Used only by Apply, under turn: what the last pass programmed and
-	// confirmed per service, and when destinations were last all read.
+	// Used only by Apply and Sync, under turn: what the last pass
+	// programmed and confirmed per service, and when the last read-back of
+	// every trusted service's destinations began.
 	resync   time.Duration
 	applied  map[Key]Desired
 	lastFull time.Time
 	connSync bool
+	rb       readBack
 
 	mu    sync.Mutex
 	owned map[Key]string // key -> switchman service, as last recorded
@@ -111,7 +115,7 @@ func New(cfg Config) (*Driver, error) {
 		return nil, err
 	}
 	d := &Driver{kernel: cfg.Kernel, path: path, log: cfg.Logger, timeout: cfg.CallTimeout, owned: owned, turn: make(chan struct{}, 1),
-		resync: cfg.FullResync, applied: map[Key]Desired{}, connSync: cfg.ConnSync}
+		resync: cfg.FullResync, applied: map[Key]Desired{}, lastFull: time.Now(), connSync: cfg.ConnSync}
 	return d, nil
 }
 
@@ -132,7 +136,8 @@ func (d *Driver) Owned() map[Key]string {
 // this driver serves) for the services this driver owns, and returns the
 // switchman services it could not program. It lists the kernel's services
 // and reads back the destinations of every owned service it does not
-// trust (all of them every FullResync): the repair path.
+// trust, and of those the last background read-back found different
+// (one runs every FullResync, started by a Sync): the repair path.
 func (d *Driver) Sync(ctx context.Context, all []*render.ServiceState) map[string]error {
 	return d.syncL4(ctx, ipvsParts(all))
 }
@@ -190,22 +195,22 @@ func (d *Driver) syncL4(ctx context.Context, services []render.L4Service) map[st
 		}
 	}
 	// Read destinations only where a diff needs them: desired services
-	// this driver owns. A cold start reads none, and between full resyncs
-	// a service whose desired state is what the last pass programmed is
-	// taken to have those destinations (its service attributes are still
-	// compared with the list), which keeps a pass at one dump per change.
-	full := time.Since(d.lastFull) >= d.resync
-	if full {
-		d.lastFull = time.Now()
-	}
+	// this driver owns. A cold start reads none, and a service whose
+	// desired state is what the last pass programmed is taken to have
+	// those destinations (its service attributes are still compared with
+	// the list), which keeps a pass at one dump per change, unless the
+	// last background read-back found it otherwise (readBack).
+	got := d.takeReadBack()
 	var ready []Desired
+	var trusted []Key
 	for _, w := range want {
 		k := w.Service.Key()
 		obs, present := actual[k]
-		if last, ok := d.applied[k]; ok && present && !full && reflect.DeepEqual(last, w) {
+		if last, ok := d.applied[k]; ok && present && reflect.DeepEqual(last, w) && !drifted(got, w) {
 			obs.Destinations = w.Destinations
 			actual[k] = obs
 			ready = append(ready, w)
+			trusted = append(trusted, k)
 			continue
 		}
 		if _, mine := owned[k]; present && mine {
@@ -237,6 +242,10 @@ func (d *Driver) syncL4(ctx context.Context, services []render.L4Service) map[st
 	if len(errs) == 0 {
 		for _, w := range ready {
 			d.applied[w.Service.Key()] = w
+		}
+		if time.Since(d.lastFull) >= d.resync && len(trusted) > 0 {
+			d.lastFull = time.Now()
+			d.startReadBack(trusted)
 		}
 	}
 	return errs

@@ -2,6 +2,7 @@ package ipvs_test
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 
@@ -10,57 +11,169 @@ import (
 	"github.com/switchman-lb/switchman/render"
 )
 
-// TestPassReadsOnlyChangedServices: between full resyncs a pass dumps the
-// destinations of the services whose desired state changed, not of all;
-// a full resync reads them all and repairs drift made behind its back.
+// threeServices is a, b and c on vip4 ports 80-82, each with be1:80 at
+// weight 1.
+func threeServices() *render.State {
+	return &render.State{IPVS: []render.L4Service{
+		webService("a", vip4, 80, rdst(be1, 80, 1)),
+		webService("b", vip4, 81, rdst(be1, 80, 1)),
+		webService("c", vip4, 82, rdst(be1, 80, 1)),
+	}}
+}
+
+// setWeight changes the weight of the first destination of the service
+// on vip4:port behind the driver's back.
+func setWeight(t *testing.T, k *ipvsfake.Kernel, port uint16, w int) {
+	t.Helper()
+	obs := k.State()[key(ipvs.TCP, vip4, port)]
+	dst := obs.Destinations[0]
+	dst.Weight = w
+	if err := k.UpdateDestination(context.Background(), obs.Service, dst); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func weightOf(k *ipvsfake.Kernel, port uint16) int {
+	return k.State()[key(ipvs.TCP, vip4, port)].Destinations[0].Weight
+}
+
+// waitReadBacks waits until the driver has completed n read-backs.
+func waitReadBacks(t *testing.T, d *ipvs.Driver, n uint64) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); d.ReadBacks() < n; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d read-backs completed, want %d", d.ReadBacks(), n)
+		}
+	}
+}
+
+// TestPassReadsOnlyChangedServices: a pass dumps the destinations of the
+// services whose desired state changed, not of all, and trusts the rest
+// (no read-back is due within FullResync).
 func TestPassReadsOnlyChangedServices(t *testing.T) {
 	ctx := context.Background()
-	tests := []struct {
-		name       string
-		fullResync time.Duration
-		wantDumps  int // destination dumps in the pass after one weight change
-		repaired   bool
-	}{
-		{"cached between resyncs", time.Hour, 1, false},
-		{"every pass a full resync", time.Nanosecond, 3, true},
+	k := ipvsfake.New()
+	d, err := ipvs.New(ipvs.Config{Kernel: k, DataDir: t.TempDir(), CallTimeout: 2 * time.Second, FullResync: time.Hour})
+	if err != nil {
+		t.Fatal(err)
 	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			k := ipvsfake.New()
-			d, err := ipvs.New(ipvs.Config{Kernel: k, DataDir: t.TempDir(), CallTimeout: 2 * time.Second, FullResync: tc.fullResync})
-			if err != nil {
-				t.Fatal(err)
-			}
-			st := &render.State{IPVS: []render.L4Service{
-				webService("a", vip4, 80, rdst(be1, 80, 1)),
-				webService("b", vip4, 81, rdst(be1, 80, 1)),
-				webService("c", vip4, 82, rdst(be1, 80, 1)),
-			}}
-			if errs := d.Sync(ctx, render.Split(st)); len(errs) != 0 {
-				t.Fatal(errs)
-			}
-			// Someone changes b's weight behind the driver's back.
-			bKey := key(ipvs.TCP, vip4, 81)
-			obs := k.State()[bKey]
-			drifted := obs.Destinations[0]
-			drifted.Weight = 9
-			if err := k.UpdateDestination(ctx, obs.Service, drifted); err != nil {
-				t.Fatal(err)
-			}
-			k.ResetCounts()
-			st.IPVS[0] = webService("a", vip4, 80, rdst(be1, 80, 5))
-			if errs := d.Sync(ctx, render.Split(st)); len(errs) != 0 {
-				t.Fatal(errs)
-			}
-			if got := k.Calls(ipvsfake.Destinations); got != tc.wantDumps {
-				t.Errorf("destination dumps %d, want %d", got, tc.wantDumps)
-			}
-			if got := k.State()[key(ipvs.TCP, vip4, 80)].Destinations[0].Weight; got != 5 {
-				t.Errorf("a's weight %d, want 5", got)
-			}
-			if got := k.State()[bKey].Destinations[0].Weight; (got == 1) != tc.repaired {
-				t.Errorf("b's drifted weight is %d; repaired should be %v", got, tc.repaired)
-			}
-		})
+	st := threeServices()
+	if errs := d.Sync(ctx, render.Split(st)); len(errs) != 0 {
+		t.Fatal(errs)
+	}
+	setWeight(t, k, 81, 9) // behind the driver's back
+	k.ResetCounts()
+	st.IPVS[0] = webService("a", vip4, 80, rdst(be1, 80, 5))
+	if errs := d.Sync(ctx, render.Split(st)); len(errs) != 0 {
+		t.Fatal(errs)
+	}
+	if got := k.Calls(ipvsfake.Destinations); got != 1 {
+		t.Errorf("destination dumps %d, want 1 (a's)", got)
+	}
+	if got := weightOf(k, 80); got != 5 {
+		t.Errorf("a's weight %d, want 5", got)
+	}
+	if got := weightOf(k, 81); got != 9 || d.ReadBacks() != 0 {
+		t.Errorf("b's drifted weight %d and %d read-backs; want 9 and none before FullResync", got, d.ReadBacks())
+	}
+}
+
+// TestReadBackRepairsDrift: every FullResync a Sync starts a read-back of
+// the services it trusted; the Sync after it re-reads, and repairs, only
+// the services the read-back found different.
+func TestReadBackRepairsDrift(t *testing.T) {
+	ctx := context.Background()
+	k := ipvsfake.New()
+	d, err := ipvs.New(ipvs.Config{Kernel: k, DataDir: t.TempDir(), CallTimeout: 2 * time.Second, FullResync: time.Nanosecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := render.Split(threeServices())
+	for i, tt := range []struct {
+		what      string
+		before    func()
+		readBacks uint64 // completed before before and the Sync
+		dumps     int    // destination dumps by the Sync itself
+		bWeight   int    // after the Sync
+	}{
+		{"the first Sync creates, trusts nothing yet", func() {}, 0, 0, 1},
+		{"a Sync trusting all starts a read-back", func() {}, 0, 0, 1},
+		{"drift after the read-back: not seen yet", func() { setWeight(t, k, 81, 9) }, 1, 0, 9},
+		{"the next read-back saw it: b read and repaired", func() {}, 2, 1, 1},
+	} {
+		waitReadBacks(t, d, tt.readBacks)
+		tt.before()
+		k.ResetCounts()
+		if errs := d.Sync(ctx, all); len(errs) != 0 {
+			t.Fatalf("%s: %v", tt.what, errs)
+		}
+		if dumps := k.Calls(ipvsfake.Destinations); dumps != tt.dumps {
+			t.Errorf("step %d, %s: the Sync made %d destination dumps, want %d", i, tt.what, dumps, tt.dumps)
+		}
+		if w := weightOf(k, 81); w != tt.bWeight {
+			t.Errorf("step %d, %s: b's weight %d, want %d", i, tt.what, w, tt.bWeight)
+		}
+	}
+}
+
+// gatedKernel lets one Destinations call through per token; with the
+// tokens channel closed, every call.
+type gatedKernel struct {
+	*ipvsfake.Kernel
+	tokens chan struct{}
+}
+
+func (g gatedKernel) Destinations(ctx context.Context, s ipvs.Service) ([]ipvs.Destination, error) {
+	select {
+	case <-g.tokens:
+		return g.Kernel.Destinations(ctx, s)
+	case <-ctx.Done():
+		return nil, fmt.Errorf("gated: %w", ctx.Err())
+	}
+}
+
+// TestReadBackDoesNotHoldPasses: while a read-back waits on the kernel,
+// an Apply and a Sync go through; a service the Apply changed after the
+// read-back read it looks different to the next Sync, which reads it
+// again and writes nothing.
+func TestReadBackDoesNotHoldPasses(t *testing.T) {
+	fake := ipvsfake.New()
+	g := gatedKernel{Kernel: fake, tokens: make(chan struct{}, 1)}
+	d, err := ipvs.New(ipvs.Config{Kernel: g, DataDir: t.TempDir(), CallTimeout: 20 * time.Second, FullResync: time.Nanosecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pass := func(what string, f func(context.Context) map[string]error) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if errs := f(ctx); len(errs) != 0 {
+			t.Fatalf("%s: %v", what, errs)
+		}
+	}
+	st := threeServices()
+	sync := func(ctx context.Context) map[string]error { return d.Sync(ctx, render.Split(st)) }
+	pass("create", sync)
+	g.tokens <- struct{}{} // the read-back reads a, then waits at b
+	pass("the Sync starting the read-back", sync)
+	for deadline := time.Now().Add(10 * time.Second); len(g.tokens) > 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the read-back did not read a")
+		}
+	}
+	st.IPVS[0] = webService("a", vip4, 80, rdst(be1, 80, 5))
+	pass("an Apply during the read-back", func(ctx context.Context) map[string]error {
+		return d.Apply(ctx, render.Split(&render.State{IPVS: st.IPVS[:1]}))
+	})
+	pass("a Sync during the read-back", sync)
+	if d.ReadBacks() != 0 || weightOf(fake, 80) != 5 {
+		t.Fatalf("%d read-backs done, a's weight %d: want the read-back still waiting and a at 5", d.ReadBacks(), weightOf(fake, 80))
+	}
+	close(g.tokens)
+	waitReadBacks(t, d, 1)
+	fake.ResetCounts()
+	pass("the Sync after the read-back", sync)
+	if dumps, writes := fake.Calls(ipvsfake.Destinations), fake.Writes(); dumps != 1 || writes != 0 || weightOf(fake, 80) != 5 {
+		t.Errorf("after the read-back: %d dumps, %d writes, a's weight %d; want a read again (1 dump), nothing written, weight 5", dumps, writes, weightOf(fake, 80))
 	}
 }
