@@ -149,6 +149,28 @@ func TestAgentIPVS(t *testing.T) {
 		t.Logf("Conns before the weight change %d, after it and 3 more requests %d", before, after)
 	})
 
+	t.Run("drift-repaired", func(t *testing.T) {
+		// Changes made behind the agent's back: the background read-back
+		// (every --resync, 5s in this lab) finds them and the next Sync
+		// repairs them.
+		const vip = "192.0.2.152"
+		l.PutService(t, "drift", lab.SvcDef{"vip": vip, "port": 80, "scheduler": "wrr",
+			"backends": lab.BackendsDef(80, 1, all...), "health": lab.HTTPCheck()})
+		addr := lab.IPVSHostPort(vip, 80)
+		want := lab.WeightsOf(80, 1, all...)
+		l.WaitUp(t, "drift", "TCP", addr, want)
+		first, second := lab.IPVSHostPort(all[0].Addr, 80), lab.IPVSHostPort(all[1].Addr, 80)
+		lab.MustRun(t, lab.IPVSADMBin, "-e", "-t", addr, "-r", first, "-m", "-w", "7")
+		lab.MustRun(t, lab.IPVSADMBin, "-d", "-t", addr, "-r", second)
+		drifted := time.Now()
+		s, ok := lab.FindIPVSService(lab.MustIPVSList(t), "TCP", addr)
+		if !ok || len(s.Dests) != len(all)-1 {
+			t.Fatalf("after ipvsadm -e and -d: %+v (listed %v), want the drift in place", s, ok)
+		}
+		lab.WaitService(t, "TCP", addr, want)
+		t.Logf("drift repaired %v after it was made", time.Since(drifted).Round(10*time.Millisecond))
+	})
+
 	t.Run("delete", func(t *testing.T) {
 		const vip = "192.0.2.147"
 		l.PutService(t, "gone", lab.SvcDef{"vip": vip, "port": 80,

@@ -42,6 +42,7 @@ func agentCommand() *cli.Command {
 		&cli.StringSliceFlag{Name: "drivers", Value: cli.NewStringSlice("ipvs", "nftables", "vip", "netfilter", "haproxy"), Usage: "data-plane drivers to run", EnvVars: env("drivers")},
 		&cli.StringFlag{Name: "l4-driver", Value: "auto", Usage: "data plane of definitions that name no driver: auto (ipvs where the kernel has it, nftables otherwise), ipvs or nftables", EnvVars: env("l4-driver")},
 		&cli.DurationFlag{Name: "lease-ttl", Value: 15 * time.Second, Usage: "TTL of the lease under which status and node keys are written", EnvVars: env("lease-ttl")},
+		&cli.DurationFlag{Name: "resync", Value: 30 * time.Second, Usage: "how often every driver reads its data plane back and repairs drift (IPVS destinations are read in the background, and repaired by the next pass)", EnvVars: env("resync")},
 	)
 	flags = append(flags, driverFlags()...)
 	flags = append(flags, haFlags()...)
@@ -77,6 +78,9 @@ func runAgent(c *cli.Context) error {
 	backendCIDRs, err := parsePrefixes("--backend-cidrs", c.StringSlice("backend-cidrs"))
 	if err != nil {
 		return err
+	}
+	if r := c.Duration("resync"); r < time.Second {
+		return fmt.Errorf("--resync %s: must be at least 1s", r)
 	}
 	if len(backendCIDRs) == 0 {
 		log.Warn("any backend address is accepted, loopback and link-local included: anyone who can write to etcd can expose this host's own services (such as etcd on 127.0.0.1:2379) through a VIP; restrict with --backend-cidrs (e.g. --backend-cidrs 10.0.0.0/8)")
@@ -149,7 +153,7 @@ func runAgent(c *cli.Context) error {
 	}
 	opts := agent.Options{
 		Policy:   agent.Policy{Prefix: prefix, VIPCIDRs: vipCIDRs, BackendCIDRs: backendCIDRs, Spec: spec.Options{L4Driver: l4}},
-		LastGood: lastGood, Restored: restored,
+		LastGood: lastGood, Restored: restored, Resync: c.Duration("resync"),
 		Ready: func() {
 			log.Info("first pass applied")
 			if err := notify.ready("first pass applied; switchman status shows each service"); err != nil {

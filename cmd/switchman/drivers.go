@@ -112,7 +112,7 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 	if want["ipvs"] {
 		kernel := ipvs.NewNetlink("")
 		set.closers = append(set.closers, kernel.Close)
-		d, err := ipvs.New(ipvs.Config{Kernel: kernel, DataDir: dataDir, Logger: log.With("driver", "ipvs"), ConnSync: syncSettings != nil})
+		d, err := ipvs.New(ipvs.Config{Kernel: kernel, DataDir: dataDir, Logger: log.With("driver", "ipvs"), FullResync: c.Duration("resync"), ConnSync: syncSettings != nil})
 		if err != nil {
 			return nil, err
 		}

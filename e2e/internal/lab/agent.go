@@ -96,8 +96,14 @@ func (l *AgentLab) StartAgent(t testing.TB) {
 		"--drivers", "ipvs,vip,netfilter",
 		"--vip-interface", AgentVIPInterface,
 		"--vip-cidrs", VIPRange,
+		"--resync", AgentResync.String(),
 	)
 }
+
+// AgentResync is the agent's --resync in the lab: short, so that the
+// repair path (the drivers' Sync, the IPVS read-back) runs often beside
+// the changes the scenarios make.
+const AgentResync = 5 * time.Second
 
 // SpawnAgent runs the agent binary with args.
 func (l *AgentLab) SpawnAgent(t testing.TB, args ...string) { l.Agent.Spawn(t, args...) }
