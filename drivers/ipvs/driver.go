@@ -77,8 +77,8 @@ type Driver struct {
 	turn    chan struct{} // one Apply at a time; waiting honours ctx
 
 	// Used only by Apply and Sync, under turn: what the last pass
-	// programmed and confirmed per service, and when the last read-back of
-	// every trusted service's destinations began.
+	// programmed and confirmed per service, and when the Sync that started
+	// the last read-back of every trusted service's destinations began.
 	resync   time.Duration
 	applied  map[Key]Desired
 	lastFull time.Time
@@ -201,6 +201,7 @@ func (d *Driver) syncL4(ctx context.Context, services []render.L4Service) map[st
 	// the list), which keeps a pass at one dump per change, unless the
 	// last background read-back found it otherwise (readBack).
 	got := d.takeReadBack()
+	start := time.Now()
 	var ready []Desired
 	var trusted []Key
 	for _, w := range want {
@@ -243,8 +244,11 @@ func (d *Driver) syncL4(ctx context.Context, services []render.L4Service) map[st
 		for _, w := range ready {
 			d.applied[w.Service.Key()] = w
 		}
-		if time.Since(d.lastFull) >= d.resync && len(trusted) > 0 {
-			d.lastFull = time.Now()
+		// Due after nine tenths of FullResync, so that Syncs every
+		// FullResync (the agent's --resync) each start one although
+		// their start times jitter.
+		if start.Sub(d.lastFull) >= d.resync*9/10 && len(trusted) > 0 {
+			d.lastFull = start
 			d.startReadBack(trusted)
 		}
 	}
