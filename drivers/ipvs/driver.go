@@ -237,20 +237,23 @@ func (d *Driver) syncL4(ctx context.Context, services []render.L4Service) map[st
 		}
 	}
 	d.commit(ctx, ops, ready, next, errs)
-	// Remember what this pass left in the kernel; after any error, trust
-	// nothing and read everything again next time.
+	// Remember what this pass left in the kernel for the services it
+	// programmed without an error (every write of theirs succeeded); a
+	// failed one is read again next time. One service failing on every
+	// pass (a foreign service on its address) must not make every Sync
+	// read all the others.
 	clear(d.applied)
-	if len(errs) == 0 {
-		for _, w := range ready {
+	for _, w := range ready {
+		if errs[w.Name] == nil {
 			d.applied[w.Service.Key()] = w
 		}
-		// Due after nine tenths of FullResync, so that Syncs every
-		// FullResync (the agent's --resync) each start one although
-		// their start times jitter.
-		if start.Sub(d.lastFull) >= d.resync*9/10 && len(trusted) > 0 {
-			d.lastFull = start
-			d.startReadBack(trusted)
-		}
+	}
+	// Due after nine tenths of FullResync, so that Syncs every FullResync
+	// (the agent's --resync) each start one although their start times
+	// jitter.
+	if start.Sub(d.lastFull) >= d.resync*9/10 && len(trusted) > 0 {
+		d.lastFull = start
+		d.startReadBack(trusted)
 	}
 	return errs
 }

@@ -2,7 +2,9 @@ package ipvs_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -82,9 +84,10 @@ func TestPassReadsOnlyChangedServices(t *testing.T) {
 // the services it trusted; the Sync after it re-reads, and repairs, only
 // the services the read-back found different.
 func TestReadBackRepairsDrift(t *testing.T) {
-	ctx := context.Background()
+	ctx := passCtx(context.Background())
 	k := ipvsfake.New()
-	d, err := ipvs.New(ipvs.Config{Kernel: k, DataDir: t.TempDir(), CallTimeout: 2 * time.Second, FullResync: time.Nanosecond})
+	w := &watchedKernel{Kernel: k}
+	d, err := ipvs.New(ipvs.Config{Kernel: w, DataDir: t.TempDir(), CallTimeout: 2 * time.Second, FullResync: time.Nanosecond})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,11 +106,11 @@ func TestReadBackRepairsDrift(t *testing.T) {
 	} {
 		waitReadBacks(t, d, tt.readBacks)
 		tt.before()
-		k.ResetCounts()
+		w.passDumps()
 		if errs := d.Sync(ctx, all); len(errs) != 0 {
 			t.Fatalf("%s: %v", tt.what, errs)
 		}
-		if dumps := k.Calls(ipvsfake.Destinations); dumps != tt.dumps {
+		if dumps := w.passDumps(); dumps != tt.dumps {
 			t.Errorf("step %d, %s: the Sync made %d destination dumps, want %d", i, tt.what, dumps, tt.dumps)
 		}
 		if w := weightOf(k, 81); w != tt.bWeight {
@@ -116,20 +119,46 @@ func TestReadBackRepairsDrift(t *testing.T) {
 	}
 }
 
-// gatedKernel lets one Destinations call through per token; with the
-// tokens channel closed, every call.
-type gatedKernel struct {
+// passKey marks the context of a pass the test makes, so that the
+// destination dumps of the pass are told from those of a read-back
+// running beside it (which has a context of its own).
+type passKey struct{}
+
+func passCtx(ctx context.Context) context.Context { return context.WithValue(ctx, passKey{}, true) }
+
+// watchedKernel counts the destination dumps made under a pass's context
+// and, with tokens, lets one Destinations call through per token (all
+// once tokens is closed).
+type watchedKernel struct {
 	*ipvsfake.Kernel
-	tokens chan struct{}
+	tokens chan struct{} // nil: no gate
+	mu     sync.Mutex
+	dumps  int
 }
 
-func (g gatedKernel) Destinations(ctx context.Context, s ipvs.Service) ([]ipvs.Destination, error) {
-	select {
-	case <-g.tokens:
-		return g.Kernel.Destinations(ctx, s)
-	case <-ctx.Done():
-		return nil, fmt.Errorf("gated: %w", ctx.Err())
+func (w *watchedKernel) Destinations(ctx context.Context, s ipvs.Service) ([]ipvs.Destination, error) {
+	if ctx.Value(passKey{}) != nil {
+		w.mu.Lock()
+		w.dumps++
+		w.mu.Unlock()
 	}
+	if w.tokens != nil {
+		select {
+		case <-w.tokens:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("gated: %w", ctx.Err())
+		}
+	}
+	return w.Kernel.Destinations(ctx, s)
+}
+
+// passDumps returns the dumps passes made since the last call.
+func (w *watchedKernel) passDumps() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	n := w.dumps
+	w.dumps = 0
+	return n
 }
 
 // TestReadBackDoesNotHoldPasses: while a read-back waits on the kernel,
@@ -138,24 +167,24 @@ func (g gatedKernel) Destinations(ctx context.Context, s ipvs.Service) ([]ipvs.D
 // again and writes nothing.
 func TestReadBackDoesNotHoldPasses(t *testing.T) {
 	fake := ipvsfake.New()
-	g := gatedKernel{Kernel: fake, tokens: make(chan struct{}, 1)}
+	g := &watchedKernel{Kernel: fake, tokens: make(chan struct{}, 1)}
 	d, err := ipvs.New(ipvs.Config{Kernel: g, DataDir: t.TempDir(), CallTimeout: 20 * time.Second, FullResync: time.Nanosecond})
 	if err != nil {
 		t.Fatal(err)
 	}
 	pass := func(what string, f func(context.Context) map[string]error) {
 		t.Helper()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		ctx, cancel := context.WithTimeout(passCtx(context.Background()), 5*time.Second)
 		defer cancel()
 		if errs := f(ctx); len(errs) != 0 {
 			t.Fatalf("%s: %v", what, errs)
 		}
 	}
 	st := threeServices()
-	sync := func(ctx context.Context) map[string]error { return d.Sync(ctx, render.Split(st)) }
-	pass("create", sync)
+	syncAll := func(ctx context.Context) map[string]error { return d.Sync(ctx, render.Split(st)) }
+	pass("create", syncAll)
 	g.tokens <- struct{}{} // the read-back reads a, then waits at b
-	pass("the Sync starting the read-back", sync)
+	pass("the Sync starting the read-back", syncAll)
 	for deadline := time.Now().Add(10 * time.Second); len(g.tokens) > 0; time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatal("the read-back did not read a")
@@ -165,15 +194,44 @@ func TestReadBackDoesNotHoldPasses(t *testing.T) {
 	pass("an Apply during the read-back", func(ctx context.Context) map[string]error {
 		return d.Apply(ctx, render.Split(&render.State{IPVS: st.IPVS[:1]}))
 	})
-	pass("a Sync during the read-back", sync)
+	pass("a Sync during the read-back", syncAll)
 	if d.ReadBacks() != 0 || weightOf(fake, 80) != 5 {
 		t.Fatalf("%d read-backs done, a's weight %d: want the read-back still waiting and a at 5", d.ReadBacks(), weightOf(fake, 80))
 	}
 	close(g.tokens)
 	waitReadBacks(t, d, 1)
 	fake.ResetCounts()
-	pass("the Sync after the read-back", sync)
-	if dumps, writes := fake.Calls(ipvsfake.Destinations), fake.Writes(); dumps != 1 || writes != 0 || weightOf(fake, 80) != 5 {
+	g.passDumps()
+	pass("the Sync after the read-back", syncAll)
+	if dumps, writes := g.passDumps(), fake.Writes(); dumps != 1 || writes != 0 || weightOf(fake, 80) != 5 {
 		t.Errorf("after the read-back: %d dumps, %d writes, a's weight %d; want a read again (1 dump), nothing written, weight 5", dumps, writes, weightOf(fake, 80))
+	}
+}
+
+// TestFailingServiceKeepsOthersTrusted: a service refused on every pass (a
+// foreign service holds its address) is read again each time, the others
+// are not: one bad definition must not make every Sync read them all.
+func TestFailingServiceKeepsOthersTrusted(t *testing.T) {
+	ctx := context.Background()
+	k := ipvsfake.New()
+	if err := k.AddService(ctx, svc(vip4, 83, "rr")); err != nil {
+		t.Fatal(err)
+	}
+	d, err := ipvs.New(ipvs.Config{Kernel: k, DataDir: t.TempDir(), CallTimeout: 2 * time.Second, FullResync: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := threeServices()
+	st.IPVS = append(st.IPVS, webService("taken", vip4, 83, rdst(be1, 80, 1)))
+	for i := range 3 {
+		k.ResetCounts()
+		errs := d.Sync(ctx, render.Split(st))
+		var foreign *ipvs.ForeignServiceError
+		if len(errs) != 1 || !errors.As(errs["taken"], &foreign) {
+			t.Fatalf("Sync %d: %v, want taken refused as foreign", i, errs)
+		}
+		if dumps := k.Calls(ipvsfake.Destinations); i > 0 && dumps != 0 {
+			t.Errorf("Sync %d made %d destination dumps, want none: a, b and c are trusted", i, dumps)
+		}
 	}
 }
