@@ -55,9 +55,13 @@ const (
 
 // Metrics of the agent's reconcile loop the figures read.
 const (
-	convMetricPasses   = "switchman_reconcile_duration_seconds_count"
-	convMetricPassSum  = "switchman_reconcile_duration_seconds_sum"
-	convMetricRevision = "switchman_last_applied_revision"
+	convMetricPasses    = "switchman_reconcile_duration_seconds_count"
+	convMetricPassSum   = "switchman_reconcile_duration_seconds_sum"
+	convMetricSyncs     = `switchman_driver_duration_seconds_count{driver="ipvs",kind="sync"}`
+	convMetricSyncSum   = `switchman_driver_duration_seconds_sum{driver="ipvs",kind="sync"}`
+	convMetricReadBacks = "switchman_ipvs_readbacks_total"
+	convMetricReadBack  = "switchman_ipvs_readback_seconds"
+	convMetricRevision  = "switchman_last_applied_revision"
 )
 
 // convService is one benchmark service: a VIP in 198.18.0.0/15 on port 80
@@ -260,8 +264,14 @@ func convStartAgent(t testing.TB, l *lab.AgentLab, dataDir string) {
 		"--data-dir", dataDir,
 		"--node", convNode,
 		"--metrics-addr", l.Agent.MetricsAddr,
+		"--resync", convResync.String(),
 	)
 }
+
+// convResync is the agent's --resync here: short, so that the IPVS
+// read-back of every service runs several times while the changes are
+// timed (with the default 30 s a phase of changes could miss it).
+const convResync = 2 * time.Second
 
 // convPollEvery calls cond every interval until it returns nil, and fails
 // the test with its last error after timeout. Unlike WaitFor it does not
@@ -586,9 +596,13 @@ func TestConvergenceFigures(t *testing.T) {
 	afterChanges := render.Render(render.Input{Services: convParsed(t, model)})
 	convCheckKernel(t, "after the agent's changes", convWant(afterChanges))
 	passes := m[convMetricPasses] - m0[convMetricPasses]
-	t.Logf("agent changes: %d, visible after p50 %s p99 %s (min %s, max %s); %v passes, %.0f ms per pass on average, %v IPVS writes",
-		len(agentLat), lab.Ms(l4bench.Pct(agentLat, 50)), lab.Ms(l4bench.Pct(agentLat, 99)), lab.Ms(l4bench.Pct(agentLat, 0)), lab.Ms(l4bench.Pct(agentLat, 100)),
+	t.Logf("agent changes: %d in %s, visible after p50 %s p99 %s (min %s, max %s); %v passes, %.0f ms per pass on average, %v IPVS writes",
+		len(agentLat), lab.Ms(time.Since(phase)), lab.Ms(l4bench.Pct(agentLat, 50)), lab.Ms(l4bench.Pct(agentLat, 99)), lab.Ms(l4bench.Pct(agentLat, 0)), lab.Ms(l4bench.Pct(agentLat, 100)),
 		passes, 1000*(m[convMetricPassSum]-m0[convMetricPassSum])/max(passes, 1), m[lab.MetricIPVSWrite]-m0[lab.MetricIPVSWrite])
+	syncs := m[convMetricSyncs] - m0[convMetricSyncs]
+	t.Logf("meanwhile (--resync %s): %v IPVS Syncs, %.0f ms each on average; %v read-backs of every service, the last %.0f ms",
+		convResync, syncs, 1000*(m[convMetricSyncSum]-m0[convMetricSyncSum])/max(syncs, 1),
+		m[convMetricReadBacks]-m0[convMetricReadBacks], 1000*m[convMetricReadBack])
 
 	// 3. Restart with nothing changed: SIGTERM, start on the same data dir,
 	// until a pass has finished with every service applied.

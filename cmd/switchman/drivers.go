@@ -129,6 +129,14 @@ func buildDrivers(ctx context.Context, c *cli.Context, log *slog.Logger, reg pro
 			Help:        "Changes the driver made to its data plane since the agent started.",
 			ConstLabels: prometheus.Labels{"driver": "ipvs"},
 		}, func() float64 { return float64(d.Writes()) }))
+		reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "switchman_ipvs_readbacks_total",
+			Help: "Background read-backs of the IPVS services' destinations completed (one every --resync).",
+		}, func() float64 { done, _ := d.ReadBacks(); return float64(done) }))
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "switchman_ipvs_readback_seconds",
+			Help: "How long the last background read-back of the IPVS services' destinations took.",
+		}, func() float64 { _, last := d.ReadBacks(); return last.Seconds() }))
 	}
 	if want["nftables"] {
 		kernel := nftables.NewNetlink(-1)

@@ -21,13 +21,15 @@ type readBack struct {
 	running bool
 	got     map[Key][]Destination // the last completed read-back, until a Sync takes it
 	done    uint64                // read-backs completed
+	took    time.Duration         // how long the last one took
 }
 
-// ReadBacks returns how many background read-backs have completed.
-func (d *Driver) ReadBacks() uint64 {
+// ReadBacks returns how many background read-backs have completed and
+// how long the last one took.
+func (d *Driver) ReadBacks() (done uint64, last time.Duration) {
 	d.rb.mu.Lock()
 	defer d.rb.mu.Unlock()
-	return d.rb.done
+	return d.rb.done, d.rb.took
 }
 
 // takeReadBack returns the destinations the last completed read-back
@@ -73,10 +75,12 @@ func (d *Driver) startReadBack(keys []Key) {
 				got[k] = dsts
 			}
 		}
+		took := time.Since(start)
 		d.rb.mu.Lock()
 		d.rb.got, d.rb.running = got, false
 		d.rb.done++
+		d.rb.took = took
 		d.rb.mu.Unlock()
-		d.log.Debug("IPVS read-back done", "services", len(keys), "read", len(got), "took", time.Since(start))
+		d.log.Debug("IPVS read-back done", "services", len(keys), "read", len(got), "took", took)
 	}()
 }
