@@ -78,7 +78,7 @@ type Driver struct {
 
 	// Used only by Apply and Sync, under turn: what the last pass
 	// programmed and confirmed per service, and when the Sync that started
-	// the last read-back of every trusted service's destinations began.
+	// the last read-back (readback.go) began.
 	resync   time.Duration
 	applied  map[Key]Desired
 	lastFull time.Time
@@ -250,10 +250,9 @@ func (d *Driver) syncL4(ctx context.Context, services []render.L4Service) map[st
 	}
 	// Due after nine tenths of FullResync, so that Syncs every FullResync
 	// (the agent's --resync) each start one although their start times
-	// jitter.
-	if start.Sub(d.lastFull) >= d.resync*9/10 && len(trusted) > 0 {
+	// jitter; while the last one still runs, the next Sync starts it.
+	if start.Sub(d.lastFull) >= d.resync*9/10 && len(trusted) > 0 && d.startReadBack(trusted) {
 		d.lastFull = start
-		d.startReadBack(trusted)
 	}
 	return errs
 }

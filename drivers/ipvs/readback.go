@@ -50,15 +50,16 @@ func drifted(got map[Key][]Destination, w Desired) bool {
 }
 
 // startReadBack reads the destinations of keys in the background, unless
-// a read-back is already running. Each read is bounded by the call
-// timeout; a service that cannot be read (an error, or gone) is left out
-// (the Sync's own list finds a missing service), and after a read that
-// timed out the rest is (the kernel is not answering).
-func (d *Driver) startReadBack(keys []Key) {
+// a read-back is already running, and reports whether it started one.
+// Each read is bounded by the call timeout; a service that cannot be read
+// (an error, or gone) is left out (the Sync's own list finds a missing
+// service), and after a read that timed out the rest is (the kernel is
+// not answering).
+func (d *Driver) startReadBack(keys []Key) bool {
 	d.rb.mu.Lock()
 	if d.rb.running {
 		d.rb.mu.Unlock()
-		return
+		return false
 	}
 	d.rb.running = true
 	d.rb.mu.Unlock()
@@ -83,4 +84,5 @@ func (d *Driver) startReadBack(keys []Key) {
 		d.rb.mu.Unlock()
 		d.log.Debug("IPVS read-back done", "services", len(keys), "read", len(got), "took", took)
 	}()
+	return true
 }
