@@ -163,6 +163,21 @@ func TestDriversCheckedBeforeEtcd(t *testing.T) {
 	}
 }
 
+// TestResyncCheckedBeforeEtcd: a --resync under 1s is refused, naming the
+// flag and the value, before etcd is started.
+func TestResyncCheckedBeforeEtcd(t *testing.T) {
+	dataDir := t.TempDir()
+	args := append([]string{"agent"}, safeAgentFlags(t)...)
+	args = append(args, "--data-dir", dataDir, "--resync", "200ms")
+	err := runFor(t, args...)
+	if err == nil || !strings.Contains(err.Error(), "--resync 200ms") {
+		t.Fatalf("error = %v; want --resync naming 200ms", err)
+	}
+	if _, err := os.Stat(filepath.Join(dataDir, "etcd")); err == nil {
+		t.Error("the embedded etcd was started before --resync was checked")
+	}
+}
+
 // TestAgentRunsWithoutHAProxyDir: a --haproxy-dir that cannot be created
 // fails the HAProxy services, with the reason in their status; the agent
 // runs on (it used to exit at start).
