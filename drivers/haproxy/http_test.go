@@ -143,13 +143,12 @@ func TestHTTPChangesWithoutReload(t *testing.T) {
 // deletes it. In mode tcp the shutdown is at once (TestApplyRemovesAtOnce).
 func TestHTTPRemovedServerFinishesRequests(t *testing.T) {
 	d, rt, _ := newHTTPDriver(t, 4)
-	ctx := context.Background()
 	www := httpSvc("www", webBind, "www.example.com/", fsrv("10.0.0.1", 80, 1))
-	api := httpSvc("api", webBind, "www.example.com/api", fsrv("10.0.0.2", 80, 1), fsrv("10.0.0.3", 80, 1))
-	if errs := d.Apply(ctx, states(www, api)); len(errs) > 0 {
+	if errs := apply(t, d, www, httpSvc("api", webBind, "www.example.com/api", fsrv("10.0.0.2", 80, 1), fsrv("10.0.0.3", 80, 1))); len(errs) > 0 {
 		t.Fatal(errs)
 	}
 	slot := d.layout.Slot("api")
+	ctx := context.Background()
 	rt.mu.Lock()
 	rt.backends[slot]["s10.0.0.3_80"].sessions = 2
 	rt.mu.Unlock()

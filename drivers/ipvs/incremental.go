@@ -2,9 +2,7 @@ package ipvs
 
 import (
 	"context"
-	"errors"
 	"maps"
-	"syscall"
 
 	"github.com/switchman-lb/switchman/render"
 )
@@ -70,14 +68,15 @@ func (d *Driver) Apply(ctx context.Context, changed []*render.ServiceState) map[
 		// Not confirmed by this driver: read the service's destinations
 		// (ESRCH: it does not exist). Its settings are not read, so an
 		// existing one of ours gets one UpdateService.
-		dsts, err := call(ctx, d.timeout, func(c context.Context) ([]Destination, error) { return d.kernel.Destinations(c, w.Service) })
-		switch {
-		case errors.Is(err, syscall.ESRCH):
-		case err != nil:
+		dsts, found, err := destinationsOf(ctx, d.kernel, d.timeout, k)
+		if err != nil {
 			errs[w.Name] = err
 			continue
-		default:
-			actual[k] = Observed{Service: Service{Protocol: k.Protocol, Address: k.Address, Port: k.Port, Scheduler: "?"}, Destinations: dsts}
+		}
+		if found {
+			obs := Observed{Service: k.Service(), Destinations: dsts}
+			obs.Service.Scheduler = "?"
+			actual[k] = obs
 		}
 		ready = append(ready, w)
 	}

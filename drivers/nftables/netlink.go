@@ -578,9 +578,11 @@ func (n *Netlink) encodeSet(f render.NFTFamily, s render.NFTSet) ([]byte, error)
 	if s.Verdicts || s.Backends {
 		flags |= unix.NFT_SET_MAP
 	}
-	dataMagic, dataLen, err := backendType(f)
-	if err != nil {
-		return nil, err
+	var dataMagic, dataLen uint32
+	if s.Backends {
+		if dataMagic, dataLen, err = backendType(f); err != nil {
+			return nil, err
+		}
 	}
 	if s.Interval {
 		flags |= unix.NFT_SET_INTERVAL
